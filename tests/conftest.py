@@ -1,0 +1,77 @@
+"""Tiny random-weight Llama and Qwen2 checkpoints (saved by transformers itself) and a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. 12 + 30 = 42. Refine the answer step by step.",
+    "Game of 24: 4 + 6 = 10 (left: 1 10 4). What is the capital of France? Paris.",
+] * 20
+VOCAB = 384
+
+
+def make_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_config(kind: str, **overrides):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        return LlamaConfig(**{"tie_word_embeddings": True, "rms_norm_eps": 1e-5, **common, **overrides})
+    return Qwen2Config(**{"tie_word_embeddings": False, "rms_norm_eps": 1e-6, **common, **overrides})
+
+
+def save_tiny(folder: Path, kind: str, seed: int = 0, **overrides) -> Path:
+    torch.manual_seed(seed)
+    cls = LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM
+    model = cls(tiny_config(kind, **overrides)).float().eval()
+    with torch.no_grad():  # larger than the default init so that logits are far from uniform (fewer argmax ties)
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    make_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_model_dir(request, tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp(request.param), request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("llama"), "llama")

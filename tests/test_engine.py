@@ -1,0 +1,139 @@
+"""The engine: greedy output equals transformers' generate one prompt at a time; slots are reused; errors are ours."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fot.config import SamplingParams
+from fot.errors import InvalidRequestError
+from fot.speculative.engine import Engine
+
+PROMPTS = [
+    "The quick brown fox",
+    "12 + 30 =",
+    "Game of 24: 4 + 6 = 10 (left: 1 10 4). What",
+    "Paris",
+    "Refine the answer step by step. The lazy dog jumps over the brown fox and",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_cache():
+    return {}
+
+
+def hf_greedy(folder, ids: list[int], n: int, hf_cache) -> list[int]:
+    if folder not in hf_cache:
+        hf_cache[folder] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = hf_cache[folder].generate(
+        torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 16])
+def test_greedy_batch_equals_transformers_one_by_one(tiny_model_dir, max_batch, hf_cache):
+    engine = Engine.from_pretrained(tiny_model_dir, max_batch=max_batch)
+    rng = random.Random(max_batch)
+    params = [SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True) for _ in PROMPTS]
+    outs = engine.generate(PROMPTS, params)
+    for prompt, p, out in zip(PROMPTS, params, outs, strict=True):
+        ids = engine.tokenize(prompt)
+        assert out.token_ids == hf_greedy(tiny_model_dir, ids, p.max_tokens, hf_cache)
+        assert out.finish_reason == "length" and out.generated_tokens == p.max_tokens
+        assert out.prompt_tokens == len(ids)
+
+
+def test_slot_reuse_over_many_requests(tiny_llama_dir):
+    """More requests than slots, of mixed lengths: every result equals the same request served alone."""
+    engine = Engine.from_pretrained(tiny_llama_dir, max_batch=3)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(11)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=True) for _ in prompts]
+    batched = engine.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, batched, strict=True):
+        assert out.token_ids == engine.generate([prompt], p)[0].token_ids
+    assert engine.stats.requests == 22
+
+
+def test_chat_template_and_eos(tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = engine.tokenize(messages)
+    text = engine.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    # Force an EOS: whatever greedy would produce first is declared the end token.
+    first = engine.generate([messages], {"max_tokens": 1})[0].token_ids[0]
+    engine.eos_ids = {first}
+    out = engine.generate([messages], {"max_tokens": 10})[0]
+    assert out.finish_reason == "stop" and out.token_ids == [first]
+    assert engine.generate([messages], {"max_tokens": 3, "ignore_eos": True})[0].generated_tokens == 3
+
+
+def test_stop_strings_truncate_text(tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir)
+    full = engine.generate(["The quick brown fox"], {"max_tokens": 20, "ignore_eos": True})[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = engine.generate(["The quick brown fox"], {"max_tokens": 20, "stop": [stop], "ignore_eos": True})[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)]
+
+
+def test_logprobs_match_transformers(tiny_llama_dir, hf_cache):
+    engine = Engine.from_pretrained(tiny_llama_dir)
+    out = engine.generate(["12 + 30 ="], {"max_tokens": 6, "logprobs": True, "ignore_eos": True})[0]
+    ids = engine.tokenize("12 + 30 =") + out.token_ids
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0], -1)
+    n = len(engine.tokenize("12 + 30 ="))
+    ref = [logp[n - 1 + i, t].item() for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(ref, abs=1e-4)
+    assert out.mean_logprob == pytest.approx(sum(ref) / len(ref), abs=1e-4)
+
+
+def test_sampling_seeded_and_filters(tiny_llama_dir):
+    engine = Engine.from_pretrained(tiny_llama_dir)
+    p = {"max_tokens": 12, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    a = engine.generate(PROMPTS, p)
+    b = engine.generate(PROMPTS[::-1], p)[::-1]  # a request's seed fixes its output, whatever its batch position
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    greedy = engine.generate(PROMPTS, {"max_tokens": 12, "ignore_eos": True})
+    top1 = engine.generate(PROMPTS, {**p, "top_k": 1})
+    tiny_p = engine.generate(PROMPTS, {**p, "top_p": 1e-6})
+    assert [o.token_ids for o in top1] == [o.token_ids for o in greedy] == [o.token_ids for o in tiny_p]
+    hot = engine.generate(PROMPTS, {**p, "temperature": 5.0, "seed": 1})
+    assert [o.token_ids for o in hot] != [o.token_ids for o in greedy]
+
+
+@pytest.mark.parametrize(
+    ("prompts", "params", "match"),
+    [
+        ([], None, "non-empty list"),
+        ("just a string", None, "non-empty list"),
+        ([""], None, "prompt 0 is empty"),
+        (["hi"], {"max_tokens": 0}, "max_tokens"),
+        (["hi"], {"temperature": -1}, "temperature"),
+        (["hi"], {"beam_width": 4}, "beam_width"),
+        (["hi"], {"max_tokens": 600}, "exceed the context of 512"),
+        ([[1, 2, 10**6]], None, "token ids"),
+        ([["not", "ids"]], None, "token ids"),
+        (["a", "b"], [{"max_tokens": 2}], "1 sampling params for 2 prompts"),
+    ],
+)
+def test_bad_input_fails_before_work(tiny_llama_dir, prompts, params, match):
+    engine = Engine.from_pretrained(tiny_llama_dir)
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.generate(prompts, params)
+    assert engine.stats.forward_passes == 0
+
+
+def test_bad_engine_options(tiny_llama_dir):
+    with pytest.raises(InvalidRequestError, match="max_batch"):
+        Engine.from_pretrained(tiny_llama_dir, max_batch=0)
+    with pytest.raises(InvalidRequestError, match="unknown dtype"):
+        Engine.from_pretrained(tiny_llama_dir, dtype="int3")
