@@ -24,7 +24,8 @@ demo: model
 	$(BIN)/fot demo
 
 lint: install
-	$(BIN)/ruff check fot tests benchmarks evals
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint model
 	$(BIN)/python -m pytest -q

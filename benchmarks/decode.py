@@ -1,0 +1,129 @@
+"""Plain batched decoding: native engine vs transformers `generate`, and the batch-1 memory-bandwidth roofline.
+
+Everything runs in one process on the embedded model, side by side, so the ratios are fair on a noisy machine.
+Prints a table and, as its last line, one JSON object. `--quick` finishes in under a minute.
+
+    python benchmarks/decode.py [--quick] [--new-tokens 128] [--dtype auto|float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from fot.models import resolve_model
+from fot.speculative.engine import Engine
+
+QUESTIONS = [
+    "Explain why the sky is blue.",
+    "Write a short story about a robot who learns to paint.",
+    "List the planets of the solar system and one fact about each.",
+    "How do I make a good cup of coffee?",
+]
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a plain streaming read (a sum over a large fp32 tensor), best of `repeats`."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def weight_bytes(engine: Engine) -> int:
+    """Bytes of weights read per decoded token at batch 1 (a tied embedding/head counted once)."""
+    seen, total = set(), 0
+    for p in engine.model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def time_native(engine: Engine, prompts: list, new_tokens: int) -> float:
+    params = {"max_tokens": new_tokens, "ignore_eos": True}
+    engine.generate(prompts, {"max_tokens": 4, "ignore_eos": True})  # warm-up
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    return sum(o.generated_tokens for o in outs) / (time.perf_counter() - t)
+
+
+def time_hf(model, tokenizer, prompts: list, new_tokens: int) -> float:
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    kw = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    generated = (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
+    return generated / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, no unpacked-eager row (< 60 s)")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--model", default="default")
+    args = ap.parse_args()
+    new_tokens = args.new_tokens or (32 if args.quick else 128)
+
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_batch=16)
+    dtype = engine.model.dtype
+    hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype).eval()
+    rows, result = [], {}
+    for batch in (1, 16):
+        prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
+        native = time_native(engine, prompts, new_tokens)
+        ref = time_hf(hf, engine.tokenizer, prompts, new_tokens)
+        result |= {f"native_tok_s_b{batch}": round(native, 1), f"hf_tok_s_b{batch}": round(ref, 1)}
+        result[f"ratio_b{batch}"] = round(native / ref, 2)
+        rows.append((f"batch {batch}", native, ref))
+    if not args.quick:  # what the packed oneDNN weights are worth
+        eager = Engine(
+            engine.model.__class__.from_pretrained(resolve_model(args.model), dtype),
+            engine.tokenizer,
+            eos_ids=engine.eos_ids,
+            pack=False,
+            max_batch=16,
+        )
+        for batch in (1, 16):
+            prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
+            result[f"native_unpacked_tok_s_b{batch}"] = round(time_native(eager, prompts, new_tokens), 1)
+
+    bandwidth = read_bandwidth()
+    roofline = bandwidth / weight_bytes(engine)
+    result |= {
+        "roofline_tok_s_b1": round(roofline, 1),
+        "roofline_frac_b1": round(result["native_tok_s_b1"] / roofline, 3),
+        "read_gb_s": round(bandwidth / 1e9, 1),
+        "weight_mb": round(weight_bytes(engine) / 1e6, 1),
+        "dtype": str(dtype).removeprefix("torch."),
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+    print(f"\nplain decoding, {args.model}, {result['dtype']}, {new_tokens} new tokens, {result['threads']} threads")
+    print(f"{'':10} {'native tok/s':>13} {'hf tok/s':>10} {'native/hf':>10}")
+    for name, native, ref in rows:
+        print(f"{name:10} {native:13.1f} {ref:10.1f} {native / ref:9.2f}x")
+    for batch in (1, 16):
+        if f"native_unpacked_tok_s_b{batch}" in result:
+            print(f"native with unpacked weights, batch {batch}: {result[f'native_unpacked_tok_s_b{batch}']} tok/s")
+    print(
+        f"roofline at batch 1: {result['weight_mb']} MB of weights per token / {result['read_gb_s']} GB/s read "
+        f"= {roofline:.1f} tok/s; native reaches {result['roofline_frac_b1']:.0%} of it"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
