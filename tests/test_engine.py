@@ -46,6 +46,14 @@ def test_greedy_batch_equals_transformers_one_by_one(tiny_model_dir, max_batch, 
         assert out.prompt_tokens == len(ids)
 
 
+def test_bf16_engine_generates(tiny_llama_dir):
+    """bf16 runs everywhere (packed where oneDNN supports it) and stays close to fp32's greedy output."""
+    fp32 = Engine.from_pretrained(tiny_llama_dir, dtype="float32").generate(PROMPTS, {"max_tokens": 8})
+    bf16 = Engine.from_pretrained(tiny_llama_dir, dtype="bfloat16").generate(PROMPTS, {"max_tokens": 8})
+    assert all(o.generated_tokens >= 1 for o in bf16)
+    assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp32, bf16, strict=True)) >= 3
+
+
 def test_slot_reuse_over_many_requests(tiny_llama_dir):
     """More requests than slots, of mixed lengths: every result equals the same request served alone."""
     engine = Engine.from_pretrained(tiny_llama_dir, max_batch=3)

@@ -122,10 +122,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: Tensor) -> Tensor:  # normalised in fp32, as transformers does
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -139,18 +137,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.sizes = [q, kv, kv]
         self.wqkv = Linear(args.dim, q + 2 * kv, bias=args.attention_bias)
         self.wo = Linear(q, args.dim, bias=args.o_bias)
 
     def forward(self, x: Tensor, step: Step, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         T = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
-        q = rotate(q.view(T, self.n_heads, self.head_dim), cos, sin)
-        k = rotate(k.view(T, self.n_kv_heads, self.head_dim), cos, sin)
+        qkv = self.wqkv(x).view(T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk = rotate(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)  # queries and keys in one go
+        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv_heads :]
         # Each token's key/value goes to its own sample's slot at its own position: no padding in the cache.
         k_cache[step.slot, :, step.pos] = k
-        v_cache[step.slot, :, step.pos] = v.view(T, self.n_kv_heads, self.head_dim)
+        v_cache[step.slot, :, step.pos] = v
         rows, _, n, kv_len = step.mask.shape
         if step.dest is None:  # the flat tokens already are the [rows, n] layout
             qb = q.view(rows, n, self.n_heads, self.head_dim)
@@ -209,9 +206,10 @@ class Transformer(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def pack_weights(self) -> Transformer:
-        """Switch every matmul to oneDNN's packed weights (CPU only; the unpacked weights stay for the embedding
-        lookup and for training, so this costs a second copy of the matmul weights in memory)."""
-        if self.output.weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        """Switch every matmul to oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it; elsewhere a
+        no-op). The unpacked weights stay for the embedding lookup and for training: a second copy in memory."""
+        supported = self.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
+        if self.output.weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
             for module in self.modules():
                 if isinstance(module, Linear):
                     module.pack()
