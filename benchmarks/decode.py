@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from fot.models import resolve_model
 from fot.speculative.engine import Engine
+from fot.speculative.model import Transformer
 
 QUESTIONS = [
     "Explain why the sky is blue.",
@@ -24,6 +25,10 @@ QUESTIONS = [
     "List the planets of the solar system and one fact about each.",
     "How do I make a good cup of coffee?",
 ]
+
+
+def chat_prompts(batch: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -81,31 +86,30 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype).eval()
     rows, result = [], {}
     for batch in (1, 16):
-        prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
-        native = time_native(engine, prompts, new_tokens)
-        ref = time_hf(hf, engine.tokenizer, prompts, new_tokens)
+        native = time_native(engine, chat_prompts(batch), new_tokens)
+        ref = time_hf(hf, engine.tokenizer, chat_prompts(batch), new_tokens)
         result |= {f"native_tok_s_b{batch}": round(native, 1), f"hf_tok_s_b{batch}": round(ref, 1)}
         result[f"ratio_b{batch}"] = round(native / ref, 2)
         rows.append((f"batch {batch}", native, ref))
     if not args.quick:  # what the packed oneDNN weights are worth
         eager = Engine(
-            engine.model.__class__.from_pretrained(resolve_model(args.model), dtype),
+            Transformer.from_pretrained(resolve_model(args.model), dtype),
             engine.tokenizer,
             eos_ids=engine.eos_ids,
             pack=False,
             max_batch=16,
         )
         for batch in (1, 16):
-            prompts = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
-            result[f"native_unpacked_tok_s_b{batch}"] = round(time_native(eager, prompts, new_tokens), 1)
+            result[f"native_unpacked_tok_s_b{batch}"] = round(time_native(eager, chat_prompts(batch), new_tokens), 1)
 
     bandwidth = read_bandwidth()
-    roofline = bandwidth / weight_bytes(engine)
+    weights = weight_bytes(engine)
+    roofline = bandwidth / weights
     result |= {
         "roofline_tok_s_b1": round(roofline, 1),
         "roofline_frac_b1": round(result["native_tok_s_b1"] / roofline, 3),
         "read_gb_s": round(bandwidth / 1e9, 1),
-        "weight_mb": round(weight_bytes(engine) / 1e6, 1),
+        "weight_mb": round(weights / 1e6, 1),
         "dtype": str(dtype).removeprefix("torch."),
         "new_tokens": new_tokens,
         "threads": torch.get_num_threads(),
