@@ -1,6 +1,8 @@
-"""Pydantic models at the library's edges: sampling options (more configs join as the search lands)."""
+"""Pydantic models at the library's edges: sampling and speculative-decoding options."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -43,3 +45,38 @@ class SamplingParams(BaseModel):
             return cls(**{**(params or {}), **overrides})
         except ValidationError as e:
             raise InvalidRequestError(f"invalid sampling parameters: {e}") from None
+
+
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding in the native engine (EMS-SD). Lossless: greedy output is plain greedy output, sampled
+    output follows the plain distribution (rejection sampling).
+
+    `num_speculative_tokens` caps the draft per sample and step; `max_draft_tokens_per_step` caps the drafts of the
+    whole batch in one step (at large batch the verify forward becomes compute-bound, and long drafts that are
+    mostly rejected cost more than they save). `layout="padded"` is the paper's vanilla baseline, for comparison.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["prompt_lookup"] = "prompt_lookup"
+    num_speculative_tokens: int = Field(8, ge=1)
+    max_draft_tokens_per_step: int | None = Field(None, ge=1)
+    prompt_lookup_max: int = Field(3, ge=1)
+    prompt_lookup_min: int = Field(1, ge=1)
+    layout: Literal["unpadded", "padded"] = "unpadded"
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> SpeculativeConfig:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        return self
+
+    @classmethod
+    def make(cls, config: SpeculativeConfig | dict | str | None) -> SpeculativeConfig | None:
+        """None -> no speculation; a method name or a dict -> a config; bad values -> InvalidRequestError."""
+        if config is None or isinstance(config, SpeculativeConfig):
+            return config
+        try:
+            return cls(method=config) if isinstance(config, str) else cls(**config)
+        except ValidationError as e:
+            raise InvalidRequestError(f"invalid speculative config: {e}") from None

@@ -1,7 +1,18 @@
-"""The native PyTorch engine: model, per-sample KV cache, batched generation (speculative decoding builds on it)."""
+"""The native PyTorch engine: model, per-sample KV cache, batched generation and EMS-SD speculative decoding."""
 
 from fot.speculative.cache import KVCache, Step
+from fot.speculative.drafters import Drafter, PromptLookup
 from fot.speculative.engine import Engine, EngineStats, Generation
 from fot.speculative.model import ModelArgs, Transformer
 
-__all__ = ["Engine", "EngineStats", "Generation", "KVCache", "ModelArgs", "Step", "Transformer"]
+__all__ = [
+    "Drafter",
+    "Engine",
+    "EngineStats",
+    "Generation",
+    "KVCache",
+    "ModelArgs",
+    "PromptLookup",
+    "Step",
+    "Transformer",
+]

@@ -2,8 +2,12 @@
 
 A sample's entry for position p lives at index p of its slot, so nothing is ever padded inside a sample: a sample
 that accepted 5 draft tokens and one that accepted 0 both write exactly what they have, at their own offsets.
-Rejected entries are dropped by moving the length back (they are overwritten later and never attended, because a
+Rejected entries are dropped by not advancing over them (they are overwritten later and never attended, because a
 query at position p only sees keys 0..p). A finished sample frees its slot for the next request.
+
+`padded=True` is the paper's "vanilla" baseline, kept only to measure against: every sample's cache grows by the
+batch's largest step and the entries it did not keep stay behind as masked pads, so a cache index is no longer a
+token position (`positions` holds those) and a `valid` mask says which entries are real.
 """
 
 from __future__ import annotations
@@ -30,13 +34,16 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         first_layer: int = 0,
         device: torch.device | str = "cpu",
+        padded: bool = False,
     ):
         shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.first_layer = first_layer
         self.max_len = max_len
-        self.lengths = [0] * n_slots
+        self.lengths = [0] * n_slots  # entries held (the next write index)
+        self.positions = [0] * n_slots if padded else self.lengths  # the position of the next token
+        self.valid = torch.zeros(n_slots, max_len, dtype=torch.bool) if padded else None
         self._free = list(range(n_slots))  # a heap: the lowest free slot first keeps attention rows dense
 
     @property
@@ -51,11 +58,12 @@ class KVCache:
         if not self._free:
             raise InvalidRequestError("no free cache slot")
         slot = heapq.heappop(self._free)
-        self.lengths[slot] = 0
+        self.lengths[slot] = self.positions[slot] = 0
+        if self.valid is not None:
+            self.valid[slot] = False
         return slot
 
     def release(self, slot: int) -> None:
-        self.lengths[slot] = 0
         heapq.heappush(self._free, slot)
 
     def plan(self, slots: list[int], counts: list[int]) -> Step:
@@ -63,11 +71,22 @@ class KVCache:
         starts = [self.lengths[s] for s in slots]
         if max(s + c for s, c in zip(starts, counts, strict=True)) > self.max_len:
             raise InvalidRequestError("a sample would grow past the cache's max_len")
-        return Step.build(slots, starts, counts).to(self.k.device)
+        if self.valid is None:
+            return Step.build(slots, starts, counts).to(self.k.device)
+        for s, start, c in zip(slots, starts, counts, strict=True):
+            self.valid[s, start : start + c] = True
+        positions = [self.positions[s] for s in slots]
+        return Step.build(slots, starts, counts, positions, self.valid).to(self.k.device)
 
-    def advance(self, slots: list[int], counts: list[int]) -> None:
-        """Record that these samples now keep `counts` more entries (accepted tokens only)."""
+    def advance(self, slots: list[int], counts: list[int], grow: int | None = None) -> None:
+        """Record that these samples keep `counts` more entries (accepted tokens only). Padded: every cache grows by
+        `grow` (the batch's largest count) and the entries past a sample's own count become masked pads."""
         for s, c in zip(slots, counts, strict=True):
+            if self.valid is not None:
+                self.positions[s] += c
+                if grow is not None:
+                    self.valid[s, self.lengths[s] + c : self.lengths[s] + grow] = False
+                    c = grow
             self.lengths[s] += c
 
 
@@ -80,13 +99,23 @@ class Step:
     own slot's keys up to its own position (its cache plus its sample's earlier new tokens: causal).
     """
 
-    pos: Tensor  # [T] position of each token, which is also its index in its slot
+    pos: Tensor  # [T] position of each token (for RoPE)
+    index: Tensor  # [T] index of each token's entry in its slot; the position itself unless padded
     slot: Tensor  # [T] cache slot of each token
     dest: Tensor | None  # [T] index of each token in the [rows * n] attention layout; None when the identity
     mask: Tensor  # [rows, 1, n, kv_len] bool: query (row, i) may attend key j
 
     @classmethod
-    def build(cls, slots: list[int], starts: list[int], counts: list[int]) -> Step:
+    def build(
+        cls,
+        slots: list[int],
+        starts: list[int],
+        counts: list[int],
+        positions: list[int] | None = None,
+        valid: Tensor | None = None,
+    ) -> Step:
+        """Sample i appends counts[i] entries at index starts[i] of slot slots[i]; its tokens sit at positions
+        positions[i].. (default: the indices). `valid` [slots, max_len] masks out pad entries (padded baseline)."""
         if not slots or min(counts) < 1:
             raise InvalidRequestError("a step needs at least one sample with at least one new token")
         n, rows = max(counts), max(slots) + 1
@@ -94,17 +123,21 @@ class Step:
         sample = torch.repeat_interleave(torch.arange(len(slots)), counts_t)
         first = torch.cumsum(counts_t, 0) - counts_t
         offset = torch.arange(int(counts_t.sum())) - first[sample]
-        pos = torch.tensor(starts)[sample] + offset
+        index = torch.tensor(starts)[sample] + offset
+        pos = index if positions is None else torch.tensor(positions)[sample] + offset
         slot = torch.tensor(slots)[sample]
         dense = slots == list(range(rows)) and all(c == n for c in counts)
-        qpos = torch.zeros(rows, n, dtype=torch.long)  # rows/queries that do not exist see key 0 only
-        qpos[slot, offset] = pos
+        qindex = torch.zeros(rows, n, dtype=torch.long)  # rows/queries that do not exist see entry 0 only
+        qindex[slot, offset] = index
         kv_len = max(s + c for s, c in zip(starts, counts, strict=True))
-        mask = torch.arange(kv_len) <= qpos[:, None, :, None]
-        return cls(pos=pos, slot=slot, dest=None if dense else slot * n + offset, mask=mask)
+        mask = torch.arange(kv_len) <= qindex[:, None, :, None]
+        if valid is not None:
+            mask &= valid[:rows, None, None, :kv_len]
+            mask[:, :, :, 0] |= ~mask.any(-1)  # a query of a row with no sample still needs one key
+        return cls(pos=pos, index=index, slot=slot, dest=None if dense else slot * n + offset, mask=mask)
 
     def to(self, device: torch.device) -> Step:
         if device.type == "cpu":
             return self
-        dest = None if self.dest is None else self.dest.to(device)
-        return Step(pos=self.pos.to(device), slot=self.slot.to(device), dest=dest, mask=self.mask.to(device))
+        move = {name: None if t is None else t.to(device) for name, t in vars(self).items()}
+        return Step(**move)

@@ -1,8 +1,12 @@
 """The native engine: continuous batching over a per-sample KV cache, read top to bottom in `generate`.
 
 Each loop: admit waiting requests into free cache slots and prefill all of them in ONE flat forward (no pad token
-anywhere), drop the samples that finished, then decode one token for every running sample in one forward. A
-sample that finishes frees its slot at once, so a long sample never holds a short one back.
+anywhere), drop the samples that finished, then decode every running sample in one forward. A sample that finishes
+frees its slot at once, so a long sample never holds a short one back.
+
+With a drafter this is EMS-SD (multi-sample speculative decoding without padding): each sample's last token and its
+drafts (any number, 0 allowed) are concatenated with every other sample's into one flat input, verified in one
+forward, and each sample keeps exactly the entries it accepted, at its own offset in its own cache slot.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
@@ -20,11 +25,12 @@ from pydantic import BaseModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fot.config import SamplingParams
+from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
 from fot.speculative.cache import KVCache
+from fot.speculative.drafters import Drafter, PromptLookup
 from fot.speculative.model import Transformer
-from fot.speculative.sampling import next_tokens
+from fot.speculative.verify import accept_greedy, accept_sampled
 
 ChatMessage = dict[str, str]
 Prompt = str | list[ChatMessage] | list[int]
@@ -37,12 +43,20 @@ class Generation(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
-    forward_passes: int
+    forward_passes: int  # that this request took part in (its prefill included)
+    draft_tokens: int = 0  # proposed by the drafter
+    accepted_tokens: int = 0  # drafts that verification kept
     logprobs: list[float] | None = None  # of each generated token, under the model's unscaled distribution
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def accept_length(self) -> float:
+        """Tokens gained per decoding step after the prefill (1.0 without speculation)."""
+        steps = self.forward_passes - 1
+        return 1.0 + self.accepted_tokens / steps if steps else 1.0
 
     @property
     def mean_logprob(self) -> float | None:
@@ -51,12 +65,29 @@ class Generation(BaseModel):
 
 @dataclass
 class EngineStats:
-    """Counters over the engine's lifetime; every backend reports the same ones."""
+    """Usage counters (every backend reports the same ones): `Engine.stats` over the engine's lifetime,
+    `Engine.last_stats` for the last `generate` call (one batch)."""
 
     requests: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     forward_passes: int = 0
+    decode_steps: int = 0  # (sample, decode forward) pairs: how often some sample was advanced after its prefill
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def accept_length(self) -> float:
+        """Mean tokens gained per sample per decoding step (EMS-SD's and Kangaroo's "accepted length")."""
+        return 1.0 + self.accepted_tokens / self.decode_steps if self.decode_steps else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    def add(self, other: EngineStats) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -71,6 +102,8 @@ class _Sequence:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     forward_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
     finish: Literal["stop", "length"] | None = None
     text: str | None = None
 
@@ -102,7 +135,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 class Engine:
     """Batched generation with the native model. `pack=True` (the default) runs the matmuls on oneDNN-packed
-    weights on CPU."""
+    weights on CPU. `speculative` (a `SpeculativeConfig`, a dict, or a method name such as "prompt_lookup")
+    switches on EMS-SD; `drafter` overrides the drafter the config would build."""
 
     def __init__(
         self,
@@ -113,6 +147,8 @@ class Engine:
         max_batch: int = 32,
         pack: bool = True,
         seed: int = 0,
+        speculative: SpeculativeConfig | dict | str | None = None,
+        drafter: Drafter | None = None,
     ):
         if max_batch < 1:
             raise InvalidRequestError("max_batch must be >= 1")
@@ -120,8 +156,12 @@ class Engine:
         self.device = model.output.weight.device
         self.context = model.args.max_seq_len
         self.eos_ids = set(eos_ids) | ({tokenizer.eos_token_id} - {None})
-        self.stats = EngineStats()
+        self.stats, self.last_stats = EngineStats(), EngineStats()
         self.rng = torch.Generator(self.device).manual_seed(seed)
+        self.speculative = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
+        if self.speculative and drafter is None:
+            drafter = PromptLookup(self.speculative.prompt_lookup_max, self.speculative.prompt_lookup_min)
+        self.drafter = drafter
         if pack:
             model.pack_weights()
 
@@ -188,6 +228,7 @@ class Engine:
     ) -> list[Generation]:
         """Generate a completion for every prompt (order preserved); `params` is one for all or one per prompt."""
         seqs = self._sequences(prompts, params)
+        self.last_stats = EngineStats(requests=len(seqs))
         cache = self.new_cache(seqs)
         waiting, running = deque(seqs), []
         bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
@@ -205,47 +246,91 @@ class Engine:
                 self.decode(running, cache)
                 running = self.retire(running, cache, bar)
         bar.close()
-        self.stats.requests += len(seqs)
+        self.stats.add(self.last_stats)
         return [self.result(s) for s in seqs]
 
     def new_cache(self, seqs: list[_Sequence]) -> KVCache:
-        a = self.model.args
-        max_len = max(len(s.prompt) + s.params.max_tokens for s in seqs)
+        a, spec = self.model.args, self.speculative
+        padded = spec is not None and spec.layout == "padded"
+        # padded: a cache may grow by 1 + num_speculative_tokens entries for every token it keeps
+        growth = 1 + spec.num_speculative_tokens if padded else 1
+        max_len = max(len(s.prompt) + s.params.max_tokens * growth for s in seqs)
         n_slots = min(self.max_batch, len(seqs))
-        return KVCache(a.n_layers, n_slots, a.n_kv_heads, max_len, a.head_dim, self.model.dtype, device=self.device)
+        return KVCache(
+            a.n_layers, n_slots, a.n_kv_heads, max_len, a.head_dim, self.model.dtype, device=self.device, padded=padded
+        )
 
     def prefill(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """All new prompts in one flat forward; logits only at each prompt's last token."""
         counts = [len(s.prompt) for s in seqs]
         tokens = torch.tensor([t for s in seqs for t in s.prompt], device=self.device)
         last = torch.tensor(counts, device=self.device).cumsum(0) - 1
-        self.run(seqs, cache, tokens, counts, last)
-        self.stats.prompt_tokens += sum(counts)
+        logits = self.model(tokens, cache.plan([s.slot for s in seqs], counts), cache, last)
+        self.accept(seqs, logits, [[] for _ in seqs], list(range(len(seqs))), cache, counts)
+        self.last_stats.prompt_tokens += sum(counts)
 
     def decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
-        tokens = torch.tensor([s.out[-1] for s in seqs], device=self.device)
-        self.run(seqs, cache, tokens, [1] * len(seqs), None)
+        """One forward for the whole batch: each sample's last token plus its drafts (none without a drafter)."""
+        drafts = self.draft(seqs) if self.drafter else [[] for _ in seqs]
+        inputs = [[s.out[-1], *d] for s, d in zip(seqs, drafts, strict=True)]
+        if self.speculative and self.speculative.layout == "padded":  # the vanilla baseline: pad to the longest
+            n = max(map(len, inputs))
+            inputs = [x + x[-1:] * (n - len(x)) for x in inputs]
+        counts = [len(x) for x in inputs]
+        tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
+        logits = self.model(tokens, cache.plan([s.slot for s in seqs], counts), cache)
+        firsts = list(accumulate(counts, initial=0))[:-1]
+        self.accept(seqs, logits, drafts, firsts, cache, None)
+        self.last_stats.decode_steps += len(seqs)
 
-    def run(self, seqs: list[_Sequence], cache: KVCache, tokens: Tensor, counts: list[int], rows: Tensor | None):
-        slots = [s.slot for s in seqs]
-        step = cache.plan(slots, counts)
-        logits = self.model(tokens, step, cache, rows)
-        cache.advance(slots, counts)
-        self.stats.forward_passes += 1
-        self.append(seqs, logits)
+    def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
+        """Ask the drafter, within each sample's remaining budget and the batch's per-step cap."""
+        spec = self.speculative
+        limits = [min(spec.num_speculative_tokens, s.params.max_tokens - len(s.out) - 1) for s in seqs]
+        if spec.max_draft_tokens_per_step is not None and sum(limits) > spec.max_draft_tokens_per_step:
+            share, extra = divmod(spec.max_draft_tokens_per_step, len(seqs))
+            limits = [min(k, share + (i < extra)) for i, k in enumerate(limits)]
+        drafts = self.drafter.propose([s.prompt + s.out for s in seqs], limits)
+        for seq, d, k in zip(seqs, drafts, limits, strict=True):
+            if len(d) > k:
+                raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
+            seq.draft_tokens += len(d)
+            self.last_stats.draft_tokens += len(d)
+        return drafts
 
-    def append(self, seqs: list[_Sequence], logits: Tensor) -> None:
-        """Pick each sample's next token and decide whether it is done."""
-        chosen = next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        logprobs = None
-        if any(s.params.logprobs for s in seqs):
-            logprobs = torch.log_softmax(logits, -1).gather(-1, chosen[:, None])[:, 0].tolist()
-        for i, (seq, token) in enumerate(zip(seqs, chosen.tolist(), strict=True)):
-            seq.out.append(token)
+    def accept(
+        self,
+        seqs: list[_Sequence],
+        logits: Tensor,
+        drafts: list[list[int]],
+        firsts: list[int],
+        cache: KVCache,
+        kept: list[int] | None,
+    ) -> None:
+        """Verify every sample's drafts against its rows of logits (firsts[i] onward), append what it gains, and
+        advance the cache: by `kept` entries (prefill), else by the input token plus the accepted drafts."""
+        argmax = logits.argmax(-1).tolist() if any(s.params.temperature == 0 for s in seqs) else []
+        logprobs = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None
+        gained = []
+        for seq, draft, first in zip(seqs, drafts, firsts, strict=True):
+            if seq.params.temperature == 0:
+                tokens = accept_greedy(argmax[first : first + len(draft) + 1], draft)
+            else:
+                tokens = accept_sampled(logits[first : first + len(draft) + 1], draft, seq.params, seq.generator)
             seq.forward_passes += 1
-            if seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-            self.check_finished(seq)
+            seq.accepted_tokens += len(tokens) - 1
+            self.last_stats.accepted_tokens += len(tokens) - 1
+            gained.append(len(tokens))
+            for j, token in enumerate(tokens):
+                seq.out.append(token)
+                if seq.params.logprobs:
+                    seq.logprobs.append(float(logprobs[first + j, token]))
+                self.check_finished(seq)
+                if seq.finish:
+                    break
+        slots = [s.slot for s in seqs]
+        cache.advance(slots, kept or gained, grow=None if kept else max(gained))
+        self.last_stats.forward_passes += 1
 
     def check_finished(self, seq: _Sequence) -> None:
         p = seq.params
@@ -266,7 +351,7 @@ class Engine:
                 still.append(seq)
             else:
                 cache.release(seq.slot)
-                self.stats.generated_tokens += len(seq.out)
+                self.last_stats.generated_tokens += len(seq.out)
                 bar.update(1)
         return still
 
@@ -278,6 +363,8 @@ class Engine:
             finish_reason=seq.finish,
             prompt_tokens=len(seq.prompt),
             forward_passes=seq.forward_passes,
+            draft_tokens=seq.draft_tokens,
+            accepted_tokens=seq.accepted_tokens,
             logprobs=seq.logprobs if seq.params.logprobs else None,
         )
 

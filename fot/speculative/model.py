@@ -146,8 +146,8 @@ class Attention(nn.Module):
         qk = rotate(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)  # queries and keys in one go
         q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv_heads :]
         # Each token's key/value goes to its own sample's slot at its own position: no padding in the cache.
-        k_cache[step.slot, :, step.pos] = k
-        v_cache[step.slot, :, step.pos] = v
+        k_cache[step.slot, :, step.index] = k
+        v_cache[step.slot, :, step.index] = v
         rows, _, n, kv_len = step.mask.shape
         if step.dest is None:  # the flat tokens already are the [rows, n] layout
             qb = q.view(rows, n, self.n_heads, self.head_dim)

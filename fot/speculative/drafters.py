@@ -1,0 +1,43 @@
+"""Drafters propose tokens that the target model then verifies (see verify.py). A drafter only has to be fast and
+often right: whatever it proposes, the output stays exactly the target model's.
+
+The interface is one call per engine step for the whole batch, so a drafter can batch its own work: given each
+sample's context (prompt + generated tokens) and how many tokens it may propose (0 allowed), return the drafts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+class Drafter(Protocol):
+    def propose(self, contexts: Sequence[Sequence[int]], limits: Sequence[int]) -> list[list[int]]:
+        """At most limits[i] draft tokens to follow contexts[i], for every sample i."""
+        ...
+
+
+class PromptLookup:
+    """LLMA / prompt lookup: find the latest earlier occurrence of the context's last n tokens (n from `max_ngram`
+    down to `min_ngram`) and propose the tokens that followed it. Free to run and very good when the output copies
+    its input, as MCTSr's "refine" answers do."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError("need 1 <= min_ngram <= max_ngram")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, contexts: Sequence[Sequence[int]], limits: Sequence[int]) -> list[list[int]]:
+        return [self.lookup(np.asarray(ctx), k) if k > 0 else [] for ctx, k in zip(contexts, limits, strict=True)]
+
+    def lookup(self, ctx: np.ndarray, k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
+            windows = sliding_window_view(ctx[:-1], n)  # every earlier n-gram, not the suffix itself
+            hits = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return ctx[start : start + k].tolist()
+        return []

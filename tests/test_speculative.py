@@ -1,0 +1,222 @@
+"""EMS-SD is lossless: speculative output is plain output, token for token (greedy) or in distribution (sampling)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+from conftest import save_tiny
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from fot.config import SamplingParams, SpeculativeConfig
+from fot.errors import InvalidRequestError
+from fot.speculative.drafters import PromptLookup
+from fot.speculative.engine import Engine
+from fot.speculative.verify import accept_greedy, accept_sampled, probabilities
+
+
+class OracleDrafter:
+    """Proposes a random number of tokens (0..limit) from a known continuation, each replaced by a random token with
+    probability `noise`: drafts that are partly right, so acceptance, rejection and the bonus token all happen."""
+
+    def __init__(self, continuations: dict[tuple[int, ...], list[int]], vocab=384, noise=0.0, seed=0, full=False):
+        self.continuations, self.vocab, self.noise, self.full = continuations, vocab, noise, full
+        self.rng = random.Random(seed)
+
+    def propose(self, contexts, limits):
+        drafts = []
+        for ctx, k in zip(contexts, limits, strict=True):
+            known = next(((len(p), c) for p, c in self.continuations.items() if tuple(ctx[: len(p)]) == p), (0, []))
+            done = len(ctx) - known[0]
+            draft = known[1][done : done + (k if self.full else self.rng.randint(0, k))]
+            drafts.append([self.rng.randrange(self.vocab) if self.rng.random() < self.noise else t for t in draft])
+        return drafts
+
+
+class TooLong:
+    def propose(self, contexts, limits):
+        return [[1] * (k + 1) for k in limits]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    plain = Engine.from_pretrained(tiny_model_dir, max_batch=16)
+    spec = Engine.from_pretrained(tiny_model_dir, max_batch=16, speculative={"num_speculative_tokens": 6})
+    return plain, spec
+
+
+# ---- the pieces ------------------------------------------------------------------------------------------------
+def test_prompt_lookup_takes_the_latest_match_and_respects_limits():
+    d = PromptLookup(max_ngram=2, min_ngram=1)
+    ctx = [5, 6, 7, 1, 5, 6, 8, 9, 4, 5, 6]
+    assert d.propose([ctx], [3]) == [[8, 9, 4]]  # "5 6" last seen before the end at index 4 -> 8 9 4
+    assert d.propose([ctx], [1]) == [[8]]
+    assert d.propose([ctx], [0]) == [[]]
+    assert d.propose([[1, 2, 3]], [4]) == [[]]  # no earlier occurrence
+    assert d.propose([[3, 4, 9, 4]], [2]) == [[9, 4]]  # falls back to a 1-gram
+    assert d.propose([[7]], [2]) == [[]]
+    with pytest.raises(ValueError):
+        PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def test_accept_greedy():
+    assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == [4, 5, 6, 7]
+    assert accept_greedy([4, 9, 6, 7], [4, 5, 6]) == [4, 9]
+    assert accept_greedy([3], []) == [3]
+
+
+@pytest.mark.parametrize("draft", [[0], [2, 1], [4, 4, 4]])
+def test_rejection_sampling_keeps_the_target_distribution(draft):
+    """The first emitted token of accept_sampled follows p whatever the (deterministic) draft is."""
+    torch.manual_seed(0)
+    logits = torch.randn(len(draft) + 1, 5) * 1.5
+    params = SamplingParams(temperature=1.0)
+    gen = torch.Generator().manual_seed(1)
+    n = 20000
+    firsts = Counter(accept_sampled(logits, draft, params, gen)[0] for _ in range(n))
+    p = probabilities(logits[0], params)
+    for token in range(5):
+        assert abs(firsts[token] / n - float(p[token])) < 0.015
+
+
+# ---- lossless, greedy ----------------------------------------------------------------------------------------
+@st.composite
+def batches(draw):
+    seed = draw(st.integers(0, 2**16))
+    rng = random.Random(seed)
+    batch = draw(st.integers(1, 16))
+    prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(batch)]
+    params = [
+        SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, logprobs=rng.random() < 0.3) for _ in prompts
+    ]
+    return seed, prompts, params, draw(st.integers(1, 16)), draw(st.sampled_from(["unpadded", "padded"]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=batches(), noise=st.sampled_from([0.0, 0.2, 1.0]))
+def test_greedy_speculative_equals_plain(engines, case, noise):
+    plain, spec = engines
+    seed, prompts, params, max_batch, layout = case
+    plain.max_batch = spec.max_batch = max_batch
+    spec.speculative = SpeculativeConfig(num_speculative_tokens=6, layout=layout)
+    expected = plain.generate(prompts, params)
+    spec.drafter = OracleDrafter(
+        {tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed
+    )
+    got = spec.generate(prompts, params)
+    for e, g in zip(expected, got, strict=True):
+        assert g.token_ids == e.token_ids and g.finish_reason == e.finish_reason
+        assert g.accepted_tokens <= g.draft_tokens and g.forward_passes <= e.forward_passes
+        if e.logprobs is not None:
+            assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
+    s = spec.last_stats
+    assert s.accepted_tokens == sum(g.accepted_tokens for g in got) and s.requests == len(prompts)
+    assert s.generated_tokens == sum(e.generated_tokens for e in expected)
+
+
+def test_good_drafts_save_forward_passes_and_are_counted(engines):
+    plain, spec = engines
+    spec.speculative, spec.max_batch = SpeculativeConfig(num_speculative_tokens=4), 16
+    prompts = [[5 + i, 40, 41, 42] for i in range(8)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    expected = plain.generate(prompts, params)
+    spec.drafter = OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, full=True)
+    got = spec.generate(prompts, params)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    for g in got:  # 1 token from the prefill, then 4 drafts + 1 per step: 1 + 5 + 5 + 5 + (4 drafts capped at 3 + 1)
+        assert g.forward_passes == 5 and g.draft_tokens == 15 and g.accepted_tokens == 15
+        assert g.accept_length == pytest.approx(1 + 15 / 4)
+    s = spec.last_stats
+    assert s.forward_passes == 5 and s.decode_steps == 32 and s.draft_tokens == 120 and s.acceptance_rate == 1.0
+    assert s.accept_length == pytest.approx(1 + 120 / 32)
+
+
+def test_stops_inside_an_accepted_draft(engines):
+    """An EOS or a max_tokens limit in the middle of accepted drafts ends the sample there, as plain decoding does."""
+    plain, spec = engines
+    spec.speculative = SpeculativeConfig(num_speculative_tokens=8)
+    prompt = [[7, 8, 9, 10]]
+    full = plain.generate(prompt, {"max_tokens": 12, "ignore_eos": True})[0].token_ids
+    spec.drafter = OracleDrafter({tuple(prompt[0]): full}, full=True)
+    eos = full[5]
+    for engine in (plain, spec):
+        engine.eos_ids = {eos}
+    try:
+        want = plain.generate(prompt, {"max_tokens": 12})[0]
+        got = spec.generate(prompt, {"max_tokens": 12})[0]
+    finally:
+        plain.eos_ids = spec.eos_ids = {plain.tokenizer.eos_token_id}
+    assert got.token_ids == want.token_ids == full[: full.index(eos) + 1] and got.finish_reason == "stop"
+
+
+def test_bad_drafters_and_configs_are_refused(engines):
+    _, spec = engines
+    spec.drafter = TooLong()
+    with pytest.raises(InvalidRequestError, match="drafter proposed"):
+        spec.generate([[5, 6, 7]], {"max_tokens": 5})
+    with pytest.raises(InvalidRequestError, match="speculative"):
+        SpeculativeConfig.make({"num_speculative_tokens": 0})
+    with pytest.raises(InvalidRequestError, match="speculative"):
+        SpeculativeConfig.make("medusa")
+
+
+# ---- lossless, sampling --------------------------------------------------------------------------------------
+class RandomDrafter:
+    def __init__(self, vocab: int, seed: int):
+        self.vocab, self.rng = vocab, random.Random(seed)
+
+    def propose(self, contexts, limits):
+        return [[self.rng.randrange(self.vocab) for _ in range(self.rng.randint(0, k))] for k in limits]
+
+
+@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.9, "top_k": 6}])
+def test_sampled_speculative_follows_the_plain_distribution(tmp_path, params):
+    """On a 12-token vocabulary the exact distributions of the 2nd and 3rd generated tokens are computed from the
+    model; samples drawn with random drafts (so accept, reject and residual draws all happen) must fit them
+    (chi-square, p > 0.001), as must plain samples."""
+    vocab, prompt, n = 12, [3, 7, 1, 4], 3000
+    folder = save_tiny(tmp_path / "v12", "llama", vocab_size=vocab)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, **params)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        p1 = probabilities(hf(torch.tensor([prompt])).logits[0, -1], params)
+        seq2 = torch.tensor([[*prompt, a] for a in range(vocab)])
+        p2 = probabilities(hf(seq2).logits[:, -1], params)  # [t1, t2]
+        seq3 = torch.tensor([[*prompt, a, b] for a in range(vocab) for b in range(vocab)])
+        p3 = probabilities(hf(seq3).logits[:, -1], params).view(vocab, vocab, vocab)
+    joint12 = p1[:, None] * p2
+    exact = {1: joint12.sum(0), 2: (joint12[:, :, None] * p3).sum((0, 1))}
+    plain = Engine.from_pretrained(folder, max_batch=256, seed=1)
+    spec = Engine.from_pretrained(
+        folder, max_batch=256, seed=2, speculative={"num_speculative_tokens": 2}, drafter=RandomDrafter(vocab, 3)
+    )
+    for engine in (plain, spec):
+        outs = engine.generate([prompt] * n, params)
+        for position, p in exact.items():
+            counts = torch.bincount(torch.tensor([o.token_ids[position] for o in outs]), minlength=vocab).float()
+            big = p * n >= 5  # categories too rare for chi-square are pooled
+            observed = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+            expected = torch.cat([p[big] * n, (p[~big] * n).sum(0, keepdim=True)])
+            keep = expected > 0
+            chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+            assert chi2 < 32.9, (engine is spec, position, chi2)  # chi-square critical value, 11 dof, p = 0.001
+    assert spec.last_stats.draft_tokens > 0 and 0 < spec.last_stats.accepted_tokens < spec.last_stats.draft_tokens
+
+
+# ---- the real model --------------------------------------------------------------------------------------------
+def test_prompt_lookup_on_the_embedded_model_is_lossless_and_accepts(tmp_path):
+    plain = Engine.from_pretrained("default", max_batch=4)
+    spec = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=4, speculative="prompt_lookup")
+    answer = "The train travels 60 km in 1.5 hours, so its speed is 60 / 1.5 = 40 km per hour. The answer is 40."
+    prompts = [
+        [{"role": "user", "content": f"Repeat this answer exactly, word for word: {answer}"}],
+        [{"role": "user", "content": f"Rewrite this answer, keeping the numbers: {answer} Make it clearer."}],
+    ]
+    expected = plain.generate(prompts, {"max_tokens": 40})
+    got = spec.generate(prompts, {"max_tokens": 40})
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert spec.last_stats.accept_length > 1.5 and spec.last_stats.forward_passes < plain.last_stats.forward_passes
