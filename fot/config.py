@@ -51,15 +51,18 @@ class SpeculativeConfig(BaseModel):
     """Speculative decoding in the native engine (EMS-SD). Lossless: greedy output is plain greedy output, sampled
     output follows the plain distribution (rejection sampling).
 
-    `num_speculative_tokens` caps the draft per sample and step; `max_draft_tokens_per_step` caps the drafts of the
-    whole batch in one step (at large batch the verify forward becomes compute-bound, and long drafts that are
-    mostly rejected cost more than they save). `layout="padded"` is the paper's vanilla baseline, for comparison.
+    `num_speculative_tokens` caps the draft per sample and step. Each sample drafts only as far as its recent
+    acceptance rate r makes the j-th token likely to be kept (r ** j >= `draft_threshold`; 0 always drafts the
+    maximum), and `max_draft_tokens_per_step` caps the drafts of the whole batch in one step, keeping the likeliest:
+    once a batch is compute-bound (early on a CPU) a rejected draft token costs as much as a kept one.
+    `layout="padded"` is the paper's vanilla baseline, for comparison only.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["prompt_lookup"] = "prompt_lookup"
     num_speculative_tokens: int = Field(8, ge=1)
+    draft_threshold: float = Field(0.25, ge=0.0, le=1.0)
     max_draft_tokens_per_step: int | None = Field(None, ge=1)
     prompt_lookup_max: int = Field(3, ge=1)
     prompt_lookup_min: int = Field(1, ge=1)

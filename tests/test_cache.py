@@ -1,5 +1,6 @@
 """The attention layout of a ragged step: each query sees exactly its own slot, up to its own position."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,3 +39,23 @@ def test_slots_are_reused_lowest_first():
     cache.advance([1], [5])
     cache.release(1)
     assert cache.n_free == 1 and cache.allocate() == 1 and cache.lengths[1] == 0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_compact_moves_samples_into_the_lowest_free_slots(padded):
+    cache = KVCache(2, 5, 1, 8, 4, padded=padded)
+    slots = [cache.allocate() for _ in range(5)]
+    for s in slots:
+        cache.plan([s], [s + 1])
+        cache.k[:, s, :, : s + 1] = float(s)
+        cache.advance([s], [s + 1])
+    cache.release(0)
+    cache.release(2)
+    moves = cache.compact([1, 3, 4])
+    assert moves == {4: 0, 3: 2}
+    assert cache.lengths[:3] == [5, 2, 4] and cache.positions[:3] == [5, 2, 4]
+    assert (cache.k[:, 0, :, :5] == 4).all() and (cache.k[:, 2, :, :4] == 3).all()
+    if padded:
+        assert cache.valid[0, :5].all() and cache.valid[2, :4].all()
+    assert [cache.allocate(), cache.allocate()] == [3, 4] and cache.n_free == 0
+    assert cache.compact([0, 1, 2, 3, 4]) == {}

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
-from fot.speculative.drafters import PromptLookup
+from fot.speculative.drafters import PromptLookup, draft_lengths
 from fot.speculative.engine import Engine
 from fot.speculative.verify import accept_greedy, accept_sampled, probabilities
 
@@ -61,6 +61,13 @@ def test_prompt_lookup_takes_the_latest_match_and_respects_limits():
     assert d.propose([[7]], [2]) == [[]]
     with pytest.raises(ValueError):
         PromptLookup(max_ngram=1, min_ngram=2)
+
+
+def test_draft_lengths_follow_acceptance_rates_and_the_budget():
+    assert draft_lengths([0.9, 0.5, 0.1], [8, 8, 8], threshold=0.25, budget=None) == [8, 2, 0]  # 0.9**8 = 0.43
+    assert draft_lengths([0.9, 0.5, 0.1], [3, 8, 8], threshold=0.0, budget=None) == [3, 8, 8]
+    assert draft_lengths([0.9, 0.5, 0.1], [8, 8, 8], threshold=0.25, budget=4) == [4, 0, 0]  # the likeliest four
+    assert draft_lengths([0.9, 0.9], [0, 2], threshold=0.25, budget=None) == [0, 2]
 
 
 def test_accept_greedy():
@@ -120,7 +127,7 @@ def test_greedy_speculative_equals_plain(engines, case, noise):
 
 def test_good_drafts_save_forward_passes_and_are_counted(engines):
     plain, spec = engines
-    spec.speculative, spec.max_batch = SpeculativeConfig(num_speculative_tokens=4), 16
+    spec.speculative, spec.max_batch = SpeculativeConfig(num_speculative_tokens=4, draft_threshold=0), 16
     prompts = [[5 + i, 40, 41, 42] for i in range(8)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     expected = plain.generate(prompts, params)
@@ -138,7 +145,7 @@ def test_good_drafts_save_forward_passes_and_are_counted(engines):
 def test_stops_inside_an_accepted_draft(engines):
     """An EOS or a max_tokens limit in the middle of accepted drafts ends the sample there, as plain decoding does."""
     plain, spec = engines
-    spec.speculative = SpeculativeConfig(num_speculative_tokens=8)
+    spec.speculative = SpeculativeConfig(num_speculative_tokens=8, draft_threshold=0)
     prompt = [[7, 8, 9, 10]]
     full = plain.generate(prompt, {"max_tokens": 12, "ignore_eos": True})[0].token_ids
     spec.drafter = OracleDrafter({tuple(prompt[0]): full}, full=True)

@@ -66,6 +66,27 @@ class KVCache:
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
+    def compact(self, slots: list[int]) -> dict[int, int]:
+        """Move the samples in the highest occupied `slots` into the lowest free ones, so that the occupied slots
+        are 0..n-1 and attention spends nothing on the rows of finished samples. Returns {old slot: new slot}."""
+        moves: dict[int, int] = {}
+        occupied = sorted(slots, reverse=True)
+        for new in sorted(self._free):
+            if not occupied or occupied[0] < new:
+                break
+            old = occupied.pop(0)
+            end = self.lengths[old]
+            self.k[:, new, :, :end] = self.k[:, old, :, :end]
+            self.v[:, new, :, :end] = self.v[:, old, :, :end]
+            self.lengths[new], self.positions[new] = end, self.positions[old]
+            if self.valid is not None:
+                self.valid[new] = self.valid[old]
+            moves[old] = new
+        if moves:
+            kept = (set(slots) - set(moves)) | set(moves.values())
+            self._free = sorted(set(range(self.n_slots)) - kept)  # a sorted list is a valid heap
+        return moves
+
     def plan(self, slots: list[int], counts: list[int]) -> Step:
         """Lay out one forward in which sample i (in `slots[i]`) appends `counts[i]` new tokens after its cache."""
         starts = [self.lengths[s] for s in slots]
@@ -135,6 +156,12 @@ class Step:
             mask &= valid[:rows, None, None, :kv_len]
             mask[:, :, :, 0] |= ~mask.any(-1)  # a query of a row with no sample still needs one key
         return cls(pos=pos, index=index, slot=slot, dest=None if dense else slot * n + offset, mask=mask)
+
+    def attention_mask(self, group: int, dtype: torch.dtype) -> Tensor:
+        """The mask as SDPA takes it fastest: additive (0 / -inf), repeated for the `group` query heads that share
+        a KV head, which attention folds into one query axis: [rows, 1, group * n, kv_len]."""
+        additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+        return additive.masked_fill_(~self.mask, float("-inf")).repeat(1, 1, group, 1)
 
     def to(self, device: torch.device) -> Step:
         if device.type == "cpu":

@@ -41,3 +41,24 @@ class PromptLookup:
                 start = int(hits[-1]) + n
                 return ctx[start : start + k].tolist()
         return []
+
+
+def draft_lengths(rates: Sequence[float], caps: Sequence[int], threshold: float, budget: int | None) -> list[int]:
+    """How many tokens each sample may draft this step. Draft token j of sample i survives verification with
+    probability about rates[i] ** j, so it is proposed only if that is >= `threshold`; if more than `budget` tokens
+    qualify, the likeliest are kept. Verifying a token costs compute even when rejected (a lot once a batch is
+    compute-bound, as on CPU), so drafting where copying has stopped would make speculation slower than plain."""
+    wanted = []
+    for i, (rate, cap) in enumerate(zip(rates, caps, strict=True)):
+        value = 1.0
+        for _ in range(cap):
+            value *= rate
+            if value < threshold:
+                break
+            wanted.append((value, i))
+    if budget is not None and len(wanted) > budget:
+        wanted = sorted(wanted, reverse=True)[:budget]
+    lengths = [0] * len(caps)
+    for _, i in wanted:
+        lengths[i] += 1
+    return lengths

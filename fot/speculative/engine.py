@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
 from fot.speculative.cache import KVCache
-from fot.speculative.drafters import Drafter, PromptLookup
+from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
 from fot.speculative.model import Transformer
 from fot.speculative.verify import accept_greedy, accept_sampled
 
@@ -75,6 +76,8 @@ class EngineStats:
     decode_steps: int = 0  # (sample, decode forward) pairs: how often some sample was advanced after its prefill
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    prefill_seconds: float = 0.0  # wall time in prefill forwards, and in everything else (decode, draft, verify)
+    decode_seconds: float = 0.0
 
     @property
     def accept_length(self) -> float:
@@ -104,6 +107,8 @@ class _Sequence:
     forward_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    hits: float = 0.0  # decayed counts of accepted drafts and of draft positions tried: the acceptance-rate estimate
+    trials: float = 0.0
     finish: Literal["stop", "length"] | None = None
     text: str | None = None
 
@@ -239,11 +244,19 @@ class Engine:
                 seq.slot = cache.allocate()
                 admitted.append(seq)
             if admitted:
+                t = time.perf_counter()
                 self.prefill(admitted, cache)
+                self.last_stats.prefill_seconds += time.perf_counter() - t
                 running += admitted
             running = self.retire(running, cache, bar)
+            if running and not waiting:  # nobody will fill the holes the finished samples left: close them
+                moves = cache.compact([s.slot for s in running])
+                for seq in running:
+                    seq.slot = moves.get(seq.slot, seq.slot)
             if running:
+                t = time.perf_counter()
                 self.decode(running, cache)
+                self.last_stats.decode_seconds += time.perf_counter() - t
                 running = self.retire(running, cache, bar)
         bar.close()
         self.stats.add(self.last_stats)
@@ -284,12 +297,13 @@ class Engine:
         self.last_stats.decode_steps += len(seqs)
 
     def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
-        """Ask the drafter, within each sample's remaining budget and the batch's per-step cap."""
+        """Ask the drafter for as many tokens per sample as its recent acceptance rate justifies (`draft_lengths`),
+        within its remaining max_tokens and the batch's per-step budget."""
         spec = self.speculative
-        limits = [min(spec.num_speculative_tokens, s.params.max_tokens - len(s.out) - 1) for s in seqs]
-        if spec.max_draft_tokens_per_step is not None and sum(limits) > spec.max_draft_tokens_per_step:
-            share, extra = divmod(spec.max_draft_tokens_per_step, len(seqs))
-            limits = [min(k, share + (i < extra)) for i, k in enumerate(limits)]
+        caps = [min(spec.num_speculative_tokens, s.params.max_tokens - len(s.out) - 1) for s in seqs]
+        # a Beta(1, 1)-like prior; decay lets a sample whose drafts stopped being accepted try again later
+        rates = [(s.hits + 1) / (s.trials + 2) for s in seqs]
+        limits = draft_lengths(rates, caps, spec.draft_threshold, spec.max_draft_tokens_per_step)
         drafts = self.drafter.propose([s.prompt + s.out for s in seqs], limits)
         for seq, d, k in zip(seqs, drafts, limits, strict=True):
             if len(d) > k:
@@ -319,6 +333,8 @@ class Engine:
                 tokens = accept_sampled(logits[first : first + len(draft) + 1], draft, seq.params, seq.generator)
             seq.forward_passes += 1
             seq.accepted_tokens += len(tokens) - 1
+            seq.hits = 0.8 * seq.hits + len(tokens) - 1
+            seq.trials = 0.8 * seq.trials + min(len(tokens), len(draft))
             self.last_stats.accepted_tokens += len(tokens) - 1
             gained.append(len(tokens))
             for j, token in enumerate(tokens):

@@ -140,7 +140,10 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, q + 2 * kv, bias=args.attention_bias)
         self.wo = Linear(q, args.dim, bias=args.o_bias)
 
-    def forward(self, x: Tensor, step: Step, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, step: Step, mask: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor
+    ) -> Tensor:
+        """mask: `step.attention_mask(group)`, the additive mask with the query heads of a KV head folded in."""
         T = x.shape[0]
         qkv = self.wqkv(x).view(T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk = rotate(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)  # queries and keys in one go
@@ -154,14 +157,10 @@ class Attention(nn.Module):
         else:
             qb = q.new_zeros(rows * n, self.n_heads, self.head_dim).index_copy_(0, step.dest, q)
             qb = qb.view(rows, n, self.n_heads, self.head_dim)
-        o = F.scaled_dot_product_attention(
-            qb.transpose(1, 2),
-            k_cache[:rows, :, :kv_len],
-            v_cache[:rows, :, :kv_len],
-            attn_mask=step.mask,
-            enable_gqa=self.n_heads != self.n_kv_heads,
-        )
-        o = o.transpose(1, 2).reshape(rows * n, self.n_heads * self.head_dim)
+        # GQA: the query heads sharing a KV head are folded into that head's query axis, one attention per KV head
+        qb = qb.transpose(1, 2).reshape(rows, self.n_kv_heads, -1, self.head_dim)
+        o = F.scaled_dot_product_attention(qb, k_cache[:rows, :, :kv_len], v_cache[:rows, :, :kv_len], attn_mask=mask)
+        o = o.view(rows, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(rows * n, -1)
         if step.dest is not None:
             o = o.index_select(0, step.dest)
         return self.wo(o)
@@ -186,8 +185,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, step: Step, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), step, cos, sin, k_cache, v_cache)
+    def forward(
+        self, x: Tensor, step: Step, mask: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), step, mask, cos, sin, k_cache, v_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -226,9 +227,10 @@ class Transformer(nn.Module):
         """Run layers [start, end) on hidden states h: [T, dim]; cache entries go to the cache's own layer slots."""
         cos = self.cos[step.pos].to(h.dtype).unsqueeze(1)
         sin = self.sin[step.pos].to(h.dtype).unsqueeze(1)
+        mask = step.attention_mask(self.args.n_heads // self.args.n_kv_heads, h.dtype)
         for i in range(start, self.args.n_layers if end is None else end):
             layer_cache = i - cache.first_layer
-            h = self.layers[i](h, step, cos, sin, cache.k[layer_cache], cache.v[layer_cache])
+            h = self.layers[i](h, step, mask, cos, sin, cache.k[layer_cache], cache.v[layer_cache])
         return h
 
     def logits(self, h: Tensor) -> Tensor:

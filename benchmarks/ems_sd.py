@@ -1,0 +1,161 @@
+"""EMS-SD: speculative decoding of a batch with prompt-lookup drafts, unpadded vs the padded ("vanilla") layout.
+
+For each workload and batch size, plain decoding, unpadded SD and padded SD run side by side in one process on the
+embedded model (greedy, so all three must produce the same tokens; the script checks it). Speed is generated
+tokens per second of wall time, prefill included. Workloads, 16 distinct prompts each:
+  refine   MCTSr-style: a problem and a draft answer, "rewrite the answer" (the answer is largely copied)
+  extract  a short report, "copy out every sentence that mentions a number" (copy-heavy)
+Prints the paper-style table and, as its last line, one JSON object. `--quick` finishes in under a minute.
+
+    python benchmarks/ems_sd.py [--quick] [--new-tokens 96] [--k 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from fot.config import SpeculativeConfig
+from fot.speculative.engine import Engine
+
+NAMES = ["Tom", "Ana", "Ravi", "Mia", "Omar", "Lena", "Kofi", "Yuki"]
+ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "stamps", "shells"]
+PLACES = ["Lisbon", "Nairobi", "Osaka", "Quito", "Tromso", "Perth", "Krakow", "Dakar"]
+
+
+def refine_prompt(rng: random.Random) -> list[dict[str, str]]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    boxes, each, gone, more = rng.randint(2, 9), rng.randint(5, 20), rng.randint(1, 9), rng.randint(2, 12)
+    total = boxes * each
+    question = (
+        f"{name} has {boxes} boxes with {each} {item} in each box. {name} gives away {gone} {item} and then buys "
+        f"{more} more. How many {item} does {name} have now?"
+    )
+    answer = (
+        f"{name} starts with {boxes} boxes of {each} {item}, so {boxes} * {each} = {total} {item}. After giving "
+        f"away {gone}, {name} has {total} - {gone} = {total - gone} {item}. Buying {more} more gives "
+        f"{total - gone} + {more} = {total - gone + more} {item}. The answer is {total - gone + more}."
+    )
+    content = (
+        f"Problem: {question}\nDraft answer: {answer}\nRewrite the draft answer step by step, fixing any mistakes."
+    )
+    return [{"role": "user", "content": content}]
+
+
+def extract_prompt(rng: random.Random) -> list[dict[str, str]]:
+    place = rng.choice(PLACES)
+    facts = [
+        f"The city of {place} opened a new library in {rng.randint(1990, 2024)}.",
+        "Its reading room is bright and quiet, and locals love it.",
+        f"The library holds {rng.randint(20, 90)} thousand books and {rng.randint(100, 900)} maps.",
+        "Visitors often stay for the whole afternoon.",
+        f"About {rng.randint(200, 950)} people visit it every day.",
+        "The building was designed by a local architect.",
+        f"Its cafe sells {rng.randint(50, 400)} cups of coffee each week.",
+    ]
+    rng.shuffle(facts)
+    text = " ".join(facts)
+    content = f"Text: {text}\nCopy out, word for word, every sentence of the text that contains a number."
+    return [{"role": "user", "content": content}]
+
+
+WORKLOADS = {"refine": refine_prompt, "extract": extract_prompt}
+
+
+def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, list[list[int]]]:
+    params = {"max_tokens": new_tokens}
+    engine.generate(prompts[:2], {"max_tokens": 4})  # warm-up
+    t = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - t
+    return sum(o.generated_tokens for o in outs) / elapsed, [o.token_ids for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="refine workload, batch 1/4/16, 48 tokens (< 60 s)")
+    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    ap.add_argument("--threshold", type=float, default=None, help="draft_threshold (default: the config's)")
+    ap.add_argument("--budget", type=int, default=None, help="max_draft_tokens_per_step (default: the config's)")
+    ap.add_argument("--model", default="default")
+    args = ap.parse_args()
+    new_tokens = args.new_tokens or (48 if args.quick else 96)
+    batches = (1, 4, 16) if args.quick else (1, 2, 4, 8, 16)
+    workloads = ["refine"] if args.quick else list(WORKLOADS)
+
+    tuning = {"draft_threshold": args.threshold, "max_draft_tokens_per_step": args.budget}
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    plain = Engine.from_pretrained(args.model, max_batch=16)
+    layouts = {
+        layout: Engine(
+            plain.model,
+            plain.tokenizer,
+            eos_ids=plain.eos_ids,
+            max_batch=16,
+            speculative=SpeculativeConfig(num_speculative_tokens=args.k, layout=layout, **tuning),
+        )
+        for layout in ("unpadded", "padded")
+    }
+    rows, report = [], {}
+    for workload in workloads:
+        rng = random.Random(0)
+        prompts = [WORKLOADS[workload](rng) for _ in range(max(batches))]
+        report[workload] = {"unpadded": {}, "padded": {}, "accept_len": {}, "plain_tok_s": {}, "tok_s": {}}
+        for batch in batches:
+            base, want = timed(plain, prompts[:batch], new_tokens)
+            speeds = {}
+            for layout, engine in layouts.items():
+                speeds[layout], got = timed(engine, prompts[:batch], new_tokens)
+                if got != want:
+                    raise SystemExit(f"{layout} SD differs from plain decoding ({workload}, batch {batch})")
+            accept = layouts["unpadded"].last_stats.accept_length
+            r = report[workload]
+            r["plain_tok_s"][str(batch)] = round(base, 1)
+            r["tok_s"][str(batch)] = round(speeds["unpadded"], 1)
+            r["unpadded"][str(batch)] = round(speeds["unpadded"] / base, 2)
+            r["padded"][str(batch)] = round(speeds["padded"] / base, 2)
+            r["accept_len"][str(batch)] = round(accept, 2)
+            rows.append((workload, batch, base, speeds["unpadded"], speeds["padded"], accept))
+            print(
+                f"{workload} batch {batch}: plain {base:.1f} tok/s, unpadded {speeds['unpadded']:.1f}, "
+                f"padded {speeds['padded']:.1f}, accept length {accept:.2f}",
+                flush=True,
+            )
+
+    spec = layouts["unpadded"].speculative
+    print(
+        f"\nEMS-SD, prompt lookup (k={args.k}, threshold {spec.draft_threshold}, "
+        f"budget {spec.max_draft_tokens_per_step}), {args.model}, greedy, {new_tokens} new tokens, "
+        f"{torch.get_num_threads()} threads; speedup over plain decoding at the same batch size"
+    )
+    print(
+        f"{'workload':9} {'batch':>5} {'plain tok/s':>12} {'unpadded':>16} {'padded':>16} {'unpad/pad':>10} "
+        f"{'accept len':>11}"
+    )
+    for workload, batch, base, unpadded, padded, accept in rows:
+        print(
+            f"{workload:9} {batch:5d} {base:12.1f} {unpadded:9.1f} {unpadded / base:5.2f}x "
+            f"{padded:9.1f} {padded / base:5.2f}x {unpadded / padded:9.2f}x {accept:11.2f}"
+        )
+    headline = report[workloads[0]]
+    result = {
+        "unpadded": headline["unpadded"],
+        "padded": headline["padded"],
+        "accept_len": headline["accept_len"],
+        "workload": workloads[0],
+        "workloads": report,
+        "new_tokens": new_tokens,
+        "k": args.k,
+        "draft_threshold": spec.draft_threshold,
+        "max_draft_tokens_per_step": spec.max_draft_tokens_per_step,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
