@@ -66,13 +66,16 @@ def extract_prompt(rng: random.Random) -> list[dict[str, str]]:
 WORKLOADS = {"refine": refine_prompt, "extract": extract_prompt}
 
 
-def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, list[list[int]]]:
-    params = {"max_tokens": new_tokens}
+def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """Generated tokens per second of wall time, the same for the decode phase alone (the tokens after each
+    prompt's first, over the time outside prefill), and the outputs."""
     engine.generate(prompts[:2], {"max_tokens": 4})  # warm-up
     t = time.perf_counter()
-    outs = engine.generate(prompts, params)
+    outs = engine.generate(prompts, {"max_tokens": new_tokens})
     elapsed = time.perf_counter() - t
-    return sum(o.generated_tokens for o in outs) / elapsed, [o.token_ids for o in outs]
+    tokens = sum(o.generated_tokens for o in outs)
+    decode = (tokens - len(outs)) / engine.last_stats.decode_seconds
+    return tokens / elapsed, decode, [o.token_ids for o in outs]
 
 
 def main() -> None:
@@ -105,12 +108,13 @@ def main() -> None:
     for workload in workloads:
         rng = random.Random(0)
         prompts = [WORKLOADS[workload](rng) for _ in range(max(batches))]
-        report[workload] = {"unpadded": {}, "padded": {}, "accept_len": {}, "plain_tok_s": {}, "tok_s": {}}
+        keys = ("unpadded", "padded", "accept_len", "plain_tok_s", "tok_s", "decode_unpadded", "decode_padded")
+        report[workload] = {key: {} for key in keys}
         for batch in batches:
-            base, want = timed(plain, prompts[:batch], new_tokens)
-            speeds = {}
+            base, base_decode, want = timed(plain, prompts[:batch], new_tokens)
+            speeds, decode = {}, {}
             for layout, engine in layouts.items():
-                speeds[layout], got = timed(engine, prompts[:batch], new_tokens)
+                speeds[layout], decode[layout], got = timed(engine, prompts[:batch], new_tokens)
                 if got != want:
                     raise SystemExit(f"{layout} SD differs from plain decoding ({workload}, batch {batch})")
             accept = layouts["unpadded"].last_stats.accept_length
@@ -120,7 +124,11 @@ def main() -> None:
             r["unpadded"][str(batch)] = round(speeds["unpadded"] / base, 2)
             r["padded"][str(batch)] = round(speeds["padded"] / base, 2)
             r["accept_len"][str(batch)] = round(accept, 2)
-            rows.append((workload, batch, base, speeds["unpadded"], speeds["padded"], accept))
+            for layout in layouts:
+                r[f"decode_{layout}"][str(batch)] = round(decode[layout] / base_decode, 2)
+            rows.append(
+                (workload, batch, base, speeds["unpadded"], speeds["padded"], accept, decode["unpadded"] / base_decode)
+            )
             print(
                 f"{workload} batch {batch}: plain {base:.1f} tok/s, unpadded {speeds['unpadded']:.1f}, "
                 f"padded {speeds['padded']:.1f}, accept length {accept:.2f}",
@@ -135,12 +143,12 @@ def main() -> None:
     )
     print(
         f"{'workload':9} {'batch':>5} {'plain tok/s':>12} {'unpadded':>16} {'padded':>16} {'unpad/pad':>10} "
-        f"{'accept len':>11}"
+        f"{'accept len':>11} {'decode-only':>13}"
     )
-    for workload, batch, base, unpadded, padded, accept in rows:
+    for workload, batch, base, unpadded, padded, accept, decode in rows:
         print(
             f"{workload:9} {batch:5d} {base:12.1f} {unpadded:9.1f} {unpadded / base:5.2f}x "
-            f"{padded:9.1f} {padded / base:5.2f}x {unpadded / padded:9.2f}x {accept:11.2f}"
+            f"{padded:9.1f} {padded / base:5.2f}x {unpadded / padded:9.2f}x {accept:11.2f} {decode:12.2f}x"
         )
     headline = report[workloads[0]]
     result = {

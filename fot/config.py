@@ -55,6 +55,8 @@ class SpeculativeConfig(BaseModel):
     acceptance rate r makes the j-th token likely to be kept (r ** j >= `draft_threshold`; 0 always drafts the
     maximum), and `max_draft_tokens_per_step` caps the drafts of the whole batch in one step, keeping the likeliest:
     once a batch is compute-bound (early on a CPU) a rejected draft token costs as much as a kept one.
+    With `cost_aware` the engine also fits how a forward's time grows with its token count on this machine and
+    keeps a draft token only if it raises the expected tokens per second (see `drafters.draft_lengths`).
     `layout="padded"` is the paper's vanilla baseline, for comparison only.
     """
 
@@ -64,8 +66,9 @@ class SpeculativeConfig(BaseModel):
     num_speculative_tokens: int = Field(8, ge=1)
     draft_threshold: float = Field(0.25, ge=0.0, le=1.0)
     max_draft_tokens_per_step: int | None = Field(None, ge=1)
+    cost_aware: bool = True
     prompt_lookup_max: int = Field(3, ge=1)
-    prompt_lookup_min: int = Field(1, ge=1)
+    prompt_lookup_min: int = Field(2, ge=1)  # 1-gram matches are frequent and mostly wrong (measured)
     layout: Literal["unpadded", "padded"] = "unpadded"
 
     @model_validator(mode="after")

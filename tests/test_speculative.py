@@ -70,6 +70,17 @@ def test_draft_lengths_follow_acceptance_rates_and_the_budget():
     assert draft_lengths([0.9, 0.9], [0, 2], threshold=0.25, budget=None) == [0, 2]
 
 
+def test_cost_aware_drafting_drafts_less_where_verification_is_dear():
+    """t = 50 ms + 2 ms per token: at batch 1 a 0.43-likely token pays (it adds 2 ms to a ~52 ms step), at
+    batch 16 (a 82 ms step for 16 tokens) it does not, and even likely tokens stop once the step grows."""
+    cost = (0.050, 0.002)
+    assert draft_lengths([0.9], [8], 0.0, cost=cost) == [8]
+    big = draft_lengths([0.9] * 16, [8] * 16, 0.0, cost=cost)
+    assert 0 < sum(big) < 16 * 8 and max(big) <= 8
+    assert draft_lengths([0.3] * 16, [8] * 16, 0.0, cost=cost) == [0] * 16
+    assert draft_lengths([0.3] * 16, [8] * 16, 0.0) == [8] * 16  # without a cost model: the threshold alone
+
+
 def test_accept_greedy():
     assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == [4, 5, 6, 7]
     assert accept_greedy([4, 9, 6, 7], [4, 5, 6]) == [4, 9]
@@ -127,7 +138,10 @@ def test_greedy_speculative_equals_plain(engines, case, noise):
 
 def test_good_drafts_save_forward_passes_and_are_counted(engines):
     plain, spec = engines
-    spec.speculative, spec.max_batch = SpeculativeConfig(num_speculative_tokens=4, draft_threshold=0), 16
+    spec.speculative, spec.max_batch = (
+        SpeculativeConfig(num_speculative_tokens=4, draft_threshold=0, cost_aware=False),
+        16,
+    )
     prompts = [[5 + i, 40, 41, 42] for i in range(8)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     expected = plain.generate(prompts, params)
@@ -145,7 +159,7 @@ def test_good_drafts_save_forward_passes_and_are_counted(engines):
 def test_stops_inside_an_accepted_draft(engines):
     """An EOS or a max_tokens limit in the middle of accepted drafts ends the sample there, as plain decoding does."""
     plain, spec = engines
-    spec.speculative = SpeculativeConfig(num_speculative_tokens=8, draft_threshold=0)
+    spec.speculative = SpeculativeConfig(num_speculative_tokens=8, draft_threshold=0, cost_aware=False)
     prompt = [[7, 8, 9, 10]]
     full = plain.generate(prompt, {"max_tokens": 12, "ignore_eos": True})[0].token_ids
     spec.drafter = OracleDrafter({tuple(prompt[0]): full}, full=True)
@@ -158,6 +172,20 @@ def test_stops_inside_an_accepted_draft(engines):
     finally:
         plain.eos_ids = spec.eos_ids = {plain.tokenizer.eos_token_id}
     assert got.token_ids == want.token_ids == full[: full.index(eos) + 1] and got.finish_reason == "stop"
+
+
+def test_forward_cost_fit():
+    from fot.speculative.engine import ForwardCost
+
+    cost = ForwardCost()
+    for t in [1, 1, 1, 1, 1, 1, 1, 1]:
+        cost.record(t, 0.05)
+    assert cost.fit() is None  # one size only: no slope to fit
+    cost = ForwardCost()
+    for t in range(1, 30):
+        cost.record(t, 0.05 + 0.002 * t)
+    a, b = cost.fit()
+    assert a == pytest.approx(0.05, abs=1e-6) and b == pytest.approx(0.002, abs=1e-6)
 
 
 def test_bad_drafters_and_configs_are_refused(engines):

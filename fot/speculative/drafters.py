@@ -25,7 +25,7 @@ class PromptLookup:
     down to `min_ngram`) and propose the tokens that followed it. Free to run and very good when the output copies
     its input, as MCTSr's "refine" answers do."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -43,11 +43,18 @@ class PromptLookup:
         return []
 
 
-def draft_lengths(rates: Sequence[float], caps: Sequence[int], threshold: float, budget: int | None) -> list[int]:
-    """How many tokens each sample may draft this step. Draft token j of sample i survives verification with
-    probability about rates[i] ** j, so it is proposed only if that is >= `threshold`; if more than `budget` tokens
-    qualify, the likeliest are kept. Verifying a token costs compute even when rejected (a lot once a batch is
-    compute-bound, as on CPU), so drafting where copying has stopped would make speculation slower than plain."""
+def draft_lengths(
+    rates: Sequence[float],
+    caps: Sequence[int],
+    threshold: float,
+    budget: int | None = None,
+    cost: tuple[float, float] | None = None,
+) -> list[int]:
+    """How many tokens each sample drafts this step. Draft token j of sample i survives verification with
+    probability about v = rates[i] ** j; tokens with v < `threshold` are not drafted, and at most `budget` of the
+    likeliest are. Verifying a token costs compute even when it is rejected (much, once a batch is compute-bound,
+    as on CPU), so with `cost` = (a, b), a forward over T tokens taking about a + b * T seconds, tokens are added in
+    order of v only while they raise the expected throughput (tokens gained / step time): v > b * gain / time."""
     wanted = []
     for i, (rate, cap) in enumerate(zip(rates, caps, strict=True)):
         value = 1.0
@@ -56,8 +63,17 @@ def draft_lengths(rates: Sequence[float], caps: Sequence[int], threshold: float,
             if value < threshold:
                 break
             wanted.append((value, i))
-    if budget is not None and len(wanted) > budget:
-        wanted = sorted(wanted, reverse=True)[:budget]
+    wanted.sort(reverse=True)
+    if budget is not None:
+        wanted = wanted[:budget]
+    if cost is not None:
+        a, b = cost
+        gain, time = len(caps), a + b * len(caps)  # plain decoding of the batch: one token per sample
+        for n, (value, _) in enumerate(wanted):
+            if value * time <= b * gain:
+                wanted = wanted[:n]
+                break
+            gain, time = gain + value, time + b
     lengths = [0] * len(caps)
     for _, i in wanted:
         lengths[i] += 1

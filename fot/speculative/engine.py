@@ -113,6 +113,30 @@ class _Sequence:
     text: str | None = None
 
 
+class ForwardCost:
+    """A running fit of decode-forward time against its token count, t = a + b * T (least squares over the last
+    `window` forwards), so that drafting can weigh a draft token's chance against what verifying it costs here."""
+
+    def __init__(self, window: int = 64):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def record(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b), or None until enough forwards of different sizes were seen."""
+        if len(self.samples) < 8:
+            return None
+        n = len(self.samples)
+        mean_x = sum(x for x, _ in self.samples) / n
+        mean_y = sum(y for _, y in self.samples) / n
+        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
+        if var < 1.0:
+            return None
+        b = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var
+        return max(mean_y - b * mean_x, 0.0), max(b, 0.0)
+
+
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls only pay off with native instructions (AVX512-BF16 or AMX); on AVX2 they are emulated and slow."""
     try:
@@ -167,6 +191,7 @@ class Engine:
         if self.speculative and drafter is None:
             drafter = PromptLookup(self.speculative.prompt_lookup_max, self.speculative.prompt_lookup_min)
         self.drafter = drafter
+        self.forward_cost = ForwardCost()
         if pack:
             model.pack_weights()
 
@@ -291,7 +316,9 @@ class Engine:
             inputs = [x + x[-1:] * (n - len(x)) for x in inputs]
         counts = [len(x) for x in inputs]
         tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
+        start = time.perf_counter()
         logits = self.model(tokens, cache.plan([s.slot for s in seqs], counts), cache)
+        self.forward_cost.record(len(tokens), time.perf_counter() - start)
         firsts = list(accumulate(counts, initial=0))[:-1]
         self.accept(seqs, logits, drafts, firsts, cache, None)
         self.last_stats.decode_steps += len(seqs)
@@ -303,11 +330,16 @@ class Engine:
         caps = [min(spec.num_speculative_tokens, s.params.max_tokens - len(s.out) - 1) for s in seqs]
         # a Beta(1, 1)-like prior; decay lets a sample whose drafts stopped being accepted try again later
         rates = [(s.hits + 1) / (s.trials + 2) for s in seqs]
-        limits = draft_lengths(rates, caps, spec.draft_threshold, spec.max_draft_tokens_per_step)
+        limits = draft_lengths(rates, caps, spec.draft_threshold)
         drafts = self.drafter.propose([s.prompt + s.out for s in seqs], limits)
-        for seq, d, k in zip(seqs, drafts, limits, strict=True):
+        for d, k in zip(drafts, limits, strict=True):
             if len(d) > k:
                 raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
+        # of what was proposed, keep what pays for its verification on this machine
+        cost = self.forward_cost.fit() if spec.cost_aware else None
+        keep = draft_lengths(rates, [len(d) for d in drafts], 0.0, spec.max_draft_tokens_per_step, cost)
+        drafts = [d[:k] for d, k in zip(drafts, keep, strict=True)]
+        for seq, d in zip(seqs, drafts, strict=True):
             seq.draft_tokens += len(d)
             self.last_stats.draft_tokens += len(d)
         return drafts
