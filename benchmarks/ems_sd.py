@@ -80,16 +80,16 @@ def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="refine workload, batch 1/4/16, 48 tokens (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="extract workload, batch 1 and 16, 32 tokens (< 60 s)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
     ap.add_argument("--threshold", type=float, default=None, help="draft_threshold (default: the config's)")
     ap.add_argument("--budget", type=int, default=None, help="max_draft_tokens_per_step (default: the config's)")
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
-    new_tokens = args.new_tokens or (48 if args.quick else 96)
-    batches = (1, 4, 16) if args.quick else (1, 2, 4, 8, 16)
-    workloads = ["refine"] if args.quick else list(WORKLOADS)
+    new_tokens = args.new_tokens or (32 if args.quick else 96)
+    batches = (1, 16) if args.quick else (1, 2, 4, 8, 16)
+    workloads = ["extract"] if args.quick else list(WORKLOADS)
 
     tuning = {"draft_threshold": args.threshold, "max_draft_tokens_per_step": args.budget}
     tuning = {k: v for k, v in tuning.items() if v is not None}

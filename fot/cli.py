@@ -24,11 +24,13 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
     print(resolve_model(args.model))
 
 
-def generate_and_print(model: str, questions: list[str], max_tokens: int, as_json: bool) -> None:
+def generate_and_print(
+    model: str, questions: list[str], max_tokens: int, as_json: bool, speculative: str | None = None
+) -> None:
     from fot.speculative.engine import Engine
 
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(model)
+    engine = Engine.from_pretrained(model, speculative=speculative)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
     outs = engine.generate([[{"role": "user", "content": q}] for q in questions], {"max_tokens": max_tokens})
@@ -43,10 +45,15 @@ def generate_and_print(model: str, questions: list[str], max_tokens: int, as_jso
         f"\n{len(questions)} prompts in one batch: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tok/s "
         f"(model load {load:.1f} s, dtype {engine.model.dtype}, {engine.stats.forward_passes} forward passes)"
     )
+    if speculative:
+        s = engine.stats
+        print(
+            f"{speculative}: {s.accepted_tokens}/{s.draft_tokens} drafts accepted, accept length {s.accept_length:.2f}"
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    generate_and_print(args.model, args.prompt, args.max_tokens, args.json)
+    generate_and_print(args.model, args.prompt, args.max_tokens, args.json, args.speculative)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -65,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--json", action="store_true", help="print the completions as JSON")
+    p.add_argument("--speculative", choices=["prompt_lookup"], help="EMS-SD speculative decoding with these drafts")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("demo", help="the embedded model answers a few prompts in one batch")
     p.add_argument("--model", default="default")
