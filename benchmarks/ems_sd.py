@@ -18,8 +18,10 @@ import random
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from fot.config import SpeculativeConfig
+from fot.models import resolve_model
 from fot.speculative.engine import Engine
 
 NAMES = ["Tom", "Ana", "Ravi", "Mia", "Omar", "Lena", "Kofi", "Yuki"]
@@ -78,6 +80,17 @@ def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, float,
     return tokens / elapsed, decode, [o.token_ids for o in outs]
 
 
+def time_hf_b1(model, tokenizer, prompt: list, new_tokens: int, **kw) -> float:
+    """transformers `generate` at batch 1 (its prompt lookup cannot batch), generated tokens per second."""
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    args = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, **kw)
+    with torch.no_grad():
+        model.generate(**ids, **{**args, "max_new_tokens": 4})  # warm-up
+        t = time.perf_counter()
+        out = model.generate(**ids, **args)
+    return (out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="extract workload, batch 1 and 16, 32 tokens (< 60 s)")
@@ -104,6 +117,9 @@ def main() -> None:
         )
         for layout in ("unpadded", "padded")
     }
+    hf = None
+    if not args.quick:  # transformers' own prompt lookup at batch 1, for reference
+        hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=plain.model.dtype).eval()
     rows, report = [], {}
     for workload in workloads:
         rng = random.Random(0)
@@ -129,6 +145,11 @@ def main() -> None:
             rows.append(
                 (workload, batch, base, speeds["unpadded"], speeds["padded"], accept, decode["unpadded"] / base_decode)
             )
+            if batch == 1 and hf is not None:
+                r["hf_b1_tok_s"] = round(time_hf_b1(hf, plain.tokenizer, prompts[0], new_tokens), 1)
+                pld = time_hf_b1(hf, plain.tokenizer, prompts[0], new_tokens, prompt_lookup_num_tokens=6)
+                r["hf_prompt_lookup_b1_tok_s"] = round(pld, 1)
+                print(f"{workload} batch 1: transformers {r['hf_b1_tok_s']} tok/s, with prompt lookup {pld:.1f}")
             print(
                 f"{workload} batch {batch}: plain {base:.1f} tok/s, unpadded {speeds['unpadded']:.1f}, "
                 f"padded {speeds['padded']:.1f}, accept length {accept:.2f}",
@@ -150,11 +171,18 @@ def main() -> None:
             f"{workload:9} {batch:5d} {base:12.1f} {unpadded:9.1f} {unpadded / base:5.2f}x "
             f"{padded:9.1f} {padded / base:5.2f}x {unpadded / padded:9.2f}x {accept:11.2f} {decode:12.2f}x"
         )
+    for workload, r in report.items():
+        if "hf_b1_tok_s" in r:
+            print(
+                f"{workload}, batch 1, transformers: plain {r['hf_b1_tok_s']} tok/s, prompt lookup (6 tokens) "
+                f"{r['hf_prompt_lookup_b1_tok_s']} tok/s; ours unpadded {r['tok_s']['1']} tok/s"
+            )
     headline = report[workloads[0]]
     result = {
         "unpadded": headline["unpadded"],
         "padded": headline["padded"],
         "accept_len": headline["accept_len"],
+        "hf_prompt_lookup_b1": headline.get("hf_prompt_lookup_b1_tok_s"),
         "workload": workloads[0],
         "workloads": report,
         "new_tokens": new_tokens,
