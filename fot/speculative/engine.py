@@ -288,39 +288,47 @@ class Engine:
         return [self.result(s) for s in seqs]
 
     def new_cache(self, seqs: list[_Sequence]) -> KVCache:
-        a, spec = self.model.args, self.speculative
-        padded = spec is not None and spec.layout == "padded"
+        a = self.model.args
         # padded: a cache may grow by 1 + num_speculative_tokens entries for every token it keeps
-        growth = 1 + spec.num_speculative_tokens if padded else 1
+        growth = 1 + self.speculative.num_speculative_tokens if self.padded else 1
         max_len = max(len(s.prompt) + s.params.max_tokens * growth for s in seqs)
         n_slots = min(self.max_batch, len(seqs))
-        return KVCache(
-            a.n_layers, n_slots, a.n_kv_heads, max_len, a.head_dim, self.model.dtype, device=self.device, padded=padded
-        )
+        shape = (a.n_layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
+        return KVCache(*shape, self.model.dtype, device=self.device, padded=self.padded)
+
+    @property
+    def padded(self) -> bool:
+        """Speculation in the paper's padded ("vanilla") layout, the baseline EMS-SD is measured against."""
+        return self.speculative is not None and self.speculative.layout == "padded"
 
     def prefill(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """All new prompts in one flat forward; logits only at each prompt's last token."""
         counts = [len(s.prompt) for s in seqs]
         tokens = torch.tensor([t for s in seqs for t in s.prompt], device=self.device)
         last = torch.tensor(counts, device=self.device).cumsum(0) - 1
-        logits = self.model(tokens, cache.plan([s.slot for s in seqs], counts), cache, last)
-        self.accept(seqs, logits, [[] for _ in seqs], list(range(len(seqs))), cache, counts)
+        slots = [s.slot for s in seqs]
+        logits = self.model(tokens, cache.plan(slots, counts), cache, last)
+        cache.advance(slots, counts)
+        self.accept(seqs, logits, [[] for _ in seqs], list(range(len(seqs))))
         self.last_stats.prompt_tokens += sum(counts)
 
     def decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """One forward for the whole batch: each sample's last token plus its drafts (none without a drafter)."""
         drafts = self.draft(seqs) if self.drafter else [[] for _ in seqs]
         inputs = [[s.out[-1], *d] for s, d in zip(seqs, drafts, strict=True)]
-        if self.speculative and self.speculative.layout == "padded":  # the vanilla baseline: pad to the longest
+        if self.padded:  # the vanilla baseline: pad to the longest
             n = max(map(len, inputs))
             inputs = [x + x[-1:] * (n - len(x)) for x in inputs]
         counts = [len(x) for x in inputs]
         tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
         start = time.perf_counter()
-        logits = self.model(tokens, cache.plan([s.slot for s in seqs], counts), cache)
+        slots = [s.slot for s in seqs]
+        logits = self.model(tokens, cache.plan(slots, counts), cache)
         self.forward_cost.record(len(tokens), time.perf_counter() - start)
         firsts = list(accumulate(counts, initial=0))[:-1]
-        self.accept(seqs, logits, drafts, firsts, cache, None)
+        gained = self.accept(seqs, logits, drafts, firsts)
+        # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
+        cache.advance(slots, gained, grow=max(gained) if self.padded else None)
         self.last_stats.decode_steps += len(seqs)
 
     def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
@@ -344,17 +352,9 @@ class Engine:
             self.last_stats.draft_tokens += len(d)
         return drafts
 
-    def accept(
-        self,
-        seqs: list[_Sequence],
-        logits: Tensor,
-        drafts: list[list[int]],
-        firsts: list[int],
-        cache: KVCache,
-        kept: list[int] | None,
-    ) -> None:
-        """Verify every sample's drafts against its rows of logits (firsts[i] onward), append what it gains, and
-        advance the cache: by `kept` entries (prefill), else by the input token plus the accepted drafts."""
+    def accept(self, seqs: list[_Sequence], logits: Tensor, drafts: list[list[int]], firsts: list[int]) -> list[int]:
+        """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
+        Returns the tokens each sample gained (accepted drafts + 1), before any stop cut them short."""
         argmax = logits.argmax(-1).tolist() if any(s.params.temperature == 0 for s in seqs) else []
         logprobs = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None
         gained = []
@@ -376,9 +376,8 @@ class Engine:
                 self.check_finished(seq)
                 if seq.finish:
                     break
-        slots = [s.slot for s in seqs]
-        cache.advance(slots, kept or gained, grow=None if kept else max(gained))
         self.last_stats.forward_passes += 1
+        return gained
 
     def check_finished(self, seq: _Sequence) -> None:
         p = seq.params
