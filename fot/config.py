@@ -12,6 +12,7 @@ from fot.errors import InvalidRequestError
 class SamplingParams(BaseModel):
     """How to decode one request. Unknown options are rejected, so a typo never silently does nothing.
 
+    `n` samples per request are served by the backends (fot.decoding); the engine itself takes n=1.
     temperature 0 means greedy (argmax). top_k 0 and top_p 1 switch those filters off. With `logprobs`
     the log-probability of each generated token under the model's own (unscaled) distribution is returned;
     the search uses their mean to decide when an answer needs self-correction.
@@ -19,6 +20,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    n: int = Field(1, ge=1)
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

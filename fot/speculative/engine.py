@@ -210,18 +210,9 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Text is tokenized as is; chat messages get the model's chat template; token ids pass through."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequestError("chat messages given but the tokenizer has no chat template")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if isinstance(prompt, list) and all(isinstance(t, int) and 0 <= t < self.model.args.vocab_size for t in prompt):
             return list(prompt)
-        raise InvalidRequestError(
-            f"a prompt must be text, chat messages or in-vocabulary token ids, got {prompt!r:.80}"
-        )
+        return encode_prompt(self.tokenizer, prompt)
 
     def _sequences(self, prompts: Sequence[Prompt], params) -> list[_Sequence]:
         """Validate and tokenize everything before any work, so bad input fails fast and alone."""
@@ -235,6 +226,8 @@ class Engine:
             all_params = [SamplingParams.make(params)] * len(prompts)
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, all_params, strict=True)):
+            if p.n != 1:
+                raise InvalidRequestError(f"prompt {i}: the engine takes n=1; fot.decoding.NativeBackend serves n > 1")
             ids = self.tokenize(prompt)
             if not ids:
                 raise InvalidRequestError(f"prompt {i} is empty")
@@ -414,6 +407,19 @@ class Engine:
             accepted_tokens=seq.accepted_tokens,
             logprobs=seq.logprobs if seq.params.logprobs else None,
         )
+
+
+def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
+    """Token ids of a text prompt, or of chat messages rendered with the model's chat template. Every backend
+    that tokenizes locally uses this, so the same request means the same tokens everywhere."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError("chat messages given but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    raise InvalidRequestError(f"a prompt must be text, chat messages or in-vocabulary token ids, got {prompt!r:.80}")
 
 
 def read_eos(folder: Path) -> list[int]:

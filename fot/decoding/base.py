@@ -1,0 +1,209 @@
+"""The one contract the search talks to: `await backend.generate(requests) -> list[Completion]`.
+
+Every backend (native engine, vLLM in process, OpenAI-compatible servers, the scripted one for tests) takes the
+same pydantic `Request`s, returns the same `Completion`s in request order, and keeps the same `Usage` counters.
+Bad input raises `InvalidRequestError` before any work; a request that fails at run time fails alone: its
+`Completion` carries the error and the others are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fot.config import SamplingParams
+from fot.errors import FotError, InvalidRequestError
+
+ChatMessage = dict[str, str]
+
+
+class BackendError(FotError, RuntimeError):
+    """A request that could not be served (server down after every retry, engine failure); names the cause."""
+
+
+class Request(BaseModel):
+    """One prompt (text, or chat messages that get the model's chat template) and how to sample it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str | list[ChatMessage]
+    params: SamplingParams = SamplingParams()
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str | list[ChatMessage]) -> str | list[ChatMessage]:
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError("the prompt is empty")
+        for m in prompt if isinstance(prompt, list) else ():
+            if set(m) != {"role", "content"}:
+                raise ValueError(f"a chat message needs exactly 'role' and 'content', got {sorted(m)}")
+        return prompt
+
+    @classmethod
+    def make(cls, item: Request | str | list[ChatMessage] | dict, **params: object) -> Request:
+        """A `Request` from a prompt (plus sampling keywords) or a dict; bad values -> InvalidRequestError."""
+        if isinstance(item, Request) and not params:
+            return item
+        try:
+            if isinstance(item, dict):
+                return cls(**item)
+            if isinstance(item, Request):
+                return cls(prompt=item.prompt, params=SamplingParams.make(item.params, **params))
+            return cls(prompt=item, params=SamplingParams.make(None, **params))
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            raise InvalidRequestError(f"invalid request: {e}") from None
+
+
+class Output(BaseModel):
+    """One of a request's `n` samples."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    logprobs: list[float] | None = None  # of each generated token, when the request asked for them
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
+
+
+class Completion(BaseModel):
+    """A request's result: its `n` outputs, or the error that made it fail alone. Reading `text` (and the other
+    first-output shortcuts) of a failed completion raises that error."""
+
+    prompt_tokens: int = 0
+    outputs: list[Output] = Field(default_factory=list)
+    error: str | None = None
+    forward_passes: int = 0  # per request where the backend can tell (the native engine); else 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def first(self) -> Output:
+        if self.error is not None:
+            raise BackendError(self.error)
+        return self.outputs[0]
+
+    @property
+    def text(self) -> str:
+        return self.first.text
+
+    @property
+    def texts(self) -> list[str]:
+        self.first  # noqa: B018 - raises on a failed request
+        return [o.text for o in self.outputs]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.first.token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.first.finish_reason
+
+    @property
+    def mean_logprob(self) -> float | None:
+        return self.first.mean_logprob
+
+    @property
+    def generated_tokens(self) -> int:
+        return sum(o.generated_tokens for o in self.outputs)
+
+
+class Usage(BaseModel):
+    """Counters every backend keeps over its lifetime. Speculative counters stay 0 where nothing was drafted;
+    `forward_passes` counts model forwards (a batch forward once), where the backend can see them."""
+
+    requests: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    def add(self, other: Usage) -> None:
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the search needs of a decoding backend."""
+
+    name: str
+    usage: Usage
+
+    async def generate(self, requests: Sequence[Request | str]) -> list[Completion]: ...
+
+    async def close(self) -> None: ...
+
+
+class BaseBackend:
+    """Shared plumbing: request checking, usage accounting, async context manager. Subclasses implement
+    `_generate(requests)`, which may assume valid requests and must return one Completion per request, in order."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+
+    def check(self, request: Request) -> None:
+        """Backend-specific validation (context length, model limits); raise InvalidRequestError."""
+
+    async def generate(self, requests: Sequence[Request | str]) -> list[Completion]:
+        """Serve `requests` (Requests or plain prompts with default sampling) and return their completions in
+        order. Raises InvalidRequestError before any work if any request is bad."""
+        if isinstance(requests, str | Request) or not isinstance(requests, Sequence):
+            raise InvalidRequestError("generate takes a list of requests")
+        reqs = [Request.make(r) for r in requests]
+        for i, r in enumerate(reqs):
+            try:
+                self.check(r)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"request {i}: {e}") from None
+        if not reqs:
+            return []
+        done = await self._generate(reqs)
+        for c in done:
+            self.usage.requests += 1
+            self.usage.failed += not c.ok
+            self.usage.prompt_tokens += c.prompt_tokens  # once per request, whatever its n
+            self.usage.generated_tokens += c.generated_tokens
+        return done
+
+    async def _generate(self, requests: list[Request]) -> list[Completion]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the backend's resources (threads, engines, connections)."""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def run_sync(coro):
+    """Run a coroutine from synchronous code (scripts); inside a running loop (notebooks) use `await` instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    raise FotError("an event loop is already running here (a notebook?): `await` the coroutine instead")

@@ -1,0 +1,208 @@
+"""OpenAI-compatible servers behind the Backend contract: how a search scales past one machine.
+
+Point it at one or many `vllm serve` endpoints. Each endpoint has its own throttle (requests per period) and
+concurrency limit; a request goes to the healthy endpoint with the fewest requests in flight. Timeouts, refused
+connections, 429 and 5xx are retried with exponential backoff on another endpoint where there is one; an endpoint
+that refuses connections is skipped for `down_for` seconds. Other 4xx answers (a prompt over the context, say) are
+the request's own fault: it fails alone at once, with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Sequence
+
+import httpx
+from asyncio_throttle import Throttler
+from pydantic import BaseModel, ConfigDict, Field
+
+from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request
+from fot.errors import InvalidRequestError
+
+RETRYABLE = {408, 429, 500, 502, 503, 504}
+
+
+class OpenAIConfig(BaseModel):
+    """`base_urls` like "http://host:8000/v1". `model` None -> the one model the first endpoint serves. The API
+    key is read from the environment variable named by `api_key_env` (vLLM ignores it unless started with one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_urls: list[str] = Field(min_length=1)
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    rate_limit: int = Field(100, ge=1)  # requests per `period` seconds, per endpoint
+    period: float = Field(1.0, gt=0)
+    max_concurrency: int = Field(64, ge=1)  # requests in flight per endpoint
+    timeout: float = Field(300.0, gt=0)  # seconds for one HTTP request
+    max_retries: int = Field(4, ge=0)
+    backoff: float = Field(0.25, ge=0)  # first retry delay; doubles each retry, capped at 8 s
+    down_for: float = Field(5.0, ge=0)
+
+
+class _Endpoint:
+    def __init__(self, url: str, config: OpenAIConfig):
+        self.url = url.rstrip("/")
+        self.throttle = Throttler(rate_limit=config.rate_limit, period=config.period)
+        self.slots = asyncio.Semaphore(config.max_concurrency)
+        self.in_flight = 0
+        self.down_until = 0.0
+
+
+class _Retry(Exception):
+    """A failure worth retrying elsewhere (timeout, connection, 429, 5xx)."""
+
+
+class OpenAIBackend(BaseBackend):
+    name = "openai"
+
+    def __init__(self, config: OpenAIConfig | dict | None = None, **options):
+        super().__init__()
+        try:
+            self.config = c = OpenAIConfig(**{**dict(config or {}), **options})
+        except ValueError as e:
+            raise InvalidRequestError(f"invalid OpenAI backend config: {e}") from None
+        self.model: str | None = c.model
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.context: int | None = None
+        self.retries = 0  # attempts that failed and were retried, over the backend's lifetime
+
+    async def generate(self, requests: Sequence[Request | str]) -> list[Completion]:
+        await self.connect()
+        return await super().generate(requests)
+
+    def _bind(self) -> None:
+        """HTTP connections and semaphores belong to one event loop: make them anew when called from another
+        (a script that calls `run_sync` twice runs two loops)."""
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        c = self.config
+        self._loop = loop
+        self.endpoints = [_Endpoint(u, c) for u in c.base_urls]
+        key = os.environ.get(c.api_key_env, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.AsyncClient(headers=headers, timeout=c.timeout, limits=httpx.Limits(max_connections=None))
+
+    async def connect(self) -> None:
+        """Ask the endpoints what they serve (once): an unknown model is an error before any work."""
+        self._bind()
+        if self.context is not None:
+            return
+        served, errors = {}, []
+        for ep in self.endpoints:
+            try:
+                r = await self.client.get(f"{ep.url}/models", timeout=min(self.config.timeout, 10.0))
+                r.raise_for_status()
+                served.update({m["id"]: m.get("max_model_len") for m in r.json()["data"]})
+                break
+            except (httpx.HTTPError, KeyError, ValueError) as e:
+                ep.down_until = time.monotonic() + self.config.down_for
+                errors.append(f"{ep.url}: {type(e).__name__}: {e}")
+        if not served:
+            raise BackendError("no endpoint answered /models: " + "; ".join(errors))
+        if self.model is None:
+            self.model = next(iter(served))
+        if self.model not in served:
+            raise InvalidRequestError(f"model {self.model!r} is not served; the endpoints serve {sorted(served)}")
+        self.context = served[self.model] or 1 << 30
+
+    def check(self, request: Request) -> None:
+        if request.params.max_tokens >= self.context:
+            raise InvalidRequestError(f"max_tokens {request.params.max_tokens} >= the context of {self.context}")
+
+    async def _generate(self, requests: list[Request]) -> list[Completion]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    def body(self, request: Request) -> tuple[str, dict]:
+        p = request.params
+        body = {
+            "model": self.model,
+            "n": p.n,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "return_token_ids": True,  # vLLM's extension; other servers ignore it
+        }
+        body |= {"stop": list(p.stop)} if p.stop else {}
+        body |= {"seed": p.seed} if p.seed is not None else {}
+        body |= {"top_k": p.top_k} if p.top_k else {}
+        body |= {"ignore_eos": True} if p.ignore_eos else {}
+        if isinstance(request.prompt, str):
+            return "/completions", body | {"prompt": request.prompt} | ({"logprobs": 0} if p.logprobs else {})
+        return "/chat/completions", body | {"messages": request.prompt, "logprobs": p.logprobs}
+
+    async def _one(self, request: Request) -> Completion:
+        path, body = self.body(request)
+        tried: list[str] = []
+        failed_on: set[_Endpoint] = set()
+        for attempt in range(self.config.max_retries + 1):
+            ep = self._pick(failed_on)
+            try:
+                return _completion(await self._post(ep, path, body))
+            except _Retry as e:
+                tried.append(f"{ep.url}: {e}")
+                failed_on.add(ep)
+                if attempt == self.config.max_retries:
+                    break
+                self.retries += 1
+                delay = min(8.0, self.config.backoff * 2**attempt)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+            except BackendError as e:  # the request's own fault: no retry
+                return Completion(error=str(e))
+        return Completion(error=f"failed after {len(tried)} attempts: " + "; ".join(tried))
+
+    def _pick(self, failed_on: set[_Endpoint]) -> _Endpoint:
+        """The healthy endpoint with the fewest requests in flight, preferring those this request has not failed
+        on yet; if all are marked down, the one that comes back first."""
+        now = time.monotonic()
+        healthy = [e for e in self.endpoints if e.down_until <= now]
+        fresh = [e for e in healthy if e not in failed_on]
+        if fresh or healthy:
+            return min(fresh or healthy, key=lambda e: e.in_flight)
+        return min(self.endpoints, key=lambda e: e.down_until)
+
+    async def _post(self, ep: _Endpoint, path: str, body: dict) -> dict:
+        async with ep.slots, ep.throttle:
+            ep.in_flight += 1
+            try:
+                r = await self.client.post(ep.url + path, json=body)
+            except httpx.TimeoutException as e:
+                raise _Retry(f"timed out ({type(e).__name__})") from None
+            except httpx.TransportError as e:  # refused, reset, closed mid-answer: the endpoint is down
+                ep.down_until = time.monotonic() + self.config.down_for
+                raise _Retry(f"{type(e).__name__}: {e}") from None
+            finally:
+                ep.in_flight -= 1
+        if r.status_code in RETRYABLE:
+            raise _Retry(f"HTTP {r.status_code}: {r.text[:200]}")
+        if r.status_code >= 400:
+            raise BackendError(f"HTTP {r.status_code} from {ep.url}: {r.text[:500]}")
+        try:
+            return r.json()
+        except ValueError:
+            raise _Retry(f"not JSON: {r.text[:200]}") from None
+
+    async def close(self) -> None:
+        if self._loop is asyncio.get_running_loop():
+            await self.client.aclose()
+        self._loop = None
+
+
+def _completion(answer: dict) -> Completion:
+    outputs = []
+    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+        lp = choice.get("logprobs")
+        if "message" in choice:
+            text = choice["message"].get("content") or ""
+            logprobs = [t["logprob"] for t in lp["content"]] if lp and lp.get("content") else None
+        else:
+            text = choice["text"]
+            logprobs = lp["token_logprobs"] if lp and lp.get("token_logprobs") else None
+        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        ids = choice.get("token_ids") or []
+        outputs.append(Output(text=text, token_ids=ids, finish_reason=finish, logprobs=logprobs))
+    return Completion(prompt_tokens=answer.get("usage", {}).get("prompt_tokens", 0), outputs=outputs)

@@ -1,0 +1,217 @@
+"""vLLM in process behind the Backend contract.
+
+vLLM's synchronous `LLMEngine` runs with its engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: no
+child process, so scripts need no `__main__` guard and tests leave nothing behind) and is stepped by one worker
+thread. Requests from the event loop are handed to that thread and join the running batch at the next step
+(vLLM's continuous batching); finished outputs go back to their awaiting callers. Prefix caching is on: the trees
+of a forest share long prompt prefixes. vLLM's own speculative methods (ngram, a draft model) pass through
+`speculative_config`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import queue
+import threading
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fot.decoding.base import BaseBackend, Completion, Output, Request, Usage
+from fot.errors import InvalidRequestError, ModelError
+from fot.models import cache_dir, resolve_model
+
+
+class VLLMConfig(BaseModel):
+    """Options of the in-process vLLM backend. `kv_cache_gib` sizes vLLM's CPU KV cache (its default, ~11 GiB
+    here, slows start-up); `enforce_eager` skips ~30 s of graph compilation on CPU. `dtype="auto"` is bfloat16 on
+    a CPU with native bf16 and float32 elsewhere, as in the native engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "default"
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    kv_cache_gib: int = Field(1, ge=1)
+    max_num_seqs: int = Field(64, ge=1)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True
+    speculative_config: dict[str, Any] | None = None
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vllm.EngineArgs field
+
+
+def vllm_environment(kv_cache_gib: int) -> None:
+    """Environment vLLM reads at start-up: in-process engine core, caches in the project cache, quiet logs."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+class _UsageLogger:
+    """A vLLM stat logger that adds each engine step to our counters: one step is one model forward."""
+
+    def __init__(self, usage: Usage):
+        self.usage = usage
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+        if iteration_stats is not None and iteration_stats.num_generation_tokens + iteration_stats.num_prompt_tokens:
+            self.usage.forward_passes += 1
+        spec = scheduler_stats.spec_decoding_stats if scheduler_stats is not None else None
+        if spec is not None:
+            self.usage.draft_tokens += spec.num_draft_tokens
+            self.usage.accepted_tokens += spec.num_accepted_tokens
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+
+class VLLMBackend(BaseBackend):
+    name = "vllm"
+
+    def __init__(self, config: VLLMConfig | dict | None = None, **options):
+        super().__init__()
+        try:
+            self.config = c = VLLMConfig(**{**dict(config or {}), **options})
+        except ValueError as e:
+            raise InvalidRequestError(f"invalid vLLM backend config: {e}") from None
+        folder = resolve_model(c.model)
+        vllm_environment(c.kv_cache_gib)
+        try:
+            from vllm import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+        except ImportError as e:
+            raise ModelError(f"the vLLM backend needs vLLM (`pip install 'fot[vllm]'`): {e}") from None
+        from transformers import AutoTokenizer
+
+        from fot.speculative.engine import resolve_dtype
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        dtype = str(resolve_dtype(c.dtype, "cpu")).removeprefix("torch.")
+        args = EngineArgs(
+            model=str(folder),
+            dtype=dtype,
+            max_model_len=c.max_model_len,
+            max_num_seqs=c.max_num_seqs,
+            enable_prefix_caching=c.enable_prefix_caching,
+            enforce_eager=c.enforce_eager,
+            speculative_config=c.speculative_config,
+            seed=c.seed,
+            disable_log_stats=False,  # our stat logger counts forwards and drafts
+            **c.engine_kwargs,
+        )
+        try:
+            self.engine = LLMEngine.from_engine_args(args, stat_loggers=[lambda cfg, idx=0: _UsageLogger(self.usage)])
+        except Exception as e:
+            raise ModelError(f"vLLM could not start on {folder}: {type(e).__name__}: {e}") from e
+        self.context = self.engine.model_config.max_model_len
+        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="fot-vllm", daemon=True)
+        self._thread.start()
+
+    def encode(self, request: Request) -> list[int]:
+        from fot.speculative.engine import encode_prompt
+
+        return encode_prompt(self.tokenizer, request.prompt)
+
+    def check(self, request: Request) -> None:
+        n = len(self.encode(request)) + request.params.max_tokens
+        if n > self.context:
+            raise InvalidRequestError(f"prompt + max_tokens = {n} tokens exceed the context of {self.context}")
+
+    def sampling_params(self, request: Request):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        p = request.params
+        return VSamplingParams(
+            n=p.n,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            max_tokens=p.max_tokens,
+            stop=list(p.stop) or None,
+            seed=p.seed,
+            logprobs=0 if p.logprobs else None,  # 0: the sampled token's own log-prob only
+            ignore_eos=p.ignore_eos,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def _generate(self, requests: list[Request]) -> list[Completion]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for r in requests:
+            fut = loop.create_future()
+            self._inbox.put((f"fot-{next(self._ids)}", self.encode(r), self.sampling_params(r), fut, loop))
+            futures.append(fut)
+        return list(await asyncio.gather(*futures))
+
+    def _run(self) -> None:
+        """The worker thread: add what arrived, step the engine, hand finished requests back; block when idle."""
+        from vllm.inputs import TokensPrompt
+
+        waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        while True:
+            try:
+                item = self._inbox.get(block=not self.engine.has_unfinished_requests())
+            except queue.Empty:
+                item = ()
+            while item is not None:
+                if item:
+                    rid, ids, params, fut, loop = item
+                    try:
+                        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
+                        waiting[rid] = (fut, loop)
+                    except Exception as e:  # vLLM refused this request: it fails alone
+                        loop.call_soon_threadsafe(_settle, fut, Completion(error=f"vLLM refused it: {e}"))
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+            if item is None:  # close()
+                return
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the engine broke: everything in flight fails with the cause
+                for fut, loop in waiting.values():
+                    loop.call_soon_threadsafe(_settle, fut, Completion(error=f"vLLM failed: {type(e).__name__}: {e}"))
+                waiting.clear()
+                continue
+            for out in outputs:
+                if out.finished and out.request_id in waiting:
+                    fut, loop = waiting.pop(out.request_id)
+                    loop.call_soon_threadsafe(_settle, fut, _completion(out))
+
+    async def close(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
+        self.engine = None
+
+
+def _completion(out) -> Completion:
+    outputs = []
+    for o in sorted(out.outputs, key=lambda o: o.index):
+        logprobs = [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)] if o.logprobs else None
+        finish = "length" if o.finish_reason == "length" else "stop"
+        outputs.append(Output(text=o.text, token_ids=list(o.token_ids), finish_reason=finish, logprobs=logprobs))
+    return Completion(prompt_tokens=len(out.prompt_token_ids), outputs=outputs)
+
+
+def _settle(fut: asyncio.Future, completion: Completion) -> None:
+    if not fut.done():  # the caller may have been cancelled meanwhile
+        fut.set_result(completion)

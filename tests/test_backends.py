@@ -1,0 +1,162 @@
+"""One contract, every backend: the same assertions against the native engine, vLLM in process, and a real
+`vllm serve` over HTTP, all on the same tiny random model (head size 32: vLLM's CPU attention needs >= 32)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import save_tiny
+from servers import free_port, vllm_server
+
+from fot.decoding import BackendError, Completion, Request, make_backend
+from fot.decoding.scripted import ScriptedBackend
+from fot.errors import InvalidRequestError, ModelError
+
+BACKENDS = ["native", "vllm", "openai"]
+PROMPTS = ["The quick brown fox", "12 + 30 =", "Game of 24: 4 + 6 = 10 (left: 1 10 4). What", "Paris"]
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory):
+    return save_tiny(
+        tmp_path_factory.mktemp("served"), "llama", hidden_size=128, intermediate_size=256, num_attention_heads=4
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_url(served_model_dir, tmp_path_factory):
+    port = free_port()
+    with vllm_server(served_model_dir, port, tmp_path_factory.mktemp("logs") / "vllm-serve.log"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+def build(kind: str, model_dir, url: str | None):
+    if kind == "native":
+        return make_backend("native", model=str(model_dir), speculative="prompt_lookup")
+    if kind == "vllm":
+        return make_backend("vllm", model=str(model_dir), max_model_len=512)
+    return make_backend("openai", base_urls=[url], model="tiny")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request, served_model_dir):
+    url = request.getfixturevalue("vllm_url") if request.param == "openai" else None
+    b = build(request.param, served_model_dir, url)
+    yield b
+    asyncio.run(b.close())
+
+
+def generate(backend, requests) -> list[Completion]:
+    return asyncio.run(backend.generate(requests))
+
+
+def greedy(prompt, n_tokens: int = 12, **kw) -> Request:
+    return Request.make(prompt, max_tokens=n_tokens, ignore_eos=True, **kw)
+
+
+def test_greedy_is_ordered_complete_and_deterministic(backend):
+    reqs = [greedy(p, 8 + i) for i, p in enumerate(PROMPTS)]
+    first, again = generate(backend, reqs), generate(backend, reqs)
+    for i, (c, d) in enumerate(zip(first, again, strict=True)):
+        assert c.ok and len(c.outputs) == 1
+        assert c.finish_reason == "length" and len(c.token_ids) == 8 + i == c.generated_tokens
+        assert c.prompt_tokens > 0 and c.text
+        assert c.token_ids == d.token_ids and c.text == d.text
+
+
+def test_n_samples_with_seed_and_logprobs(backend):
+    [c] = generate(backend, [Request.make("12 + 30 =", n=3, temperature=1.0, seed=7, max_tokens=10, logprobs=True)])
+    assert len(c.outputs) == 3 and len(c.texts) == 3
+    for o in c.outputs:
+        assert 1 <= o.generated_tokens <= 10
+        assert len(o.logprobs) == o.generated_tokens and all(lp <= 0 for lp in o.logprobs)
+        assert o.mean_logprob < 0
+    [again] = generate(backend, [Request.make("12 + 30 =", n=3, temperature=1.0, seed=7, max_tokens=10)])
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in c.outputs]  # seeded: reproducible
+
+
+def test_chat_messages(backend):
+    [c] = generate(backend, [greedy([{"role": "user", "content": "What is the capital of France?"}], 6)])
+    assert c.ok and c.generated_tokens == 6 and c.prompt_tokens > 8  # the chat template's tokens count too
+
+
+def test_stop_string_cuts_the_text(backend):
+    [full] = generate(backend, [greedy("The quick brown fox", 24)])
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip(), full.text
+    [cut] = generate(backend, [greedy("The quick brown fox", 24, stop=[stop])])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_concurrent_callers_are_all_served_in_order(backend):
+    async def many():
+        calls = [backend.generate([greedy(p, 5), greedy(p + " and", 6)]) for p in PROMPTS * 2]
+        return await asyncio.gather(*calls)
+
+    results = asyncio.run(many())
+    assert all(len(r) == 2 and r[0].generated_tokens == 5 and r[1].generated_tokens == 6 for r in results)
+    assert [r[0].token_ids for r in results[:4]] == [r[0].token_ids for r in results[4:]]
+
+
+def test_usage_counters(backend):
+    before = backend.usage.model_copy()
+    done = generate(backend, [greedy(p, 7) for p in PROMPTS])
+    u = backend.usage
+    assert u.requests - before.requests == len(PROMPTS)
+    assert u.generated_tokens - before.generated_tokens == 7 * len(PROMPTS)
+    assert u.prompt_tokens - before.prompt_tokens == sum(c.prompt_tokens for c in done)
+    if backend.name != "openai":  # a server does not tell a client how many forwards it ran
+        assert u.forward_passes > before.forward_passes
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"prompt": " "},
+        {"prompt": "hi", "params": {"n": 0}},
+        {"prompt": "hi", "params": {"max_tokens": 100_000}},
+        {"prompt": [{"role": "user"}]},
+    ],
+    ids=["empty", "n0", "over-context", "bad-chat"],
+)
+def test_bad_input_fails_before_any_work(backend, bad):
+    before = backend.usage.requests
+    with pytest.raises(InvalidRequestError):
+        generate(backend, [greedy("fine"), bad])
+    assert backend.usage.requests == before
+
+
+def test_native_and_vllm_agree_on_greedy_tokens(served_model_dir, vllm_url):
+    """Same model, same tokens: the three backends are interchangeable under the search."""
+    reqs = [greedy(p, 10) for p in PROMPTS]
+    outs = {}
+    for kind in BACKENDS:
+        b = build(kind, served_model_dir, vllm_url if kind == "openai" else None)
+        outs[kind] = [c.token_ids for c in generate(b, reqs)]
+        asyncio.run(b.close())
+    assert outs["native"] == outs["vllm"] == outs["openai"]
+
+
+def test_unknown_models_are_clear_errors(vllm_url):
+    with pytest.raises(ModelError):
+        make_backend("native", model="no-such-model")
+    with pytest.raises(ModelError):
+        make_backend("vllm", model="no-such-model")
+    b = make_backend("openai", base_urls=[vllm_url], model="no-such-model")
+    with pytest.raises(InvalidRequestError, match="not served"):
+        generate(b, ["hi"])
+    with pytest.raises(InvalidRequestError):
+        make_backend("nope")
+
+
+def test_scripted_backend_records_batches_and_fails_alone():
+    b = ScriptedBackend({"a": "yes", "b": ["x", "y"], "c": RuntimeError("boom")})
+    done = generate(b, [Request.make("a"), Request.make("b", n=3), Request.make("c")])
+    assert done[0].text == "yes" and done[1].texts == ["x", "y", "x"]
+    assert not done[2].ok and "boom" in done[2].error
+    with pytest.raises(BackendError, match="boom"):
+        done[2].text  # noqa: B018
+    assert len(b.batches) == 1 and len(b.batches[0]) == 3
+    assert b.usage.requests == 3 and b.usage.failed == 1 and b.usage.generated_tokens == 3 + 3
