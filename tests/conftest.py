@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from servers import free_port, vllm_server
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
@@ -75,3 +76,19 @@ def tiny_model_dir(request, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama with head size 32 (vLLM's CPU attention needs 32..512), served by every backend."""
+    return save_tiny(
+        tmp_path_factory.mktemp("served"), "llama", hidden_size=128, intermediate_size=256, num_attention_heads=4
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_url(served_model_dir, tmp_path_factory):
+    """A real `vllm serve` on loopback for the whole session; killed at the end."""
+    port = free_port()
+    with vllm_server(served_model_dir, port, tmp_path_factory.mktemp("logs") / "vllm-serve.log"):
+        yield f"http://127.0.0.1:{port}/v1"

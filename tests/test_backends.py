@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import save_tiny
-from servers import free_port, vllm_server
 
 from fot.decoding import BackendError, Completion, Request, make_backend
 from fot.decoding.scripted import ScriptedBackend
@@ -15,20 +13,6 @@ from fot.errors import InvalidRequestError, ModelError
 
 BACKENDS = ["native", "vllm", "openai"]
 PROMPTS = ["The quick brown fox", "12 + 30 =", "Game of 24: 4 + 6 = 10 (left: 1 10 4). What", "Paris"]
-
-
-@pytest.fixture(scope="session")
-def served_model_dir(tmp_path_factory):
-    return save_tiny(
-        tmp_path_factory.mktemp("served"), "llama", hidden_size=128, intermediate_size=256, num_attention_heads=4
-    )
-
-
-@pytest.fixture(scope="session")
-def vllm_url(served_model_dir, tmp_path_factory):
-    port = free_port()
-    with vllm_server(served_model_dir, port, tmp_path_factory.mktemp("logs") / "vllm-serve.log"):
-        yield f"http://127.0.0.1:{port}/v1"
 
 
 def build(kind: str, model_dir, url: str | None):

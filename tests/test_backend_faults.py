@@ -1,0 +1,120 @@
+"""Fault tests for the OpenAI backend against a real `vllm serve`, behind real misbehaving HTTP endpoints: down,
+killed mid-run, answering 429/500, too slow. Every request completes by retry/fail-over or fails alone with a
+clear error; nothing hangs (each test is bounded); every server is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from servers import fault_proxy, free_port
+
+from fot.decoding import BackendError, Request, make_backend
+
+REQUESTS = [Request.make(f"Count to {i}:", max_tokens=24, ignore_eos=True) for i in range(12)]
+
+
+def url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def upstream(vllm_url: str) -> str:
+    return vllm_url.removesuffix("/v1")
+
+
+def run(backend, requests=REQUESTS):
+    async def go():
+        try:
+            return await backend.generate(requests)
+        finally:
+            await backend.close()
+
+    return asyncio.run(go())
+
+
+def expected(vllm_url):
+    return [c.token_ids for c in run(make_backend("openai", base_urls=[vllm_url]))]
+
+
+def test_an_endpoint_that_is_down_is_skipped(vllm_url):
+    dead = free_port()  # nothing listens there
+    b = make_backend("openai", base_urls=[url(dead), vllm_url], backoff=0.05)
+    done = run(b)
+    assert all(c.ok for c in done)
+    assert [c.token_ids for c in done] == expected(vllm_url)
+
+
+def test_all_endpoints_down_is_a_clear_error_not_a_hang(vllm_url):
+    b = make_backend("openai", base_urls=[url(free_port()), url(free_port())])
+    t = time.monotonic()
+    with pytest.raises(BackendError, match="no endpoint answered"):
+        run(b)
+    assert time.monotonic() - t < 30
+
+
+def test_endpoint_killed_mid_run(vllm_url, tmp_path):
+    ports = free_port(), free_port()
+    with (
+        fault_proxy(upstream(vllm_url), ports[0], tmp_path / "a.log", delay=0.3) as doomed,
+        fault_proxy(upstream(vllm_url), ports[1], tmp_path / "b.log"),
+    ):
+        b = make_backend("openai", base_urls=[url(p) for p in ports], backoff=0.05)
+        threading.Timer(1.0, doomed.stop).start()  # dies with requests in flight
+        done = run(b, REQUESTS * 3)
+    assert all(c.ok for c in done), [c.error for c in done if not c.ok]
+    assert [c.token_ids for c in done] == expected(vllm_url) * 3
+    assert b.retries > 0  # some requests really were cut off and served again elsewhere
+
+
+@pytest.mark.parametrize("status", [429, 500])
+def test_429_and_500_are_retried(vllm_url, tmp_path, status):
+    port = free_port()
+    with fault_proxy(upstream(vllm_url), port, tmp_path / "p.log", fail_first=5, status=status):
+        b = make_backend("openai", base_urls=[url(port)], backoff=0.05, max_retries=6)
+        done = run(b)
+    assert all(c.ok for c in done)
+    assert [c.token_ids for c in done] == expected(vllm_url)
+    assert b.retries == 5
+
+
+def test_persistent_500_fails_each_request_alone_with_the_cause(vllm_url, tmp_path):
+    port = free_port()
+    with fault_proxy(upstream(vllm_url), port, tmp_path / "p.log", fail_first=10**6, status=500):
+        b = make_backend("openai", base_urls=[url(port)], backoff=0.01, max_retries=2)
+        done = run(b, REQUESTS[:3])
+    assert not any(c.ok for c in done)
+    assert all("HTTP 500" in c.error and "3 attempts" in c.error for c in done)
+    assert b.usage.failed == 3
+
+
+def test_request_timeout_fails_over_to_a_fast_endpoint(vllm_url, tmp_path):
+    ports = free_port(), free_port()
+    with (
+        fault_proxy(upstream(vllm_url), ports[0], tmp_path / "slow.log", delay=30),
+        fault_proxy(upstream(vllm_url), ports[1], tmp_path / "fast.log"),
+    ):
+        b = make_backend("openai", base_urls=[url(p) for p in ports], timeout=2.0, backoff=0.05)
+        t = time.monotonic()
+        done = run(b)
+        assert time.monotonic() - t < 60
+    assert all(c.ok for c in done)
+    assert [c.token_ids for c in done] == expected(vllm_url)
+
+
+def test_timeout_with_nowhere_to_go_fails_alone(vllm_url, tmp_path):
+    port = free_port()
+    with fault_proxy(upstream(vllm_url), port, tmp_path / "slow.log", delay=30):
+        b = make_backend("openai", base_urls=[url(port)], timeout=1.0, backoff=0.01, max_retries=1)
+        done = run(b, REQUESTS[:2])
+    assert all(not c.ok and "timed out" in c.error for c in done)
+
+
+def test_a_request_the_server_rejects_fails_alone(vllm_url):
+    long_prompt = "fox " * 2000  # over the served context of 512 tokens: HTTP 400, not retried
+    b = make_backend("openai", base_urls=[vllm_url])
+    done = run(b, [REQUESTS[0], Request.make(long_prompt, max_tokens=8), REQUESTS[1]])
+    assert done[0].ok and done[2].ok
+    assert not done[1].ok and "HTTP 400" in done[1].error
+    assert b.retries == 0
