@@ -1,4 +1,4 @@
-"""`fot` command line: prepare-model, generate, demo (solve, eval, bench, train-adapter and serve join later)."""
+"""`fot` command line: solve, generate, prepare-model, demo (eval and train-adapter join later)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import time
 
 from fot.errors import FotError
 
-DEMO_QUESTIONS = [
-    "What is the capital of France?",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Give me three tips to stay focused while studying.",
-    "Write a haiku about the sea.",
+DEMO_PROBLEMS = [
+    "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How many apples are left?",
+    "4 6 1 10",
 ]
 
 
@@ -56,9 +53,64 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate_and_print(args.model, args.prompt, args.max_tokens, args.json, args.speculative)
 
 
+def make_cli_backend(args: argparse.Namespace):
+    from fot.decoding import make_backend
+
+    if args.backend == "openai":
+        if not args.base_url:
+            raise FotError("--backend openai needs --base-url (one per endpoint)")
+        model = None if args.model == "default" else args.model
+        return make_backend("openai", base_urls=args.base_url, model=model)
+    return make_backend(args.backend, model=args.model)
+
+
+def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
+    from fot.decoding.base import run_sync
+    from fot.forest import asolve_many, validate
+
+    for problem in problems:  # bad input fails before a model is loaded
+        validate(problem, args.task, args.method)
+    config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    backend = make_cli_backend(args)
+    options = dict(task=args.task, trees=args.trees, method=args.method, backend=backend, config=config, seed=args.seed)
+    solutions = run_sync(asolve_many(problems, **options))
+    for sol in solutions:
+        if args.json:
+            print(sol.model_dump_json())
+            continue
+        u = sol.usage
+        print(f"\n>>> {sol.problem}")
+        print(f"answer: {sol.answer}   ({sol.task}, {sol.method}, decided by {sol.decision}, votes {sol.votes})")
+        print(
+            f"    trees' answers {sol.tree_answers}; {u.requests} requests, {u.generated_tokens} tokens generated, "
+            f"{u.backend_calls} batches, {u.tokens_saved} tokens saved by sparse activation, "
+            f"{u.corrections} self-corrections, {u.seconds:.1f} s"
+        )
+    if not args.json:
+        b = backend.usage
+        accepted = f", {b.accepted_tokens}/{b.draft_tokens} drafts accepted" if b.draft_tokens else ""
+        print(f"\nbackend {backend.name}: {b.requests} requests, {b.forward_passes} forward passes{accepted}")
+
+
+def cmd_solve(args: argparse.Namespace) -> None:
+    solve_and_print(args.problem, args)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    print(f"fot demo: {len(DEMO_QUESTIONS)} chat prompts answered in one batch by the native engine")
-    generate_and_print(args.model, DEMO_QUESTIONS, args.max_tokens, False)
+    print("fot demo: Forest-of-Thought on the embedded model (native engine, EMS-SD prompt lookup)")
+    solve_and_print(DEMO_PROBLEMS, args)
+
+
+def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
+    p.add_argument("--task", default="auto", choices=["auto", "math", "game24"])
+    p.add_argument("--method", default="fot", choices=["fot", "mctsr", "tot", "cot", "sc"])
+    p.add_argument("--trees", type=int, default=4, help="trees per problem (samples for sc)")
+    p.add_argument("--rollouts", type=int, default=rollouts, help="MCTSr rollouts per tree")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="per MCTSr answer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="native", choices=["native", "vllm", "openai"])
+    p.add_argument("--model", default="default", help="model name or folder (for openai: the served name)")
+    p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,10 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the completions as JSON")
     p.add_argument("--speculative", choices=["prompt_lookup"], help="EMS-SD speculative decoding with these drafts")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("demo", help="the embedded model answers a few prompts in one batch")
-    p.add_argument("--model", default="default")
-    p.add_argument("--max-tokens", type=int, default=96)
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("solve", help="solve problems with Forest-of-Thought (math or Game of 24, detected)")
+    p.add_argument("problem", nargs="+")
+    add_search_options(p)
+    p.add_argument("--json", action="store_true", help="print each Solution as one JSON line")
+    p.set_defaults(func=cmd_solve)
+    p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
+    add_search_options(p, rollouts=1, max_tokens=160)
+    p.set_defaults(func=cmd_demo, json=False)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -1,0 +1,73 @@
+"""Consensus-guided expert decision (CGED): how a forest turns its trees' answers into one.
+
+majority  one answer holds more than half of the trees: take it (the forest may stop early on it);
+plurality otherwise the single most common answer;
+expert    a tie at the top (or several candidates and no plurality): an expert model, the same backend or a
+          stronger one, picks among the candidates;
+fallback  no tree has an answer, or the expert says "I don't know": a chain-of-thought answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel
+
+from fot.decoding.base import Request
+from fot.tasks.base import Task, majority_key
+from fot.trees.cot import chain_of_thought
+from fot.trees.mctsr import Generate
+
+EXPERT = (
+    "Problem: {problem}\n\nCandidate final answers:\n{candidates}\n\nWhich candidate is correct? Reply with its "
+    "number only, or 0 if you don't know."
+)
+
+
+class Decision(BaseModel):
+    answer: str | None
+    votes: dict[str, int]  # representative answer -> trees that gave an equivalent one
+    method: Literal["majority", "plurality", "expert", "fallback"]
+    confidence: float  # share of the trees behind the answer (0 for a fallback)
+
+
+def majority(task: Task, answers: list[str | None]) -> str | None:
+    """The answer held by more than half of all trees (unanswered trees count against it), else None."""
+    ranked = majority_key(task, answers)
+    return ranked[0][0] if ranked and ranked[0][1] * 2 > len(answers) else None
+
+
+async def decide(
+    task: Task,
+    problem: str,
+    answers: list[str | None],
+    gen: Generate,
+    expert: Generate | None = None,
+    seed: int = 0,
+    max_tokens: int = 384,
+) -> Decision:
+    ranked = majority_key(task, answers)
+    votes = dict(ranked)
+    n = max(len(answers), 1)
+    if ranked and ranked[0][1] * 2 > len(answers):
+        return Decision(answer=ranked[0][0], votes=votes, method="majority", confidence=ranked[0][1] / n)
+    if ranked and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]):
+        return Decision(answer=ranked[0][0], votes=votes, method="plurality", confidence=ranked[0][1] / n)
+    if ranked:
+        tied = [a for a, c in ranked if c == ranked[0][1]]
+        pick = await ask_expert(expert or gen, problem, tied)
+        if pick is not None:
+            return Decision(answer=pick, votes=votes, method="expert", confidence=votes[pick] / n)
+    answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens)
+    return Decision(answer=answer, votes=votes, method="fallback", confidence=0.0)
+
+
+async def ask_expert(gen: Generate, problem: str, candidates: list[str]) -> str | None:
+    """The candidate the expert names (greedy), or None when it answers 0, nothing usable, or fails."""
+    listing = "\n".join(f"{i}. {c}" for i, c in enumerate(candidates, 1))
+    prompt = EXPERT.format(problem=problem, candidates=listing)
+    [done] = await gen([Request.make([{"role": "user", "content": prompt}], max_tokens=8, temperature=0.0)])
+    m = re.search(r"\d+", done.text) if done.ok else None
+    k = int(m.group()) if m else 0
+    return candidates[k - 1] if 1 <= k <= len(candidates) else None

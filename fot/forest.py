@@ -1,0 +1,420 @@
+"""Forest-of-Thought (Bi et al., 2412.09078): several reasoning trees per problem, combined by consensus.
+
+    solution = fot.solve("Tom has 3 boxes of 12 apples and eats 5. How many are left?")
+    solution = fot.solve("4 6 1 10")                      # Game of 24, detected
+    solutions = fot.solve_many([...], trees=8)             # problems in parallel, one backend
+
+The four parts, as the paper names them:
+  input augmentation   tree i > 0 sees a different input: the i-th most similar worked example (TF-IDF over an
+                       example pool) for math, a shuffled order of the numbers for Game of 24 (pluggable);
+  sparse activation    after each step only the top-k trees (and those above `min_score`) keep expanding; the
+                       others stop for good, and the tokens they would have spent are counted as saved;
+  self-correction      math: an answer whose mean token log-prob is below the threshold, or that fails the task's
+                       check, is regenerated with a refine prompt and the better one kept; Game of 24: every step is
+                       recomputed exactly and repaired or dropped (in fot.trees.tot);
+  CGED                 majority / plurality / expert / chain-of-thought fallback (fot.consensus); the search stops
+                       early once one answer holds more than half of the trees.
+At every step all expansions of all activated trees reach the backend as ONE batch (fot.trees.base.Batcher).
+The search never sees a gold answer: nothing here can stop on a correct one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from importlib import resources
+from typing import Literal, Protocol
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field
+
+from fot.consensus import decide, majority
+from fot.decoding.base import Backend, Completion, Request
+from fot.errors import InvalidRequestError
+from fot.tasks import detect_task, get_task
+from fot.tasks.base import Task
+from fot.trees.base import Batcher, run_step
+from fot.trees.cot import chain_of_thought, self_consistency
+from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
+from fot.trees.tot import ToT, ToTConfig
+
+Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
+
+
+class SparseConfig(BaseModel):
+    """Sparse activation: `top_k` trees keep expanding after each step (None: half of them, rounded up);
+    trees scoring below `min_score` stop too (MCTSr: Q in 0..100; ToT: the best state's value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    top_k: int | None = Field(None, ge=1)
+    min_score: float | None = None
+
+
+class CorrectionConfig(BaseModel):
+    """Dynamic self-correction: math answers with a mean token log-prob below `logprob_threshold` (the paper's -1)
+    or failing the task's check are regenerated; Game-of-24 steps are recomputed and repaired."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    logprob_threshold: float = -1.0
+
+
+class ForestConfig(BaseModel):
+    """Everything a search takes, with the paper's defaults. `trees` is also the sample count of "sc"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    trees: int = Field(4, ge=1)
+    method: Method = "fot"
+    mctsr: MCTSrConfig = MCTSrConfig()
+    tot: ToTConfig = ToTConfig()
+    sparse: SparseConfig = SparseConfig()
+    correction: CorrectionConfig = CorrectionConfig()
+    early_stop: bool = True
+    sc_temperature: float = Field(0.7, ge=0)
+    seed: int = 0
+
+
+class SolveUsage(BaseModel):
+    """What one solve cost. Token counts are this solve's own; forward passes and draft counters are the
+    backend's during the solve (shared with any solve running at the same time)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    backend_calls: int = 0
+    tree_steps_skipped: int = 0  # by sparse activation
+    tokens_saved: int = 0  # estimated: skipped tree-steps x the mean tokens of a tree-step so far
+    corrections: int = 0  # answers regenerated or steps repaired by self-correction
+    seconds: float = 0.0
+
+
+class Solution(BaseModel):
+    problem: str
+    task: str
+    method: Method
+    answer: str | None
+    votes: dict[str, int]
+    confidence: float
+    decision: str  # majority | plurality | expert | fallback | single
+    tree_answers: list[str | None]
+    trees: list[dict]  # networkx node-link data; `graph(i)` gives the DiGraph back
+    usage: SolveUsage
+
+    def graph(self, i: int = 0) -> nx.DiGraph:
+        return nx.node_link_graph(self.trees[i], edges="edges")
+
+
+# ---- input augmentation -------------------------------------------------------------------------------------------
+class Augmenter(Protocol):
+    def __call__(self, problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
+        """(problem text, worked example or "") for each tree; tree 0 sees the problem as given."""
+        ...
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+|\d+", text.lower())
+
+
+class ExampleRetriever:
+    """Math augmentation: tree i > 0 gets the i-th most similar worked example of the pool (TF-IDF cosine)."""
+
+    def __init__(self, examples: Sequence[dict] | None = None):
+        if examples is None:
+            lines = resources.files("fot.data").joinpath("math_examples.jsonl").read_text().splitlines()
+            examples = [json.loads(line) for line in lines if line.strip()]
+        self.examples = list(examples)
+        docs = [Counter(_words(e["problem"])) for e in self.examples]
+        df = Counter(w for d in docs for w in d)
+        self.idf = {w: math.log((1 + len(docs)) / (1 + c)) + 1 for w, c in df.items()}
+        self.vectors = [self.vector(d) for d in docs]
+
+    def vector(self, counts: Counter) -> dict[str, float]:
+        v = {w: c * self.idf.get(w, 0.0) for w, c in counts.items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {w: x / norm for w, x in v.items()}
+
+    def ranked(self, problem: str) -> list[dict]:
+        q = self.vector(Counter(_words(problem)))
+        sims = [sum(q.get(w, 0.0) * x for w, x in v.items()) for v in self.vectors]
+        order = sorted(range(len(sims)), key=lambda i: (-sims[i], i))
+        return [self.examples[i] for i in order]
+
+    def __call__(self, problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
+        ranked = self.ranked(problem)
+        out = [(problem, "")]
+        for i in range(1, trees):
+            e = ranked[(i - 1) % len(ranked)]
+            out.append((problem, f"Example problem: {e['problem']}\nExample answer: {e['solution']}\n\n"))
+        return out
+
+
+def shuffle_numbers(problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
+    """Game-of-24 augmentation: tree i > 0 sees the four numbers in a shuffled order."""
+    numbers = problem.split()
+    out = [(problem, "")]
+    for _ in range(1, trees):
+        order = numbers[:]
+        rng.shuffle(order)
+        out.append((" ".join(order), ""))
+    return out
+
+
+# ---- dynamic self-correction (math) ------------------------------------------------------------------------------
+class MathCorrector:
+    """Regenerates answers that are unsure (mean log-prob below the threshold) or fail the task's check, in one
+    batch, and keeps the better of the two: one that passes the check, then the higher mean log-prob."""
+
+    def __init__(self, task: Task, threshold: float, usage: SolveUsage, seed: int, max_tokens: int = 384):
+        self.task, self.threshold, self.usage, self.seed = task, threshold, usage, seed
+        self.max_tokens = max_tokens
+
+    def needs(self, problem: str, c: Completion) -> bool:
+        if not c.ok:
+            return False
+        lp = c.mean_logprob
+        return (lp is not None and lp < self.threshold) or bool(self.task.check(problem, c.text))
+
+    async def __call__(self, gen: Generate, problem: str, done: list[Completion]) -> list[str | None]:
+        texts = [c.text if c.ok else None for c in done]
+        redo = [i for i, c in enumerate(done) if self.needs(problem, c)]
+        if not redo:
+            await gen([])  # still take part in this phase of the step, so the batch is not held back
+            return texts
+        critique = "The answer may be wrong or unclear. Check every step and the final answer."
+        reqs = []
+        for i in redo:
+            self.seed += 1
+            content = REFINE.format(problem=problem, answer=done[i].text, critique=critique)
+            reqs.append(
+                Request.make(
+                    [{"role": "user", "content": content}], max_tokens=self.max_tokens, logprobs=True, seed=self.seed
+                )
+            )
+        for i, again in zip(redo, await gen(reqs), strict=True):
+            self.usage.corrections += 1
+            if again.ok and self.better(problem, again, done[i]):
+                texts[i] = again.text
+        return texts
+
+    def better(self, problem: str, new: Completion, old: Completion) -> bool:
+        def rank(c: Completion) -> tuple[bool, float]:
+            return (not self.task.check(problem, c.text), c.mean_logprob if c.mean_logprob is not None else -1e9)
+
+        return rank(new) > rank(old)
+
+
+# ---- the search ---------------------------------------------------------------------------------------------------
+class Forest:
+    """One problem's search over a backend. `run()` returns the Solution."""
+
+    def __init__(self, problem: str, task: Task, config: ForestConfig, backend: Backend):
+        self.problem, self.task, self.config, self.backend = problem, task, config, backend
+        self.usage = SolveUsage()
+        self.rng = random.Random(config.seed)
+
+    def batcher(self, participants: int) -> Batcher:
+        return Batcher(self.backend, participants, meter=self.meter)
+
+    def meter(self, requests: list[Request], done: list[Completion]) -> None:
+        u = self.usage
+        u.backend_calls += 1
+        u.requests += len(requests)
+        u.prompt_tokens += sum(c.prompt_tokens for c in done)
+        u.generated_tokens += sum(c.generated_tokens for c in done)
+
+    async def single(self, requests: list[Request]) -> list[Completion]:
+        return await self.batcher(1).generate(requests)
+
+    def build_trees(self) -> list[MCTSr | ToT]:
+        c, n = self.config, self.config.trees if self.config.method == "fot" else 1
+        fot = c.method == "fot"
+        seeds = [c.seed * 1000 + 100 * i for i in range(n)]
+        if self.task.name == "game24":
+            inputs = shuffle_numbers(self.problem, n, self.rng) if fot else [(self.problem, "")]
+            correct = fot and c.correction.enabled
+            return [
+                ToT(self.task, p, c.tot, seed=s, correct=correct, name=f"tree{i}")
+                for i, ((p, _), s) in enumerate(zip(inputs, seeds, strict=True))
+            ]
+        inputs = ExampleRetriever()(self.problem, n, self.rng) if fot else [(self.problem, "")]
+        corrector = None
+        if fot and c.correction.enabled:
+            threshold, seed = c.correction.logprob_threshold, c.seed * 1000 + 999
+            corrector = MathCorrector(self.task, threshold, self.usage, seed, c.mctsr.max_tokens)
+        return [
+            MCTSr(self.task, p, c.mctsr, example=ex, seed=s, corrector=corrector, name=f"tree{i}")
+            for i, ((p, ex), s) in enumerate(zip(inputs, seeds, strict=True))
+        ]
+
+    def activate(self, trees: list, live: list) -> list:
+        """Sparse activation: which of the live trees expand in the next step."""
+        sp = self.config.sparse
+        if self.config.method != "fot" or not sp.enabled:
+            return live
+        k = sp.top_k or math.ceil(len(trees) / 2)
+        ranked = sorted(live, key=lambda t: (-t.score(), trees.index(t)))
+        return [t for t in ranked[:k] if sp.min_score is None or t.score() >= sp.min_score]
+
+    async def run(self) -> Solution:
+        t0, before = time.perf_counter(), self.backend.usage.model_copy()
+        c = self.config
+        if c.method in ("cot", "sc"):
+            solution = await self.baseline()
+        else:
+            solution = await self.search()
+        after = self.backend.usage
+        self.usage.forward_passes = after.forward_passes - before.forward_passes
+        self.usage.draft_tokens = after.draft_tokens - before.draft_tokens
+        self.usage.accepted_tokens = after.accepted_tokens - before.accepted_tokens
+        self.usage.seconds = time.perf_counter() - t0
+        return solution
+
+    async def baseline(self) -> Solution:
+        c = self.config
+        if c.method == "cot":
+            answer, _ = await chain_of_thought(
+                self.single, self.task, self.problem, seed=c.seed, max_tokens=c.mctsr.max_tokens
+            )
+            answers = [answer]
+        else:
+            answer, answers, _ = await self_consistency(
+                self.single,
+                self.task,
+                self.problem,
+                c.trees,
+                temperature=c.sc_temperature,
+                seed=c.seed,
+                max_tokens=c.mctsr.max_tokens,
+            )
+        votes = Counter(a for a in answers if a is not None)
+        return self.solution(answer, dict(votes), votes.get(answer, 0) / len(answers), "single", answers, [])
+
+    async def search(self) -> Solution:
+        c, trees = self.config, self.build_trees()
+        batch = self.batcher(len(trees))
+        await run_step(batch, [t.start(batch.generate) for t in trees])
+        active = list(trees)
+        step_tokens: list[int] = []
+        while True:
+            live = [t for t in active if not t.done]
+            if not live or (c.early_stop and len(trees) > 1 and majority(self.task, [t.answer() for t in trees])):
+                break
+            chosen = self.activate(trees, live)
+            skipped = [t for t in live if t not in chosen]
+            active = [t for t in active if t not in skipped]  # pruned trees stop for good
+            before = self.usage.generated_tokens
+            batch = self.batcher(len(chosen))
+            await run_step(batch, [t.step(batch.generate) for t in chosen])
+            step_tokens.append((self.usage.generated_tokens - before) / max(len(chosen), 1))
+            self.usage.tree_steps_skipped += sum(self.remaining_steps(t) for t in skipped)
+        mean = sum(step_tokens) / len(step_tokens) if step_tokens else 0.0
+        self.usage.tokens_saved = round(self.usage.tree_steps_skipped * mean)
+        self.usage.corrections += sum(getattr(t, "corrections", 0) for t in trees)
+        answers = [t.answer() for t in trees]
+        graphs = [t.tree.to_dict() for t in trees]
+        if len(trees) == 1:
+            return self.solution(answers[0], {answers[0]: 1} if answers[0] else {}, 1.0, "single", answers, graphs)
+        d = await decide(self.task, self.problem, answers, self.single, seed=c.seed, max_tokens=c.mctsr.max_tokens)
+        return self.solution(d.answer, d.votes, d.confidence, d.method, answers, graphs)
+
+    def remaining_steps(self, t: MCTSr | ToT) -> int:
+        """Steps a pruned tree would still have run (its rollouts or BFS levels left)."""
+        if isinstance(t, MCTSr):
+            return self.config.mctsr.rollouts - t.rollouts_done
+        return max(len(t.tree[t.frontier[0]]["numbers"]) - 2, 0) if t.frontier else 0
+
+    def solution(self, answer, votes, confidence, decision, answers, graphs) -> Solution:
+        return Solution(
+            problem=self.problem,
+            task=self.task.name,
+            method=self.config.method,
+            answer=answer,
+            votes=votes,
+            confidence=confidence,
+            decision=decision,
+            tree_answers=answers,
+            trees=graphs,
+            usage=self.usage,
+        )
+
+
+# ---- the public face --------------------------------------------------------------------------------------------
+_DEFAULT_BACKEND: Backend | None = None
+
+
+def default_backend() -> Backend:
+    """The native engine on the embedded model with EMS-SD prompt lookup, made once per process."""
+    global _DEFAULT_BACKEND
+    if _DEFAULT_BACKEND is None:
+        from fot.decoding.native import NativeBackend
+
+        _DEFAULT_BACKEND = NativeBackend()
+    return _DEFAULT_BACKEND
+
+
+def make_config(config: ForestConfig | dict | None, **overrides) -> ForestConfig:
+    try:
+        base = config.model_dump() if isinstance(config, ForestConfig) else dict(config or {})
+        return ForestConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as e:
+        raise InvalidRequestError(f"invalid search config: {e}") from None
+
+
+async def asolve(
+    problem: str,
+    *,
+    task: str = "auto",
+    trees: int | None = None,
+    method: Method | None = None,
+    backend: Backend | None = None,
+    config: ForestConfig | dict | None = None,
+    seed: int | None = None,
+) -> Solution:
+    """`solve` for async code (notebooks, servers)."""
+    cfg = make_config(config, trees=trees, method=method, seed=seed)
+    the_task, text = validate(problem, task, cfg.method)
+    return await Forest(text, the_task, cfg, backend or default_backend()).run()
+
+
+def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Task, str]:
+    """The task and the normalised problem, or InvalidRequestError: checked before any model work."""
+    if not isinstance(problem, str) or not problem.strip():
+        raise InvalidRequestError(f"a problem must be a non-empty string, got {problem!r:.60}")
+    the_task = get_task(detect_task(problem) if task == "auto" else task)
+    if method == "tot" and the_task.name != "game24" or method == "mctsr" and the_task.name != "math":
+        raise InvalidRequestError(f"method {method!r} does not fit the {the_task.name} task")
+    return the_task, the_task.parse(problem)
+
+
+def solve(problem: str, **kwargs) -> Solution:
+    """Solve one problem with Forest-of-Thought (see `asolve` for the keywords; `trees=4, method="fot"`)."""
+    from fot.decoding.base import run_sync
+
+    return run_sync(asolve(problem, **kwargs))
+
+
+async def asolve_many(problems: Sequence[str], **kwargs) -> list[Solution]:
+    """Solve problems concurrently on one backend: their steps' batches meet in the backend's batching window."""
+    return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems)))
+
+
+def solve_many(problems: Sequence[str], **kwargs) -> list[Solution]:
+    from fot.decoding.base import run_sync
+
+    return run_sync(asolve_many(problems, **kwargs))
+
+
+__all__ = ["ForestConfig", "Solution", "SolveUsage", "asolve", "asolve_many", "solve", "solve_many"]

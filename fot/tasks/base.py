@@ -1,0 +1,65 @@
+"""What the search needs to know about a kind of problem, with no model call: parse, extract, compare, check."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from fot.errors import InvalidRequestError
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One kind of problem. Pure Python and thread-safe: the search calls tasks from worker threads."""
+
+    name: str
+
+    def parse(self, problem: str) -> str:
+        """Validate and normalise the problem text, so a bad problem fails before any model call."""
+        ...
+
+    def extract(self, text: str) -> str | None:
+        """The final answer of a model's text in canonical form, or None when the text gives none."""
+        ...
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """Whether two extracted answers are the same answer (votes are grouped by this)."""
+        ...
+
+    def check(self, problem: str, text: str) -> list[str]:
+        """Rule violations of a full answer text; an empty list means it passes (drives self-correction)."""
+        ...
+
+
+def require_text(value: object, what: str) -> str:
+    """The stripped text of `value`; bad input fails here with a clear message instead of deep inside a task."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{what} must be a string, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise InvalidRequestError(f"{what} is empty")
+    return text
+
+
+def majority_key(task: Task, answers: list[str | None]) -> list[tuple[str, int]]:
+    """Group answers by `task.equivalent` and count them, most votes first (ties: first seen first).
+
+    The first answer of a group represents it; None (no answer) never votes. Equivalence need not be
+    transitive, so an answer joins the first group whose representative it matches.
+    """
+    reps: list[str] = []
+    counts: list[int] = []
+    exact: dict[str, int] = {}  # answer string -> group, so repeated strings skip the (possibly slow) comparison
+    for answer in answers:
+        if answer is None:
+            continue
+        group = exact.get(answer)
+        if group is None:
+            group = next((i for i, rep in enumerate(reps) if task.equivalent(rep, answer)), None)
+            if group is None:
+                group = len(reps)
+                reps.append(answer)
+                counts.append(0)
+            exact[answer] = group
+        counts[group] += 1
+    order = sorted(range(len(reps)), key=lambda i: (-counts[i], i))
+    return [(reps[i], counts[i]) for i in order]

@@ -1,0 +1,224 @@
+"""Math word problems (GSM8K, MATH): find the final answer in a model's text and compare answers."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+from fot.tasks.base import require_text
+
+# A number as models write it: thousands commas (only in groups of three), decimals, a simple fraction, a sign
+# only where it cannot be a binary minus ("10-5" gives 5, "-5" gives -5).
+_NUMBER = re.compile(
+    r"(?<![\w.])(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)(?![\d])"
+)
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[+-]?\.\d+")
+_FRACTION = re.compile(r"(-?\d+)/(\d+)")
+_LATEX_FRACTION = re.compile(r"(-)?\\frac\{(-?\d+)\}\{(\d+)\}")
+_ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b|:)\s*:?", re.IGNORECASE)
+_GSM8K = re.compile(r"####\s*(.*)")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^{}]*\}\s*(?:\^\{?\d\}?)?\s*)+$")
+_UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
+_NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times"}
+_SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
+_MAX_VERIFY_CHARS = 500  # math-verify runs without a timeout (threads), so never hand it a pathological string
+
+
+class _DropTimeoutWarning(logging.Filter):
+    """math-verify warns once that its timeout is off; it is off on purpose (signals need the main thread)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_DropTimeoutWarning())
+
+_import_lock = threading.Lock()
+
+
+def _math_verify() -> Any:
+    """math-verify, imported on first use: it pulls in sympy and an ANTLR parser (about a second)."""
+    with _import_lock:
+        import math_verify
+
+    return math_verify
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last non-empty \\boxed{...} / \\fbox{...} with balanced (possibly nested) braces.
+
+    Braces are matched once for the whole text (a stack), so a text full of unclosed boxes costs linear time.
+    """
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    closing: dict[int, int] = {}
+    stack: list[int] = []
+    for i, c in enumerate(text):
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            closing[stack.pop()] = i
+    for match in reversed(matches):
+        start = match.end()
+        end = closing.get(start - 1)
+        if end is not None and text[start:end].strip():
+            return text[start:end].strip()
+    return None
+
+
+def _strip_delimiters(s: str) -> str:
+    s = s.strip().replace("**", "").replace("−", "-")
+    s = s.replace("\\$", "").replace("$", "")
+    for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(left) and s.endswith(right):
+            s = s[len(left) : -len(right)]
+    return s.strip()
+
+
+def _canonical_number(s: str) -> str:
+    """'1,234.50' -> '1234.5', '18.00' -> '18', '+.5' -> '0.5', '-0' -> '0'."""
+    sign = "-" if s.startswith("-") else ""
+    s = s.lstrip("+-").replace(",", "")
+    whole, _, frac = s.partition(".")
+    whole = whole.lstrip("0") or "0"
+    frac = frac.rstrip("0")
+    out = f"{whole}.{frac}" if frac else whole
+    return out if out == "0" else sign + out
+
+
+def _canonical_once(s: str) -> str:
+    s = _strip_delimiters(s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
+    s = s.rstrip(" .").strip()
+    s = re.sub(r"\s*(?:\^\s*\{?\\circ\}?|°|\\%|%)$", "", s)
+    whole_text = re.fullmatch(r"\\(?:text|textbf|mbox|textrm)\s*\{([^{}]*)\}", s)
+    if whole_text:
+        s = whole_text.group(1)
+    else:
+        trailing = _TRAILING_TEXT.fullmatch(s)
+        if trailing:
+            s = trailing.group(1)
+    s = s.lstrip("€£¥").strip()
+    units = _UNIT_WORDS.fullmatch(s)
+    if units and not (set(units.group(2).lower().split()) & _NOT_UNITS):
+        s = units.group(1)
+    s = s.rstrip(" .").strip()
+    if _PLAIN_NUMBER.fullmatch(s):
+        s = _canonical_number(s)
+    return s
+
+
+def canonical_answer(s: str) -> str:
+    """Canonical form of one answer: no $ or units, no thousands commas, '18.00' -> '18'; LaTeX kept as written."""
+    for _ in range(4):
+        nxt = _canonical_once(s)
+        if nxt == s:
+            break
+        s = nxt
+    return s
+
+
+def _phrase_answer(candidate: str) -> str | None:
+    """The answer after 'The answer is' / 'Answer:' up to the end of the sentence, or None if it is only prose."""
+    end = _SENTENCE_END.search(candidate)
+    if end:
+        candidate = candidate[: end.start()]
+    answer = canonical_answer(candidate)
+    if not answer:
+        return None
+    words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", answer))
+    if len(words) > 1:  # prose ("3 times 3, which is 9", "she has 5 apples left"): its last number, if any
+        numbers = _NUMBER.findall(answer)
+        return canonical_answer(numbers[-1]) if numbers else None
+    return answer
+
+
+def to_fraction(s: str) -> Fraction | None:
+    """The exact value of a canonical numeric answer ('0.5', '-3/4', '\\frac{1}{2}'), else None."""
+    if _PLAIN_NUMBER.fullmatch(s):
+        return Fraction(s.replace(",", ""))
+    match = _FRACTION.fullmatch(s)
+    if match and int(match.group(2)) != 0:
+        return Fraction(int(match.group(1)), int(match.group(2)))
+    match = _LATEX_FRACTION.fullmatch(s)
+    if match and int(match.group(3)) != 0:
+        value = Fraction(int(match.group(2)), int(match.group(3)))
+        return -value if match.group(1) else value
+    return None
+
+
+@lru_cache(maxsize=4096)
+def _mv_parse(s: str) -> tuple:
+    mv = _math_verify()
+    return tuple(mv.parse(f"${s}$", parsing_timeout=None))
+
+
+def _mv_equivalent(a: str, b: str) -> bool:
+    """math-verify's symbolic comparison, either way round; timeouts off since signals only work in the main thread."""
+    if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS:
+        return False
+    try:
+        mv = _math_verify()
+        pa, pb = list(_mv_parse(a)), list(_mv_parse(b))
+        if not pa or not pb:
+            return False
+        return bool(mv.verify(pa, pb, timeout_seconds=None) or mv.verify(pb, pa, timeout_seconds=None))
+    except Exception:
+        return False
+
+
+class MathTask:
+    """GSM8K- and MATH-style problems: free-form reasoning with one final answer."""
+
+    name = "math"
+
+    def parse(self, problem: str) -> str:
+        """Any non-empty text is a math problem."""
+        return require_text(problem, "a math problem")
+
+    def extract(self, text: str) -> str | None:
+        """Last \\boxed{}, else last 'The answer is X' / 'Answer: X', else last '#### X', else the last number."""
+        if not isinstance(text, str) or not text.strip():
+            return None
+        text = text.replace("−", "-")  # unicode minus
+        boxed = _last_boxed(text)
+        if boxed is not None:
+            answer = canonical_answer(boxed)
+            if answer:
+                return answer
+        for match in reversed(list(_ANSWER_PHRASE.finditer(text))):
+            answer = _phrase_answer(text[match.end() :])
+            if answer:
+                return answer
+        for match in reversed(list(_GSM8K.finditer(text))):
+            answer = canonical_answer(match.group(1))
+            if answer:
+                return answer
+        numbers = _NUMBER.findall(text)
+        return canonical_answer(numbers[-1]) if numbers else None
+
+    def equivalent(self, a: str, b: str) -> bool:
+        """Same string, else same number (relative tolerance 1e-6), else math-verify says so."""
+        if not isinstance(a, str) or not isinstance(b, str):
+            return False
+        a, b = canonical_answer(a), canonical_answer(b)
+        if not a or not b:
+            return False
+        if a == b:
+            return True
+        x, y = to_fraction(a), to_fraction(b)
+        if x is not None and y is not None:
+            return abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
+        return _mv_equivalent(a, b)
+
+    def check(self, problem: str, text: str) -> list[str]:
+        """The only rule a math answer can be held to without the reference: it must give a final answer."""
+        return ["no final answer"] if self.extract(text) is None else []

@@ -1,0 +1,110 @@
+"""What every tree shares: a networkx graph of nodes, and the batcher that turns one search step of many trees
+into ONE backend call.
+
+Trees are written as plain sequential coroutines (`await gen(requests)`); the `Batcher` holds each call until every
+tree still taking part in the step is waiting, then sends all their requests together. So the speculative engine
+sees one large batch per phase of a step, deterministically, whatever the timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import networkx as nx
+
+from fot.decoding.base import Backend, Completion, Request
+
+
+class Batcher:
+    """A barrier in front of a backend: `generate` calls from `participants` coroutines are sent as one batch once
+    all of those still running are waiting. A coroutine that finishes its step must `leave()`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        participants: int,
+        meter: Callable[[list[Request], list[Completion]], None] | None = None,
+    ):
+        self.backend, self.participants, self.meter = backend, participants, meter
+        self.waiting: list[tuple[list[Request], asyncio.Future]] = []
+        self.calls = 0  # backend calls made: one per phase of a step
+        self.tasks: set[asyncio.Task] = set()
+
+    async def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting.append((list(requests), fut))
+        self._maybe_flush()
+        return await fut
+
+    def leave(self) -> None:
+        self.participants -= 1
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if self.waiting and len(self.waiting) >= self.participants:
+            batch, self.waiting = self.waiting, []
+            task = asyncio.ensure_future(self._flush(batch))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _flush(self, batch: list[tuple[list[Request], asyncio.Future]]) -> None:
+        requests = [r for reqs, _ in batch for r in reqs]
+        try:
+            done = await self.backend.generate(requests) if requests else []
+        except Exception as e:  # bad requests: every caller of this batch gets the error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        if requests:
+            self.calls += 1
+            if self.meter is not None:
+                self.meter(requests, done)
+        start = 0
+        for reqs, fut in batch:
+            if not fut.done():
+                fut.set_result(done[start : start + len(reqs)])
+            start += len(reqs)
+
+
+async def run_step(batcher: Batcher, coroutines: Sequence) -> list:
+    """Run one step of several trees against one batcher; each tree leaves the barrier when its step ends."""
+
+    async def one(coro):
+        try:
+            return await coro
+        finally:
+            batcher.leave()
+
+    return await asyncio.gather(*(one(c) for c in coroutines))
+
+
+class TreeGraph:
+    """A reasoning tree as a `networkx.DiGraph`: node ids are ints in creation order, attributes are plain data
+    (text, answer, scores), so a tree can be inspected, exported (`to_dict`) and drawn."""
+
+    def __init__(self, name: str):
+        self.graph = nx.DiGraph(name=name)
+
+    def add(self, parent: int | None = None, **attrs) -> int:
+        node = self.graph.number_of_nodes()
+        self.graph.add_node(node, **attrs)
+        if parent is not None:
+            self.graph.add_edge(parent, node)
+        return node
+
+    def __getitem__(self, node: int) -> dict:
+        return self.graph.nodes[node]
+
+    def children(self, node: int) -> list[int]:
+        return list(self.graph.successors(node))
+
+    def parent(self, node: int) -> int | None:
+        return next(iter(self.graph.predecessors(node)), None)
+
+    def nodes(self) -> list[int]:
+        return list(self.graph.nodes)
+
+    def to_dict(self) -> dict:
+        return nx.node_link_data(self.graph, edges="edges")

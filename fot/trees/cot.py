@@ -1,0 +1,56 @@
+"""Baselines: chain of thought (one greedy answer) and self-consistency (majority of n sampled answers).
+
+Also FoT's fallback when the forest's decision is "I don't know". For Game of 24 the answer line is
+"Answer: <expression> = 24"; for math, "The answer is X."
+"""
+
+from __future__ import annotations
+
+from fot.decoding.base import Completion, Request
+from fot.tasks.base import Task, majority_key
+from fot.trees.mctsr import ANSWER, Generate
+
+GAME24 = """Use each of the four numbers exactly once with + - * / and parentheses to make 24.
+Input: 4 9 10 13
+Steps:
+13 - 9 = 4 (left: 4 4 10)
+10 - 4 = 6 (left: 4 6)
+4 * 6 = 24 (left: 24)
+Answer: (13 - 9) * (10 - 4) = 24
+Input: {problem}
+Steps:
+"""
+
+
+def cot_request(
+    task: Task, problem: str, *, n: int = 1, temperature: float = 0.0, seed: int = 0, max_tokens: int = 384
+) -> Request:
+    params = {"n": n, "temperature": temperature, "seed": seed, "max_tokens": max_tokens, "logprobs": True}
+    if task.name == "game24":
+        return Request.make(GAME24.format(problem=problem), **params)
+    return Request.make([{"role": "user", "content": ANSWER.format(problem=problem, example="")}], **params)
+
+
+async def chain_of_thought(
+    gen: Generate, task: Task, problem: str, *, seed: int = 0, max_tokens: int = 384
+) -> tuple[str | None, Completion]:
+    [done] = await gen([cot_request(task, problem, seed=seed, max_tokens=max_tokens)])
+    return (task.extract(done.text) if done.ok else None), done
+
+
+async def self_consistency(
+    gen: Generate,
+    task: Task,
+    problem: str,
+    samples: int,
+    *,
+    temperature: float = 0.7,
+    seed: int = 0,
+    max_tokens: int = 384,
+) -> tuple[str | None, list[str | None], Completion]:
+    """The most common of `samples` sampled answers (None if none of them has an answer)."""
+    request = cot_request(task, problem, n=samples, temperature=temperature, seed=seed, max_tokens=max_tokens)
+    [done] = await gen([request])
+    answers = [task.extract(t) for t in done.texts] if done.ok else []
+    ranked = majority_key(task, answers)
+    return (ranked[0][0] if ranked else None), answers, done

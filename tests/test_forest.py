@@ -1,0 +1,268 @@
+"""The search's rules, pinned with the scripted backend (canned answers; the real models are in test_solve.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from fot.consensus import decide
+from fot.decoding.base import Output, Request
+from fot.decoding.scripted import ScriptedBackend
+from fot.errors import InvalidRequestError
+from fot.forest import ExampleRetriever, Forest, ForestConfig, MathCorrector, SolveUsage, asolve, shuffle_numbers
+from fot.tasks import Game24Task, MathTask
+from fot.trees.base import Batcher, run_step
+from fot.trees.mctsr import MCTSr, MCTSrConfig, parse_reward
+from fot.trees.tot import ToT, parse_value
+
+MATH = MathTask()
+GAME = Game24Task()
+
+
+def content(r: Request) -> str:
+    return r.prompt if isinstance(r.prompt, str) else r.prompt[-1]["content"]
+
+
+def math_script(answer: str = "42", score: str = "Score: 80"):
+    def respond(r: Request, j: int) -> str:
+        text = content(r)
+        if "Grade the answer" in text:
+            return score
+        if "Critique this answer" in text:
+            return "Check the sum again."
+        if "Which candidate" in text:
+            return "1"
+        return f"Adding up gives {answer}. The answer is {answer}."
+
+    return respond
+
+
+def solve(problem, backend, **kw):
+    return asyncio.run(asolve(problem, backend=backend, **kw))
+
+
+# ---- MCTSr ---------------------------------------------------------------------------------------------------------
+def tree_with(qs_visits: list[tuple[int | None, float, int]]) -> MCTSr:
+    """An MCTSr tree built by hand: (parent, q, visits) per answer node, parent None = the problem node."""
+    t = MCTSr(MATH, "p", MCTSrConfig())
+    for parent, q, visits in qs_visits:
+        node = t.add_answer(t.root if parent is None else parent, "The answer is 1.")
+        t.tree[node].update(q=q, visits=visits)
+    t.tree[t.root]["visits"] = sum(v for p, _, v in qs_visits if p is None)
+    return t
+
+
+def test_uct_selection_follows_the_formula():
+    t = tree_with([(None, 50.0, 9), (None, 48.8, 1)])
+    uct = {n: t.tree[n]["q"] + 1.4 * math.sqrt(math.log(10 + 1) / (t.tree[n]["visits"] + 1e-6)) for n in (1, 2)}
+    assert t.uct(1) == pytest.approx(uct[1]) and t.uct(2) == pytest.approx(uct[2])
+    assert t.select() == max(uct, key=uct.get) == 2  # fewer visits wins here despite the lower Q
+
+
+def test_expansion_rule():
+    t = tree_with([(None, 50.0, 1), (1, 40.0, 1), (1, 45.0, 1)])
+    assert t.expandable(1)  # two children, none better
+    t.add_answer(1, "The answer is 2.")
+    assert not t.expandable(1)  # max_children = 3 reached
+    t2 = tree_with([(None, 50.0, 1), (1, 60.0, 1)])
+    assert not t2.expandable(1)  # a child beats it
+    assert not t2.expandable(t2.root)  # the problem node is never selected
+
+
+def test_reward_q_and_backpropagation():
+    assert parse_reward("Score: 85") == 85 and parse_reward("I give it 120") == 100 and parse_reward("none") is None
+    t = tree_with([(None, 30.0, 1)])
+    child = t.add_answer(1, "The answer is 3.")
+    backend = ScriptedBackend(lambda r, j: ["Score: 80", "Score: 60", "Score: 100"][j])
+    asyncio.run(t.reward(Batcher(backend, 1).generate, [child]))
+    assert t.tree[child]["rewards"] == [80, 60, 50]  # 100 > 95 loses 50 (full-score suppression)
+    q = (50 + (80 + 60 + 50) / 3) / 2
+    assert t.tree[child]["q"] == pytest.approx(q)
+    assert t.tree[1]["q"] == pytest.approx((30 + q) / 2)  # parent: (Q + best child Q) / 2
+    assert t.tree[child]["visits"] == 1 and t.tree[1]["visits"] == 2 and t.tree[t.root]["visits"] == 2
+
+
+def test_a_failed_node_is_marked_and_the_search_goes_on():
+    def respond(r, j):
+        return RuntimeError("node down") if "Critique this answer" in content(r) else math_script()(r, j)
+
+    sol = solve("What is 40 + 2?", ScriptedBackend(respond), method="mctsr", config={"mctsr": {"rollouts": 2}})
+    g = sol.graph(0)
+    assert any(a["failed"] for _, a in g.nodes(data=True))
+    assert sol.answer == "42"
+
+
+# ---- batching, augmentation, determinism --------------------------------------------------------------------------
+def test_each_phase_of_a_step_is_one_backend_batch():
+    backend = ScriptedBackend(math_script())
+    cfg = {"mctsr": {"rollouts": 1}, "early_stop": False, "sparse": {"enabled": False}}
+    sol = solve("What is 40 + 2?", backend, trees=4, config=cfg)
+    sizes = [len(b) for b in backend.batches]
+    # start: 4 first answers, then 4 x 2 rewards (answer + dummy); one rollout: 4 critiques, 4 refines, 4 rewards
+    assert sizes[:2] == [4, 8] and sizes[2:5] == [4, 4, 4]
+    assert sol.usage.backend_calls == len(backend.batches)
+
+
+def test_augmentation_per_tree():
+    aug = ExampleRetriever()(MATH.parse("A train travels 50 km per hour for 3 hours. How far?"), 3, None)
+    assert aug[0][1] == "" and "train" in aug[1][1].lower() and aug[1][1] != aug[2][1]
+    import random
+
+    shuffled = shuffle_numbers("4 6 1 10", 4, random.Random(0))
+    assert shuffled[0][0] == "4 6 1 10"
+    assert all(sorted(p.split()) == sorted("4 6 1 10".split()) for p, _ in shuffled)
+    assert len({p for p, _ in shuffled}) > 1
+
+
+def test_same_seed_same_solution():
+    def respond(r: Request, j: int) -> str:  # depends on the seed the search chose: a sampling stand-in
+        return (
+            f"The answer is {(r.params.seed or 0) % 3}."
+            if "Grade" not in content(r)
+            else f"Score: {r.params.seed % 97}"
+        )
+
+    runs = [solve("What is 1 + 1?", ScriptedBackend(respond), trees=3, seed=5) for _ in range(2)]
+    a, b = (s.model_dump(exclude={"usage"}) for s in runs)
+    assert a == b
+    assert solve("What is 1 + 1?", ScriptedBackend(respond), trees=3, seed=6).model_dump(exclude={"usage"}) != a
+
+
+# ---- sparse activation --------------------------------------------------------------------------------------------
+def test_sparse_activation_prunes_trees_and_counts_saved_tokens():
+    scores = iter([f"Score: {s}" for s in [90, 10, 80, 10, 20, 10, 60, 10]] + ["Score: 50"] * 100)
+
+    def respond(r, j):
+        return next(scores) if "Grade" in content(r) else math_script()(r, j)
+
+    backend = ScriptedBackend(respond)
+    cfg = {"mctsr": {"rollouts": 2, "reward_samples": 1}, "early_stop": False, "sparse": {"top_k": 2}}
+    sol = solve("What is 40 + 2?", backend, trees=4, config=cfg)
+    critiques = [sum("Critique this answer" in content(r) for r in b) for b in backend.batches]
+    assert max(critiques) == 2  # only the top 2 trees expand
+    assert sol.usage.tree_steps_skipped == 2 * 2 and sol.usage.tokens_saved > 0
+    dense = solve(
+        "What is 40 + 2?", ScriptedBackend(math_script()), trees=4, config={**cfg, "sparse": {"enabled": False}}
+    )
+    assert dense.usage.generated_tokens > sol.usage.generated_tokens and dense.usage.tree_steps_skipped == 0
+
+
+def test_min_score_stops_weak_trees():
+    f = Forest("p", MATH, ForestConfig(sparse={"top_k": 4, "min_score": 50}), ScriptedBackend([]))
+
+    class T:
+        def __init__(self, s):
+            self.s = s
+
+        def score(self):
+            return self.s
+
+    trees = [T(70), T(40), T(55), T(10)]
+    assert [t.s for t in f.activate(trees, trees)] == [70, 55]
+
+
+# ---- self-correction ---------------------------------------------------------------------------------------------
+def test_self_correction_triggers_and_keeps_the_better_answer():
+    def out(text, lp):
+        return Output(text=text, token_ids=[1, 2], finish_reason="stop", logprobs=[lp, lp])
+
+    from fot.decoding.base import Completion
+
+    sure = Completion(prompt_tokens=3, outputs=[out("The answer is 5.", -0.2)])
+    unsure = Completion(prompt_tokens=3, outputs=[out("The answer is 6.", -2.5)])
+    no_answer = Completion(prompt_tokens=3, outputs=[out("Hmm, hard.", -0.1)])
+    backend = ScriptedBackend(lambda r, j: out("Checked: the answer is 7.", -0.5))
+    usage = SolveUsage()
+    fix = MathCorrector(MATH, -1.0, usage, seed=0)
+    texts = asyncio.run(fix(Batcher(backend, 1).generate, "p", [sure, unsure, no_answer]))
+    assert texts == ["The answer is 5.", "Checked: the answer is 7.", "Checked: the answer is 7."]
+    assert usage.corrections == 2 and len(backend.batches) == 1 and len(backend.batches[0]) == 2
+    worse = ScriptedBackend(lambda r, j: out("The answer is 8.", -3.0))
+    assert asyncio.run(fix(Batcher(worse, 1).generate, "p", [unsure]))[0] == "The answer is 6."  # kept the better
+
+
+# ---- CGED --------------------------------------------------------------------------------------------------------
+def decide_with(answers, expert_reply="1", cot="The answer is 9."):
+    backend = ScriptedBackend(lambda r, j: expert_reply if "Which candidate" in content(r) else cot)
+    d = asyncio.run(decide(MATH, "p", answers, Batcher(backend, 1).generate))
+    return d, backend
+
+
+def test_cged_majority_plurality_expert_fallback():
+    d, b = decide_with(["3", "3", "3.0", "4"])
+    assert (d.answer, d.method, d.confidence, b.batches) == ("3", "majority", 0.75, [])
+    d, _ = decide_with(["3", "3", "4", "5", None])
+    assert (d.answer, d.method) == ("3", "plurality")
+    d, b = decide_with(["3", "4", None, None], expert_reply="2")
+    assert (d.answer, d.method) == ("4", "expert") and len(b.batches) == 1
+    d, _ = decide_with(["3", "4"], expert_reply="0")  # the expert does not know: chain of thought decides
+    assert (d.answer, d.method, d.confidence) == ("9", "fallback", 0.0)
+    d, _ = decide_with([None, None, None])  # every tree said "I don't know"
+    assert (d.answer, d.method) == ("9", "fallback")
+
+
+def test_early_stop_on_a_majority():
+    backend = ScriptedBackend(math_script())
+    sol = solve("What is 40 + 2?", backend, trees=4, config={"mctsr": {"rollouts": 4}})
+    assert sol.decision == "majority" and sol.answer == "42"
+    assert not any("Critique this answer" in content(r) for b in backend.batches for r in b)  # no rollout needed
+
+
+# ---- Game of 24 with ToT -----------------------------------------------------------------------------------------
+def test_tot_checks_corrects_and_solves_exactly():
+    def respond(r, j):
+        text = content(r)
+        if "Evaluate if" in text:
+            return "sure"
+        numbers = text.rsplit("Input: ", 1)[1].split("\n")[0]
+        return {
+            "4 6 1 10": "4 + 6 = 11 (left: 1 11 10)\n7 * 7 = 49 (left: 1 49 10)\n4 - 1 = 3 (left: 3 6 10)",
+            "1 10 10": "10 + 10 = 20 (left: 1 20)",
+            "6 10 3": "10 * 3 = 30 (left: 6 30)",
+        }.get(numbers, "")
+
+    tree = ToT(GAME, "4 6 1 10", seed=0, correct=True)
+    backend = ScriptedBackend(respond)
+    for _ in range(2):
+        asyncio.run(run_step(Batcher(backend, 1), [tree.step(Batcher(backend, 1).generate)]))
+    assert tree.corrections == 1 and tree.rejected == 1  # 4 + 6 = 11 repaired; 7 * 7 dropped
+    assert tree.done and tree.answer() is not None
+    assert GAME.check("4 6 1 10", f"Answer: {tree.answer()}") == []
+    assert parse_value("10 14\nsure") == 20 and parse_value("nothing") == 0.001
+    strict = ToT(GAME, "4 6 1 10", seed=0, correct=False)
+    asyncio.run(strict.step(Batcher(backend, 1).generate))
+    assert strict.rejected == 2 and strict.corrections == 0
+
+
+def test_game24_solve_end_to_end_with_scripted_model():
+    def respond(r, j):
+        text = content(r)
+        if "Evaluate if" in text:
+            return "likely"
+        return "4 - 1 = 3 (left: 3 6 10)\n10 * 3 = 30 (left: 6 30)"
+
+    sol = solve("4 6 1 10", ScriptedBackend(respond), trees=2)
+    assert sol.task == "game24" and sol.answer is not None
+    assert GAME.check("4 6 1 10", f"Answer: {sol.answer}") == []
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "problem, kw",
+    [
+        ("", {}),
+        (42, {}),
+        ("What is 1 + 1?", {"task": "chess"}),
+        ("What is 1 + 1?", {"method": "beam"}),
+        ("What is 1 + 1?", {"trees": 0}),
+        ("4 6 10", {"task": "game24"}),
+        ("What is 1 + 1?", {"method": "tot"}),
+    ],
+)
+def test_bad_input_is_a_clear_error(problem, kw):
+    backend = ScriptedBackend([])
+    with pytest.raises(InvalidRequestError):
+        solve(problem, backend, **kw)
+    assert backend.batches == []

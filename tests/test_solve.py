@@ -1,0 +1,87 @@
+"""`fot.solve` end to end on real models: the tiny random one and the embedded SmolLM2, through the native engine
+and through vLLM in process. A 135M model is not expected to be right; these check the whole machinery runs on
+real generations: trees are built, votes counted, usage measured, and the answer (if any) is what the trees said."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import networkx as nx
+import pytest
+
+import fot
+from fot.cli import main as cli
+from fot.decoding import make_backend
+from fot.tasks import Game24Task
+
+SMALL = {"mctsr": {"rollouts": 1, "max_tokens": 48, "reward_samples": 2}, "tot": {"propose_tokens": 64}}
+
+
+def check_solution(sol: fot.Solution, trees: int) -> None:
+    assert len(sol.tree_answers) == len(sol.trees) == trees
+    for i in range(trees):
+        g = sol.graph(i)
+        assert nx.is_arborescence(g) and g.number_of_nodes() >= (3 if sol.task == "math" else 1)
+    if sol.decision in ("majority", "plurality"):
+        assert sol.answer in sol.votes and sol.votes[sol.answer] == max(sol.votes.values())
+    u = sol.usage
+    assert u.requests > 0 and u.generated_tokens > 0 and u.prompt_tokens > 0 and u.forward_passes > 0
+    assert u.seconds > 0 and u.backend_calls >= 2
+
+
+def test_solve_on_the_tiny_model(served_model_dir):
+    backend = make_backend("native", model=str(served_model_dir))
+    sol = fot.solve("What is 12 + 30?", backend=backend, trees=3, config=SMALL)
+    check_solution(sol, 3)
+    sols = fot.solve_many(["What is 1 + 1?", "4 6 1 10"], backend=backend, trees=2, config=SMALL)
+    assert [s.task for s in sols] == ["math", "game24"]
+    for s in sols:
+        check_solution(s, 2)
+
+
+@pytest.fixture(scope="module")
+def native_embedded():
+    b = make_backend("native", model="default")
+    yield b
+    asyncio.run(b.close())
+
+
+def test_solve_math_on_the_embedded_model(native_embedded):
+    sol = fot.solve(
+        "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How many apples are left?",
+        backend=native_embedded,
+        trees=2,
+        config=SMALL,
+    )
+    check_solution(sol, 2)
+    assert sol.usage.draft_tokens > 0  # the default native backend drafts with prompt lookup
+
+
+def test_solve_game24_on_the_embedded_model(native_embedded):
+    sol = fot.solve("4 6 1 10", backend=native_embedded, trees=2, config=SMALL)
+    check_solution(sol, 2)
+    if sol.answer is not None:  # whatever the model proposed, an answer is only ever an exactly checked one
+        assert Game24Task().check("4 6 1 10", f"Answer: {sol.answer}") == []
+
+
+def test_solve_through_vllm_in_process():
+    backend = make_backend("vllm", model="default", max_model_len=1024)
+    try:
+        sol = fot.solve("What is 7 times 8?", backend=backend, trees=2, config=SMALL)
+        check_solution(sol, 2)
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_cli_solve_json(served_model_dir, capsys):
+    cli(["solve", "What is 2 + 2?", "--model", str(served_model_dir), "--trees", "2", "--rollouts", "1",
+         "--max-tokens", "24", "--json"])  # fmt: skip
+    sol = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sol["task"] == "math" and len(sol["tree_answers"]) == 2 and sol["usage"]["generated_tokens"] > 0
+
+
+def test_cli_solve_bad_input_is_a_clean_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["solve", "1 2 3", "--task", "game24"])
+    assert e.value.code == 2 and "four numbers" in capsys.readouterr().err
