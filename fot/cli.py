@@ -53,6 +53,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
     generate_and_print(args.model, args.prompt, args.max_tokens, args.json, args.speculative)
 
 
+def cmd_train_adapter(args: argparse.Namespace) -> None:
+    from fot.speculative.kangaroo import train_adapter
+
+    out = train_adapter(
+        args.model,
+        args.out,
+        exit_layer=args.exit_layer,
+        prompts=args.prompts,
+        new_tokens=args.new_tokens,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        draft_vocab=args.draft_vocab or None,
+        seed=args.seed,
+        resume=not args.no_resume,
+    )
+    print(f"adapter written to {out}")
+    print((out / "adapter_config.json").read_text().split('"draft_vocab"')[0] + "...")
+
+
 def make_cli_backend(args: argparse.Namespace):
     from fot.decoding import make_backend
 
@@ -134,6 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
     add_search_options(p, rollouts=1, max_tokens=160)
     p.set_defaults(func=cmd_demo, json=False)
+    p = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for a model from its own generations")
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", help="output folder (default: the project cache)")
+    p.add_argument("--exit-layer", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=160)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--draft-vocab", type=int, default=8192, help="draft head over the N most frequent tokens; 0: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the checkpoint")
+    p.set_defaults(func=cmd_train_adapter)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -60,12 +60,18 @@ class SpeculativeConfig(BaseModel):
     With `cost_aware` the engine also fits how a forward's time grows with its token count on this machine and
     keeps a draft token only if it raises the expected tokens per second (see `drafters.draft_lengths`).
     `layout="padded"` is the paper's vanilla baseline, for comparison only.
+
+    `method="kangaroo"` drafts with the model's own first layers + a trained adapter (fot.speculative.kangaroo):
+    each sample drafts until the draft's top-1 probability drops below `confidence_threshold` or after
+    `num_speculative_tokens` tokens.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["prompt_lookup"] = "prompt_lookup"
+    method: Literal["prompt_lookup", "kangaroo"] = "prompt_lookup"
     num_speculative_tokens: int = Field(8, ge=1)
+    adapter: str | None = None  # kangaroo: adapter folder; None = the one shipped for the embedded model
+    confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)  # kangaroo's early exit; None = adapter's
     draft_threshold: float = Field(0.25, ge=0.0, le=1.0)
     max_draft_tokens_per_step: int | None = Field(None, ge=1)
     cost_aware: bool = True
@@ -77,6 +83,8 @@ class SpeculativeConfig(BaseModel):
     def _ngram_range(self) -> SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        if self.method == "kangaroo" and self.layout == "padded":
+            raise ValueError("kangaroo runs in the unpadded layout only")
         return self
 
     @classmethod

@@ -35,7 +35,7 @@ import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.consensus import decide, majority
-from fot.decoding.base import Backend, Completion, Request
+from fot.decoding.base import Backend, Completion, Request, Usage
 from fot.errors import InvalidRequestError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task
@@ -84,16 +84,10 @@ class ForestConfig(BaseModel):
     seed: int = 0
 
 
-class SolveUsage(BaseModel):
+class SolveUsage(Usage):
     """What one solve cost. Token counts are this solve's own; forward passes and draft counters are the
     backend's during the solve (shared with any solve running at the same time)."""
 
-    requests: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    forward_passes: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
     backend_calls: int = 0
     tree_steps_skipped: int = 0  # by sparse activation
     tokens_saved: int = 0  # estimated: skipped tree-steps x the mean tokens of a tree-step so far

@@ -57,7 +57,7 @@ def test_all_endpoints_down_is_a_clear_error_not_a_hang(vllm_url):
 def test_endpoint_killed_mid_run(vllm_url, tmp_path):
     ports = free_port(), free_port()
     with (
-        fault_proxy(upstream(vllm_url), ports[0], tmp_path / "a.log", delay=0.3) as doomed,
+        fault_proxy(upstream(vllm_url), ports[0], tmp_path / "a.log", delay=5) as doomed,  # holds its requests
         fault_proxy(upstream(vllm_url), ports[1], tmp_path / "b.log"),
     ):
         b = make_backend("openai", base_urls=[url(p) for p in ports], backoff=0.05)

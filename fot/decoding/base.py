@@ -163,6 +163,14 @@ class BaseBackend:
     def __init__(self) -> None:
         self.usage = Usage()
 
+    @staticmethod
+    def parse_config(model: type[BaseModel], config: BaseModel | dict | None, options: dict) -> BaseModel:
+        """A backend's config model from a model instance or dict plus keyword overrides; bad -> our error."""
+        try:
+            return model(**{**dict(config or {}), **options})
+        except ValueError as e:
+            raise InvalidRequestError(f"invalid {model.__name__}: {e}") from None
+
     def check(self, request: Request) -> None:
         """Backend-specific validation (context length, model limits); raise InvalidRequestError."""
 

@@ -38,10 +38,7 @@ class NativeBackend(BaseBackend):
 
     def __init__(self, config: NativeConfig | dict | None = None, *, engine: Engine | None = None, **options):
         super().__init__()
-        try:
-            self.config = NativeConfig(**{**dict(config or {}), **options})
-        except ValueError as e:
-            raise InvalidRequestError(f"invalid native backend config: {e}") from None
+        self.config = self.parse_config(NativeConfig, config, options)
         c = self.config
         self.engine = engine or Engine.from_pretrained(
             c.model, dtype=c.dtype, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative

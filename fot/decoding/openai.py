@@ -61,10 +61,7 @@ class OpenAIBackend(BaseBackend):
 
     def __init__(self, config: OpenAIConfig | dict | None = None, **options):
         super().__init__()
-        try:
-            self.config = c = OpenAIConfig(**{**dict(config or {}), **options})
-        except ValueError as e:
-            raise InvalidRequestError(f"invalid OpenAI backend config: {e}") from None
+        self.config = c = self.parse_config(OpenAIConfig, config, options)
         self.model: str | None = c.model
         self._loop: asyncio.AbstractEventLoop | None = None
         self.context: int | None = None

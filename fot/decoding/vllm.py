@@ -82,10 +82,7 @@ class VLLMBackend(BaseBackend):
 
     def __init__(self, config: VLLMConfig | dict | None = None, **options):
         super().__init__()
-        try:
-            self.config = c = VLLMConfig(**{**dict(config or {}), **options})
-        except ValueError as e:
-            raise InvalidRequestError(f"invalid vLLM backend config: {e}") from None
+        self.config = c = self.parse_config(VLLMConfig, config, options)
         folder = resolve_model(c.model)
         vllm_environment(c.kv_cache_gib)
         try:

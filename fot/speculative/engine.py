@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
-from fot.speculative.cache import KVCache
+from fot.speculative.cache import KVCache, Step
 from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
-from fot.speculative.model import Transformer
+from fot.speculative.kangaroo import KangarooDrafter, default_adapter_dir, load_adapter
+from fot.speculative.model import Transformer, pack_linears
 from fot.speculative.verify import accept_greedy, accept_sampled
 
 ChatMessage = dict[str, str]
@@ -187,13 +188,21 @@ class Engine:
         self.eos_ids = set(eos_ids) | ({tokenizer.eos_token_id} - {None})
         self.stats, self.last_stats = EngineStats(), EngineStats()
         self.rng = torch.Generator(self.device).manual_seed(seed)
-        self.speculative = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
-        if self.speculative and drafter is None:
-            drafter = PromptLookup(self.speculative.prompt_lookup_max, self.speculative.prompt_lookup_min)
+        self.speculative = spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
+        self.kangaroo: KangarooDrafter | None = None
+        if spec and spec.method == "kangaroo" and drafter is None:
+            options = {"max_steps": spec.num_speculative_tokens}
+            if spec.confidence_threshold is not None:
+                options["threshold"] = spec.confidence_threshold
+            self.kangaroo = load_adapter(spec.adapter or default_adapter_dir(), model, **options)
+        elif spec and drafter is None:
+            drafter = PromptLookup(spec.prompt_lookup_max, spec.prompt_lookup_min)
         self.drafter = drafter
         self.forward_cost = ForwardCost()
         if pack:
             model.pack_weights()
+            if self.kangaroo is not None:
+                pack_linears(self.kangaroo.adapter)
 
     @classmethod
     def from_pretrained(
@@ -286,7 +295,8 @@ class Engine:
         growth = 1 + self.speculative.num_speculative_tokens if self.padded else 1
         max_len = max(len(s.prompt) + s.params.max_tokens * growth for s in seqs)
         n_slots = min(self.max_batch, len(seqs))
-        shape = (a.n_layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
+        layers = a.n_layers + (self.kangaroo is not None)  # Kangaroo's adapter keeps its KV as one more layer
+        shape = (layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
         return KVCache(*shape, self.model.dtype, device=self.device, padded=self.padded)
 
     @property
@@ -300,13 +310,23 @@ class Engine:
         tokens = torch.tensor([t for s in seqs for t in s.prompt], device=self.device)
         last = torch.tensor(counts, device=self.device).cumsum(0) - 1
         slots = [s.slot for s in seqs]
-        logits = self.model(tokens, cache.plan(slots, counts), cache, last)
+        step = cache.plan(slots, counts)
+        if self.kangaroo is None:
+            logits = self.model(tokens, step, cache, last)
+        else:  # the shallow hidden states also fill the adapter's KV cache
+            kg = self.kangaroo
+            h = kg.shallow(tokens, step, cache)
+            kg.adapt(h, step, cache)
+            h = self.model.run_layers(h, step, cache, kg.exit_layer)
+            logits = self.model.logits(h.index_select(0, last))
         cache.advance(slots, counts)
         self.accept(seqs, logits, [[] for _ in seqs], list(range(len(seqs))))
         self.last_stats.prompt_tokens += sum(counts)
 
     def decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """One forward for the whole batch: each sample's last token plus its drafts (none without a drafter)."""
+        if self.kangaroo is not None:
+            return self.decode_kangaroo(seqs, cache)
         drafts = self.draft(seqs) if self.drafter else [[] for _ in seqs]
         inputs = [[s.out[-1], *d] for s, d in zip(seqs, drafts, strict=True)]
         if self.padded:  # the vanilla baseline: pad to the longest
@@ -322,6 +342,42 @@ class Engine:
         gained = self.accept(seqs, logits, drafts, firsts)
         # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
         cache.advance(slots, gained, grow=max(gained) if self.padded else None)
+        self.last_stats.decode_steps += len(seqs)
+
+    def decode_kangaroo(self, seqs: list[_Sequence], cache: KVCache) -> None:
+        """Kangaroo in a batch: draft with the shallow layers + adapter, each sample until its own early exit, then
+        verify every sample's drafts in one forward of the remaining layers over the saved shallow states."""
+        kg, slots = self.kangaroo, [s.slot for s in seqs]
+        base = [cache.lengths[slot] for slot in slots]
+        caps = [min(kg.max_steps, s.params.max_tokens - len(s.out) - 1) for s in seqs]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        hidden: list[list[Tensor]] = [[] for _ in seqs]
+        newest = [s.out[-1] for s in seqs]
+        live, i = list(range(len(seqs))), 0  # samples whose newest token still needs its shallow pass
+        while live:
+            step = Step.build([slots[j] for j in live], [base[j] + i for j in live], [1] * len(live))
+            step = step.to(self.device)
+            h = kg.shallow(torch.tensor([newest[j] for j in live], device=self.device), step, cache)
+            a = kg.adapt(h, step, cache)  # the adapter's own KV entry for this position, drafting or not
+            for r, j in enumerate(live):
+                hidden[j].append(h[r])
+            want = [r for r, j in enumerate(live) if len(drafts[j]) < caps[j]]
+            tokens, conf = kg.propose(a[want]) if want else ([], [])
+            going = []
+            for r, token, c in zip(want, tokens, conf, strict=True):
+                if c >= kg.threshold:  # the second early exit: stop when the draft is unsure
+                    drafts[live[r]].append(token)
+                    newest[live[r]] = token
+                    going.append(live[r])
+            live, i = going, i + 1
+        counts = [len(d) + 1 for d in drafts]
+        for seq, d in zip(seqs, drafts, strict=True):
+            seq.draft_tokens += len(d)
+            self.last_stats.draft_tokens += len(d)
+        flat = torch.stack([row for rows in hidden for row in rows])
+        h = self.model.run_layers(flat, cache.plan(slots, counts), cache, kg.exit_layer)
+        gained = self.accept(seqs, self.model.logits(h), drafts, list(accumulate(counts, initial=0))[:-1])
+        cache.advance(slots, gained)
         self.last_stats.decode_steps += len(seqs)
 
     def draft(self, seqs: list[_Sequence]) -> list[list[int]]:

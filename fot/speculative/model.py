@@ -116,6 +116,17 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+def pack_linears(module: nn.Module) -> None:
+    """Run every `Linear` of `module` on oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it;
+    elsewhere a no-op). The unpacked weights stay for the embedding lookup and for training: a second copy."""
+    weight = next(module.parameters())
+    supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
+    if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
+        for m in module.modules():
+            if isinstance(m, Linear):
+                m.pack()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -207,13 +218,8 @@ class Transformer(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def pack_weights(self) -> Transformer:
-        """Switch every matmul to oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it; elsewhere a
-        no-op). The unpacked weights stay for the embedding lookup and for training: a second copy in memory."""
-        supported = self.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
-        if self.output.weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
-            for module in self.modules():
-                if isinstance(module, Linear):
-                    module.pack()
+        """Switch every matmul to oneDNN's packed weights (see `pack_linears`)."""
+        pack_linears(self)
         return self
 
     @property

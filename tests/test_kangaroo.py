@@ -1,0 +1,152 @@
+"""Kangaroo: lossless whatever the adapter (untrained ones accept little and must still be exact), batched,
+with the sampling distribution kept; adapters name their base model; training runs, checkpoints and resumes."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import save_tiny
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fot.config import SamplingParams
+from fot.errors import InvalidRequestError, ModelError
+from fot.speculative.engine import Engine
+from fot.speculative.kangaroo import Adapter, model_fingerprint, save_adapter, train_adapter
+from fot.speculative.model import Transformer
+
+
+def random_adapter(folder, model: Transformer, exit_layer: int, vocab: list[int] | None = None, seed: int = 0):
+    torch.manual_seed(seed)
+    adapter = Adapter(model.args)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    config = {"base_model": "tiny", "base": model_fingerprint(model), "exit_layer": exit_layer, "draft_vocab": vocab}
+    save_adapter(folder, adapter, config)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir, tmp_path_factory):
+    plain = Engine.from_pretrained(tiny_model_dir, max_batch=16)
+    folders = {
+        "full": random_adapter(tmp_path_factory.mktemp("ad"), plain.model, exit_layer=1),
+        "small-vocab": random_adapter(tmp_path_factory.mktemp("ad"), plain.model, 2, vocab=list(range(0, 384, 3))),
+    }
+    return plain, folders
+
+
+def kangaroo(plain: Engine, adapter, **spec) -> Engine:
+    config = {"method": "kangaroo", "adapter": str(adapter), **spec}
+    return Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=plain.max_batch, speculative=config)
+
+
+@st.composite
+def cases(draw):
+    rng = random.Random(draw(st.integers(0, 2**16)))
+    batch = draw(st.integers(1, 16))
+    prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(batch)]
+    params = [
+        SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, logprobs=rng.random() < 0.3) for _ in prompts
+    ]
+    spec = {
+        "confidence_threshold": draw(st.sampled_from([0.0, 0.01, 0.05])),
+        "num_speculative_tokens": draw(st.integers(1, 6)),
+    }
+    return prompts, params, draw(st.integers(1, 16)), draw(st.sampled_from(["full", "small-vocab"])), spec
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_greedy_kangaroo_equals_plain(engines, case):
+    plain, folders = engines
+    prompts, params, max_batch, adapter, spec = case
+    plain.max_batch = max_batch
+    expected = plain.generate(prompts, params)
+    engine = kangaroo(plain, folders[adapter], **spec)
+    got = engine.generate(prompts, params)
+    for e, g in zip(expected, got, strict=True):
+        assert g.token_ids == e.token_ids and g.finish_reason == e.finish_reason
+        assert g.accepted_tokens <= g.draft_tokens
+        if e.logprobs is not None:
+            assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
+    s = engine.last_stats
+    assert s.accepted_tokens == sum(g.accepted_tokens for g in got)
+    assert s.draft_tokens == sum(g.draft_tokens for g in got)
+
+
+def test_threshold_one_never_drafts_and_zero_always_does(engines):
+    plain, folders = engines
+    prompts, params = [[5, 6, 7], [9, 10]], SamplingParams(max_tokens=10, ignore_eos=True)
+    never = kangaroo(plain, folders["full"], confidence_threshold=1.0)
+    never.generate(prompts, params)
+    assert never.last_stats.draft_tokens == 0
+    always = kangaroo(plain, folders["full"], confidence_threshold=0.0, num_speculative_tokens=3)
+    outs = always.generate(prompts, params)
+    # each decode step drafts min(3, tokens still to go - 1): the cap is hit exactly
+    assert all(o.draft_tokens >= 3 for o in outs) and always.last_stats.draft_tokens > 0
+
+
+@pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.9, "top_k": 6}])
+def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params):
+    """The 2nd generated token on a 12-token vocabulary, sampled with Kangaroo drafts, fits the exact
+    distribution computed from the model (chi-square, p > 0.001)."""
+    from transformers import AutoModelForCausalLM
+
+    from fot.speculative.verify import probabilities
+
+    vocab, prompt, n = 12, [3, 7, 1, 4], 3000
+    folder = save_tiny(tmp_path / "v12", "llama", vocab_size=vocab)
+    params = SamplingParams(max_tokens=3, ignore_eos=True, **params)  # the 2nd token comes from a verified draft
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        p1 = probabilities(hf(torch.tensor([prompt])).logits[0, -1], params)
+        p2 = probabilities(hf(torch.tensor([[*prompt, a] for a in range(vocab)])).logits[:, -1], params)
+    exact = (p1[:, None] * p2).sum(0)
+    plain = Engine.from_pretrained(folder, max_batch=256, seed=2)
+    engine = kangaroo(plain, random_adapter(tmp_path / "ad", plain.model, 1), confidence_threshold=0.0)
+    outs = engine.generate([prompt] * n, params)
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
+    big = exact * n >= 5
+    observed = torch.cat([counts[big], counts[~big].sum(0, keepdim=True)])
+    expected = torch.cat([exact[big] * n, (exact[~big] * n).sum(0, keepdim=True)])
+    keep = expected > 0
+    chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert chi2 < 32.9
+    assert 0 < engine.last_stats.accepted_tokens < engine.last_stats.draft_tokens
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path, tiny_llama_dir):
+    other = Transformer.from_pretrained(save_tiny(tmp_path / "other", "llama", seed=1))
+    folder = random_adapter(tmp_path / "ad", other, 1)
+    plain = Engine.from_pretrained(tiny_llama_dir)
+    with pytest.raises(ModelError, match="trained for base model"):
+        kangaroo(plain, folder)
+    with pytest.raises(ModelError, match="no Kangaroo adapter"):
+        kangaroo(plain, tmp_path / "nowhere")
+    with pytest.raises(InvalidRequestError):
+        Engine(plain.model, plain.tokenizer, speculative={"method": "kangaroo", "layout": "padded"})
+
+
+def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_dir):
+    out = tmp_path / "adapter"
+    kw = dict(exit_layer=2, prompts=20, new_tokens=12, batch_size=6, draft_vocab=200, progress=False)
+    train_adapter(str(tiny_llama_dir), out, epochs=1, **kw)
+    first = json.loads((out / "adapter_config.json").read_text())
+    assert first["exit_layer"] == 2 and len(first["draft_vocab"]) == 200 and first["base_model"] == str(tiny_llama_dir)
+    checkpoint = torch.load(out / "work" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["epoch"] == 0
+    train_adapter(str(tiny_llama_dir), out, epochs=3, **kw)  # resumes at epoch 1 from the checkpoint
+    assert torch.load(out / "work" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    trained = json.loads((out / "adapter_config.json").read_text())["training"]
+    assert trained["epochs"] == 3 and 0 <= trained["holdout_top1_agreement"] <= 1
+    plain = Engine.from_pretrained(tiny_llama_dir, max_batch=8)
+    prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)
+    assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [
+        o.token_ids for o in plain.generate(prompts, params)
+    ]
