@@ -1,10 +1,11 @@
 """Backends under the search's load: many requests fired concurrently, as the trees of a forest do.
 
 64 MCTSr-style refine requests of 128 new tokens (greedy) are sent as 64 separate `generate` calls at once through
-the Backend contract, to: the native engine without speculation, the native engine with EMS-SD prompt lookup, vLLM
-in process (plain), and vLLM in process with its own ngram speculator. All on the embedded model, in one process,
-one after the other (native first: vLLM pins its threads when it starts). Prints requests/s and tokens/s, ratios,
-whether the outputs agree, and as its LAST line one JSON object. `--quick` (8 requests of 24 tokens) < 60 s.
+the Backend contract, to: the native engine (plain, EMS-SD prompt lookup, Kangaroo with the shipped adapter) and
+vLLM in process (plain, with our Kangaroo proposer, with its own ngram speculator). All on the embedded model, in
+one process, one after the other (native first: vLLM pins its threads when it starts). Prints requests/s and
+tokens/s, ratios, whether the outputs agree, and as its LAST line one JSON object. `--quick` (8 requests of 24
+tokens, no ngram) < 60 s.
 
     python benchmarks/backends.py [--quick] [--requests 64] [--new-tokens 128]
 """
@@ -21,6 +22,7 @@ import torch
 from ems_sd import refine_prompt
 
 from fot.decoding import Request
+from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
 from fot.decoding.native import NativeBackend
 from fot.decoding.vllm import VLLMBackend
 from fot.speculative.engine import Engine
@@ -47,12 +49,17 @@ def main() -> None:
     requests = [Request.make(refine_prompt(rng), max_tokens=new_tokens, ignore_eos=True) for _ in range(n)]
 
     plain = Engine.from_pretrained(args.model, max_batch=n)
-    spec = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=n, speculative="prompt_lookup")
+
+    def sibling(speculative: str) -> Engine:
+        return Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=n, speculative=speculative)
+
     makers = {
         "native": lambda: NativeBackend(engine=plain),
-        "native+prompt_lookup": lambda: NativeBackend(engine=spec),
+        "native+prompt_lookup": lambda: NativeBackend(engine=sibling("prompt_lookup")),
+        "native+kangaroo": lambda: NativeBackend(engine=sibling("kangaroo")),
         "vllm": lambda: VLLMBackend(model=args.model, max_num_seqs=n),
     }
+    makers["vllm+kangaroo"] = lambda: VLLMBackend(model=args.model, max_num_seqs=n, speculative_config=KANGAROO_VLLM)
     if not args.quick:
         ngram = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
         makers["vllm+ngram"] = lambda: VLLMBackend(model=args.model, max_num_seqs=n, speculative_config=ngram)
@@ -77,6 +84,7 @@ def main() -> None:
         return sum(x == y for x, y in zip(outputs[a], outputs[b], strict=True))
 
     same, same_sd = agree("native", "vllm"), agree("native", "native+prompt_lookup")
+    same_kg = agree("native", "native+kangaroo")
     best_native = max(results["native"]["tok_s"], results["native+prompt_lookup"]["tok_s"])
     print(f"\n{n} concurrent requests x {new_tokens} tokens, {args.model}, greedy, {torch.get_num_threads()} threads")
     print(f"{'backend':22} {'req/s':>7} {'tok/s':>8} {'vs vllm':>8} {'accept rate':>12}")
@@ -84,7 +92,8 @@ def main() -> None:
         ratio = r["tok_s"] / results["vllm"]["tok_s"]
         print(f"{name:22} {r['req_s']:7.2f} {r['tok_s']:8.1f} {ratio:7.2f}x {r['accept_rate']:12.3f}")
     print(
-        f"identical outputs: native+prompt_lookup vs native {same_sd}/{n}, vLLM vs native {same}/{n} (fp32 "
+        f"identical outputs: native+prompt_lookup vs native {same_sd}/{n}, native+kangaroo vs native "
+        f"{same_kg}/{n}, vLLM vs native {same}/{n} (fp32 "
         "everywhere; a forward's shape changes its float sums, so near-tied argmaxes can flip; the engine's "
         "losslessness is proven by the tests on fixed inputs)"
     )
@@ -97,6 +106,7 @@ def main() -> None:
                 "best_native_over_vllm": round(best_native / results["vllm"]["tok_s"], 2),
                 "identical_native_vllm": same,
                 "identical_native_sd": same_sd,
+                "identical_native_kangaroo": same_kg,
                 "requests": n,
                 "new_tokens": new_tokens,
             }

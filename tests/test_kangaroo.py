@@ -150,3 +150,27 @@ def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_
     assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [
         o.token_ids for o in plain.generate(prompts, params)
     ]
+
+
+def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
+    """vLLM's custom_class speculative method with our proposer: vLLM verifies, so greedy output must be vLLM's
+    plain output; an untrained adapter with threshold 0 drafts at every step and is mostly rejected."""
+    import asyncio
+
+    from fot.decoding import Request
+    from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
+    from fot.decoding.vllm import VLLMBackend
+
+    folder = random_adapter(tmp_path / "ad", Transformer.from_pretrained(served_model_dir), 1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "threshold": 0.0}))
+    reqs = [Request.make(p, max_tokens=20, ignore_eos=True) for p in ["The quick brown fox", "12 + 30 =", "Paris"]]
+    outs, usage = {}, {}
+    for name, kw in [("plain", {}), ("kangaroo", {"speculative_config": KANGAROO_VLLM, "kangaroo_adapter": folder})]:
+        backend = VLLMBackend(model=str(served_model_dir), max_model_len=512, **kw)
+        outs[name] = [c.token_ids for c in asyncio.run(backend.generate(reqs))]
+        usage[name] = backend.usage
+        asyncio.run(backend.close())
+    assert outs["kangaroo"] == outs["plain"]
+    assert usage["kangaroo"].draft_tokens > 0 and usage["plain"].draft_tokens == 0
+    assert usage["kangaroo"].accepted_tokens <= usage["kangaroo"].draft_tokens

@@ -15,6 +15,7 @@ import itertools
 import os
 import queue
 import threading
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +39,8 @@ class VLLMConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     enable_prefix_caching: bool = True
     enforce_eager: bool = True
-    speculative_config: dict[str, Any] | None = None
+    speculative_config: dict[str, Any] | None = None  # vLLM's; fot.decoding.kangaroo_vllm.KANGAROO_VLLM for Kangaroo
+    kangaroo_adapter: str | Path | None = None  # adapter folder for the Kangaroo proposer (default: the shipped one)
     seed: int = 0
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other vllm.EngineArgs field
 
@@ -85,6 +87,8 @@ class VLLMBackend(BaseBackend):
         self.config = c = self.parse_config(VLLMConfig, config, options)
         folder = resolve_model(c.model)
         vllm_environment(c.kv_cache_gib)
+        if c.kangaroo_adapter:
+            os.environ["FOT_KANGAROO_ADAPTER"] = str(c.kangaroo_adapter)
         try:
             from vllm import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache
 from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
 from fot.speculative.kangaroo import KangarooDrafter, default_adapter_dir, load_adapter
 from fot.speculative.model import Transformer, pack_linears
@@ -348,28 +348,9 @@ class Engine:
         """Kangaroo in a batch: draft with the shallow layers + adapter, each sample until its own early exit, then
         verify every sample's drafts in one forward of the remaining layers over the saved shallow states."""
         kg, slots = self.kangaroo, [s.slot for s in seqs]
-        base = [cache.lengths[slot] for slot in slots]
         caps = [min(kg.max_steps, s.params.max_tokens - len(s.out) - 1) for s in seqs]
-        drafts: list[list[int]] = [[] for _ in seqs]
-        hidden: list[list[Tensor]] = [[] for _ in seqs]
-        newest = [s.out[-1] for s in seqs]
-        live, i = list(range(len(seqs))), 0  # samples whose newest token still needs its shallow pass
-        while live:
-            step = Step.build([slots[j] for j in live], [base[j] + i for j in live], [1] * len(live))
-            step = step.to(self.device)
-            h = kg.shallow(torch.tensor([newest[j] for j in live], device=self.device), step, cache)
-            a = kg.adapt(h, step, cache)  # the adapter's own KV entry for this position, drafting or not
-            for r, j in enumerate(live):
-                hidden[j].append(h[r])
-            want = [r for r, j in enumerate(live) if len(drafts[j]) < caps[j]]
-            tokens, conf = kg.propose(a[want]) if want else ([], [])
-            going = []
-            for r, token, c in zip(want, tokens, conf, strict=True):
-                if c >= kg.threshold:  # the second early exit: stop when the draft is unsure
-                    drafts[live[r]].append(token)
-                    newest[live[r]] = token
-                    going.append(live[r])
-            live, i = going, i + 1
+        starts = [cache.lengths[slot] for slot in slots]
+        drafts, hidden = kg.draft([[s.out[-1]] for s in seqs], slots, starts, caps, cache)
         counts = [len(d) + 1 for d in drafts]
         for seq, d in zip(seqs, drafts, strict=True):
             seq.draft_tokens += len(d)

@@ -66,7 +66,7 @@ class KangarooDrafter:
     def __post_init__(self):
         weight = self.model.output.weight
         self.head = weight if self.vocab is None else weight.index_select(0, self.vocab)
-        self.layer = self.model.args.n_layers
+        self.layer = self.model.args.n_layers  # the adapter's KV: one more layer after the model's own
         self.group = self.model.args.n_heads // self.model.args.n_kv_heads
 
     def shallow(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
@@ -78,6 +78,39 @@ class KangarooDrafter:
         cos = self.model.cos[step.pos].to(h.dtype).unsqueeze(1)
         sin = self.model.sin[step.pos].to(h.dtype).unsqueeze(1)
         return self.adapter(h, step, cos, sin, cache.k[self.layer], cache.v[self.layer], self.group)
+
+    def draft(
+        self, new: list[list[int]], slots: list[int], starts: list[int], caps: list[int], cache: KVCache
+    ) -> tuple[list[list[int]], list[list[Tensor]]]:
+        """Double early exit for a batch. Sample i feeds its `new` tokens (at positions starts[i]..) through the
+        shallow layers and the adapter, then drafts one token at a time until its draft's top-1 probability falls
+        below `threshold` or it has `caps[i]` drafts; each sample stops at its own step. Returns the drafts and the
+        shallow hidden state of every token fed (the new ones and every draft kept), for verification."""
+        device = cache.k.device
+        drafts: list[list[int]] = [[] for _ in new]
+        hidden: list[list[Tensor]] = [[] for _ in new]
+        feed, pos, live = [list(x) for x in new], list(starts), list(range(len(new)))
+        while live:
+            counts = [len(feed[j]) for j in live]
+            step = Step.build([slots[j] for j in live], [pos[j] for j in live], counts).to(device)
+            h = self.shallow(torch.tensor([t for j in live for t in feed[j]], device=device), step, cache)
+            a = self.adapt(h, step, cache)  # the adapter's own KV entries, drafting or not
+            row, last = 0, []
+            for j, c in zip(live, counts, strict=True):
+                hidden[j].extend(h[row : row + c])
+                row += c
+                last.append(row - 1)
+                pos[j] += c
+            want = [r for r, j in enumerate(live) if len(drafts[j]) < caps[j]]
+            tokens, conf = self.propose(a[[last[r] for r in want]]) if want else ([], [])
+            going = []
+            for r, token, c in zip(want, tokens, conf, strict=True):
+                if c >= self.threshold:  # the second early exit: stop when the draft is unsure
+                    drafts[live[r]].append(token)
+                    feed[live[r]] = [token]
+                    going.append(live[r])
+            live = going
+        return drafts, hidden
 
     def propose(self, a: Tensor) -> tuple[list[int], list[float]]:
         """Greedy draft token and its probability under the draft head, per row of adapter output."""
