@@ -7,7 +7,7 @@
 Math problems from a fixed generator; native backend with EMS-SD prompt lookup; sampled at the search's default
 temperature with fixed seeds. Prints a table and, as its LAST line, one JSON object. `--quick` < 60 s.
 
-    python benchmarks/forest.py [--quick] [--problems 3] [--rollouts 2] [--max-tokens 160]
+    python benchmarks/forest.py [--quick] [--problems 2] [--rollouts 2] [--max-tokens 96]
 """
 
 from __future__ import annotations
@@ -39,16 +39,16 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 48-token answers (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 24-token answers (< 60 s)")
     ap.add_argument("--problems", type=int, default=None)
     ap.add_argument("--rollouts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
-    problems = PROBLEMS[: args.problems or (1 if args.quick else 3)]
+    problems = PROBLEMS[: args.problems or (1 if args.quick else 2)]
     rollouts = args.rollouts if args.rollouts is not None else (1 if args.quick else 2)
-    max_tokens = args.max_tokens or (48 if args.quick else 160)
-    mctsr = {"rollouts": rollouts, "max_tokens": max_tokens, "reward_samples": 2}
+    max_tokens = args.max_tokens or (24 if args.quick else 96)
+    mctsr = {"rollouts": rollouts, "max_tokens": max_tokens, "reward_samples": 1 if args.quick else 2}
     dense = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": False}}
     sparse = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": True, "top_k": 2}}
 

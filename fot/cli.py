@@ -56,18 +56,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_train_adapter(args: argparse.Namespace) -> None:
     from fot.speculative.kangaroo import train_adapter
 
+    names = ("exit_layer", "prompts", "new_tokens", "epochs", "batch_size", "lr", "seed")
+    options = {name: getattr(args, name) for name in names}
     out = train_adapter(
-        args.model,
-        args.out,
-        exit_layer=args.exit_layer,
-        prompts=args.prompts,
-        new_tokens=args.new_tokens,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        draft_vocab=args.draft_vocab or None,
-        seed=args.seed,
-        resume=not args.no_resume,
+        args.model, args.out, draft_vocab=args.draft_vocab or None, resume=not args.no_resume, **options
     )
     print(f"adapter written to {out}")
     print((out / "adapter_config.json").read_text().split('"draft_vocab"')[0] + "...")
@@ -157,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for a model from its own generations")
     p.add_argument("--model", default="default")
     p.add_argument("--out", help="output folder (default: the project cache)")
-    p.add_argument("--exit-layer", type=int, default=2)
+    p.add_argument("--exit-layer", type=int, default=4)
     p.add_argument("--prompts", type=int, default=160)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--epochs", type=int, default=8)

@@ -174,3 +174,12 @@ def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
     assert outs["kangaroo"] == outs["plain"]
     assert usage["kangaroo"].draft_tokens > 0 and usage["plain"].draft_tokens == 0
     assert usage["kangaroo"].accepted_tokens <= usage["kangaroo"].draft_tokens
+
+
+def test_shipped_adapter_on_the_embedded_model_is_lossless_and_accepts():
+    plain = Engine.from_pretrained("default", max_batch=4)
+    engine = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=4, speculative="kangaroo")
+    chats = [[{"role": "user", "content": f"Tom has {n} boxes with 12 apples each. How many apples?"}] for n in (3, 5)]
+    params = SamplingParams(max_tokens=48)
+    assert [o.token_ids for o in engine.generate(chats, params)] == [o.token_ids for o in plain.generate(chats, params)]
+    assert engine.last_stats.accept_length > 1.1

@@ -238,7 +238,7 @@ def train_adapter(
     model_name: str = "default",
     out: str | Path | None = None,
     *,
-    exit_layer: int = 2,
+    exit_layer: int = 4,
     prompts: int = 160,
     new_tokens: int = 128,
     epochs: int = 8,
