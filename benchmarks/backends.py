@@ -4,8 +4,8 @@
 the Backend contract, to: the native engine (plain, EMS-SD prompt lookup, Kangaroo with the shipped adapter) and
 vLLM in process (plain, with our Kangaroo proposer, with its own ngram speculator). All on the embedded model, in
 one process, one after the other (native first: vLLM pins its threads when it starts). Prints requests/s and
-tokens/s, ratios, whether the outputs agree, and as its LAST line one JSON object. `--quick` (8 requests of 24
-tokens, no ngram) < 60 s.
+tokens/s, ratios, whether the outputs agree, and as its LAST line one JSON object. `--quick` (8 requests of 16
+tokens, no speculative vLLM) < 60 s.
 
     python benchmarks/backends.py [--quick] [--requests 64] [--new-tokens 128]
 """
@@ -38,13 +38,13 @@ async def fire(backend, requests: list[Request]) -> tuple[float, list[list[int]]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="8 requests of 24 tokens, no vLLM ngram (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="8 requests of 16 tokens, no speculative vLLM (< 60 s)")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     n = args.requests or (8 if args.quick else 64)
-    new_tokens = args.new_tokens or (24 if args.quick else 128)
+    new_tokens = args.new_tokens or (16 if args.quick else 128)
     rng = random.Random(0)
     requests = [Request.make(refine_prompt(rng), max_tokens=new_tokens, ignore_eos=True) for _ in range(n)]
 
@@ -59,8 +59,9 @@ def main() -> None:
         "native+kangaroo": lambda: NativeBackend(engine=sibling("kangaroo")),
         "vllm": lambda: VLLMBackend(model=args.model, max_num_seqs=n),
     }
-    makers["vllm+kangaroo"] = lambda: VLLMBackend(model=args.model, max_num_seqs=n, speculative_config=KANGAROO_VLLM)
     if not args.quick:
+        kangaroo = KANGAROO_VLLM
+        makers["vllm+kangaroo"] = lambda: VLLMBackend(model=args.model, max_num_seqs=n, speculative_config=kangaroo)
         ngram = {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
         makers["vllm+ngram"] = lambda: VLLMBackend(model=args.model, max_num_seqs=n, speculative_config=ngram)
 

@@ -39,7 +39,7 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 24-token answers (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 16-token answers (< 60 s)")
     ap.add_argument("--problems", type=int, default=None)
     ap.add_argument("--rollouts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -47,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     problems = PROBLEMS[: args.problems or (1 if args.quick else 2)]
     rollouts = args.rollouts if args.rollouts is not None else (1 if args.quick else 2)
-    max_tokens = args.max_tokens or (24 if args.quick else 96)
+    max_tokens = args.max_tokens or (16 if args.quick else 96)
     mctsr = {"rollouts": rollouts, "max_tokens": max_tokens, "reward_samples": 1 if args.quick else 2}
     dense = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": False}}
     sparse = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": True, "top_k": 2}}
