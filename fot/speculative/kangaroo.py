@@ -47,9 +47,15 @@ class Adapter(nn.Module):
         self.attention = Attention(args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h: Tensor, step: Step, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, group: int) -> Tensor:
-        mask = step.attention_mask(group, h.dtype)
+    def forward(self, h: Tensor, step: Step, mask: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Arguments as in the model's `Block` (see `Transformer.attention_inputs`)."""
         return self.norm(h + self.attention(self.attention_norm(h), step, mask, cos, sin, k, v))
+
+
+def draft_head(model: Transformer, vocab: Tensor | None) -> Tensor:
+    """The model's own LM head weight, restricted to the draft vocabulary (all of it when None)."""
+    weight = model.output.weight
+    return weight if vocab is None else weight.index_select(0, vocab)
 
 
 @dataclass
@@ -64,10 +70,8 @@ class KangarooDrafter:
     max_steps: int = 6
 
     def __post_init__(self):
-        weight = self.model.output.weight
-        self.head = weight if self.vocab is None else weight.index_select(0, self.vocab)
+        self.head = draft_head(self.model, self.vocab)
         self.layer = self.model.args.n_layers  # the adapter's KV: one more layer after the model's own
-        self.group = self.model.args.n_heads // self.model.args.n_kv_heads
 
     def shallow(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
         """Layers 1..k on new tokens (their KV entries stay in the cache for verification); the hidden states."""
@@ -75,9 +79,8 @@ class KangarooDrafter:
 
     def adapt(self, h: Tensor, step: Step, cache: KVCache) -> Tensor:
         """The adapter on shallow hidden states, writing its own KV entries at the same positions."""
-        cos = self.model.cos[step.pos].to(h.dtype).unsqueeze(1)
-        sin = self.model.sin[step.pos].to(h.dtype).unsqueeze(1)
-        return self.adapter(h, step, cos, sin, cache.k[self.layer], cache.v[self.layer], self.group)
+        mask, cos, sin = self.model.attention_inputs(step, h.dtype)
+        return self.adapter(h, step, mask, cos, sin, cache.k[self.layer], cache.v[self.layer])
 
     def draft(
         self, new: list[list[int]], slots: list[int], starts: list[int], caps: list[int], cache: KVCache
@@ -217,10 +220,8 @@ def adapter_loss(model: Transformer, adapter: Adapter, batch: dict, vocab: Tenso
     step = Step.build(list(range(len(lengths))), [0] * len(lengths), lengths)
     k = torch.zeros(len(lengths), a.n_kv_heads, max(lengths), a.head_dim, dtype=model.dtype)
     v = torch.zeros_like(k)
-    cos, sin = (t[step.pos].to(model.dtype).unsqueeze(1) for t in (model.cos, model.sin))
-    out = adapter(batch["hidden"], step, cos, sin, k, v, a.n_heads // a.n_kv_heads)
-    head = model.output.weight if vocab is None else model.output.weight.index_select(0, vocab)
-    logp = torch.log_softmax(F.linear(out, head).float(), -1)
+    out = adapter(batch["hidden"], step, *model.attention_inputs(step, model.dtype), k, v)
+    logp = torch.log_softmax(F.linear(out, draft_head(model, vocab)).float(), -1)
     idx, p = batch["idx"], batch["p"]
     top1 = logp.argmax(-1) if vocab is None else vocab[logp.argmax(-1)]
     agree = (top1 == idx[:, 0]).float().mean().item()

@@ -229,11 +229,15 @@ class Transformer(nn.Module):
     def embed(self, tokens: Tensor) -> Tensor:
         return self.tok_embeddings(tokens)
 
+    def attention_inputs(self, step: Step, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """What every attention layer of a step shares: the folded-GQA additive mask and RoPE's cos and sin."""
+        cos = self.cos[step.pos].to(dtype).unsqueeze(1)
+        sin = self.sin[step.pos].to(dtype).unsqueeze(1)
+        return step.attention_mask(self.args.n_heads // self.args.n_kv_heads, dtype), cos, sin
+
     def run_layers(self, h: Tensor, step: Step, cache: KVCache, start: int = 0, end: int | None = None) -> Tensor:
         """Run layers [start, end) on hidden states h: [T, dim]; cache entries go to the cache's own layer slots."""
-        cos = self.cos[step.pos].to(h.dtype).unsqueeze(1)
-        sin = self.sin[step.pos].to(h.dtype).unsqueeze(1)
-        mask = step.attention_mask(self.args.n_heads // self.args.n_kv_heads, h.dtype)
+        mask, cos, sin = self.attention_inputs(step, h.dtype)
         for i in range(start, self.args.n_layers if end is None else end):
             layer_cache = i - cache.first_layer
             h = self.layers[i](h, step, mask, cos, sin, cache.k[layer_cache], cache.v[layer_cache])
