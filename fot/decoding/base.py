@@ -156,7 +156,8 @@ class Backend(Protocol):
 
 class BaseBackend:
     """Shared plumbing: request checking, usage accounting, async context manager. Subclasses implement
-    `_generate(requests)`, which may assume valid requests and must return one Completion per request, in order."""
+    `_generate(requests, prepared)` (`prepared`: what `prepare` returned for each request), which may assume valid
+    requests and must return one Completion per request, in order."""
 
     name = "base"
 
@@ -171,8 +172,10 @@ class BaseBackend:
         except ValueError as e:
             raise InvalidRequestError(f"invalid {model.__name__}: {e}") from None
 
-    def check(self, request: Request) -> None:
-        """Backend-specific validation (context length, model limits); raise InvalidRequestError."""
+    def prepare(self, request: Request) -> object:
+        """Backend-specific validation before any work (raise InvalidRequestError); returns what `_generate` needs
+        of the request (its token ids, say), so that nothing is computed twice. None by default."""
+        return None
 
     async def generate(self, requests: Sequence[Request | str]) -> list[Completion]:
         """Serve `requests` (Requests or plain prompts with default sampling) and return their completions in
@@ -180,14 +183,15 @@ class BaseBackend:
         if isinstance(requests, str | Request) or not isinstance(requests, Sequence):
             raise InvalidRequestError("generate takes a list of requests")
         reqs = [Request.make(r) for r in requests]
+        prepared = []
         for i, r in enumerate(reqs):
             try:
-                self.check(r)
+                prepared.append(self.prepare(r))
             except InvalidRequestError as e:
                 raise InvalidRequestError(f"request {i}: {e}") from None
         if not reqs:
             return []
-        done = await self._generate(reqs)
+        done = await self._generate(reqs, prepared)
         for c in done:
             self.usage.requests += 1
             self.usage.failed += not c.ok
@@ -195,7 +199,7 @@ class BaseBackend:
             self.usage.generated_tokens += c.generated_tokens
         return done
 
-    async def _generate(self, requests: list[Request]) -> list[Completion]:
+    async def _generate(self, requests: list[Request], prepared: list) -> list[Completion]:
         raise NotImplementedError
 
     async def close(self) -> None:

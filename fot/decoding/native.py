@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.decoding.base import BaseBackend, Completion, Output, Request, Usage
-from fot.errors import InvalidRequestError
 from fot.speculative.engine import Engine
 
 
@@ -47,17 +46,11 @@ class NativeBackend(BaseBackend):
         self._pending: list[tuple[list[list[int]], list[SamplingParams], asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 
-    def check(self, request: Request) -> None:
-        p = request.params
-        ids = self.engine.tokenize(request.prompt)
-        if len(ids) + p.max_tokens > self.engine.context:
-            raise InvalidRequestError(
-                f"{len(ids)} prompt tokens + max_tokens {p.max_tokens} exceed the context of {self.engine.context}"
-            )
+    def prepare(self, request: Request) -> list[int]:
+        return self.engine.encode_request(request.prompt, request.params)
 
-    async def _generate(self, requests: list[Request]) -> list[Completion]:
+    async def _generate(self, requests: list[Request], prompt_ids: list[list[int]]) -> list[Completion]:
         # n samples of a request become n engine sequences; a seeded request's j-th sample uses seed + j
-        prompt_ids = [self.engine.tokenize(r.prompt) for r in requests]
         prompts, params, owner = [], [], []
         for i, (r, ids) in enumerate(zip(requests, prompt_ids, strict=True)):
             for j in range(r.params.n):

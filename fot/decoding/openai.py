@@ -107,11 +107,11 @@ class OpenAIBackend(BaseBackend):
             raise InvalidRequestError(f"model {self.model!r} is not served; the endpoints serve {sorted(served)}")
         self.context = served[self.model] or 1 << 30
 
-    def check(self, request: Request) -> None:
+    def prepare(self, request: Request) -> None:
         if request.params.max_tokens >= self.context:
             raise InvalidRequestError(f"max_tokens {request.params.max_tokens} >= the context of {self.context}")
 
-    async def _generate(self, requests: list[Request]) -> list[Completion]:
+    async def _generate(self, requests: list[Request], prepared: list) -> list[Completion]:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     def body(self, request: Request) -> tuple[str, dict]:

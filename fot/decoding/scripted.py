@@ -32,7 +32,7 @@ class ScriptedBackend(BaseBackend):
             replies = iter(script)
             self.respond = lambda r, j: next(replies)
 
-    async def _generate(self, requests: list[Request]) -> list[Completion]:
+    async def _generate(self, requests: list[Request], prepared: list) -> list[Completion]:
         self.batches.append(requests)
         done = []
         for r in requests:

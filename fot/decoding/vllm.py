@@ -122,15 +122,14 @@ class VLLMBackend(BaseBackend):
         self._thread = threading.Thread(target=self._run, name="fot-vllm", daemon=True)
         self._thread.start()
 
-    def encode(self, request: Request) -> list[int]:
+    def prepare(self, request: Request) -> list[int]:
         from fot.speculative.engine import encode_prompt
 
-        return encode_prompt(self.tokenizer, request.prompt)
-
-    def check(self, request: Request) -> None:
-        n = len(self.encode(request)) + request.params.max_tokens
+        ids = encode_prompt(self.tokenizer, request.prompt)
+        n = len(ids) + request.params.max_tokens
         if n > self.context:
             raise InvalidRequestError(f"prompt + max_tokens = {n} tokens exceed the context of {self.context}")
+        return ids
 
     def sampling_params(self, request: Request):
         from vllm import SamplingParams as VSamplingParams
@@ -150,12 +149,12 @@ class VLLMBackend(BaseBackend):
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
-    async def _generate(self, requests: list[Request]) -> list[Completion]:
+    async def _generate(self, requests: list[Request], prompt_ids: list[list[int]]) -> list[Completion]:
         loop = asyncio.get_running_loop()
         futures = []
-        for r in requests:
+        for r, ids in zip(requests, prompt_ids, strict=True):
             fut = loop.create_future()
-            self._inbox.put((f"fot-{next(self._ids)}", self.encode(r), self.sampling_params(r), fut, loop))
+            self._inbox.put((f"fot-{next(self._ids)}", ids, self.sampling_params(r), fut, loop))
             futures.append(fut)
         return list(await asyncio.gather(*futures))
 

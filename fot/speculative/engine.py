@@ -223,6 +223,18 @@ class Engine:
             return list(prompt)
         return encode_prompt(self.tokenizer, prompt)
 
+    def encode_request(self, prompt: Prompt, params: SamplingParams, name: str = "the prompt") -> list[int]:
+        """The prompt's token ids, checked: not empty, and room in the context for `params.max_tokens`."""
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise InvalidRequestError(f"{name} is empty")
+        if len(ids) + params.max_tokens > self.context:
+            raise InvalidRequestError(
+                f"{name}: {len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed the context of "
+                f"{self.context} tokens"
+            )
+        return ids
+
     def _sequences(self, prompts: Sequence[Prompt], params) -> list[_Sequence]:
         """Validate and tokenize everything before any work, so bad input fails fast and alone."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
@@ -237,14 +249,7 @@ class Engine:
         for i, (prompt, p) in enumerate(zip(prompts, all_params, strict=True)):
             if p.n != 1:
                 raise InvalidRequestError(f"prompt {i}: the engine takes n=1; fot.decoding.NativeBackend serves n > 1")
-            ids = self.tokenize(prompt)
-            if not ids:
-                raise InvalidRequestError(f"prompt {i} is empty")
-            if len(ids) + p.max_tokens > self.context:
-                raise InvalidRequestError(
-                    f"prompt {i}: {len(ids)} prompt tokens + max_tokens {p.max_tokens} exceed the context of "
-                    f"{self.context} tokens"
-                )
+            ids = self.encode_request(prompt, p, name=f"prompt {i}")
             gen = torch.Generator(self.device).manual_seed(p.seed) if p.seed is not None else self.rng
             seqs.append(_Sequence(index=i, prompt=ids, params=p, generator=gen))
         return seqs
@@ -352,9 +357,6 @@ class Engine:
         starts = [cache.lengths[slot] for slot in slots]
         drafts, hidden = kg.draft([[s.out[-1]] for s in seqs], slots, starts, caps, cache)
         counts = [len(d) + 1 for d in drafts]
-        for seq, d in zip(seqs, drafts, strict=True):
-            seq.draft_tokens += len(d)
-            self.last_stats.draft_tokens += len(d)
         flat = torch.stack([row for rows in hidden for row in rows])
         h = self.model.run_layers(flat, cache.plan(slots, counts), cache, kg.exit_layer)
         gained = self.accept(seqs, self.model.logits(h), drafts, list(accumulate(counts, initial=0))[:-1])
@@ -376,11 +378,7 @@ class Engine:
         # of what was proposed, keep what pays for its verification on this machine
         cost = self.forward_cost.fit() if spec.cost_aware else None
         keep = draft_lengths(rates, [len(d) for d in drafts], 0.0, spec.max_draft_tokens_per_step, cost)
-        drafts = [d[:k] for d, k in zip(drafts, keep, strict=True)]
-        for seq, d in zip(seqs, drafts, strict=True):
-            seq.draft_tokens += len(d)
-            self.last_stats.draft_tokens += len(d)
-        return drafts
+        return [d[:k] for d, k in zip(drafts, keep, strict=True)]
 
     def accept(self, seqs: list[_Sequence], logits: Tensor, drafts: list[list[int]], firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
@@ -394,6 +392,8 @@ class Engine:
             else:
                 tokens = accept_sampled(logits[first : first + len(draft) + 1], draft, seq.params, seq.generator)
             seq.forward_passes += 1
+            seq.draft_tokens += len(draft)
+            self.last_stats.draft_tokens += len(draft)
             seq.accepted_tokens += len(tokens) - 1
             seq.hits = 0.8 * seq.hits + len(tokens) - 1
             seq.trials = 0.8 * seq.trials + min(len(tokens), len(draft))
