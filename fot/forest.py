@@ -28,6 +28,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import cache
 from importlib import resources
 from typing import Literal, Protocol
 
@@ -155,6 +156,12 @@ class ExampleRetriever:
         return out
 
 
+@cache
+def shipped_examples() -> ExampleRetriever:
+    """The retriever over the shipped example pool, read and indexed once per process, not once per problem."""
+    return ExampleRetriever()
+
+
 def shuffle_numbers(problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
     """Game-of-24 augmentation: tree i > 0 sees the four numbers in a shuffled order."""
     numbers = problem.split()
@@ -243,7 +250,7 @@ class Forest:
                 ToT(self.task, p, c.tot, seed=s, correct=correct, name=f"tree{i}")
                 for i, ((p, _), s) in enumerate(zip(inputs, seeds, strict=True))
             ]
-        inputs = ExampleRetriever()(self.problem, n, self.rng) if fot else [(self.problem, "")]
+        inputs = shipped_examples()(self.problem, n, self.rng) if fot else [(self.problem, "")]
         corrector = None
         if fot and c.correction.enabled:
             threshold, seed = c.correction.logprob_threshold, c.seed * 1000 + 999
