@@ -1,4 +1,4 @@
-"""`fot` command line: solve, generate, prepare-model, demo (eval and train-adapter join later)."""
+"""`fot` command line: solve, eval, demo, generate, train-adapter, prepare-model."""
 
 from __future__ import annotations
 
@@ -125,6 +125,14 @@ def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    try:
+        from evals.runner import main as eval_main
+    except ImportError as e:
+        raise FotError(f"`fot eval` needs the evals extra (`pip install 'fot[eval]'`): {e}") from None
+    eval_main(args.args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     add_search_options(p)
     p.add_argument("--json", action="store_true", help="print each Solution as one JSON line")
     p.set_defaults(func=cmd_solve)
+    p = sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic); `fot eval -h` for options")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="benchmark name and options, as for python -m evals.NAME")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
     add_search_options(p, rollouts=1, max_tokens=160)
     p.set_defaults(func=cmd_demo, json=False)

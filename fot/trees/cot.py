@@ -1,7 +1,8 @@
 """Baselines: chain of thought (one greedy answer) and self-consistency (majority of n sampled answers).
 
 Also FoT's fallback when the forest's decision is "I don't know". For Game of 24 the answer line is
-"Answer: <expression> = 24"; for math, "The answer is X."
+"Answer: <expression> = 24"; for math, "The answer is X." The Game-of-24 example (rank 455) lies outside the
+evaluation split (ranks 901-1000), unlike the ToT paper's prompt, which shows rank 1000's solution.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from fot.tasks.base import Task, majority_key
 from fot.trees.mctsr import ANSWER, Generate
 
 GAME24 = """Use each of the four numbers exactly once with + - * / and parentheses to make 24.
-Input: 4 9 10 13
+Input: 2 9 10 12
 Steps:
-13 - 9 = 4 (left: 4 4 10)
-10 - 4 = 6 (left: 4 6)
-4 * 6 = 24 (left: 24)
-Answer: (13 - 9) * (10 - 4) = 24
+12 * 2 = 24 (left: 9 10 24)
+10 - 9 = 1 (left: 1 24)
+24 * 1 = 24 (left: 24)
+Answer: (12 * 2) * (10 - 9) = 24
 Input: {problem}
 Steps:
 """

@@ -1,0 +1,1 @@
+"""Evaluations: `python -m evals.gsm8k | evals.math | evals.game24 | evals.arithmetic` or `fot eval NAME`."""

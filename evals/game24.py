@@ -1,0 +1,6 @@
+"""`python -m evals.game24`: see evals.runner for the options."""
+
+from evals.runner import main
+
+if __name__ == "__main__":
+    main(benchmark="game24")

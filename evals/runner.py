@@ -1,0 +1,330 @@
+"""One runner for every benchmark: solve each problem, score it after the search, append one JSON line per problem.
+
+    python -m evals.game24 --method fot --trees 4 --limit 20
+    fot eval arithmetic --method sc --trees 8 --concurrency 8
+
+Each run writes OUT/BENCHMARK/RUN.jsonl, where RUN names the settings (method, trees, drafter, seed and a hash of
+the rest). A record is appended, flushed and fsynced the moment its problem finishes, so re-running the same
+command skips the finished problems and a crash loses only the problems in flight (`--concurrency`, default 1).
+The search gets the question only; `gold` is read after it returns, to score the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from evals.data import DataError, Problem, load_arithmetic, load_game24, load_gsm8k, load_math500
+from fot.errors import FotError
+from fot.tasks import get_task
+from fot.tasks.game24 import check_expression, parse_numbers
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    task: str
+    load: Callable[[argparse.Namespace], list[Problem]]
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise DataError(f"--levels must be comma-separated integers, got {text!r}") from None
+
+
+BENCHMARKS = {
+    "gsm8k": Benchmark("gsm8k", "math", lambda a: load_gsm8k(a.data)),
+    "math": Benchmark("math", "math", lambda a: load_math500(a.data)),
+    "game24": Benchmark("game24", "game24", lambda a: load_game24(a.data, a.ranks)),
+    "arithmetic": Benchmark("arithmetic", "math", lambda a: load_arithmetic(a.n, _levels(a.levels), a.data_seed)),
+}
+SAMPLE = {"math": "What is 1 + 1?", "game24": "4 6 1 10"}
+# What each --speculative choice means per backend (the openai backend's servers decide for themselves).
+DRAFTERS = {
+    "native": {"none": None, "prompt_lookup": "prompt_lookup", "kangaroo": {"method": "kangaroo"}},
+    "vllm": {
+        "none": None,
+        "ngram": {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
+        "kangaroo": "kangaroo",
+    },
+    "openai": {"none": None},
+}
+
+
+class Record(BaseModel):
+    """One problem's result. Counters are the solve's own, except forward passes and drafts, which are the
+    backend's while the problem was in flight (shared with the other problems in flight when concurrency > 1)."""
+
+    id: str
+    benchmark: str
+    run: str
+    method: str
+    trees: int
+    model: str
+    backend: str
+    speculative: str
+    seed: int
+    level: str | None
+    answer: str | None
+    gold: str
+    correct: bool
+    votes: dict[str, int]
+    decision: str
+    tokens: int
+    prompt_tokens: int
+    requests: int
+    forward_passes: int
+    draft_tokens: int
+    accepted_tokens: int
+    tokens_saved: int
+    corrections: int
+    seconds: float
+    concurrency: int
+
+
+def score(problem: Problem, answer: str | None) -> bool:
+    """Math: equivalent to the gold answer. Game of 24: the model's expression uses each number once and is 24."""
+    if answer is None:
+        return False
+    if problem.task == "game24":
+        return check_expression(parse_numbers(problem.question), answer)
+    return get_task("math").equivalent(answer, problem.gold)
+
+
+def run_name(args: argparse.Namespace) -> str:
+    """The file name of a run: readable settings plus a hash of everything else that changes results."""
+    settings = {k: getattr(args, k) for k in ("model", "backend", "rollouts", "max_tokens", "base_url", "ranks")}
+    if args.benchmark == "arithmetic":
+        settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    model = Path(args.model).name if args.model else "default"
+    return f"{args.method}-t{args.trees}-{model}-{args.backend}-{args.speculative}-s{args.seed}-{digest}"
+
+
+def read_records(path: Path) -> list[Record]:
+    """The finished records of a run file. A torn last line (a crash mid-write) is cut off; any other bad line
+    is an error, since it means the file is not ours."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        cut = raw.rfind(b"\n") + 1
+        print(f"evals: {path.name}: dropping a torn last line (an interrupted write)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        raw = raw[:cut]
+    records = []
+    for number, line in enumerate(raw.decode().splitlines(), 1):
+        try:
+            records.append(Record.model_validate_json(line))
+        except ValueError as e:
+            raise DataError(f"{path}:{number} is not a result record: {str(e)[:200]}") from None
+    return records
+
+
+def append(path: Path, record: Record) -> None:
+    with open(path, "a") as f:
+        f.write(record.model_dump_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_backend(args: argparse.Namespace):
+    from fot.decoding import make_backend as make
+
+    drafters = DRAFTERS[args.backend]
+    if args.speculative not in drafters:
+        raise FotError(
+            f"--speculative {args.speculative} is not available on the {args.backend} backend: {[*drafters]}"
+        )
+    spec = drafters[args.speculative]
+    if args.backend == "native":
+        return make("native", model=args.model, speculative=spec, max_batch=args.max_batch)
+    if args.backend == "vllm":
+        if spec == "kangaroo":
+            from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
+
+            spec = KANGAROO_VLLM
+        return make("vllm", model=args.model, speculative_config=spec, max_num_seqs=args.max_batch)
+    if not args.base_url:
+        raise FotError("--backend openai needs --base-url (one per endpoint)")
+    return make("openai", base_urls=args.base_url, model=None if args.model == "default" else args.model)
+
+
+async def solve_all(problems: list[Problem], args: argparse.Namespace, path: Path, backend) -> tuple[int, int]:
+    """Solve `problems` with at most `args.concurrency` in flight; append each record as it finishes."""
+    from fot.forest import asolve
+
+    config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    gate = asyncio.Semaphore(args.concurrency)
+    bar = tqdm(total=len(problems), desc=f"{args.benchmark} {args.method} x{args.trees}", unit="problem")
+    right = failed = 0
+
+    async def one(problem: Problem) -> None:
+        nonlocal right, failed
+        async with gate:
+            try:
+                sol = await asolve(
+                    problem.question,
+                    task=problem.task,
+                    trees=args.trees,
+                    method=args.method,
+                    backend=backend,
+                    config=config,
+                    seed=args.seed,
+                )
+            except FotError as e:  # one problem's failure is reported, not recorded: a re-run retries it
+                failed += 1
+                tqdm.write(f"evals: {problem.id} failed: {e}", file=sys.stderr)
+                bar.update()
+                return
+        u = sol.usage
+        record = Record(
+            id=problem.id,
+            benchmark=args.benchmark,
+            run=path.stem,
+            method=args.method,
+            trees=args.trees,
+            model=args.model,
+            backend=args.backend,
+            speculative=args.speculative,
+            seed=args.seed,
+            level=problem.level,
+            answer=sol.answer,
+            gold=problem.gold,
+            correct=score(problem, sol.answer),
+            votes=sol.votes,
+            decision=sol.decision,
+            tokens=u.generated_tokens,
+            prompt_tokens=u.prompt_tokens,
+            requests=u.requests,
+            forward_passes=u.forward_passes,
+            draft_tokens=u.draft_tokens,
+            accepted_tokens=u.accepted_tokens,
+            tokens_saved=u.tokens_saved,
+            corrections=u.corrections,
+            seconds=round(u.seconds, 3),
+            concurrency=args.concurrency,
+        )
+        append(path, record)
+        right += record.correct
+        bar.update()
+        bar.set_postfix(acc=f"{right / max(bar.n - failed, 1):.1%}")
+
+    try:
+        async with asyncio.TaskGroup() as group:  # an unexpected error stops the other problems in flight too
+            for p in problems:
+                group.create_task(one(p))
+    except BaseExceptionGroup as e:
+        raise e.exceptions[0] from None
+    finally:
+        bar.close()
+    return right, failed
+
+
+def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m evals.{benchmark}" if benchmark else "fot eval",
+        description="Run a benchmark; results are appended to OUT/BENCHMARK/RUN.jsonl and re-runs resume.",
+    )
+    if benchmark is None:
+        p.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    p.add_argument("--model", default="default", help="model name or folder (for openai: the served name)")
+    p.add_argument("--backend", default="native", choices=["native", "vllm", "openai"])
+    p.add_argument("--method", default="fot", choices=["cot", "sc", "tot", "mctsr", "fot"])
+    p.add_argument("--trees", type=int, default=4, help="trees per problem (samples for sc)")
+    p.add_argument("--limit", type=int, help="only the first N problems")
+    p.add_argument("--seed", type=int, default=0, help="search seed")
+    p.add_argument("--out", default="evals/results", help="results folder")
+    p.add_argument("--data", help="local data file or folder (jsonl/json/parquet; Game of 24: the 24.csv)")
+    p.add_argument("--rollouts", type=int, default=4, help="MCTSr rollouts per tree")
+    p.add_argument("--max-tokens", type=int, default=384, help="per answer")
+    p.add_argument("--speculative", default="prompt_lookup", help="drafter: none|prompt_lookup|kangaroo (vllm: ngram)")
+    p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
+    p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")
+    p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
+    p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
+    p.add_argument("--n", type=int, default=100, help="arithmetic: problems generated")
+    p.add_argument("--levels", default="1,2,3,4", help="arithmetic: operations per problem")
+    p.add_argument("--data-seed", type=int, default=0, help="arithmetic: generator seed")
+    p.add_argument("--no-report", action="store_true", help="do not rewrite OUT/REPORT.md and the plots")
+    return p
+
+
+def options(benchmark: str, **overrides) -> argparse.Namespace:
+    """The command line's options as a namespace, for calling `arun` from Python (notebooks)."""
+    args = parser().parse_args([benchmark])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise FotError(f"unknown eval option {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
+    """Run (or resume) one benchmark run on `backend` (made from the options if None, and closed after); return
+    the results file and the number of problems that failed."""
+    if args.trees < 1 or args.concurrency < 1 or (args.limit is not None and args.limit < 1):
+        raise FotError("--trees, --concurrency and --limit must be >= 1")
+    bench = BENCHMARKS[args.benchmark]
+    from fot.forest import validate
+
+    validate(SAMPLE[bench.task], bench.task, args.method)  # a method that does not fit the task fails here
+    if args.method not in ("fot", "sc"):
+        args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
+    problems = bench.load(args)[: args.limit]
+    path = Path(args.out) / bench.name / f"{run_name(args)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {r.id for r in read_records(path)}
+    todo = [p for p in problems if p.id not in done]
+    print(f"evals: {path}: {len(done)} problems done, {len(todo)} to go", file=sys.stderr)
+    failed = 0
+    if todo:
+        t0 = time.perf_counter()
+        if backend is None:
+            async with make_backend(args) as own:
+                right, failed = await solve_all(todo, args, path, own)
+        else:
+            right, failed = await solve_all(todo, args, path, backend)
+        print(
+            f"evals: {len(todo) - failed} solved in {time.perf_counter() - t0:.0f} s, {right} correct"
+            + (f"; {failed} failed (re-run to retry them)" if failed else ""),
+            file=sys.stderr,
+        )
+    records = [r for r in read_records(path) if r.id in {p.id for p in problems}]
+    if records:
+        acc = sum(r.correct for r in records) / len(records)
+        print(f"{bench.name} {args.method} x{args.trees}: accuracy {acc:.1%} on {len(records)} problems -> {path}")
+    if not args.no_report:
+        from evals.report import write_report
+
+        print(f"report: {write_report(Path(args.out))}")
+    return path, failed
+
+
+def main(argv: list[str] | None = None, benchmark: str | None = None) -> None:
+    args = parser(benchmark).parse_args(argv)
+    if benchmark:
+        args.benchmark = benchmark
+    from fot.decoding.base import run_sync
+
+    try:
+        _, failed = run_sync(arun(args))
+    except FotError as e:
+        print(f"evals: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if failed:
+        sys.exit(1)

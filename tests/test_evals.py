@@ -1,0 +1,310 @@
+"""Evaluations: data loading and its errors, scoring, resume after a crash, the report, and `fot eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evals.data import (
+    DataError,
+    Problem,
+    game24_csv,
+    gsm8k_gold,
+    load_arithmetic,
+    load_game24,
+    load_gsm8k,
+    load_math500,
+)
+from evals.report import summarise, wilson, write_report
+from evals.runner import Record, arun, options, read_records, score
+from fot.decoding.base import Request, run_sync
+from fot.decoding.scripted import ScriptedBackend
+from fot.tasks import MathTask
+from fot.tasks.game24 import check_expression, parse_numbers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GSM8K_ROWS = [
+    {"question": "Ann has 2 cats and buys 3 more. How many cats?", "answer": "2 + 3 = <<2+3=5>>5\n#### 5"},
+    {"question": "A farm sells 1,200 eggs a day. How many in 2 days?", "answer": "1200*2=2400\n#### 2,400"},
+]
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+def test_gsm8k_from_jsonl_and_parquet(tmp_path: Path) -> None:
+    problems = load_gsm8k(write_jsonl(tmp_path / "test.jsonl", GSM8K_ROWS))
+    assert [p.gold for p in problems] == ["5", "2400"]
+    assert problems[0].question == GSM8K_ROWS[0]["question"] and problems[0].task == "math"
+    import pandas as pd
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    pd.DataFrame(GSM8K_ROWS).to_parquet(folder / "test-00000.parquet")
+    assert [p.gold for p in load_gsm8k(folder)] == ["5", "2400"]
+
+
+def test_math500_schema(tmp_path: Path) -> None:
+    row = {"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "...", "answer": "\\frac{3}{4}"}
+    rows = [row | {"unique_id": "test/algebra/1.json", "level": 2, "subject": "Algebra"}]
+    [p] = load_math500(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert (p.id, p.gold, p.level) == ("test/algebra/1.json", "\\frac{3}{4}", "2")
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        ('{"question": "q", "answer": "#### 1"}\n{"question": "q2", "ans', "torn.jsonl", "could not read"),
+        ("\x00\x01 not parquet", "bad.parquet", "could not read"),
+        ('{"question": "q", "answer": "1"}\n', "nomarker.jsonl", "without '####'"),
+        ('{"prompt": "q", "answer": "#### 1"}\n', "schema.jsonl", "lacks the text field"),
+        ("question,answer\nq,#### 1\n", "data.csv", "use one of the formats"),
+    ],
+)
+def test_bad_data_files_fail_clearly(tmp_path: Path, content: str, name: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_gsm8k(path)
+
+
+def test_missing_data_and_offline_hub(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_gsm8k(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="--data"):  # this machine has no internet; the message says what to do
+        load_gsm8k()
+
+
+def test_gsm8k_gold_marker() -> None:
+    assert gsm8k_gold("so 3 + 4 = 7\n#### 1,007") == "1007"
+    with pytest.raises(DataError):
+        gsm8k_gold("7")
+
+
+def test_game24_hard_split_from_the_shipped_csv() -> None:
+    """The real puzzles (the tree-of-thoughts-llm wheel, fetched once into the cache): ranks 901-1000."""
+    problems = load_game24(game24_csv())
+    assert len(problems) == 100 and problems[0].id == "24-901" and problems[-1].id == "24-1000"
+    assert problems[0].question == "4 5 6 10"
+    for p in problems:  # each comes with one exactly checked reference solution
+        assert check_expression(parse_numbers(p.question), p.gold), p
+    assert len(load_game24(ranks="1-1362")) == 1362
+
+
+def test_game24_bad_csv(tmp_path: Path) -> None:
+    (tmp_path / "24.csv").write_text("Rank,Numbers\n1,1 2 3 4\n")
+    with pytest.raises(DataError, match="Rank and Puzzles"):
+        load_game24(tmp_path / "24.csv")
+    (tmp_path / "24.csv").write_text("Rank,Puzzles\n1,1 2 3 4\n")
+    with pytest.raises(DataError, match="ranks must look like"):
+        load_game24(tmp_path / "24.csv", ranks="top")
+    with pytest.raises(DataError, match="no puzzle ranked"):
+        load_game24(tmp_path / "24.csv", ranks="5-9")
+
+
+def replay(question: str) -> int:
+    """An independent reading of the generator's sentences: recompute the answer from the words alone."""
+    sentences = re.split(r"(?<=\.) ", question)
+    x = int(re.search(r"has (\d+)", sentences[0])[1])
+    for s in sentences[1:-1]:
+        if m := re.search(r"gives (\d+)", s):
+            x -= int(m[1])
+        elif m := re.search(r"becomes (twice|three times)", s):
+            x *= 2 if m[1] == "twice" else 3
+        elif m := re.search(r"among (\d+) people", s):
+            assert x % int(m[1]) == 0
+            x //= int(m[1])
+        elif m := re.search(r"buys (\d+) bags with (\d+)", s):
+            x += int(m[1]) * int(m[2])
+        elif m := re.search(r"finds (\d+) more", s):
+            x += int(m[1])
+        else:
+            raise AssertionError(f"unknown sentence {s!r}")
+    return x
+
+
+def test_arithmetic_generator_answers_and_levels() -> None:
+    problems = load_arithmetic(40, levels=(1, 2, 3, 4), seed=3)
+    assert problems == load_arithmetic(40, levels=(1, 2, 3, 4), seed=3)  # same seed, same set
+    assert problems != load_arithmetic(40, levels=(1, 2, 3, 4), seed=4)
+    assert [p.level for p in problems[:4]] == ["1", "2", "3", "4"]
+    for p in problems:
+        assert str(replay(p.question)) == p.gold and int(p.gold) > 0, p
+        assert p.question.count(".") == int(p.level) + 1
+    with pytest.raises(DataError):
+        load_arithmetic(0)
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "gold", "correct"),
+    [
+        ("So she pays \\boxed{18 \\text{ dollars}}.", "18", True),
+        ("The answer is $\\frac{1}{2}$.", "0.5", True),
+        ("The answer is 1/2.", "\\frac{1}{2}", True),
+        ("The answer is 2,400 eggs.", "2400", True),
+        ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True),
+        ("The angle is \\boxed{30^\\circ}", "30", True),
+        ("The answer is $18.00.", "18", True),
+        ("first \\boxed{3}, then corrected: \\boxed{4}", "3", False),
+        ("The answer is 24.5", "24", False),
+        ("I don't know.", "7", False),
+    ],
+)
+def test_scoring_table(text: str, gold: str, correct: bool) -> None:
+    problem = Problem(id="p", question="q", gold=gold, task="math")
+    assert score(problem, MathTask().extract(text)) is correct
+
+
+def test_game24_scoring_rechecks_the_arithmetic() -> None:
+    p = Problem(id="24-1", question="4 9 10 13", gold="(13 - 9) * (10 - 4)", task="game24")
+    assert score(p, "(10 - 4) * (13 - 9)")  # any valid expression, not only the reference one
+    assert not score(p, "4 * 6")  # equals 24 but does not use the puzzle's numbers
+    assert not score(p, "(13 - 9) * (10 - 4) + 0")
+    assert not score(p, None)
+
+
+# ---- the runner: resume, honesty ---------------------------------------------------------------------------------
+class PowerCut(RuntimeError):
+    pass
+
+
+def arithmetic_options(out: Path, **kw):
+    return options("arithmetic", method="cot", n=6, levels="1", out=str(out), no_report=True, **kw)
+
+
+def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) -> None:
+    calls = []
+
+    def crashing(r: Request, j: int) -> str:
+        calls.append(r)
+        if len(calls) == 4:
+            raise PowerCut("the machine went down")
+        return "The answer is 7."
+
+    with pytest.raises(PowerCut):
+        run_sync(arun(arithmetic_options(tmp_path), backend=ScriptedBackend(crashing)))
+    [path] = (tmp_path / "arithmetic").glob("*.jsonl")
+    first = read_records(path)
+    assert len(first) == 3  # the three finished problems are on disk; the fourth was in flight
+    with open(path, "a") as f:
+        f.write('{"id": "arith-0-3", "benchm')  # a write torn by the crash
+
+    again = ScriptedBackend(lambda r, j: "The answer is 7.")
+    path2, failed = run_sync(arun(arithmetic_options(tmp_path), backend=again))
+    records = read_records(path2)
+    assert path2 == path and failed == 0
+    assert [r.id for r in records] == [f"arith-0-{i}" for i in range(6)]
+    assert records[:3] == first  # untouched
+    assert len(again.batches) == 3  # only the three unfinished problems were solved again
+    run_sync(arun(arithmetic_options(tmp_path), backend=again))
+    assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
+
+
+def test_a_foreign_line_in_a_results_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"not": "a record"}\n')
+    with pytest.raises(DataError, match="not a result record"):
+        read_records(path)
+
+
+def test_the_search_never_sees_the_gold_answer(tmp_path: Path) -> None:
+    rows = [{"question": "How many legs do 3 spiders have?", "answer": "8 * 3 = 24\n#### 987654"}]
+    data = write_jsonl(tmp_path / "g.jsonl", rows)
+    seen = []
+
+    def respond(r: Request, j: int) -> str:
+        seen.append(json.dumps(r.prompt))
+        return "Score: 50" if "Grade" in seen[-1] else "8 legs each, 3 spiders: 24. The answer is 24."
+
+    args = options("gsm8k", data=str(data), method="fot", trees=3, rollouts=1, out=str(tmp_path), no_report=True)
+    path, _ = run_sync(arun(args, backend=ScriptedBackend(respond)))
+    assert seen and not any("987654" in prompt for prompt in seen)
+    [record] = read_records(path)
+    assert (record.answer, record.gold, record.correct, record.trees) == ("24", "987654", False, 3)
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
+def record(id: str, run: str, correct: bool, seconds: float, speculative: str = "prompt_lookup", **kw) -> Record:
+    fields = dict(
+        benchmark="arithmetic",
+        run=run,
+        method="sc",
+        trees=4,
+        model="default",
+        backend="native",
+        speculative=speculative,
+        seed=0,
+        level="1",
+        answer="7",
+        gold="7" if correct else "8",
+        correct=correct,
+        votes={"7": 4},
+        decision="single",
+        tokens=100,
+        prompt_tokens=50,
+        requests=1,
+        forward_passes=60,
+        draft_tokens=80,
+        accepted_tokens=40,
+        tokens_saved=0,
+        corrections=0,
+        concurrency=1,
+    )
+    return Record(id=id, seconds=seconds, **(fields | kw))
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+
+
+def test_report_table_speedup_and_plots(tmp_path: Path) -> None:
+    folder = tmp_path / "arithmetic"
+    folder.mkdir()
+    runs = {
+        "sc-t4-default-native-prompt_lookup-s0-abcd1234": [record(f"a{i}", "", i < 3, 2.0) for i in range(4)],
+        "sc-t4-default-native-none-s0-abcd1234": [record(f"a{i}", "", i < 3, 3.0, "none") for i in range(4)],
+        "cot-t1-default-native-prompt_lookup-s0-abcd1234": [
+            record(f"a{i}", "", i < 1, 1.0, method="cot", trees=1) for i in range(4)
+        ],
+    }
+    for name, rs in runs.items():
+        (folder / f"{name}.jsonl").write_text(
+            "".join(r.model_copy(update={"run": name}).model_dump_json() + "\n" for r in rs)
+        )
+    rows = {r.run: r for r in summarise({("arithmetic", n): read_records(folder / f"{n}.jsonl") for n in runs})}
+    sd = rows["sc-t4-default-native-prompt_lookup-s0-abcd1234"]
+    assert (sd.n, sd.correct, sd.accuracy) == (4, 3, 0.75)
+    assert sd.sd_speedup == pytest.approx(1.5) and sd.accept_rate == pytest.approx(0.5)
+    assert rows["sc-t4-default-native-none-s0-abcd1234"].sd_speedup is None
+    report = write_report(tmp_path).read_text()
+    assert "| default | sc | 4 | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
+    for png in ("arithmetic_accuracy_vs_trees.png", "arithmetic_accuracy_vs_tokens.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fot.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_fot_eval_rejects_bad_input_before_loading_a_model(tmp_path: Path) -> None:
+    done = run_cli("eval", "game24", "--method", "mctsr", "--out", str(tmp_path))
+    assert done.returncode == 2 and "does not fit the game24 task" in done.stderr
+    done = run_cli("eval", "gsm8k", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path))
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    done = run_cli("eval", "nonsense")
+    assert done.returncode == 2 and "invalid choice" in done.stderr
