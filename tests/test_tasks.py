@@ -43,6 +43,7 @@ EXTRACT_CASES = [
     (r"\boxed{\text{Tuesday}}", "Tuesday"),
     ("It costs $1,234.50 in total", "1234.5"),
     ("The answer is 18 dollars.", "18"),
+    ("So 3 + 4 = 7. I finish with 'The answer is X.'", "7"),  # the prompt's placeholder echoed back is no answer
     ("The answer is $18.00 per week.", "18"),
     ("THE ANSWER IS 5. Earlier I said the answer is 4.", "4"),
     ("the final answer is: $\\frac{3}{4}$.", r"\frac{3}{4}"),

@@ -21,6 +21,7 @@ _FRACTION = re.compile(r"(-?\d+)/(\d+)")
 _LATEX_FRACTION = re.compile(r"(-)?\\frac\{(-?\d+)\}\{(\d+)\}")
 _ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b|:)\s*:?", re.IGNORECASE)
 _GSM8K = re.compile(r"####\s*(.*)")
+_PLACEHOLDER = re.compile(r"X\W*")  # the prompt's own "finish with 'The answer is X.'", echoed back
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^{}]*\}\s*(?:\^\{?\d\}?)?\s*)+$")
 _UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
@@ -196,7 +197,7 @@ class MathTask:
                 return answer
         for match in reversed(list(_ANSWER_PHRASE.finditer(text))):
             answer = _phrase_answer(text[match.end() :])
-            if answer:
+            if answer and not _PLACEHOLDER.fullmatch(answer):
                 return answer
         for match in reversed(list(_GSM8K.finditer(text))):
             answer = canonical_answer(match.group(1))

@@ -57,6 +57,7 @@ class MCTSrConfig(BaseModel):
     reward_penalty: int = 50
     eps: float = 1e-6
     max_tokens: int = Field(384, ge=1)
+    reward_tokens: int = Field(16, ge=1)  # a grade is 'Score: N': a few tokens, never a second essay
     temperature: float = Field(0.7, ge=0)
 
 
@@ -92,14 +93,16 @@ class MCTSr:
         self.rollouts_done = 0
 
     # ---- requests -------------------------------------------------------------------------------------------
-    def request(self, template: str, *, n: int = 1, logprobs: bool = False, **fields: str) -> Request:
+    def request(
+        self, template: str, *, n: int = 1, logprobs: bool = False, max_tokens: int | None = None, **fields: str
+    ) -> Request:
         c = self.config
         self.seed += 1  # every request of the tree gets its own seed: reproducible, and samples differ
         content = template.format(problem=self.problem, **fields)
         return Request.make(
             [{"role": "user", "content": content}],
             n=n,
-            max_tokens=c.max_tokens,
+            max_tokens=max_tokens or c.max_tokens,
             temperature=c.temperature,
             seed=self.seed,
             logprobs=logprobs,
@@ -146,7 +149,10 @@ class MCTSr:
     async def reward(self, gen: Generate, nodes: list[int]) -> None:
         c = self.config
         live = [n for n in nodes if not self.tree[n]["failed"]]
-        reqs = [self.request(REWARD, answer=self.tree[n]["text"], n=c.reward_samples) for n in live]
+        reqs = [
+            self.request(REWARD, answer=self.tree[n]["text"], n=c.reward_samples, max_tokens=c.reward_tokens)
+            for n in live
+        ]
         done = await gen(reqs) if reqs else []
         for node, comp in zip(live, done, strict=True):
             rewards = [r for r in (parse_reward(t) for t in comp.texts) if r is not None] if comp.ok else []
