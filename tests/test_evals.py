@@ -290,7 +290,7 @@ def test_report_table_speedup_and_plots(tmp_path: Path) -> None:
     assert sd.sd_speedup == pytest.approx(1.5) and sd.accept_rate == pytest.approx(0.5)
     assert rows["sc-t4-default-native-none-s0-abcd1234"].sd_speedup is None
     report = write_report(tmp_path).read_text()
-    assert "| default | sc | 4 | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
+    assert "| smollm2-135m | sc | 4 | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
     for png in ("arithmetic_accuracy_vs_trees.png", "arithmetic_accuracy_vs_tokens.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads((tmp_path / "summary.json").read_text())) == 3
