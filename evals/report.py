@@ -138,9 +138,39 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def draw_trees(ax, rs: list[Row]) -> None:
+    """Accuracy vs trees: a line per model+method (error bars = CI); single-tree methods as flat dashed lines."""
+    lines: dict[str, list[Row]] = defaultdict(list)
+    for r in rs:
+        lines[f"{r.model} {r.method}" + (f" ({r.speculative})" if r.speculative != "prompt_lookup" else "")].append(r)
+    xs = sorted({r.trees for r in rs})
+    for label, pts in sorted(lines.items()):
+        pts.sort(key=lambda r: r.trees)
+        y = [r.accuracy for r in pts]
+        err = [[r.accuracy - r.ci_low for r in pts], [r.ci_high - r.accuracy for r in pts]]
+        if len(pts) == 1 and pts[0].method in ("cot", "tot", "mctsr"):
+            ax.hlines(y[0], min(xs), max(xs), linestyles="dashed", label=label, colors=f"C{len(ax.lines) % 10}")
+        else:
+            ax.errorbar([r.trees for r in pts], y, yerr=err, marker="o", capsize=3, label=label)
+    ax.set(xlabel="trees (samples for sc)", xticks=xs)
+
+
+def draw_tokens(ax, rs: list[Row]) -> None:
+    """Accuracy vs generated tokens per problem: a point per run, labelled with its trees."""
+    for i, method in enumerate(sorted({r.method for r in rs})):
+        pts = [r for r in rs if r.method == method]
+        ax.scatter([r.tokens for r in pts], [r.accuracy for r in pts], label=method, color=f"C{i}")
+        for r in pts:
+            ax.annotate(f"{r.trees}", (r.tokens, r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="generated tokens per problem")
+    ax.set_xscale("log")
+
+
+PLOTS = {"trees": draw_trees, "tokens": draw_tokens}
+
+
 def plot(rows: list[Row], out: Path) -> list[Path]:
-    """Per benchmark: accuracy vs trees (a line per model+method, error bars = CI; single-tree methods as flat
-    dashed lines) and accuracy vs tokens spent per problem (a point per run)."""
+    """Per benchmark, BENCH_accuracy_vs_trees.png and BENCH_accuracy_vs_tokens.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,44 +178,15 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
 
     written = []
     for bench in sorted({r.benchmark for r in rows}):
-        rs = [r for r in rows if r.benchmark == bench]
-        lines: dict[str, list[Row]] = defaultdict(list)
-        for r in rs:
-            lines[f"{r.model} {r.method}" + (f" ({r.speculative})" if r.speculative != "prompt_lookup" else "")].append(
-                r
-            )
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        xs = sorted({r.trees for r in rs})
-        for label, pts in sorted(lines.items()):
-            pts.sort(key=lambda r: r.trees)
-            y = [r.accuracy for r in pts]
-            err = [[r.accuracy - r.ci_low for r in pts], [r.ci_high - r.accuracy for r in pts]]
-            if len(pts) == 1 and pts[0].method in ("cot", "tot", "mctsr"):
-                ax.hlines(y[0], min(xs), max(xs), linestyles="dashed", label=label, colors=f"C{len(ax.lines) % 10}")
-            else:
-                ax.errorbar([r.trees for r in pts], y, yerr=err, marker="o", capsize=3, label=label)
-        ax.set(xlabel="trees (samples for sc)", ylabel="accuracy", title=f"{bench}: accuracy vs trees", xticks=xs)
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / f"{bench}_accuracy_vs_trees.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for i, method in enumerate(sorted({r.method for r in rs})):
-            pts = [r for r in rs if r.method == method]
-            ax.scatter([r.tokens for r in pts], [r.accuracy for r in pts], label=method, color=f"C{i}")
-            for r in pts:
-                ax.annotate(f"{r.trees}", (r.tokens, r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel="generated tokens per problem", ylabel="accuracy", title=f"{bench}: accuracy vs tokens spent")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / f"{bench}_accuracy_vs_tokens.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        for name, draw in PLOTS.items():
+            fig, ax = plt.subplots(figsize=(6.4, 4.2))
+            draw(ax, [r for r in rows if r.benchmark == bench])
+            ax.set(ylabel="accuracy", title=f"{bench}: accuracy vs {name}", ylim=(0, 1))
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            written.append(out / f"{bench}_accuracy_vs_{name}.png")
+            fig.savefig(written[-1], dpi=110)
+            plt.close(fig)
     return written
 
 

@@ -235,32 +235,16 @@ def test_the_search_never_sees_the_gold_answer(tmp_path: Path) -> None:
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
+BASE = {  # one problem's record; the report tests vary correctness, time and the drafter
+    **{"benchmark": "arithmetic", "method": "sc", "trees": 4, "model": "default", "backend": "native", "seed": 0},
+    **{"level": "1", "answer": "7", "votes": {"7": 4}, "decision": "single", "concurrency": 1},
+    **{"tokens": 100, "prompt_tokens": 50, "requests": 1, "forward_passes": 60, "draft_tokens": 80},
+    **{"accepted_tokens": 40, "tokens_saved": 0, "corrections": 0},
+}
+
+
 def record(id: str, run: str, correct: bool, seconds: float, speculative: str = "prompt_lookup", **kw) -> Record:
-    fields = dict(
-        benchmark="arithmetic",
-        run=run,
-        method="sc",
-        trees=4,
-        model="default",
-        backend="native",
-        speculative=speculative,
-        seed=0,
-        level="1",
-        answer="7",
-        gold="7" if correct else "8",
-        correct=correct,
-        votes={"7": 4},
-        decision="single",
-        tokens=100,
-        prompt_tokens=50,
-        requests=1,
-        forward_passes=60,
-        draft_tokens=80,
-        accepted_tokens=40,
-        tokens_saved=0,
-        corrections=0,
-        concurrency=1,
-    )
+    fields = BASE | {"run": run, "speculative": speculative, "gold": "7" if correct else "8", "correct": correct}
     return Record(id=id, seconds=seconds, **(fields | kw))
 
 
