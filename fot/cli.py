@@ -151,9 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     add_search_options(p)
     p.add_argument("--json", action="store_true", help="print each Solution as one JSON line")
     p.set_defaults(func=cmd_solve)
-    p = sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic); `fot eval -h` for options")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="benchmark name and options, as for python -m evals.NAME")
-    p.set_defaults(func=cmd_eval)
+    # `fot eval ...` goes straight to the evals parser (in main), so its -h and options are the evals' own.
+    sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic); `fot eval -h` for options")
     p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
     add_search_options(p, rollouts=1, max_tokens=160)
     p.set_defaults(func=cmd_demo, json=False)
@@ -170,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the checkpoint")
     p.set_defaults(func=cmd_train_adapter)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:  # the evals parser takes the rest, its -h included
+        args = argparse.Namespace(func=cmd_eval, args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except FotError as e:

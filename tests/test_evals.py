@@ -292,3 +292,5 @@ def test_fot_eval_rejects_bad_input_before_loading_a_model(tmp_path: Path) -> No
     assert done.returncode == 2 and "does not exist" in done.stderr
     done = run_cli("eval", "nonsense")
     assert done.returncode == 2 and "invalid choice" in done.stderr
+    done = run_cli("eval", "-h")
+    assert done.returncode == 0 and "--method {cot,sc,tot,mctsr,fot}" in done.stdout
