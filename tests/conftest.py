@@ -74,6 +74,33 @@ def tiny_model_dir(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def reference_model(tiny_model_dir):
+    """transformers' own model on the tiny checkpoint: the independent judge of a greedy choice."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def assert_same_greedy(reference, prompt: list[int], want, got, tol: float = 1e-4) -> bool:
+    """Greedy outputs must be equal token for token. The one allowed difference is an exact tie: where the
+    reference's two best logits differ by less than float error (`tol`), both are correct greedy choices, a
+    different batch shape may round either way, and the sequences cannot be compared past that point (random tiny
+    models do produce such ties). Returns True when the outputs were equal, so callers can compare the rest."""
+    if got.token_ids == want.token_ids:
+        assert got.finish_reason == want.finish_reason
+        return True
+    assert len(got.token_ids) == len(want.token_ids), "one output stopped where the other did not"
+    k = next(i for i, (a, b) in enumerate(zip(got.token_ids, want.token_ids, strict=True)) if a != b)
+    with torch.no_grad():
+        logits = reference(torch.tensor([prompt + want.token_ids[:k]])).logits[0, -1].double()
+    top = logits.topk(2)
+    gap = float(top.values[0] - top.values[1])
+    pair = {got.token_ids[k], want.token_ids[k]}
+    assert gap < tol and pair == set(top.indices.tolist()), f"token {k} differs: {pair}, top-2 gap {gap:.2e}"
+    return False
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
 

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import save_tiny
-from hypothesis import HealthCheck, given, settings
+from conftest import assert_same_greedy, save_tiny
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
@@ -102,21 +102,25 @@ def test_rejection_sampling_keeps_the_target_distribution(draft):
 
 
 # ---- lossless, greedy ----------------------------------------------------------------------------------------
-@st.composite
-def batches(draw):
-    seed = draw(st.integers(0, 2**16))
+def seeded_case(seed: int, batch: int, max_batch: int, layout: str):
     rng = random.Random(seed)
-    batch = draw(st.integers(1, 16))
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(batch)]
     params = [
         SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, logprobs=rng.random() < 0.3) for _ in prompts
     ]
-    return seed, prompts, params, draw(st.integers(1, 16)), draw(st.sampled_from(["unpadded", "padded"]))
+    return seed, prompts, params, max_batch, layout
+
+
+@st.composite
+def batches(draw):
+    seed, batch = draw(st.integers(0, 2**16)), draw(st.integers(1, 16))
+    return seeded_case(seed, batch, draw(st.integers(1, 16)), draw(st.sampled_from(["unpadded", "padded"])))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=batches(), noise=st.sampled_from([0.0, 0.2, 1.0]))
-def test_greedy_speculative_equals_plain(engines, case, noise):
+@example(case=seeded_case(8997, 10, 4, "padded"), noise=0.0)  # llama: an exact tie (two logits 5.2673) at token 10
+def test_greedy_speculative_equals_plain(engines, reference_model, case, noise):
     plain, spec = engines
     seed, prompts, params, max_batch, layout = case
     plain.max_batch = spec.max_batch = max_batch
@@ -126,9 +130,11 @@ def test_greedy_speculative_equals_plain(engines, case, noise):
         {tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed
     )
     got = spec.generate(prompts, params)
-    for e, g in zip(expected, got, strict=True):
-        assert g.token_ids == e.token_ids and g.finish_reason == e.finish_reason
-        assert g.accepted_tokens <= g.draft_tokens and g.forward_passes <= e.forward_passes
+    for p, e, g in zip(prompts, expected, got, strict=True):
+        assert g.accepted_tokens <= g.draft_tokens
+        if not assert_same_greedy(reference_model, p, e, g):
+            continue
+        assert g.forward_passes <= e.forward_passes
         if e.logprobs is not None:
             assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
     s = spec.last_stats
