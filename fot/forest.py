@@ -395,9 +395,14 @@ def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Tas
     if not isinstance(problem, str) or not problem.strip():
         raise InvalidRequestError(f"a problem must be a non-empty string, got {problem!r:.60}")
     the_task = get_task(detect_task(problem) if task == "auto" else task)
-    if method == "tot" and the_task.name != "game24" or method == "mctsr" and the_task.name != "math":
-        raise InvalidRequestError(f"method {method!r} does not fit the {the_task.name} task")
+    check_method(the_task.name, method)
     return the_task, the_task.parse(problem)
+
+
+def check_method(task: str, method: str) -> None:
+    """ToT trees play Game of 24 only and MCTSr trees do math only; the other methods fit both tasks."""
+    if method == "tot" and task != "game24" or method == "mctsr" and task != "math":
+        raise InvalidRequestError(f"method {method!r} does not fit the {task} task")
 
 
 def solve(problem: str, **kwargs) -> Solution:
