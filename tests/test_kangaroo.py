@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fot.config import SamplingParams
 from fot.errors import InvalidRequestError, ModelError
 from fot.speculative.engine import Engine
-from fot.speculative.kangaroo import Adapter, model_fingerprint, save_adapter, train_adapter
+from fot.speculative.kangaroo import Adapter, load_adapter, model_fingerprint, save_adapter, train_adapter
 from fot.speculative.model import Transformer
 
 
@@ -33,7 +33,7 @@ def random_adapter(folder, model: Transformer, exit_layer: int, vocab: list[int]
 
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir, tmp_path_factory):
-    plain = Engine.from_pretrained(tiny_model_dir, max_batch=16)
+    plain = Engine.from_pretrained(tiny_model_dir, dtype="float32", max_batch=16)
     folders = {
         "full": random_adapter(tmp_path_factory.mktemp("ad"), plain.model, exit_layer=1),
         "small-vocab": random_adapter(tmp_path_factory.mktemp("ad"), plain.model, 2, vocab=list(range(0, 384, 3))),
@@ -107,7 +107,7 @@ def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params):
         p1 = probabilities(hf(torch.tensor([prompt])).logits[0, -1], params)
         p2 = probabilities(hf(torch.tensor([[*prompt, a] for a in range(vocab)])).logits[:, -1], params)
     exact = (p1[:, None] * p2).sum(0)
-    plain = Engine.from_pretrained(folder, max_batch=256, seed=2)
+    plain = Engine.from_pretrained(folder, dtype="float32", max_batch=256, seed=2)
     engine = kangaroo(plain, random_adapter(tmp_path / "ad", plain.model, 1), confidence_threshold=0.0)
     outs = engine.generate([prompt] * n, params)
     counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
@@ -123,7 +123,7 @@ def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params):
 def test_adapter_for_another_base_model_is_refused(tmp_path, tiny_llama_dir):
     other = Transformer.from_pretrained(save_tiny(tmp_path / "other", "llama", seed=1))
     folder = random_adapter(tmp_path / "ad", other, 1)
-    plain = Engine.from_pretrained(tiny_llama_dir)
+    plain = Engine.from_pretrained(tiny_llama_dir, dtype="float32")
     with pytest.raises(ModelError, match="trained for base model"):
         kangaroo(plain, folder)
     with pytest.raises(ModelError, match="no Kangaroo adapter"):
@@ -144,11 +144,24 @@ def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_
     assert torch.load(out / "work" / "checkpoint.pt", weights_only=False)["epoch"] == 2
     trained = json.loads((out / "adapter_config.json").read_text())["training"]
     assert trained["epochs"] == 3 and 0 <= trained["holdout_top1_agreement"] <= 1
-    plain = Engine.from_pretrained(tiny_llama_dir, max_batch=8)
+    plain = Engine.from_pretrained(tiny_llama_dir, dtype="float32", max_batch=8)
     prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)
     assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [
         o.token_ids for o in plain.generate(prompts, params)
     ]
+
+
+def test_adapter_fits_its_base_model_in_either_precision(tiny_llama_dir, tmp_path):
+    """The base-model fingerprint is taken at bf16 precision: an adapter made on the fp32 model loads on the same
+    model run in bf16 (the default on CPUs with native bf16), and still refuses another model."""
+    folder = random_adapter(tmp_path / "ad", Transformer.from_pretrained(tiny_llama_dir), 2)
+    for dtype in (torch.float32, torch.bfloat16):
+        drafter = load_adapter(folder, Transformer.from_pretrained(tiny_llama_dir, dtype))
+        assert next(drafter.adapter.parameters()).dtype == dtype
+    with pytest.raises(ModelError, match="trained for base model"):
+        load_adapter(
+            folder, Transformer.from_pretrained(save_tiny(tmp_path / "other", "llama", seed=1), torch.bfloat16)
+        )
 
 
 def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
@@ -176,7 +189,7 @@ def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
 
 
 def test_shipped_adapter_on_the_embedded_model_is_lossless_and_accepts():
-    plain = Engine.from_pretrained("default", max_batch=4)
+    plain = Engine.from_pretrained("default", dtype="float32", max_batch=4)
     engine = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=4, speculative="kangaroo")
     chats = [[{"role": "user", "content": f"Tom has {n} boxes with 12 apples each. How many apples?"}] for n in (3, 5)]
     params = SamplingParams(max_tokens=48)

@@ -125,7 +125,8 @@ class KangarooDrafter:
 
 # ---- saving and loading ------------------------------------------------------------------------------------------
 def model_fingerprint(model: Transformer) -> dict:
-    """What an adapter must match: the base model's shapes and a checksum of its embedding."""
+    """What an adapter must match: the base model's shapes and a checksum of its embedding, taken at bf16 precision
+    so that the same model gives the same checksum whether it runs in fp32 or bf16."""
     a = model.args
     emb = model.tok_embeddings.weight
     return {
@@ -134,7 +135,7 @@ def model_fingerprint(model: Transformer) -> dict:
         "n_layers": a.n_layers,
         "n_heads": a.n_heads,
         "n_kv_heads": a.n_kv_heads,
-        "embedding_checksum": round(float(emb[:64].double().sum()), 6),
+        "embedding_checksum": round(float(emb[:64].to(torch.bfloat16).double().sum()), 6),
     }
 
 
@@ -257,7 +258,8 @@ def train_adapter(
     from fot.speculative.engine import Engine
 
     torch.manual_seed(seed)
-    engine = Engine.from_pretrained(model_name, max_batch=32, speculative="prompt_lookup", seed=seed)
+    # the teacher in fp32 (the adapter trains in fp32 and is cast to the model's dtype when loaded)
+    engine = Engine.from_pretrained(model_name, dtype="float32", max_batch=32, speculative="prompt_lookup", seed=seed)
     model = engine.model
     if not 1 <= exit_layer < model.args.n_layers:
         raise InvalidRequestError(f"exit_layer must be in 1..{model.args.n_layers - 1}")
