@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="draft_threshold (default: the config's)")
     ap.add_argument("--budget", type=int, default=None, help="max_draft_tokens_per_step (default: the config's)")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU: exact), fast or bfloat16 (faster, not exact)")
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 96)
     batches = (1, 16) if args.quick else (1, 2, 4, 8, 16)
@@ -106,7 +107,7 @@ def main() -> None:
 
     tuning = {"draft_threshold": args.threshold, "max_draft_tokens_per_step": args.budget}
     tuning = {k: v for k, v in tuning.items() if v is not None}
-    plain = Engine.from_pretrained(args.model, max_batch=16)
+    plain = Engine.from_pretrained(args.model, dtype=args.dtype, max_batch=16)
     layouts = {
         layout: Engine(
             plain.model,

@@ -32,11 +32,12 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the adapter's)")
     ap.add_argument("--steps", type=int, default=6, help="max draft tokens per step")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU: exact), fast or bfloat16 (faster, not exact)")
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 96)
     batches = (1, 4) if args.quick else (1, 4, 16)
 
-    plain = Engine.from_pretrained(args.model, max_batch=16)
+    plain = Engine.from_pretrained(args.model, dtype=args.dtype, max_batch=16)
     spec = {"method": "kangaroo", "adapter": args.adapter, "num_speculative_tokens": args.steps}
     if args.threshold is not None:
         spec["confidence_threshold"] = args.threshold

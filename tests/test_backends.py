@@ -16,10 +16,11 @@ PROMPTS = ["The quick brown fox", "12 + 30 =", "Game of 24: 4 + 6 = 10 (left: 1 
 
 
 def build(kind: str, model_dir, url: str | None):
+    """fp32 everywhere (the server is started with --dtype float32): the same tokens need the same precision."""
     if kind == "native":
-        return make_backend("native", model=str(model_dir), speculative="prompt_lookup")
+        return make_backend("native", model=str(model_dir), dtype="float32", speculative="prompt_lookup")
     if kind == "vllm":
-        return make_backend("vllm", model=str(model_dir), max_model_len=512)
+        return make_backend("vllm", model=str(model_dir), dtype="float32", max_model_len=512)
     return make_backend("openai", base_urls=[url], model="tiny")
 
 

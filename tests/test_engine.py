@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from fot.config import SamplingParams
 from fot.errors import InvalidRequestError
-from fot.speculative.engine import Engine
+from fot.speculative.engine import Engine, cpu_has_fast_bf16, resolve_dtype
 
 PROMPTS = [
     "The quick brown fox",
@@ -35,7 +35,7 @@ def hf_greedy(folder, ids: list[int], n: int, hf_cache) -> list[int]:
 
 @pytest.mark.parametrize("max_batch", [1, 2, 16])
 def test_greedy_batch_equals_transformers_one_by_one(tiny_model_dir, max_batch, hf_cache):
-    engine = Engine.from_pretrained(tiny_model_dir, max_batch=max_batch)
+    engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", max_batch=max_batch)
     rng = random.Random(max_batch)
     params = [SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True) for _ in PROMPTS]
     outs = engine.generate(PROMPTS, params)
@@ -54,9 +54,18 @@ def test_bf16_engine_generates(tiny_llama_dir):
     assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp32, bf16, strict=True)) >= 3
 
 
+def test_dtype_auto_is_exact_on_cpu_and_fast_follows_the_hardware():
+    """auto: fp32 on CPU (the model itself; speculative output is exact only there), bf16 on an accelerator;
+    fast: bf16 also on a CPU with native bf16 instructions."""
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == resolve_dtype("fast", "cuda") == torch.bfloat16
+    assert resolve_dtype("fast", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(torch.float32, "cuda") == torch.float32
+
+
 def test_slot_reuse_over_many_requests(tiny_llama_dir):
     """More requests than slots, of mixed lengths: every result equals the same request served alone."""
-    engine = Engine.from_pretrained(tiny_llama_dir, max_batch=3)
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32", max_batch=3)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(11)]
     params = [SamplingParams(max_tokens=rng.randint(1, 30), ignore_eos=True) for _ in prompts]
@@ -67,7 +76,7 @@ def test_slot_reuse_over_many_requests(tiny_llama_dir):
 
 
 def test_chat_template_and_eos(tiny_llama_dir):
-    engine = Engine.from_pretrained(tiny_llama_dir)
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = engine.tokenize(messages)
     text = engine.tokenizer.decode(ids)
@@ -81,7 +90,7 @@ def test_chat_template_and_eos(tiny_llama_dir):
 
 
 def test_stop_strings_truncate_text(tiny_llama_dir):
-    engine = Engine.from_pretrained(tiny_llama_dir)
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32")
     full = engine.generate(["The quick brown fox"], {"max_tokens": 20, "ignore_eos": True})[0]
     assert len(full.text) > 4
     stop = full.text[2:4]
@@ -92,7 +101,7 @@ def test_stop_strings_truncate_text(tiny_llama_dir):
 
 
 def test_logprobs_match_transformers(tiny_llama_dir, hf_cache):
-    engine = Engine.from_pretrained(tiny_llama_dir)
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32")
     out = engine.generate(["12 + 30 ="], {"max_tokens": 6, "logprobs": True, "ignore_eos": True})[0]
     ids = engine.tokenize("12 + 30 =") + out.token_ids
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -105,7 +114,7 @@ def test_logprobs_match_transformers(tiny_llama_dir, hf_cache):
 
 
 def test_sampling_seeded_and_filters(tiny_llama_dir):
-    engine = Engine.from_pretrained(tiny_llama_dir)
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32")
     p = {"max_tokens": 12, "temperature": 1.0, "seed": 7, "ignore_eos": True}
     a = engine.generate(PROMPTS, p)
     b = engine.generate(PROMPTS[::-1], p)[::-1]  # a request's seed fixes its output, whatever its batch position
@@ -134,7 +143,7 @@ def test_sampling_seeded_and_filters(tiny_llama_dir):
     ],
 )
 def test_bad_input_fails_before_work(tiny_llama_dir, prompts, params, match):
-    engine = Engine.from_pretrained(tiny_llama_dir)
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32")
     with pytest.raises(InvalidRequestError, match=match):
         engine.generate(prompts, params)
     assert engine.stats.forward_passes == 0

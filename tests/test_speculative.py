@@ -44,8 +44,10 @@ class TooLong:
 
 @pytest.fixture(scope="module")
 def engines(tiny_model_dir):
-    plain = Engine.from_pretrained(tiny_model_dir, max_batch=16)
-    spec = Engine.from_pretrained(tiny_model_dir, max_batch=16, speculative={"num_speculative_tokens": 6})
+    plain = Engine.from_pretrained(tiny_model_dir, dtype="float32", max_batch=16)
+    spec = Engine.from_pretrained(
+        tiny_model_dir, dtype="float32", max_batch=16, speculative={"num_speculative_tokens": 6}
+    )
     return plain, spec
 
 
@@ -231,9 +233,14 @@ def test_sampled_speculative_follows_the_plain_distribution(tmp_path, params):
         p3 = probabilities(hf(seq3).logits[:, -1], params).view(vocab, vocab, vocab)
     joint12 = p1[:, None] * p2
     exact = {1: joint12.sum(0), 2: (joint12[:, :, None] * p3).sum((0, 1))}
-    plain = Engine.from_pretrained(folder, max_batch=256, seed=1)
+    plain = Engine.from_pretrained(folder, dtype="float32", max_batch=256, seed=1)
     spec = Engine.from_pretrained(
-        folder, max_batch=256, seed=2, speculative={"num_speculative_tokens": 2}, drafter=RandomDrafter(vocab, 3)
+        folder,
+        dtype="float32",
+        max_batch=256,
+        seed=2,
+        speculative={"num_speculative_tokens": 2},
+        drafter=RandomDrafter(vocab, 3),
     )
     for engine in (plain, spec):
         outs = engine.generate([prompt] * n, params)
@@ -250,7 +257,7 @@ def test_sampled_speculative_follows_the_plain_distribution(tmp_path, params):
 
 # ---- the real model --------------------------------------------------------------------------------------------
 def test_prompt_lookup_on_the_embedded_model_is_lossless_and_accepts(tmp_path):
-    plain = Engine.from_pretrained("default", max_batch=4)
+    plain = Engine.from_pretrained("default", dtype="float32", max_batch=4)
     spec = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=4, speculative="prompt_lookup")
     answer = "The train travels 60 km in 1.5 hours, so its speed is 60 / 1.5 = 40 km per hour. The answer is 40."
     prompts = [
