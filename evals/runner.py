@@ -74,6 +74,7 @@ class Record(BaseModel):
     trees: int
     model: str
     backend: str
+    device: str = "cpu"  # of the native backend (records written before this field was added ran on the CPU)
     speculative: str
     seed: int
     level: str | None
@@ -106,6 +107,8 @@ def score(problem: Problem, answer: str | None) -> bool:
 def run_name(args: argparse.Namespace) -> str:
     """The file name of a run: readable settings plus a hash of everything else that changes results."""
     settings = {k: getattr(args, k) for k in ("model", "backend", "rollouts", "max_tokens", "base_url", "ranks")}
+    if args.device != "cpu":  # named only off the CPU, so that the runs made before --device keep their names
+        settings["device"] = args.device
     if args.benchmark == "arithmetic":
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -151,7 +154,7 @@ def make_backend(args: argparse.Namespace):
         )
     spec = drafters[args.speculative]
     if args.backend == "native":
-        return make("native", model=args.model, speculative=spec, max_batch=args.max_batch)
+        return make("native", model=args.model, device=args.device, speculative=spec, max_batch=args.max_batch)
     if args.backend == "vllm":
         if spec == "kangaroo":
             from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
@@ -199,6 +202,7 @@ async def solve_all(problems: list[Problem], args: argparse.Namespace, path: Pat
             trees=args.trees,
             model=args.model,
             backend=args.backend,
+            device=args.device,
             speculative=args.speculative,
             seed=args.seed,
             level=problem.level,
@@ -254,6 +258,7 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--speculative", default="prompt_lookup", help="drafter: none|prompt_lookup|kangaroo (vllm: ngram)")
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")
+    p.add_argument("--device", default="cpu", help="native backend: the torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
     p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
     p.add_argument("--n", type=int, default=100, help="arithmetic: problems generated")

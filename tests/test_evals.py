@@ -21,7 +21,7 @@ from evals.data import (
     load_math500,
 )
 from evals.report import summarise, wilson, write_report
-from evals.runner import Record, arun, options, read_records, score
+from evals.runner import Record, arun, options, read_records, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
 from fot.tasks import MathTask
@@ -209,6 +209,13 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(again.batches) == 3  # only the three unfinished problems were solved again
     run_sync(arun(arithmetic_options(tmp_path), backend=again))
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
+
+
+def test_runs_on_another_device_are_named_apart() -> None:
+    """--device names a run only off the CPU, so the files of runs made before the option keep their names."""
+    cpu = run_name(options("arithmetic"))  # the name this run had before --device existed
+    assert run_name(options("arithmetic", device="cuda")) != cpu
+    assert cpu == "fot-t4-default-native-prompt_lookup-s0-a690c226"
 
 
 def test_a_foreign_line_in_a_results_file_is_an_error(tmp_path: Path) -> None:

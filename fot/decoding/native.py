@@ -25,7 +25,8 @@ class NativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "default"
-    dtype: str = "auto"
+    dtype: str = "auto"  # fp32 on CPU (exact), bf16 on a GPU; "fast": bf16 also on CPUs with AVX512-BF16/AMX
+    device: str = "cpu"  # any torch device: "cuda" runs the same engine on a GPU
     speculative: SpeculativeConfig | str | None = "prompt_lookup"
     max_batch: int = Field(32, ge=1)
     window: float = Field(0.005, ge=0.0)
@@ -40,7 +41,7 @@ class NativeBackend(BaseBackend):
         self.config = self.parse_config(NativeConfig, config, options)
         c = self.config
         self.engine = engine or Engine.from_pretrained(
-            c.model, dtype=c.dtype, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative
+            c.model, dtype=c.dtype, device=c.device, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative
         )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fot-native")
         self._pending: list[tuple[list[list[int]], list[SamplingParams], asyncio.Future]] = []
