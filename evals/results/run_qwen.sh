@@ -3,11 +3,11 @@
 # arithmetic problems (14 per level; the first 32 are the 135M set) and 50 Game-of-24 puzzles (ranks 901-950).
 # Resumable; each chain runs its cheapest method first.
 #
-#   DEVICE=cuda PARALLEL=1 bash evals/results/run_qwen.sh   # how evals/results/ was made: one GPU, 6 processes
-#   bash evals/results/run_qwen.sh                          # the same on the CPU: days on a 2-core machine
+#   DEVICE=cuda PARALLEL=1 bash evals/results/run_qwen.sh   # on a GPU: the six chains side by side
+#   bash evals/results/run_qwen.sh                          # one after another (days on a 2-core CPU)
 #
-# On a GPU the native engine is bound by kernel launches, not by the card, so the six chains run side by side, each
-# in its own process with its own copy of the model (3 GB in bf16).
+# The native engine runs eagerly (one kernel launch per op), so on a GPU six processes, each with its own copy of
+# the model (3 GB in bf16), should keep the card busier than one. Not yet run: no GPU has been lent so far.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
