@@ -148,10 +148,10 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """"auto": fp32 on CPU, bf16 on an accelerator. The embedded checkpoints are fp32 de-quantizations of their GGUF,
-    so fp32 is the model itself, and only in fp32 is greedy speculative output token for token plain output: in bf16
-    a forward over several tokens rounds differently from a one-token forward, so the two can part at near-ties.
-    "fast": bf16 wherever it is fast (an accelerator, or a CPU with AVX512-BF16/AMX), for speed over exactness."""
+    """dtype "auto": fp32 on CPU, bf16 on an accelerator. The embedded checkpoints are fp32 de-quantizations of
+    their GGUF, so fp32 is the model itself, and only in fp32 is greedy speculative output token for token plain
+    output: in bf16 a forward over several tokens rounds differently from a one-token forward, so the two can part
+    at near-ties. "fast": bf16 wherever it is fast (an accelerator, or a CPU with AVX512-BF16/AMX)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
