@@ -12,7 +12,6 @@ forward, and each sample keeps exactly the entries it accepted, at its own offse
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
+from fot.speculative import kernels
 from fot.speculative.cache import KVCache
 from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
 from fot.speculative.kangaroo import KangarooDrafter, default_adapter_dir, load_adapter
@@ -140,11 +140,7 @@ class ForwardCost:
 
 def cpu_has_fast_bf16() -> bool:
     """bf16 matmuls only pay off with native instructions (AVX512-BF16 or AMX); on AVX2 they are emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
@@ -209,6 +205,7 @@ class Engine:
             model.pack_weights()
             if self.kangaroo is not None:
                 pack_linears(self.kangaroo.adapter)
+                pack_linears(self.kangaroo.head)
 
     @classmethod
     def from_pretrained(

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from fot.errors import InvalidRequestError, ModelError
 from fot.speculative.cache import KVCache, Step
-from fot.speculative.model import Attention, ModelArgs, RMSNorm, Transformer
+from fot.speculative.model import Attention, Linear, ModelArgs, RMSNorm, Transformer
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
@@ -70,7 +70,9 @@ class KangarooDrafter:
     max_steps: int = 6
 
     def __post_init__(self):
-        self.head = draft_head(self.model, self.vocab)
+        weight = draft_head(self.model, self.vocab)  # a `Linear`, so that the engine packs it with the adapter
+        self.head = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.head.weight = nn.Parameter(weight, requires_grad=False)
         self.layer = self.model.args.n_layers  # the adapter's KV: one more layer after the model's own
 
     def shallow(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
@@ -117,7 +119,7 @@ class KangarooDrafter:
 
     def propose(self, a: Tensor) -> tuple[list[int], list[float]]:
         """Greedy draft token and its probability under the draft head, per row of adapter output."""
-        probs = torch.softmax(F.linear(a, self.head).float(), -1)
+        probs = torch.softmax(self.head(a).float(), -1)
         conf, idx = probs.max(-1)
         tokens = idx if self.vocab is None else self.vocab[idx]
         return tokens.tolist(), conf.tolist()

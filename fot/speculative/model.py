@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from fot.errors import ModelError
+from fot.speculative import kernels
 from fot.speculative.cache import KVCache, Step
 
 
@@ -103,28 +104,37 @@ def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
 
 class Linear(nn.Linear):
     """nn.Linear that can run on a oneDNN-prepacked copy of its weight: on CPU about 2x faster than eager for
-    more than one row, with no compilation (torch.compile of the whole model took minutes per shape here)."""
+    more than one row, with no compilation (torch.compile of the whole model took minutes per shape here). With
+    `gemv` set, inputs of at most `kernels.MAX_ROWS` rows (decoding at small batch) go to our streaming kernel."""
 
     packed: Tensor | None = None
+    gemv = None
 
-    def pack(self) -> None:
+    def pack(self, gemv=None) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)  # 16: a row-count hint only
+        self.gemv = gemv
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gemv is not None and x.shape[0] <= kernels.MAX_ROWS:
+            y = self.gemv(x.contiguous(), self.weight)
+            return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(module: nn.Module) -> None:
+def pack_linears(module: nn.Module, gemv: bool = True) -> None:
     """Run every `Linear` of `module` on oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it;
-    elsewhere a no-op). The unpacked weights stay for the embedding lookup and for training: a second copy."""
+    elsewhere a no-op), and few-row inputs on `kernels.gemv` where this CPU runs it. The unpacked weights stay for
+    the embedding lookup, the GEMV kernel and training: a second copy."""
     weight = next(module.parameters())
     supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
     if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
+        built = kernels.load() if gemv else None
+        kernel = built.gemv if built is not None and weight.dtype in (torch.float32, torch.bfloat16) else None
         for m in module.modules():
             if isinstance(m, Linear):
-                m.pack()
+                m.pack(kernel)
 
 
 class RMSNorm(nn.Module):
@@ -217,9 +227,9 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def pack_weights(self) -> Transformer:
-        """Switch every matmul to oneDNN's packed weights (see `pack_linears`)."""
-        pack_linears(self)
+    def pack_weights(self, gemv: bool = True) -> Transformer:
+        """Switch every matmul to oneDNN's packed weights, and few-row ones to our GEMV kernel (see `pack_linears`)."""
+        pack_linears(self, gemv)
         return self
 
     @property

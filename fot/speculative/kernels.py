@@ -1,0 +1,57 @@
+"""Few-row GEMV kernels for CPU decoding (`kernels.cpp`), compiled once into the project cache on first use.
+
+oneDNN's packed matmul streams a layer's weights at about a quarter of this machine's read bandwidth when it has a
+single row to multiply, and a decoding step at small batch is nothing but such products. `gemv` reads each weight
+row once for all (up to `MAX_ROWS`) input rows. It needs AVX-512 (with AVX512-BF16 for bf16); elsewhere, or when
+the build fails, `load()` returns None and every matmul stays on oneDNN. `FOT_KERNELS=0` switches it off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 4  # kernels.cpp's kMaxRows
+NEEDED = {"avx512f", "avx512bw", "avx512_bf16"}
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+@lru_cache(maxsize=1)
+def load():
+    """The compiled module (with `gemv(x, w)`), or None where it cannot run here."""
+    if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
+        return None
+    from torch.utils.cpp_extension import load as build
+
+    from fot.models import cache_dir
+
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.glob("*.so")):
+        print(f"fot: compiling the CPU decoding kernels once into {folder} (~1 min)", file=sys.stderr)
+    try:
+        return build(
+            name="fot_kernels",
+            sources=[str(Path(__file__).with_name("kernels.cpp"))],
+            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+        )
+    except Exception as e:  # no compiler, no ninja, ...: the engine still runs, on oneDNN only
+        warnings.warn(f"fot: the CPU decoding kernels could not be built, using oneDNN only: {e}", stacklevel=2)
+        return None

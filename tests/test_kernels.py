@@ -1,0 +1,66 @@
+"""The few-row GEMV kernel against a float64 reference, and the model's routing to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fot.speculative import kernels
+from fot.speculative.model import Linear, Transformer
+
+built = kernels.load()
+
+
+def kernels_here() -> bool:
+    """Whether this CPU runs the kernels; where it does not, that must be for lack of the instructions."""
+    if built is None:
+        assert not kernels.NEEDED <= kernels.cpu_flags(), "the CPU has AVX512-BF16 but the kernels did not build"
+    return built is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, kernels.MAX_ROWS),
+    n=st.integers(1, 300),
+    k=st.integers(1, 200),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_matches_a_float64_reference(rows, n, k, bf16, seed):
+    """Any shape, tails of the 16/32-wide vectors included: fp32 to 1e-5, bf16 (fp32 accumulation, one final
+    rounding to bf16) to bf16's own precision."""
+    if not kernels_here():
+        return
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    out = built.gemv(x, w)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    ref = x.double() @ w.double().T
+    err = (out.double() - ref).abs().max().item()
+    scale = (x.double().abs() @ w.double().abs().T).max().item()  # the size of the sums' terms
+    assert err <= (1e-5 if not bf16 else 1e-2) * scale
+
+
+def test_gemv_rejects_what_it_cannot_do():
+    if not kernels_here():
+        return
+    x, w = torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="M <="):
+        built.gemv(x, w)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        built.gemv(x[:2], w.bfloat16())
+
+
+def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
+    """After packing, a Linear sends <= MAX_ROWS rows to the kernel (where this CPU runs it) and more to oneDNN;
+    both agree with F.linear."""
+    model = Transformer.from_pretrained(tiny_llama_dir).pack_weights()
+    layer = model.layers[0].attention.wqkv
+    assert isinstance(layer, Linear) and (layer.gemv is not None) == kernels_here()
+    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
+        x = torch.randn(rows, layer.in_features)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
