@@ -1,4 +1,4 @@
-"""The few-row GEMV kernel against a float64 reference, and the model's routing to it."""
+"""The CPU decoding kernels (few-row GEMV, fused RMSNorm) against references, and the model's routing to them."""
 
 from __future__ import annotations
 
@@ -45,6 +45,24 @@ def test_gemv_matches_a_float64_reference(rows, n, k, bf16, seed):
     assert err <= (1e-5 if not bf16 else 1e-2) * scale
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), dim=st.integers(1, 700), bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_the_model_s_own(rows, dim, bf16, seed):
+    """The fused norm computes what RMSNorm's PyTorch ops compute (fp32 statistics, cast, then the weight): to
+    fp32 rounding, and in bf16 to one bf16 step of the output."""
+    if not kernels_here():
+        return
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    w = (1 + torch.randn(dim, generator=g) / 4).to(dtype)
+    ref = w * torch.nn.functional.rms_norm(x.float(), (dim,), eps=1e-5).to(dtype)
+    out = built.rms_norm(x, w, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    step = ref.float().abs() * (2**-7 if bf16 else 1e-6) + 1e-6
+    assert ((out.float() - ref.float()).abs() <= step).all()
+
+
 def test_gemv_rejects_what_it_cannot_do():
     if not kernels_here():
         return
@@ -61,6 +79,7 @@ def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
     model = Transformer.from_pretrained(tiny_llama_dir).pack_weights()
     layer = model.layers[0].attention.wqkv
     assert isinstance(layer, Linear) and (layer.gemv is not None) == kernels_here()
+    assert (model.norm.kernel is not None) == (model.layers[0].ffn_norm.kernel is not None) == kernels_here()
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, layer.in_features)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))

@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <cmath>
+
 namespace {
 
 constexpr int64_t kMaxRows = 4;  // beyond 4 rows oneDNN's blocked kernel is as fast (measured)
@@ -108,4 +110,37 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv, "few-row matrix-vector product, x @ w.T"); }
+// RMSNorm in one pass per row, as transformers computes it: y = x * rsqrt(mean(x^2) + eps) in fp32, cast to x's
+// dtype, times the weight (in x's dtype). F.rms_norm is ~6 separate ops on CPU (~40 us per call at one row).
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, T* out, int64_t D, float eps, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* row = x + t * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += static_cast<float>(row[d]) * static_cast<float>(row[d]);
+    const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+    for (int64_t d = 0; d < D; ++d)
+      out[t * D + d] = static_cast<T>(static_cast<float>(w[d]) * static_cast<float>(static_cast<T>(row[d] * scale)));
+  }
+}
+
+// x: [T, D] contiguous, w: [D], same dtype (float32 or bfloat16) -> [T, D].
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0), "rms_norm: x [T, D] and w [D]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must have one dtype");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "rms_norm: contiguous inputs");
+  auto out = torch::empty_like(x);
+  const int64_t T = x.size(0), D = x.size(1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / D);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+      rms_norm_rows(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), D, (float)eps, t0, t1);
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv, "few-row matrix-vector product, x @ w.T");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row, computed in fp32");
+}

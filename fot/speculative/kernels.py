@@ -1,9 +1,10 @@
-"""Few-row GEMV kernels for CPU decoding (`kernels.cpp`), compiled once into the project cache on first use.
+"""CPU decoding kernels (`kernels.cpp`), compiled once into the project cache on first use.
 
-oneDNN's packed matmul streams a layer's weights at about a quarter of this machine's read bandwidth when it has a
-single row to multiply, and a decoding step at small batch is nothing but such products. `gemv` reads each weight
-row once for all (up to `MAX_ROWS`) input rows. It needs AVX-512 (with AVX512-BF16 for bf16); elsewhere, or when
-the build fails, `load()` returns None and every matmul stays on oneDNN. `FOT_KERNELS=0` switches it off.
+A decoding step at small batch is a chain of matrix-vector products and small row-wise ops. oneDNN's packed
+matmul streams a layer's weights well below this machine's read rate when it has one row to multiply; `gemv`
+reads each weight row once for all (up to `MAX_ROWS`) input rows, with prefetching. `rms_norm` does in one pass
+what F.rms_norm does in ~6 ops. They need AVX-512 (with AVX512-BF16 for bf16); elsewhere, or when the build
+fails, `load()` returns None and the model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def cpu_flags() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def load():
-    """The compiled module (with `gemv(x, w)`), or None where it cannot run here."""
+    """The compiled module (`gemv(x, w)`, `rms_norm(x, w, eps)`), or None where it cannot run here."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
     from torch.utils.cpp_extension import load as build
