@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,3 +87,17 @@ def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, layer.in_features)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_kernels_can_be_switched_off(tiny_llama_dir):
+    """FOT_KERNELS=0: no kernels, and a packed model runs on oneDNN and PyTorch ops alone (a fresh process, since
+    the build is cached per process)."""
+    code = (
+        "import sys; from fot.speculative import kernels; from fot.speculative.model import Transformer\n"
+        "assert kernels.load() is None\n"
+        "m = Transformer.from_pretrained(sys.argv[1]).pack_weights()\n"
+        "assert m.layers[0].attention.wqkv.gemv is None and m.norm.kernel is None\n"
+    )
+    env = {**os.environ, "FOT_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
