@@ -75,6 +75,7 @@ class Record(BaseModel):
     model: str
     backend: str
     device: str = "cpu"  # of the native backend (records written before this field was added ran on the CPU)
+    dtype: str = "auto"
     speculative: str
     seed: int
     level: str | None
@@ -107,8 +108,9 @@ def score(problem: Problem, answer: str | None) -> bool:
 def run_name(args: argparse.Namespace) -> str:
     """The file name of a run: readable settings plus a hash of everything else that changes results."""
     settings = {k: getattr(args, k) for k in ("model", "backend", "rollouts", "max_tokens", "base_url", "ranks")}
-    if args.device != "cpu":  # named only off the CPU, so that the runs made before --device keep their names
-        settings["device"] = args.device
+    for key, default in (("device", "cpu"), ("dtype", "auto")):  # named only when set, so older runs keep their names
+        if getattr(args, key) != default:
+            settings[key] = getattr(args, key)
     if args.benchmark == "arithmetic":
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -154,7 +156,9 @@ def make_backend(args: argparse.Namespace):
         )
     spec = drafters[args.speculative]
     if args.backend == "native":
-        return make("native", model=args.model, device=args.device, speculative=spec, max_batch=args.max_batch)
+        return make(
+            "native", model=args.model, device=args.device, dtype=args.dtype, speculative=spec, max_batch=args.max_batch
+        )
     if args.backend == "vllm":
         if spec == "kangaroo":
             from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
@@ -203,6 +207,7 @@ async def solve_all(problems: list[Problem], args: argparse.Namespace, path: Pat
             model=args.model,
             backend=args.backend,
             device=args.device,
+            dtype=args.dtype,
             speculative=args.speculative,
             seed=args.seed,
             level=problem.level,
@@ -259,6 +264,7 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")
     p.add_argument("--device", default="cpu", help="native backend: the torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--dtype", default="auto", help="native backend: auto (fp32 on CPU), fast (bf16 where fast), ...")
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
     p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
     p.add_argument("--n", type=int, default=100, help="arithmetic: problems generated")

@@ -211,10 +211,12 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
 
 
-def test_runs_on_another_device_are_named_apart() -> None:
-    """--device names a run only off the CPU, so the files of runs made before the option keep their names."""
+def test_runs_on_another_device_or_dtype_are_named_apart() -> None:
+    """--device and --dtype name a run only when set, so the files of runs made before them keep their names."""
     cpu = run_name(options("arithmetic"))  # the name this run had before --device existed
-    assert run_name(options("arithmetic", device="cuda")) != cpu
+    assert (
+        len({cpu, run_name(options("arithmetic", device="cuda")), run_name(options("arithmetic", dtype="fast"))}) == 3
+    )
     assert cpu == "fot-t4-default-native-prompt_lookup-s0-a690c226"
 
 

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 COMMON="--model qwen2.5-coder-1.5b --out ${OUT_DIR:-evals/results} --rollouts 1 --max-tokens 384 --concurrency 50"
-COMMON="$COMMON --max-batch ${MAX_BATCH:-64} --device ${DEVICE:-cpu} --no-report"
+COMMON="$COMMON --max-batch ${MAX_BATCH:-64} --device ${DEVICE:-cpu} --dtype ${DTYPE:-auto} --no-report"
 ARITH="--n 56 --levels 1,2,3,4"
 G24="--limit 50"
 
