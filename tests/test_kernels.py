@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fot.speculative import kernels
@@ -51,9 +51,12 @@ def test_gemv_matches_a_float64_reference(rows, n, k, bf16, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 40), dim=st.integers(1, 700), bf16=st.booleans(), seed=st.integers(0, 2**16))
+@example(rows=17, dim=635, bf16=True, seed=1)
 def test_rms_norm_matches_the_model_s_own(rows, dim, bf16, seed):
     """The fused norm computes what RMSNorm's PyTorch ops compute (fp32 statistics, cast, then the weight): to
-    fp32 rounding, and in bf16 to one bf16 step of the output."""
+    fp32 rounding, and in bf16 to two bf16 steps of the output (bf16 rounds twice, the normalised value and then
+    the weighted one, so a one-step flip of the first can come out as up to two; found by hypothesis: 1.16 steps
+    on 12 of 10795 values at rows=17, dim=635, seed=1)."""
     if not kernels_here():
         return
     g = torch.Generator().manual_seed(seed)
@@ -63,7 +66,7 @@ def test_rms_norm_matches_the_model_s_own(rows, dim, bf16, seed):
     ref = w * torch.nn.functional.rms_norm(x.float(), (dim,), eps=1e-5).to(dtype)
     out = built.rms_norm(x, w, 1e-5)
     assert out.dtype == dtype and out.shape == x.shape
-    step = ref.float().abs() * (2**-7 if bf16 else 1e-6) + 1e-6
+    step = ref.float().abs() * (2 * 2**-7 if bf16 else 1e-6) + 1e-6
     assert ((out.float() - ref.float()).abs() <= step).all()
 
 
