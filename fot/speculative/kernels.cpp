@@ -14,73 +14,67 @@ namespace {
 
 constexpr int64_t kMaxRows = 4;  // beyond 4 rows oneDNN's blocked kernel is as fast (measured)
 
-inline __mmask16 tail16(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
-inline __mmask32 tail32(int64_t left) { return left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1); }
+// What differs between the two dtypes: the element, how many fit one 512-bit vector, the masked load, the
+// multiply-add into fp32 lanes, and how a finished fp32 sum is stored.
+struct F32 {
+  using T = float;
+  using Vec = __m512;
+  static constexpr int64_t kWidth = 16;
+  static Vec load(int64_t left, const T* p) { return _mm512_maskz_loadu_ps(left >= 16 ? 0xFFFF : (1u << left) - 1, p); }
+  static __m512 fma(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
+  static T store(float v) { return v; }
+};
+
+struct BF16 {  // bf16 as its raw bits
+  using T = uint16_t;
+  using Vec = __m512bh;
+  static constexpr int64_t kWidth = 32;
+  static Vec load(int64_t left, const T* p) {
+    return (Vec)_mm512_maskz_loadu_epi16(left >= 32 ? 0xFFFFFFFFu : (1u << left) - 1, p);
+  }
+  static __m512 fma(__m512 acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }  // pairs, fp32 accumulation
+  static T store(float v) { return c10::BFloat16(v).x; }  // round to nearest even, as torch does
+};
 
 // R weight rows at a time: M x R independent accumulator chains keep the FMA units busy (one chain per row would
 // wait on the FMA latency), and each loaded input vector serves R rows. The next block's rows are prefetched (1.3x
 // on this machine's streaming rate). The tail of K is a masked step.
-template <int M, int R>
-inline void rows_f32(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n) {
+template <typename D, int M, int R>
+inline void rows(const typename D::T* x, const typename D::T* w, typename D::T* out, int64_t K, int64_t N, int64_t n) {
   __m512 acc[M * R];
   for (int i = 0; i < M * R; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 mask = tail16(K - k);
-    __m512 wv[R];
+  for (int64_t k = 0; k < K; k += D::kWidth) {
+    typename D::Vec wv[R];
     for (int r = 0; r < R; ++r) {
       _mm_prefetch((const char*)(w + (n + R + r) * K + k), _MM_HINT_T0);
-      wv[r] = _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k);
+      wv[r] = D::load(K - k, w + (n + r) * K + k);
     }
     for (int m = 0; m < M; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_fmadd_ps(wv[r], xv, acc[m * R + r]);
+      const typename D::Vec xv = D::load(K - k, x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m * R + r] = D::fma(acc[m * R + r], wv[r], xv);
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) out[m * N + n + r] = _mm512_reduce_add_ps(acc[m * R + r]);
-}
-
-template <int M, int R>
-inline void rows_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t K, int64_t N, int64_t n) {
-  __m512 acc[M * R];
-  for (int i = 0; i < M * R; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = tail32(K - k);
-    __m512bh wv[R];
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch((const char*)(w + (n + R + r) * K + k), _MM_HINT_T0);
-      wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n + r) * K + k);
-    }
-    for (int m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_dpbf16_ps(acc[m * R + r], wv[r], xv);
-    }
-  }
-  for (int m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) out[m * N + n + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[m * R + r])).x;  // RNE
+    for (int r = 0; r < R; ++r) out[m * N + n + r] = D::store(_mm512_reduce_add_ps(acc[m * R + r]));
 }
 
 // Rows [n0, n1): blocks of R = 8 / M rows (at most 8 accumulators), then one row at a time. A prefetch past the
 // last row is harmless: prefetches never fault.
-template <int M>
-void gemv_f32(const float* x, const float* w, float* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+template <typename D, int M>
+void gemv_rows(const typename D::T* x, const typename D::T* w, typename D::T* out, int64_t K, int64_t N, int64_t n0,
+               int64_t n1) {
   constexpr int R = 8 / M;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_f32<M, R>(x, w, out, K, N, n);
-  for (; n < n1; ++n) rows_f32<M, 1>(x, w, out, K, N, n);
+  for (; n + R <= n1; n += R) rows<D, M, R>(x, w, out, K, N, n);
+  for (; n < n1; ++n) rows<D, M, 1>(x, w, out, K, N, n);
 }
 
-template <int M>
-void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  constexpr int R = 8 / M;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) rows_bf16<M, R>(x, w, out, K, N, n);
-  for (; n < n1; ++n) rows_bf16<M, 1>(x, w, out, K, N, n);
-}
-
-template <typename T, typename Kernel>
-void run(const T* x, const T* w, T* out, int64_t M, int64_t K, int64_t N, Kernel kernels[kMaxRows]) {
-  auto kernel = kernels[M - 1];
+template <typename D>
+void run(const typename D::T* x, const typename D::T* w, typename D::T* out, int64_t M, int64_t K, int64_t N) {
+  using T = typename D::T;
+  using Kernel = void (*)(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);
+  static constexpr Kernel kernels[kMaxRows] = {gemv_rows<D, 1>, gemv_rows<D, 2>, gemv_rows<D, 3>, gemv_rows<D, 4>};
+  const Kernel kernel = kernels[M - 1];
   // ~64 KB of weights per task: small enough to balance two threads, large enough to amortise the dispatch
   const int64_t grain = std::max<int64_t>(16, 65536 / (K * (int64_t)sizeof(T)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) { kernel(x, w, out, K, N, n0, n1); });
@@ -97,15 +91,11 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto out = torch::empty({M, N}, x.options());
   if (x.scalar_type() == torch::kFloat) {
-    using F = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, int64_t);
-    F kernels[kMaxRows] = {gemv_f32<1>, gemv_f32<2>, gemv_f32<3>, gemv_f32<4>};
-    run(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), M, K, N, kernels);
+    run<F32>(x.data_ptr<float>(), w.data_ptr<float>(), out.data_ptr<float>(), M, K, N);
   } else {
     TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "gemv: float32 or bfloat16");
-    using F = void (*)(const uint16_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t);
-    F kernels[kMaxRows] = {gemv_bf16<1>, gemv_bf16<2>, gemv_bf16<3>, gemv_bf16<4>};
-    auto ptr = [](torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-    run<uint16_t>(ptr(x), ptr(w), ptr(out), M, K, N, kernels);
+    auto bits = [](torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+    run<BF16>(bits(x), bits(w), bits(out), M, K, N);
   }
   return out;
 }
