@@ -57,8 +57,9 @@ class SpeculativeConfig(BaseModel):
     acceptance rate r makes the j-th token likely to be kept (r ** j >= `draft_threshold`; 0 always drafts the
     maximum), and `max_draft_tokens_per_step` caps the drafts of the whole batch in one step, keeping the likeliest:
     once a batch is compute-bound (early on a CPU) a rejected draft token costs as much as a kept one.
-    With `cost_aware` the engine also fits how a forward's time grows with its token count on this machine and
-    keeps a draft token only if it raises the expected tokens per second (see `drafters.draft_lengths`).
+    With `cost_aware` the engine also measures how a forward's time grows with its token count on this machine and
+    keeps as many of the likeliest draft tokens as maximise the expected tokens per second
+    (see `drafters.draft_lengths`).
     `layout="padded"` is the paper's vanilla baseline, for comparison only.
 
     `method="kangaroo"` drafts with the model's own first layers + a trained adapter (fot.speculative.kangaroo):

@@ -1,4 +1,5 @@
-"""The CPU decoding kernels (few-row GEMV, fused RMSNorm) against references, and the model's routing to them."""
+"""The CPU decoding kernels (few-row GEMV, fused RMSNorm, ragged attention) against references, and the model's
+routing to them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from fot.speculative import kernels
-from fot.speculative.model import Linear, Transformer
+from fot.speculative.cache import KVCache, Step
+from fot.speculative.model import Attention, Linear, ModelArgs, Transformer, rope_tables
 
 built = kernels.load()
 
@@ -41,7 +44,7 @@ def test_gemv_matches_a_float64_reference(rows, n, k, bf16, seed):
     dtype = torch.bfloat16 if bf16 else torch.float32
     x = torch.randn(rows, k, generator=g).to(dtype)
     w = torch.randn(n, k, generator=g).to(dtype)
-    out = built.gemv(x, w)
+    out = built.gemv(x, kernels.pack_gemv(w), n)
     assert out.dtype == dtype and out.shape == (rows, n)
     ref = x.double() @ w.double().T
     err = (out.double() - ref).abs().max().item()
@@ -73,11 +76,107 @@ def test_rms_norm_matches_the_model_s_own(rows, dim, bf16, seed):
 def test_gemv_rejects_what_it_cannot_do():
     if not kernels_here():
         return
-    x, w = torch.randn(kernels.MAX_ROWS + 1, 8), torch.randn(4, 8)
+    x, w = torch.randn(kernels.MAX_ROWS + 1, 8), kernels.pack_gemv(torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="M <="):
-        built.gemv(x, w)
+        built.gemv(x, w, 4)
     with pytest.raises(RuntimeError, match="one dtype"):
-        built.gemv(x[:2], w.bfloat16())
+        built.gemv(x[:2], w.bfloat16(), 4)
+    with pytest.raises(RuntimeError, match="not packed"):
+        built.gemv(x[:2], w, 5)
+    with pytest.raises(RuntimeError, match="not packed"):
+        built.gemv(x[:2], torch.randn(4, 8), 4)
+
+
+def attention_case(heads: tuple[int, int, int], dtype: torch.dtype, seed: int) -> tuple[Attention, tuple, KVCache]:
+    """A random attention layer (q/k/v bias on), its RoPE tables and a cache of 6 slots full of random entries."""
+    n_heads, n_kv, head_dim = heads
+    args = ModelArgs(
+        vocab_size=8,
+        dim=64,
+        n_layers=1,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        hidden_dim=8,
+        norm_eps=1e-6,
+        max_seq_len=96,
+        rope_theta=10000.0,
+        attention_bias=True,
+    )
+    g = torch.Generator().manual_seed(seed)
+    attention = Attention(args).requires_grad_(False)
+    for p in attention.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) / 4)
+    cache = KVCache(1, 6, n_kv, 96, head_dim, dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    return attention.to(dtype), rope_tables(args), cache
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    heads=st.sampled_from([(9, 3, 64), (12, 2, 128), (4, 4, 32), (8, 1, 64)]),
+    samples=st.lists(st.tuples(st.integers(0, 80), st.integers(1, 6)), min_size=1, max_size=6),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_attend_matches_the_model_s_pytorch_attention(heads, samples, bf16, seed):
+    """The fused kernel (RoPE, cache writes, ragged causal attention) computes what the PyTorch path (rotate,
+    index_put, scatter, masked SDPA, gather) computes, for any ragged step over any slots: the same cache entries
+    and the same outputs, to fp32 rounding, or in bf16 to a few bf16 steps (the PyTorch path rounds RoPE's
+    intermediate products to bf16, the kernel does not)."""
+    if not kernels_here():
+        return
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    attention, rope, ref_cache = attention_case(heads, dtype, seed)
+    _, _, cache = attention_case(heads, dtype, seed)
+    slots = sorted(torch.randperm(6, generator=torch.Generator().manual_seed(seed))[: len(samples)].tolist())
+    step = Step.build(slots, [s for s, _ in samples], [c for _, c in samples])
+    x = torch.randn(int(step.pos.numel()), 64, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    ref = attention(x, step, rope, ref_cache.k[0], ref_cache.v[0])
+    attention.kernel = built.attend
+    out = attention(x, step, rope, cache.k[0], cache.v[0])
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 8 * 2**-8 if bf16 else 1e-5
+    assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    assert torch.equal(cache.v, ref_cache.v)
+    assert (cache.k.float() - ref_cache.k.float()).abs().max() <= (2 * 2**-8 if bf16 else 1e-5) * cache.k.abs().max()
+
+
+def test_attend_gives_a_token_the_same_bits_whatever_else_is_in_the_step():
+    """Each token's attention is computed alone, in a fixed order, so a step over several samples and tokens gives
+    every token exactly what a step over that token alone gives: what keeps speculative verification (many tokens)
+    in agreement with plain decoding (one)."""
+    if not kernels_here():
+        return
+    _, rope, cache = attention_case((9, 3, 64), torch.float32, 0)
+    qkv = torch.randn(7, 15 * 64, generator=torch.Generator().manual_seed(1))
+
+    def attend(rows: slice, step: Step) -> Tensor:
+        return built.attend(qkv[rows], *rope, step.pos, step.slot, step.index, cache.k[0], cache.v[0], 9, 3)
+
+    together = attend(slice(0, 7), Step.build([0, 3], [10, 40], [3, 4]))
+    alone = attend(slice(4, 5), Step.build([3], [41], [1]))
+    assert torch.equal(together[4], alone[0])
+
+
+def test_attend_rejects_what_it_cannot_do():
+    if not kernels_here():
+        return
+    attention, (cos, sin), cache = attention_case((4, 2, 32), torch.float32, 0)
+    qkv = torch.randn(1, 8 * 32)
+    one = torch.zeros(1, dtype=torch.long)
+    k, v = cache.k[0], cache.v[0]
+    with pytest.raises(RuntimeError, match="out of range"):
+        built.attend(qkv, cos, sin, one, one + 6, one, k, v, 4, 2)
+    with pytest.raises(RuntimeError, match="out of range"):
+        built.attend(qkv, cos, sin, one, one, one + 96, k, v, 4, 2)
+    with pytest.raises(RuntimeError, match="qkv"):
+        built.attend(qkv[:, :-32], cos, sin, one, one, one, k, v, 4, 2)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        built.attend(qkv.bfloat16(), cos, sin, one, one, one, k, v, 4, 2)
+    with pytest.raises(RuntimeError, match="multiple of KV"):
+        built.attend(qkv, cos, sin, one, one, one, k, v, 3, 2)
 
 
 def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
@@ -87,6 +186,7 @@ def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
     layer = model.layers[0].attention.wqkv
     assert isinstance(layer, Linear) and (layer.gemv is not None) == kernels_here()
     assert (model.norm.kernel is not None) == (model.layers[0].ffn_norm.kernel is not None) == kernels_here()
+    assert (model.layers[0].attention.kernel is not None) == kernels_here()
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, layer.in_features)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
@@ -100,6 +200,7 @@ def test_kernels_can_be_switched_off(tiny_llama_dir):
         "assert kernels.load() is None\n"
         "m = Transformer.from_pretrained(sys.argv[1]).pack_weights()\n"
         "assert m.layers[0].attention.wqkv.gemv is None and m.norm.kernel is None\n"
+        "assert m.layers[0].attention.kernel is None\n"
     )
     env = {**os.environ, "FOT_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir)], env=env, capture_output=True, text=True)

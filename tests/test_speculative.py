@@ -75,12 +75,27 @@ def test_draft_lengths_follow_acceptance_rates_and_the_budget():
 def test_cost_aware_drafting_drafts_less_where_verification_is_dear():
     """t = 50 ms + 2 ms per token: at batch 1 a 0.43-likely token pays (it adds 2 ms to a ~52 ms step), at
     batch 16 (a 82 ms step for 16 tokens) it does not, and even likely tokens stop once the step grows."""
-    cost = (0.050, 0.002)
+
+    def cost(tokens: int) -> float:
+        return 0.050 + 0.002 * tokens
+
     assert draft_lengths([0.9], [8], 0.0, cost=cost) == [8]
     big = draft_lengths([0.9] * 16, [8] * 16, 0.0, cost=cost)
     assert 0 < sum(big) < 16 * 8 and max(big) <= 8
     assert draft_lengths([0.3] * 16, [8] * 16, 0.0, cost=cost) == [0] * 16
     assert draft_lengths([0.3] * 16, [8] * 16, 0.0) == [8] * 16  # without a cost model: the threshold alone
+
+
+def test_cost_aware_drafting_looks_past_a_jump_in_cost():
+    """Up to 4 tokens cost one token's time, the 5th doubles it (the GEMV kernel hands over to a GEMM), then it
+    grows slowly: at batch 4 one more token does not pay, but 8 likely ones do; unlikely ones never do."""
+
+    def cost(tokens: int) -> float:
+        return 0.010 if tokens <= 4 else 0.020 + 0.0005 * tokens
+
+    assert draft_lengths([0.3] * 4, [8] * 4, 0.0, cost=cost) == [0] * 4
+    assert sum(draft_lengths([0.95] * 4, [8] * 4, 0.0, cost=cost)) >= 8
+    assert draft_lengths([0.9], [3], 0.0, cost=cost) == [3]  # 1 + 3 tokens: free
 
 
 def test_accept_greedy():
@@ -182,18 +197,22 @@ def test_stops_inside_an_accepted_draft(engines):
     assert got.token_ids == want.token_ids == full[: full.index(eos) + 1] and got.finish_reason == "stop"
 
 
-def test_forward_cost_fit():
+def test_forward_cost_averages_each_size_and_interpolates_between():
     from fot.speculative.engine import ForwardCost
 
-    cost = ForwardCost()
-    for t in [1, 1, 1, 1, 1, 1, 1, 1]:
-        cost.record(t, 0.05)
-    assert cost.fit() is None  # one size only: no slope to fit
-    cost = ForwardCost()
-    for t in range(1, 30):
-        cost.record(t, 0.05 + 0.002 * t)
-    a, b = cost.fit()
-    assert a == pytest.approx(0.05, abs=1e-6) and b == pytest.approx(0.002, abs=1e-6)
+    cost = ForwardCost(decay=0.5)
+    cost.record(4, 0.010)
+    assert cost.known(4) and not cost.known(5)
+    with pytest.raises(ValueError):
+        cost(5)  # one size seen: nothing to interpolate with
+    cost.record(4, 0.020)
+    cost.record(12, 0.030)
+    cost.record(20, 0.050)
+    assert cost(4) == pytest.approx(0.015)  # the moving average of the two
+    assert cost(8) == pytest.approx(0.0225)  # halfway from 4 to 12
+    assert cost(30) == pytest.approx(0.075)  # the slope of the last two, carried on
+    assert cost(1) == pytest.approx(0.009375)  # below the smallest: the slope from 4 to 12, carried down
+    assert cost(-100) == 0.0  # but never negative
 
 
 def test_bad_drafters_and_configs_are_refused(engines):

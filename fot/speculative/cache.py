@@ -13,7 +13,7 @@ token position (`positions` holds those) and a `valid` mask says which entries a
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -115,16 +115,21 @@ class KVCache:
 class Step:
     """The attention layout of one forward over a flat ragged token sequence (EMS-SD's "unpad input tokens").
 
-    The new tokens of all samples are one flat sequence [T]; matmuls run over it as is. For attention only, the
-    queries are scattered into rows = cache slots, n = the most new tokens of any sample, so that a query sees its
-    own slot's keys up to its own position (its cache plus its sample's earlier new tokens: causal).
+    The new tokens of all samples are one flat sequence [T]; matmuls run over it as is. Attention either runs on
+    the flat tokens directly (`kernels.attend`: token t sees its slot's entries 0..index[t]) or, in PyTorch, scatters
+    the queries into rows = cache slots, n = the most new tokens of any sample, with a mask, so that a query sees
+    its own slot's keys up to its own position (its cache plus its sample's earlier new tokens: causal). The mask
+    and what else attention derives from a step are built once per step, on first use.
     """
 
     pos: Tensor  # [T] position of each token (for RoPE)
     index: Tensor  # [T] index of each token's entry in its slot; the position itself unless padded
     slot: Tensor  # [T] cache slot of each token
     dest: Tensor | None  # [T] index of each token in the [rows * n] attention layout; None when the identity
-    mask: Tensor  # [rows, 1, n, kv_len] bool: query (row, i) may attend key j
+    qindex: Tensor  # [rows, n] cache index of each query of that layout (0 where none)
+    kv_len: int  # entries any query sees at most
+    valid: Tensor | None = None  # [rows, kv_len] entries that are real (padded baseline); None: all up to the index
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -151,20 +156,50 @@ class Step:
         qindex = torch.zeros(rows, n, dtype=torch.long)  # rows/queries that do not exist see entry 0 only
         qindex[slot, offset] = index
         kv_len = max(s + c for s, c in zip(starts, counts, strict=True))
-        mask = torch.arange(kv_len) <= qindex[:, None, :, None]
-        if valid is not None:
-            mask &= valid[:rows, None, None, :kv_len]
-            mask[:, :, :, 0] |= ~mask.any(-1)  # a query of a row with no sample still needs one key
-        return cls(pos=pos, index=index, slot=slot, dest=None if dense else slot * n + offset, mask=mask)
+        return cls(
+            pos=pos,
+            index=index,
+            slot=slot,
+            dest=None if dense else slot * n + offset,
+            qindex=qindex,
+            kv_len=kv_len,
+            valid=None if valid is None else valid[:rows, :kv_len].clone(),
+        )
+
+    @property
+    def padded(self) -> bool:
+        return self.valid is not None
+
+    @property
+    def mask(self) -> Tensor:
+        """[rows, 1, n, kv_len] bool: query (row, i) may attend key j."""
+        if "mask" not in self.memo:
+            mask = torch.arange(self.kv_len, device=self.qindex.device) <= self.qindex[:, None, :, None]
+            if self.valid is not None:
+                mask &= self.valid[:, None, None, :]
+                mask[:, :, :, 0] |= ~mask.any(-1)  # a query of a row with no sample still needs one key
+            self.memo["mask"] = mask
+        return self.memo["mask"]
 
     def attention_mask(self, group: int, dtype: torch.dtype) -> Tensor:
         """The mask as SDPA takes it fastest: additive (0 / -inf), repeated for the `group` query heads that share
         a KV head, which attention folds into one query axis: [rows, 1, group * n, kv_len]."""
-        additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-        return additive.masked_fill_(~self.mask, float("-inf")).repeat(1, 1, group, 1)
+        key = ("additive", group, dtype)
+        if key not in self.memo:
+            additive = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self.memo[key] = additive.masked_fill_(~self.mask, float("-inf")).repeat(1, 1, group, 1)
+        return self.memo[key]
+
+    def rope(self, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE's cos and sin at each token's position, [T, 1, head_dim] in `dtype`, from the full tables."""
+        key = ("rope", dtype)
+        if key not in self.memo:
+            self.memo[key] = (cos[self.pos].to(dtype).unsqueeze(1), sin[self.pos].to(dtype).unsqueeze(1))
+        return self.memo[key]
 
     def to(self, device: torch.device) -> Step:
         if device.type == "cpu":
             return self
-        move = {name: None if t is None else t.to(device) for name, t in vars(self).items()}
-        return Step(**move)
+        fields = ("pos", "index", "slot", "dest", "qindex", "valid")
+        move = {name: None if getattr(self, name) is None else getattr(self, name).to(device) for name in fields}
+        return Step(**move, kv_len=self.kv_len)

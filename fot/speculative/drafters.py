@@ -7,7 +7,7 @@ sample's context (prompt + generated tokens) and how many tokens it may propose 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -48,13 +48,13 @@ def draft_lengths(
     caps: Sequence[int],
     threshold: float,
     budget: int | None = None,
-    cost: tuple[float, float] | None = None,
+    cost: Callable[[int], float] | None = None,
 ) -> list[int]:
     """How many tokens each sample drafts this step. Draft token j of sample i survives verification with
     probability about v = rates[i] ** j; tokens with v < `threshold` are not drafted, and at most `budget` of the
     likeliest are. Verifying a token costs compute even when it is rejected (much, once a batch is compute-bound,
-    as on CPU), so with `cost` = (a, b), a forward over T tokens taking about a + b * T seconds, tokens are added in
-    order of v only while they raise the expected throughput (tokens gained / step time): v > b * gain / time."""
+    as on CPU), so with `cost` (seconds of a forward over T tokens) the likeliest n tokens are kept, n chosen to
+    maximise the expected throughput (B + sum of their v) / cost(B + n) of a batch of B samples."""
     wanted = []
     for i, (rate, cap) in enumerate(zip(rates, caps, strict=True)):
         value = 1.0
@@ -67,13 +67,14 @@ def draft_lengths(
     if budget is not None:
         wanted = wanted[:budget]
     if cost is not None:
-        a, b = cost
-        gain, time = len(caps), a + b * len(caps)  # plain decoding of the batch: one token per sample
-        for n, (value, _) in enumerate(wanted):
-            if value * time <= b * gain:
-                wanted = wanted[:n]
-                break
-            gain, time = gain + value, time + b
+        batch = len(caps)
+        best, gain, best_rate = 0, float(batch), batch / cost(batch)
+        for n, (value, _) in enumerate(wanted, 1):
+            gain += value
+            rate = gain / cost(batch + n)
+            if rate > best_rate:
+                best, best_rate = n, rate
+        wanted = wanted[:best]
     lengths = [0] * len(caps)
     for _, i in wanted:
         lengths[i] += 1

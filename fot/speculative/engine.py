@@ -115,27 +115,33 @@ class _Sequence:
 
 
 class ForwardCost:
-    """A running fit of decode-forward time against its token count, t = a + b * T (least squares over the last
-    `window` forwards), so that drafting can weigh a draft token's chance against what verifying it costs here."""
+    """Decode-forward time by token count T on this machine: a moving average per count seen, and linear
+    interpolation between counts (extrapolation past them), so that drafting can weigh a draft token's chance
+    against what verifying it costs here. No straight line fits: the GEMV kernel makes a forward over up to
+    `kernels.MAX_ROWS` tokens cost about one token's, and the next token dearer by a jump."""
 
-    def __init__(self, window: int = 64):
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        self.seconds: dict[int, float] = {}
 
     def record(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
+        old = self.seconds.get(tokens)
+        self.seconds[tokens] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b), or None until enough forwards of different sizes were seen."""
-        if len(self.samples) < 8:
-            return None
-        n = len(self.samples)
-        mean_x = sum(x for x, _ in self.samples) / n
-        mean_y = sum(y for _, y in self.samples) / n
-        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
-        if var < 1.0:
-            return None
-        b = sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var
-        return max(mean_y - b * mean_x, 0.0), max(b, 0.0)
+    def known(self, tokens: int) -> bool:
+        return tokens in self.seconds
+
+    def __call__(self, tokens: int) -> float:
+        """Estimated seconds of a forward over `tokens` tokens (needs two counts seen)."""
+        if tokens in self.seconds:
+            return self.seconds[tokens]
+        counts = sorted(self.seconds)
+        if len(counts) < 2:
+            raise ValueError("the cost of a forward needs two token counts measured")
+        right = next((i for i, c in enumerate(counts) if c > tokens), len(counts) - 1)
+        lo, hi = counts[max(right - 1, 0)], counts[max(right, 1)]
+        slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
+        return max(self.seconds[lo] + slope * (tokens - lo), 0.0)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -378,8 +384,13 @@ class Engine:
         for d, k in zip(drafts, limits, strict=True):
             if len(d) > k:
                 raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
-        # of what was proposed, keep what pays for its verification on this machine
-        cost = self.forward_cost.fit() if spec.cost_aware else None
+        # of what was proposed, keep what pays for its verification on this machine: the plain step's cost is
+        # measured first (a step without drafts), then at least one other token count (a step with all drafts)
+        cost = self.forward_cost if spec.cost_aware else None
+        if cost is not None and not cost.known(len(seqs)):
+            return [[] for _ in seqs]
+        if cost is not None and len(cost.seconds) < 2:
+            cost = None
         keep = draft_lengths(rates, [len(d) for d in drafts], 0.0, spec.max_draft_tokens_per_step, cost)
         return [d[:k] for d, k in zip(drafts, keep, strict=True)]
 

@@ -47,9 +47,9 @@ class Adapter(nn.Module):
         self.attention = Attention(args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h: Tensor, step: Step, mask: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Arguments as in the model's `Block` (see `Transformer.attention_inputs`)."""
-        return self.norm(h + self.attention(self.attention_norm(h), step, mask, cos, sin, k, v))
+    def forward(self, h: Tensor, step: Step, rope: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> Tensor:
+        """Arguments as in the model's `Block` (rope: `Transformer.rope`)."""
+        return self.norm(h + self.attention(self.attention_norm(h), step, rope, k, v))
 
 
 def draft_head(model: Transformer, vocab: Tensor | None) -> Tensor:
@@ -81,8 +81,7 @@ class KangarooDrafter:
 
     def adapt(self, h: Tensor, step: Step, cache: KVCache) -> Tensor:
         """The adapter on shallow hidden states, writing its own KV entries at the same positions."""
-        mask, cos, sin = self.model.attention_inputs(step, h.dtype)
-        return self.adapter(h, step, mask, cos, sin, cache.k[self.layer], cache.v[self.layer])
+        return self.adapter(h, step, self.model.rope, cache.k[self.layer], cache.v[self.layer])
 
     def draft(
         self, new: list[list[int]], slots: list[int], starts: list[int], caps: list[int], cache: KVCache
@@ -223,7 +222,7 @@ def adapter_loss(model: Transformer, adapter: Adapter, batch: dict, vocab: Tenso
     step = Step.build(list(range(len(lengths))), [0] * len(lengths), lengths)
     k = torch.zeros(len(lengths), a.n_kv_heads, max(lengths), a.head_dim, dtype=model.dtype)
     v = torch.zeros_like(k)
-    out = adapter(batch["hidden"], step, *model.attention_inputs(step, model.dtype), k, v)
+    out = adapter(batch["hidden"], step, model.rope, k, v)
     logp = torch.log_softmax(F.linear(out, draft_head(model, vocab)).float(), -1)
     idx, p = batch["idx"], batch["p"]
     top1 = logp.argmax(-1) if vocab is None else vocab[logp.argmax(-1)]

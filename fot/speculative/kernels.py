@@ -2,9 +2,11 @@
 
 A decoding step at small batch is a chain of matrix-vector products and small row-wise ops. oneDNN's packed
 matmul streams a layer's weights well below this machine's read rate when it has one row to multiply; `gemv`
-reads each weight row once for all (up to `MAX_ROWS`) input rows, with prefetching. `rms_norm` does in one pass
-what F.rms_norm does in ~6 ops. They need AVX-512 (with AVX512-BF16 for bf16); elsewhere, or when the build
-fails, `load()` returns None and the model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
+reads a blocked copy of the weight (`pack_gemv`) strictly in order, once for all (up to `MAX_ROWS`) input rows.
+`rms_norm` does in one pass what F.rms_norm does in ~6 ops; `attend` does RoPE, the cache writes and the ragged
+causal attention of a step in one call instead of ~15 ops. They need AVX-512 (with AVX512-BF16 for bf16);
+elsewhere, or when the build fails, `load()` returns None and the model runs on oneDNN and PyTorch ops.
+`FOT_KERNELS=0` switches them off.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 MAX_ROWS = 4  # kernels.cpp's kMaxRows
+BLOCK = 4  # kernels.cpp's kBlock: weight rows per block of `pack_gemv`'s layout
 NEEDED = {"avx512f", "avx512bw", "avx512_bf16"}
 
 
@@ -32,9 +35,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def pack_gemv(w: torch.Tensor) -> torch.Tensor:
+    """The layout `gemv` reads a weight [N, K] in: [N/4, K/width, 4, width] (width: one 512-bit vector, 16 fp32 or
+    32 bf16 values), zero-padded to whole blocks, so that the kernel's reads run straight through memory."""
+    n, k = w.shape
+    width = 64 // w.element_size()
+    nb, kc = -(-n // BLOCK), -(-k // width)
+    padded = torch.nn.functional.pad(w.detach(), (0, kc * width - k, 0, nb * BLOCK - n))
+    return padded.view(nb, BLOCK, kc, width).transpose(1, 2).contiguous()
+
+
 @lru_cache(maxsize=1)
 def load():
-    """The compiled module (`gemv(x, w)`, `rms_norm(x, w, eps)`), or None where it cannot run here."""
+    """The compiled module (`gemv(x, pack_gemv(w), N)`, `rms_norm(x, w, eps)`, `attend(...)`), or None where it
+    cannot run here."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
     from torch.utils.cpp_extension import load as build

@@ -105,18 +105,21 @@ def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
 class Linear(nn.Linear):
     """nn.Linear that can run on a oneDNN-prepacked copy of its weight: on CPU about 2x faster than eager for
     more than one row, with no compilation (torch.compile of the whole model took minutes per shape here). With
-    `gemv` set, inputs of at most `kernels.MAX_ROWS` rows (decoding at small batch) go to our streaming kernel."""
+    `gemv` set, inputs of at most `kernels.MAX_ROWS` rows (decoding at small batch) go to our streaming kernel,
+    which reads its own blocked copy of the weight."""
 
     packed: Tensor | None = None
     gemv = None
+    gemv_weight: Tensor | None = None
 
     def pack(self, gemv=None) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)  # 16: a row-count hint only
         self.gemv = gemv
+        self.gemv_weight = kernels.pack_gemv(self.weight) if gemv is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gemv is not None and x.shape[0] <= kernels.MAX_ROWS:
-            y = self.gemv(x.contiguous(), self.weight)
+            y = self.gemv(x.contiguous(), self.gemv_weight, self.out_features)
             return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
@@ -125,9 +128,9 @@ class Linear(nn.Linear):
 
 def pack_linears(module: nn.Module, gemv: bool = True) -> None:
     """Run every `Linear` of `module` on oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it;
-    elsewhere a no-op), and, where this CPU runs our kernels (and `gemv`), few-row inputs on `kernels.gemv` and
-    every `RMSNorm` on `kernels.rms_norm`. The unpacked weights stay for the embedding lookup, the GEMV kernel and
-    training: a second copy."""
+    elsewhere a no-op), and, where this CPU runs our kernels (and `gemv`), few-row inputs on `kernels.gemv`,
+    every `RMSNorm` on `kernels.rms_norm` and attention on `kernels.attend`. The unpacked weights stay for the
+    embedding lookup and training: oneDNN's copy is a second one, the GEMV kernel's blocked copy a third."""
     weight = next(module.parameters())
     supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
     if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
@@ -137,6 +140,8 @@ def pack_linears(module: nn.Module, gemv: bool = True) -> None:
                 m.pack(built.gemv if built else None)
             elif isinstance(m, RMSNorm) and built:
                 m.kernel = built.rms_norm
+            elif isinstance(m, Attention) and built and m.head_dim % 16 == 0:
+                m.kernel = built.attend
 
 
 class RMSNorm(nn.Module):
@@ -160,6 +165,8 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    kernel = None  # `kernels.attend` once packed: RoPE, the cache writes and attention in one call (unpadded steps)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -167,18 +174,21 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, q + 2 * kv, bias=args.attention_bias)
         self.wo = Linear(q, args.dim, bias=args.o_bias)
 
-    def forward(
-        self, x: Tensor, step: Step, mask: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor
-    ) -> Tensor:
-        """mask: `step.attention_mask(group)`, the additive mask with the query heads of a KV head folded in."""
+    def forward(self, x: Tensor, step: Step, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """rope: the model's fp32 cos and sin tables over all positions; k_cache/v_cache: this layer's cache."""
         T = x.shape[0]
-        qkv = self.wqkv(x).view(T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qkv = self.wqkv(x)
+        if self.kernel is not None and not step.padded and not qkv.requires_grad:
+            heads = (self.n_heads, self.n_kv_heads)
+            return self.wo(self.kernel(qkv, *rope, step.pos, step.slot, step.index, k_cache, v_cache, *heads))
+        qkv = qkv.view(T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        cos, sin = step.rope(*rope, x.dtype)
         qk = rotate(qkv[:, : self.n_heads + self.n_kv_heads], cos, sin)  # queries and keys in one go
         q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv_heads :]
         # Each token's key/value goes to its own sample's slot at its own position: no padding in the cache.
         k_cache[step.slot, :, step.index] = k
         v_cache[step.slot, :, step.index] = v
-        rows, _, n, kv_len = step.mask.shape
+        rows, n = step.qindex.shape
         if step.dest is None:  # the flat tokens already are the [rows, n] layout
             qb = q.view(rows, n, self.n_heads, self.head_dim)
         else:
@@ -186,6 +196,8 @@ class Attention(nn.Module):
             qb = qb.view(rows, n, self.n_heads, self.head_dim)
         # GQA: the query heads sharing a KV head are folded into that head's query axis, one attention per KV head
         qb = qb.transpose(1, 2).reshape(rows, self.n_kv_heads, -1, self.head_dim)
+        mask = step.attention_mask(self.n_heads // self.n_kv_heads, x.dtype)
+        kv_len = step.kv_len
         o = F.scaled_dot_product_attention(qb, k_cache[:rows, :, :kv_len], v_cache[:rows, :, :kv_len], attn_mask=mask)
         o = o.view(rows, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(rows * n, -1)
         if step.dest is not None:
@@ -212,10 +224,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(
-        self, x: Tensor, step: Step, mask: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor
-    ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), step, mask, cos, sin, k_cache, v_cache)
+    def forward(self, x: Tensor, step: Step, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), step, rope, k_cache, v_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -245,18 +255,20 @@ class Transformer(nn.Module):
     def embed(self, tokens: Tensor) -> Tensor:
         return self.tok_embeddings(tokens)
 
-    def attention_inputs(self, step: Step, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """What every attention layer of a step shares: the folded-GQA additive mask and RoPE's cos and sin."""
-        cos = self.cos[step.pos].to(dtype).unsqueeze(1)
-        sin = self.sin[step.pos].to(dtype).unsqueeze(1)
-        return step.attention_mask(self.args.n_heads // self.args.n_kv_heads, dtype), cos, sin
+    @property
+    def rope(self) -> tuple[Tensor, Tensor]:
+        """RoPE's fp32 cos and sin tables, [max_seq_len, head_dim], which every attention layer takes (rebuilt in
+        fp32 if a cast of the whole model, `model.to(torch.bfloat16)`, rounded them)."""
+        if self.cos.dtype != torch.float32:
+            cos, sin = rope_tables(self.args)
+            self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
+        return self.cos, self.sin
 
     def run_layers(self, h: Tensor, step: Step, cache: KVCache, start: int = 0, end: int | None = None) -> Tensor:
         """Run layers [start, end) on hidden states h: [T, dim]; cache entries go to the cache's own layer slots."""
-        mask, cos, sin = self.attention_inputs(step, h.dtype)
         for i in range(start, self.args.n_layers if end is None else end):
             layer_cache = i - cache.first_layer
-            h = self.layers[i](h, step, mask, cos, sin, cache.k[layer_cache], cache.v[layer_cache])
+            h = self.layers[i](h, step, self.rope, cache.k[layer_cache], cache.v[layer_cache])
         return h
 
     def logits(self, h: Tensor) -> Tensor:
@@ -284,8 +296,9 @@ class Transformer(nn.Module):
         model.load_state_dict(hf_to_native(state, args), assign=True, strict=True)
         if args.tie_embeddings:
             model.output.weight = model.tok_embeddings.weight
-        model.cos, model.sin = rope_tables(args)  # buffers built on the meta device hold no values
-        return model.to(dtype).eval().requires_grad_(False)
+        model = model.to(dtype).eval().requires_grad_(False)
+        model.cos, model.sin = rope_tables(args)  # fp32; buffers built on the meta device hold no values
+        return model
 
 
 def hf_to_native(state: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
