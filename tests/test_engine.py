@@ -154,3 +154,34 @@ def test_bad_engine_options(tiny_llama_dir):
         Engine.from_pretrained(tiny_llama_dir, max_batch=0)
     with pytest.raises(InvalidRequestError, match="unknown dtype"):
         Engine.from_pretrained(tiny_llama_dir, dtype="int3")
+
+
+def test_prompts_sharing_a_prefix_compute_it_once_and_decode_as_transformers(tiny_model_dir, hf_cache):
+    """Prompts admitted together that share >= min_shared_prefix leading tokens copy that prefix's cache entries
+    from the first of them: fewer tokens computed, the same greedy output as transformers one by one (with and
+    without drafts), and nothing shared when switched off."""
+    stem = list(range(3, 40))  # 37 shared token ids
+    prompts = [stem + [50, 51, 52], stem + [60], stem[:20] + [70, 71], stem + [50, 51, 52], [5, 6, 7]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (9, 5, 12, 7, 6)]
+    want = [hf_greedy(tiny_model_dir, p, sp.max_tokens, hf_cache) for p, sp in zip(prompts, params, strict=True)]
+    for speculative in (None, "prompt_lookup"):
+        engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", speculative=speculative)
+        outs = engine.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        # 1 and 3 copy 37 tokens and 39 (all but the last) from prompt 0; 2 copies 20 from it
+        assert engine.last_stats.reused_prompt_tokens == 37 + 20 + 39
+        assert engine.last_stats.prompt_tokens == sum(map(len, prompts))
+    off = Engine.from_pretrained(tiny_model_dir, dtype="float32", min_shared_prefix=0)
+    assert [o.token_ids for o in off.generate(prompts, params)] == want
+    assert off.last_stats.reused_prompt_tokens == 0
+
+
+def test_share_prefixes_picks_the_longest_earlier_leader():
+    from fot.speculative.engine import share_prefixes
+
+    a, b = [1] * 20 + [2] * 10, [1] * 20 + [3] * 10
+    leaders, followers = share_prefixes([a, b, a + [4], b[:25] + [5], [9] * 30], min_shared=16)
+    assert leaders == [0, 4] and followers == {1: (0, 20), 2: (0, 30), 3: (0, 20)}
+    assert share_prefixes([a, a], min_shared=16) == ([0], {1: (0, 29)})  # the copy keeps one token to compute
+    assert share_prefixes([a, a], min_shared=16, padded=True) == ([0, 1], {})
+    assert share_prefixes([a, a], min_shared=0) == ([0, 1], {})

@@ -134,8 +134,9 @@ def test_attend_matches_the_model_s_pytorch_attention(heads, samples, bf16, seed
     step = Step.build(slots, [s for s, _ in samples], [c for _, c in samples])
     x = torch.randn(int(step.pos.numel()), 64, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     ref = attention(x, step, rope, ref_cache.k[0], ref_cache.v[0])
-    attention.kernel = built.attend
-    out = attention(x, step, rope, cache.k[0], cache.v[0])
+    heads = (attention.n_heads, attention.n_kv_heads)
+    qkv = attention.wqkv(x)
+    out = attention.wo(built.attend(qkv, *rope, step.pos, step.slot, step.index, cache.k[0], cache.v[0], *heads))
     assert out.dtype == dtype and out.shape == ref.shape
     tol = 8 * 2**-8 if bf16 else 1e-5
     assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
@@ -181,7 +182,7 @@ def test_attend_rejects_what_it_cannot_do():
 
 def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
     """After packing, a Linear sends <= MAX_ROWS rows to the kernel (where this CPU runs it) and more to oneDNN;
-    both agree with F.linear."""
+    both agree with F.linear. Attention takes the fused kernel for steps of one token per sample only."""
     model = Transformer.from_pretrained(tiny_llama_dir).pack_weights()
     layer = model.layers[0].attention.wqkv
     assert isinstance(layer, Linear) and (layer.gemv is not None) == kernels_here()
@@ -190,6 +191,16 @@ def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, layer.in_features)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    calls = []
+    attention = model.layers[0].attention
+    if attention.kernel is not None:
+        attention.kernel = lambda *a, kernel=attention.kernel: calls.append(a[0].shape[0]) or kernel(*a)
+    cache = KVCache(1, 4, model.args.n_kv_heads, 32, model.args.head_dim)
+    for counts in ([1, 1, 1], [2, 1, 1], [1]):
+        step = cache.plan(list(range(len(counts))), counts)
+        model.run_layers(torch.randn(sum(counts), model.args.dim), step, cache, 0, 1)
+        cache.advance(list(range(len(counts))), counts)
+    assert calls == ([3, 1] if kernels_here() else [])
 
 
 def test_kernels_can_be_switched_off(tiny_llama_dir):

@@ -66,6 +66,19 @@ class KVCache:
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
 
+    @property
+    def padded(self) -> bool:
+        return self.valid is not None
+
+    def copy_prefix(self, source: int, dest: int, n: int) -> None:
+        """Give the (new, empty) sample in slot `dest` the first n entries of slot `source`, of every layer: the
+        cache of a shared prompt prefix, computed once. Unpadded caches only."""
+        if self.valid is not None or self.lengths[dest] != 0 or not 0 <= n <= self.lengths[source]:
+            raise InvalidRequestError("copy_prefix: an empty unpadded destination and at most the source's entries")
+        self.k[:, dest, :, :n] = self.k[:, source, :, :n]
+        self.v[:, dest, :, :n] = self.v[:, source, :, :n]
+        self.lengths[dest] = n
+
     def compact(self, slots: list[int]) -> dict[int, int]:
         """Move the samples in the highest occupied `slots` into the lowest free ones, so that the occupied slots
         are 0..n-1 and attention spends nothing on the rows of finished samples. Returns {old slot: new slot}."""
@@ -169,6 +182,11 @@ class Step:
     @property
     def padded(self) -> bool:
         return self.valid is not None
+
+    @property
+    def one_per_sample(self) -> bool:
+        """Every sample adds one token (a decoding step without drafts)."""
+        return self.qindex.shape[1] == 1
 
     @property
     def mask(self) -> Tensor:

@@ -77,6 +77,7 @@ class EngineStats:
     decode_steps: int = 0  # (sample, decode forward) pairs: how often some sample was advanced after its prefill
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens whose cache entries were copied from a prompt sharing them
     prefill_seconds: float = 0.0  # wall time in prefill forwards, and in everything else (decode, draft, verify)
     decode_seconds: float = 0.0
 
@@ -174,7 +175,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 class Engine:
     """Batched generation with the native model. `pack=True` (the default) runs the matmuls on oneDNN-packed
     weights on CPU. `speculative` (a `SpeculativeConfig`, a dict, or a method name such as "prompt_lookup")
-    switches on EMS-SD; `drafter` overrides the drafter the config would build."""
+    switches on EMS-SD; `drafter` overrides the drafter the config would build. Prompts admitted together that
+    share at least `min_shared_prefix` leading tokens compute that prefix once (0 switches this off)."""
 
     def __init__(
         self,
@@ -187,6 +189,7 @@ class Engine:
         seed: int = 0,
         speculative: SpeculativeConfig | dict | str | None = None,
         drafter: Drafter | None = None,
+        min_shared_prefix: int = 16,
     ):
         if max_batch < 1:
             raise InvalidRequestError("max_batch must be >= 1")
@@ -207,6 +210,7 @@ class Engine:
             drafter = PromptLookup(spec.prompt_lookup_max, spec.prompt_lookup_min)
         self.drafter = drafter
         self.forward_cost = ForwardCost()
+        self.min_shared_prefix = min_shared_prefix
         if pack:
             model.pack_weights()
             if self.kangaroo is not None:
@@ -319,9 +323,23 @@ class Engine:
         return self.speculative is not None and self.speculative.layout == "padded"
 
     def prefill(self, seqs: list[_Sequence], cache: KVCache) -> None:
-        """All new prompts in one flat forward; logits only at each prompt's last token."""
-        counts = [len(s.prompt) for s in seqs]
-        tokens = torch.tensor([t for s in seqs for t in s.prompt], device=self.device)
+        """All new prompts in one flat forward; logits only at each prompt's last token. A prompt that shares a
+        long prefix with an earlier one of the same admission (the n samples of one request, the trees of a
+        forest asking about one problem) copies that prefix's cache entries from it and computes only the rest,
+        in a second forward."""
+        leaders, followers = share_prefixes([s.prompt for s in seqs], self.min_shared_prefix, cache.padded)
+        self.forward_prompts([seqs[i] for i in leaders], cache, [0] * len(leaders))
+        if followers:
+            for i, (source, shared) in followers.items():
+                cache.copy_prefix(seqs[source].slot, seqs[i].slot, shared)
+                self.last_stats.reused_prompt_tokens += shared
+            self.forward_prompts([seqs[i] for i in followers], cache, [n for _, n in followers.values()])
+        self.last_stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
+
+    def forward_prompts(self, seqs: list[_Sequence], cache: KVCache, skip: list[int]) -> None:
+        """One forward over the prompts past their first `skip` tokens (already in the cache)."""
+        counts = [len(s.prompt) - k for s, k in zip(seqs, skip, strict=True)]
+        tokens = torch.tensor([t for s, k in zip(seqs, skip, strict=True) for t in s.prompt[k:]], device=self.device)
         last = torch.tensor(counts, device=self.device).cumsum(0) - 1
         slots = [s.slot for s in seqs]
         step = cache.plan(slots, counts)
@@ -335,7 +353,6 @@ class Engine:
             logits = self.model.logits(h.index_select(0, last))
         cache.advance(slots, counts)
         self.accept(seqs, logits, [[] for _ in seqs], list(range(len(seqs))))
-        self.last_stats.prompt_tokens += sum(counts)
 
     def decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """One forward for the whole batch: each sample's last token plus its drafts (none without a drafter)."""
@@ -458,6 +475,36 @@ class Engine:
             accepted_tokens=seq.accepted_tokens,
             logprobs=seq.logprobs if seq.params.logprobs else None,
         )
+
+
+def share_prefixes(
+    prompts: list[list[int]], min_shared: int, padded: bool = False
+) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Which prompts compute their own prefix (leaders) and which copy a shared prefix from a leader: {follower:
+    (leader, shared tokens)}, each prompt taking the earlier leader it shares most with, if at least `min_shared`
+    tokens; a follower keeps at least its last token to compute. None in the padded baseline's cache."""
+    leaders: list[int] = []
+    followers: dict[int, tuple[int, int]] = {}
+    for i, prompt in enumerate(prompts):
+        best, shared = -1, 0
+        for j in leaders if min_shared > 0 and not padded else ():
+            n = common_prefix(prompt, prompts[j], len(prompt) - 1)
+            if n > shared:
+                best, shared = j, n
+        if shared >= min_shared > 0:
+            followers[i] = (best, shared)
+        else:
+            leaders.append(i)
+    return leaders, followers
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
