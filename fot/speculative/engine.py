@@ -376,40 +376,54 @@ class Engine:
         self.last_stats.decode_steps += len(seqs)
 
     def decode_kangaroo(self, seqs: list[_Sequence], cache: KVCache) -> None:
-        """Kangaroo in a batch: draft with the shallow layers + adapter, each sample until its own early exit, then
-        verify every sample's drafts in one forward of the remaining layers over the saved shallow states."""
+        """Kangaroo in a batch: draft with the shallow layers + adapter, each sample until its own early exit (and
+        no further than pays on this machine, `affordable`), then verify every sample's drafts in one forward of
+        the remaining layers over the saved shallow states."""
         kg, slots = self.kangaroo, [s.slot for s in seqs]
-        caps = [min(kg.max_steps, s.params.max_tokens - len(s.out) - 1) for s in seqs]
+        start = time.perf_counter()
+        caps = self.affordable(seqs, [min(kg.max_steps, s.params.max_tokens - len(s.out) - 1) for s in seqs])
         starts = [cache.lengths[slot] for slot in slots]
         drafts, hidden = kg.draft([[s.out[-1]] for s in seqs], slots, starts, caps, cache)
         counts = [len(d) + 1 for d in drafts]
         flat = torch.stack([row for rows in hidden for row in rows])
         h = self.model.run_layers(flat, cache.plan(slots, counts), cache, kg.exit_layer)
-        gained = self.accept(seqs, self.model.logits(h), drafts, list(accumulate(counts, initial=0))[:-1])
+        logits = self.model.logits(h)
+        self.forward_cost.record(len(flat), time.perf_counter() - start)  # drafting included: it is the cost
+        gained = self.accept(seqs, logits, drafts, list(accumulate(counts, initial=0))[:-1])
         cache.advance(slots, gained)
         self.last_stats.decode_steps += len(seqs)
 
     def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
         """Ask the drafter for as many tokens per sample as its recent acceptance rate justifies (`draft_lengths`),
-        within its remaining max_tokens and the batch's per-step budget."""
+        within its remaining max_tokens, then keep what pays for its verification (`affordable`)."""
         spec = self.speculative
         caps = [min(spec.num_speculative_tokens, s.params.max_tokens - len(s.out) - 1) for s in seqs]
-        # a Beta(1, 1)-like prior; decay lets a sample whose drafts stopped being accepted try again later
-        rates = [(s.hits + 1) / (s.trials + 2) for s in seqs]
-        limits = draft_lengths(rates, caps, spec.draft_threshold)
+        limits = draft_lengths(self.acceptance_rates(seqs), caps, spec.draft_threshold)
         drafts = self.drafter.propose([s.prompt + s.out for s in seqs], limits)
         for d, k in zip(drafts, limits, strict=True):
             if len(d) > k:
                 raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
-        # of what was proposed, keep what pays for its verification on this machine: the plain step's cost is
-        # measured first (a step without drafts), then at least one other token count (a step with all drafts)
+        keep = self.affordable(seqs, [len(d) for d in drafts])
+        return [d[:k] for d, k in zip(drafts, keep, strict=True)]
+
+    @staticmethod
+    def acceptance_rates(seqs: list[_Sequence]) -> list[float]:
+        """Each sample's recent draft acceptance rate: a Beta(1, 1)-like prior; the decay lets a sample whose drafts
+        stopped being accepted try again later."""
+        return [(s.hits + 1) / (s.trials + 2) for s in seqs]
+
+    def affordable(self, seqs: list[_Sequence], lengths: list[int]) -> list[int]:
+        """Of lengths[i] possible draft tokens of sample i, how many to verify: within the batch's per-step budget,
+        and with `cost_aware` the count that maximises the expected tokens per second on this machine. The cost of
+        a step without drafts is measured first (one such step per batch size), then at least one other token
+        count (a step with every draft) before the cost model decides."""
+        spec = self.speculative
         cost = self.forward_cost if spec.cost_aware else None
         if cost is not None and not cost.known(len(seqs)):
-            return [[] for _ in seqs]
+            return [0] * len(seqs)
         if cost is not None and len(cost.seconds) < 2:
             cost = None
-        keep = draft_lengths(rates, [len(d) for d in drafts], 0.0, spec.max_draft_tokens_per_step, cost)
-        return [d[:k] for d, k in zip(drafts, keep, strict=True)]
+        return draft_lengths(self.acceptance_rates(seqs), lengths, 0.0, spec.max_draft_tokens_per_step, cost)
 
     def accept(self, seqs: list[_Sequence], logits: Tensor, drafts: list[list[int]], firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
