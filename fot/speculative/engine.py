@@ -497,15 +497,17 @@ def share_prefixes(
     """Which prompts compute their own prefix (leaders) and which copy a shared prefix from a leader: {follower:
     (leader, shared tokens)}, each prompt taking the earlier leader it shares most with, if at least `min_shared`
     tokens; a follower keeps at least its last token to compute. None in the padded baseline's cache."""
+    if min_shared <= 0 or padded:
+        return list(range(len(prompts))), {}
     leaders: list[int] = []
     followers: dict[int, tuple[int, int]] = {}
     for i, prompt in enumerate(prompts):
         best, shared = -1, 0
-        for j in leaders if min_shared > 0 and not padded else ():
+        for j in leaders:
             n = common_prefix(prompt, prompts[j], len(prompt) - 1)
             if n > shared:
                 best, shared = j, n
-        if shared >= min_shared > 0:
+        if shared >= min_shared:
             followers[i] = (best, shared)
         else:
             leaders.append(i)
