@@ -12,7 +12,7 @@ from conftest import assert_same_greedy, save_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fot.config import SamplingParams
+from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError, ModelError
 from fot.speculative.engine import Engine
 from fot.speculative.kangaroo import Adapter, load_adapter, model_fingerprint, save_adapter, train_adapter
@@ -191,7 +191,8 @@ def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
 
 def test_shipped_adapter_on_the_embedded_model_is_lossless_and_accepts():
     plain = Engine.from_pretrained("default", dtype="float32", max_batch=4)
-    engine = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=4, speculative="kangaroo")
+    fixed = SpeculativeConfig(method="kangaroo", cost_aware=False)  # drafting must not hang on this machine's timings
+    engine = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=4, speculative=fixed)
     chats = [[{"role": "user", "content": f"Tom has {n} boxes with 12 apples each. How many apples?"}] for n in (3, 5)]
     params = SamplingParams(max_tokens=48)
     assert [o.token_ids for o in engine.generate(chats, params)] == [o.token_ids for o in plain.generate(chats, params)]
