@@ -40,10 +40,22 @@ class NativeBackend(BaseBackend):
         super().__init__()
         self.config = self.parse_config(NativeConfig, config, options)
         c = self.config
-        self.engine = engine or Engine.from_pretrained(
-            c.model, dtype=c.dtype, device=c.device, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative
-        )
+        # All of the engine's torch work, loading included, runs in this one thread: GNU OpenMP gives every thread
+        # that runs parallel work its own team of threads, and once the teams outnumber the cores their threads
+        # stop spin-waiting; a model loaded in the caller's thread made every decoding step ~2x slower (measured).
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fot-native")
+        self.engine = (
+            engine
+            or self._pool.submit(
+                Engine.from_pretrained,
+                c.model,
+                dtype=c.dtype,
+                device=c.device,
+                max_batch=c.max_batch,
+                seed=c.seed,
+                speculative=c.speculative,
+            ).result()
+        )
         self._pending: list[tuple[list[list[int]], list[SamplingParams], asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
 

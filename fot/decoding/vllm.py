@@ -15,6 +15,8 @@ import itertools
 import os
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -112,15 +114,21 @@ class VLLMBackend(BaseBackend):
             disable_log_stats=False,  # our stat logger counts forwards and drafts
             **c.engine_kwargs,
         )
+        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        # The engine is built in the thread that steps it (see fot.decoding.native: one OpenMP team, not two).
+        ready: Future = Future()
+
+        def build() -> Any:
+            return LLMEngine.from_engine_args(args, stat_loggers=[lambda cfg, idx=0: _UsageLogger(self.usage)])
+
+        self._thread = threading.Thread(target=self._run, args=(build, ready), name="fot-vllm", daemon=True)
+        self._thread.start()
         try:
-            self.engine = LLMEngine.from_engine_args(args, stat_loggers=[lambda cfg, idx=0: _UsageLogger(self.usage)])
+            self.engine = ready.result()
         except Exception as e:
             raise ModelError(f"vLLM could not start on {folder}: {type(e).__name__}: {e}") from e
         self.context = self.engine.model_config.max_model_len
-        self._ids = itertools.count()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="fot-vllm", daemon=True)
-        self._thread.start()
 
     def prepare(self, request: Request) -> list[int]:
         from fot.speculative.engine import encode_prompt
@@ -158,21 +166,28 @@ class VLLMBackend(BaseBackend):
             futures.append(fut)
         return list(await asyncio.gather(*futures))
 
-    def _run(self) -> None:
-        """The worker thread: add what arrived, step the engine, hand finished requests back; block when idle."""
+    def _run(self, build: Callable[[], Any], ready: Future) -> None:
+        """The worker thread: build the engine, then add what arrived, step the engine, hand finished requests
+        back; block when idle."""
         from vllm.inputs import TokensPrompt
 
+        try:
+            engine = build()
+        except Exception as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(engine)
         waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
         while True:
             try:
-                item = self._inbox.get(block=not self.engine.has_unfinished_requests())
+                item = self._inbox.get(block=not engine.has_unfinished_requests())
             except queue.Empty:
                 item = ()
             while item is not None:
                 if item:
                     rid, ids, params, fut, loop = item
                     try:
-                        self.engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
+                        engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
                         waiting[rid] = (fut, loop)
                     except Exception as e:  # vLLM refused this request: it fails alone
                         loop.call_soon_threadsafe(_settle, fut, Completion(error=f"vLLM refused it: {e}"))
@@ -182,10 +197,10 @@ class VLLMBackend(BaseBackend):
                     break
             if item is None:  # close()
                 return
-            if not self.engine.has_unfinished_requests():
+            if not engine.has_unfinished_requests():
                 continue
             try:
-                outputs = self.engine.step()
+                outputs = engine.step()
             except Exception as e:  # the engine broke: everything in flight fails with the cause
                 for fut, loop in waiting.values():
                     loop.call_soon_threadsafe(_settle, fut, Completion(error=f"vLLM failed: {type(e).__name__}: {e}"))
