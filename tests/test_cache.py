@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fot.speculative.cache import KVCache, Step
+from fot.errors import InvalidRequestError
+from fot.speculative.cache import KVCache, PrefixStore, Step, common_prefix
 
 
 @st.composite
@@ -59,3 +60,41 @@ def test_compact_moves_samples_into_the_lowest_free_slots(padded):
         assert cache.valid[0, :5].all() and cache.valid[2, :4].all()
     assert [cache.allocate(), cache.allocate()] == [3, 4] and cache.n_free == 0
     assert cache.compact([0, 1, 2, 3, 4]) == {}
+
+
+def test_prefix_store_matches_supersedes_and_evicts_the_least_recently_used():
+    cache = KVCache(2, 3, 1, 16, 4)  # a token's entries: k and v, 2 layers, 4 floats each = 64 bytes
+    for slot, n in [(0, 6), (1, 8), (2, 4)]:
+        assert cache.allocate() == slot
+        cache.k[:, slot, :, :n], cache.v[:, slot, :, :n] = float(slot + 1), -float(slot + 1)
+        cache.advance([slot], [n])
+    store = PrefixStore(budget_bytes=64 * 14, min_new=2)
+    store.put([1, 2, 3, 4, 5, 6], cache, 0)
+    store.put(list(range(1, 10)), cache, 1)  # the cache holds 8 of the 9 tokens; supersedes [1..6]
+    assert len(store) == 1 and store.bytes == 8 * 64
+    key, n = store.match([1, 2, 3, 9, 9], limit=4)
+    assert n == 3 and store.match([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], limit=9) == (key, 8)
+    assert store.match([7, 1, 2], limit=2) == (None, 0)
+    store.put([7, 7, 7, 7], cache, 2)
+    other = KVCache(2, 1, 1, 16, 4)
+    store.load(key, other, other.allocate(), 3)  # used: now the most recent
+    assert other.lengths[0] == 3 and (other.k[:, 0, :, :3] == 2).all() and (other.v[:, 0, :, :3] == -2).all()
+    store.put([5, 5, 5, 5], cache, 2)  # 16 tokens would not fit in 14: the least recently used ([7]*4) goes
+    assert store.match([7, 7, 7, 7, 1], 4)[1] == 0 and store.match([5, 5, 5, 5, 1], 4)[1] == 4
+    assert store.match(list(range(1, 10)), 8)[1] == 8 and store.bytes == 12 * 64
+    store.put([1, 2, 3, 4, 5, 6, 7, 99], cache, 1)  # adds 1 token (< min_new) to the [1..8] entry: not kept
+    store.put([9], cache, 2)  # shorter than min_new: never matchable, not kept
+    assert len(store) == 2 and store.bytes == 12 * 64
+    tiny = PrefixStore(budget_bytes=64 * 3, min_new=2)
+    tiny.put([5, 5, 5, 5], cache, 2)  # larger than the whole budget: not kept
+    assert len(tiny) == 0 and tiny.bytes == 0
+    with pytest.raises(InvalidRequestError, match="empty slot"):
+        store.load(key, other, 0, 2)
+
+
+def test_common_prefix_across_slice_boundaries():
+    a = list(range(200))
+    for cut in (0, 1, 63, 64, 65, 130, 199):
+        b = a[:cut] + [-1] + a[cut + 1 :]
+        assert common_prefix(a, b, 500) == cut and common_prefix(a, b, cut // 2) == cut // 2
+    assert common_prefix(a, a, 500) == 200 and common_prefix(a, a[:70], 500) == 70

@@ -185,3 +185,26 @@ def test_share_prefixes_picks_the_longest_earlier_leader():
     assert share_prefixes([a, a], min_shared=16) == ([0], {1: (0, 29)})  # the copy keeps one token to compute
     assert share_prefixes([a, a], min_shared=16, padded=True) == ([0, 1], {})
     assert share_prefixes([a, a], min_shared=0) == ([0, 1], {})
+
+
+def test_later_prompts_reuse_what_finished_samples_computed(tiny_model_dir, hf_cache):
+    """A prompt that goes on from a finished sample (its prompt, its output, more) or branches off one copies the
+    stored cache entries and computes only the rest, with transformers' greedy output; switched off, nothing is
+    kept."""
+    first = list(range(3, 40))
+    for speculative in (None, "prompt_lookup"):
+        engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", speculative=speculative)
+        [out] = engine.generate([first], SamplingParams(max_tokens=9, ignore_eos=True))
+        assert len(engine.prefix_store) == 1
+        prompts = [first + out.token_ids + [50, 51], first[:30] + [60, 61], [5, 6, 7]]
+        outs = engine.generate(prompts, SamplingParams(max_tokens=7, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [hf_greedy(tiny_model_dir, p, 7, hf_cache) for p in prompts]
+        # the first prompt goes on from all 45 stored entries (46 where a draft reached the last token), the
+        # second shares 30; the last generated token of a sample is never fed, so it has no entry
+        assert engine.last_stats.reused_prompt_tokens in (45 + 30, 46 + 30)
+        # kept: the first prompt's sample, superseding the entry it went on from; not kept: the second (8 tokens
+        # beyond what that entry holds, fewer than min_shared_prefix) and the third (shorter than that)
+        assert len(engine.prefix_store) == 1
+    off = Engine.from_pretrained(tiny_model_dir, dtype="float32", min_shared_prefix=0)
+    off.generate([first], SamplingParams(max_tokens=9, ignore_eos=True))
+    assert len(off.prefix_store) == 0

@@ -51,6 +51,8 @@ def cases(draw):
     rng = random.Random(draw(st.integers(0, 2**16)))
     batch = draw(st.integers(1, 16))
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(batch)]
+    if draw(st.booleans()):  # a shared start: prompts admitted later copy it from finished samples (prefix store)
+        prompts = [list(range(100, 100 + rng.randint(16, 30))) + p for p in prompts]
     params = [
         SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, logprobs=rng.random() < 0.3) for _ in prompts
     ]

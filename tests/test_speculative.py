@@ -119,9 +119,14 @@ def test_rejection_sampling_keeps_the_target_distribution(draft):
 
 
 # ---- lossless, greedy ----------------------------------------------------------------------------------------
-def seeded_case(seed: int, batch: int, max_batch: int, layout: str):
+STEM = list(range(100, 130))  # a prompt start shared across batches and examples: the prefix store is used
+
+
+def seeded_case(seed: int, batch: int, max_batch: int, layout: str, stem: bool = False):
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(batch)]
+    if stem:
+        prompts = [STEM[: rng.randint(16, 30)] + p for p in prompts]
     params = [
         SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, logprobs=rng.random() < 0.3) for _ in prompts
     ]
@@ -131,7 +136,8 @@ def seeded_case(seed: int, batch: int, max_batch: int, layout: str):
 @st.composite
 def batches(draw):
     seed, batch = draw(st.integers(0, 2**16)), draw(st.integers(1, 16))
-    return seeded_case(seed, batch, draw(st.integers(1, 16)), draw(st.sampled_from(["unpadded", "padded"])))
+    layout = draw(st.sampled_from(["unpadded", "padded"]))
+    return seeded_case(seed, batch, draw(st.integers(1, 16)), layout, draw(st.booleans()))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

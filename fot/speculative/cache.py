@@ -13,6 +13,8 @@ token position (`positions` holds those) and a `valid` mask says which entries a
 from __future__ import annotations
 
 import heapq
+import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -73,10 +75,16 @@ class KVCache:
     def copy_prefix(self, source: int, dest: int, n: int) -> None:
         """Give the (new, empty) sample in slot `dest` the first n entries of slot `source`, of every layer: the
         cache of a shared prompt prefix, computed once. Unpadded caches only."""
-        if self.valid is not None or self.lengths[dest] != 0 or not 0 <= n <= self.lengths[source]:
-            raise InvalidRequestError("copy_prefix: an empty unpadded destination and at most the source's entries")
-        self.k[:, dest, :, :n] = self.k[:, source, :, :n]
-        self.v[:, dest, :, :n] = self.v[:, source, :, :n]
+        if not 0 <= n <= self.lengths[source]:
+            raise InvalidRequestError("copy_prefix: at most the source's entries")
+        self.load_prefix(dest, self.k[:, source], self.v[:, source], n)
+
+    def load_prefix(self, dest: int, k: Tensor, v: Tensor, n: int) -> None:
+        """Fill the empty slot `dest` with the first n entries of k/v ([layers, kv_heads, >= n, head_dim])."""
+        if self.valid is not None or self.lengths[dest] != 0:
+            raise InvalidRequestError("a prefix goes into an empty slot of an unpadded cache")
+        self.k[:, dest, :, :n] = k[:, :, :n]
+        self.v[:, dest, :, :n] = v[:, :, :n]
         self.lengths[dest] = n
 
     def compact(self, slots: list[int]) -> dict[int, int]:
@@ -221,3 +229,75 @@ class Step:
         fields = ("pos", "index", "slot", "dest", "qindex", "valid")
         move = {name: None if getattr(self, name) is None else getattr(self, name).to(device) for name in fields}
         return Step(**move, kv_len=self.kv_len)
+
+
+class PrefixStore:
+    """The cache entries of finished samples, kept for later prompts that begin the same way: a search asks many
+    questions about one text (MCTSr critiques, refines and grades the same problem and answer; a conversation goes
+    on where the last reply ended), so most of a new prompt was often computed by an earlier request. Entries are
+    copies (the slots go back to work at once), kept least-recently-used first within `budget_bytes`. A sample
+    that adds fewer than `min_new` tokens to what an entry holds (the n short grades of one grading prompt) is not
+    kept: that entry serves its prompts as well."""
+
+    def __init__(self, budget_bytes: int, min_new: int = 16):
+        self.budget, self.bytes, self.min_new = budget_bytes, 0, min_new
+        self.entries: OrderedDict[int, tuple[list[int], Tensor, Tensor]] = OrderedDict()
+        self._keys = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def put(self, tokens: list[int], cache: KVCache, slot: int) -> None:
+        """Keep the entries of `slot`, which hold `tokens` (a prompt and what was generated after it; the cache
+        may hold fewer than all of them). An entry whose tokens start the new ones is superseded."""
+        n = min(len(tokens), cache.lengths[slot])
+        k, v = cache.k[:, slot, :, :n], cache.v[:, slot, :, :n]
+        size = 2 * k.numel() * k.element_size()
+        if n < self.min_new or size > self.budget:  # too short to be matched, or too big to keep
+            return
+        tokens = tokens[:n]
+        shared = {key: common_prefix(tokens, held, n) for key, (held, *_) in self.entries.items()}
+        near = [key for key, m in shared.items() if n - m < self.min_new and m < len(self.entries[key][0])]
+        if near:
+            self.entries.move_to_end(near[0])
+            return
+        for key, m in shared.items():
+            if m == len(self.entries[key][0]):
+                self._drop(key)
+        while self.bytes + size > self.budget:
+            self._drop(next(iter(self.entries)))
+        self.entries[next(self._keys)] = (tokens, k.clone(), v.clone())
+        self.bytes += size
+
+    def _drop(self, key: int) -> None:
+        _, k, v = self.entries.pop(key)
+        self.bytes -= 2 * k.numel() * k.element_size()
+
+    def match(self, prompt: list[int], limit: int) -> tuple[int | None, int]:
+        """The entry sharing the most leading tokens with `prompt` (at most `limit`), and how many."""
+        best, shared = None, 0
+        for key, (tokens, *_) in self.entries.items():
+            n = common_prefix(prompt, tokens, limit)
+            if n > shared:
+                best, shared = key, n
+        return best, shared
+
+    def load(self, key: int, cache: KVCache, slot: int, n: int) -> None:
+        """Give the empty `slot` the entry's first n entries; the entry becomes the most recently used."""
+        _, k, v = self.entries[key]
+        self.entries.move_to_end(key)
+        cache.load_prefix(slot, k, v, n)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, at most `limit`; compared in slices (C speed), then token by token."""
+    end, n, chunk = min(limit, len(a), len(b)), 0, 64
+    while n + chunk <= end and a[n : n + chunk] == b[n : n + chunk]:
+        n += chunk
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n

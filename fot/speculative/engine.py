@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
 from fot.speculative import kernels
-from fot.speculative.cache import KVCache
+from fot.speculative.cache import KVCache, PrefixStore, common_prefix
 from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
 from fot.speculative.kangaroo import KangarooDrafter, default_adapter_dir, load_adapter
 from fot.speculative.model import Transformer, pack_linears
@@ -77,7 +77,7 @@ class EngineStats:
     decode_steps: int = 0  # (sample, decode forward) pairs: how often some sample was advanced after its prefill
     draft_tokens: int = 0
     accepted_tokens: int = 0
-    reused_prompt_tokens: int = 0  # prompt tokens whose cache entries were copied from a prompt sharing them
+    reused_prompt_tokens: int = 0  # prompt tokens whose cache entries were copied (an earlier prompt, the store)
     prefill_seconds: float = 0.0  # wall time in prefill forwards, and in everything else (decode, draft, verify)
     decode_seconds: float = 0.0
 
@@ -176,7 +176,9 @@ class Engine:
     """Batched generation with the native model. `pack=True` (the default) runs the matmuls on oneDNN-packed
     weights on CPU. `speculative` (a `SpeculativeConfig`, a dict, or a method name such as "prompt_lookup")
     switches on EMS-SD; `drafter` overrides the drafter the config would build. Prompts admitted together that
-    share at least `min_shared_prefix` leading tokens compute that prefix once (0 switches this off)."""
+    share at least `min_shared_prefix` leading tokens compute that prefix once, and finished samples' cache entries
+    are kept (`prefix_cache_mib` of memory, least recently used first) for later prompts that begin the same way
+    (`min_shared_prefix=0` switches both off)."""
 
     def __init__(
         self,
@@ -190,6 +192,7 @@ class Engine:
         speculative: SpeculativeConfig | dict | str | None = None,
         drafter: Drafter | None = None,
         min_shared_prefix: int = 16,
+        prefix_cache_mib: int = 512,
     ):
         if max_batch < 1:
             raise InvalidRequestError("max_batch must be >= 1")
@@ -211,6 +214,7 @@ class Engine:
         self.drafter = drafter
         self.forward_cost = ForwardCost()
         self.min_shared_prefix = min_shared_prefix
+        self.prefix_store = PrefixStore(prefix_cache_mib << 20, min_new=max(min_shared_prefix, 1))
         if pack:
             model.pack_weights()
             if self.kangaroo is not None:
@@ -323,12 +327,20 @@ class Engine:
         return self.speculative is not None and self.speculative.layout == "padded"
 
     def prefill(self, seqs: list[_Sequence], cache: KVCache) -> None:
-        """All new prompts in one flat forward; logits only at each prompt's last token. A prompt that shares a
-        long prefix with an earlier one of the same admission (the n samples of one request, the trees of a
-        forest asking about one problem) copies that prefix's cache entries from it and computes only the rest,
-        in a second forward."""
-        leaders, followers = share_prefixes([s.prompt for s in seqs], self.min_shared_prefix, cache.padded)
-        self.forward_prompts([seqs[i] for i in leaders], cache, [0] * len(leaders))
+        """All new prompts in one flat forward; logits only at each prompt's last token. A prompt computes only
+        what was not computed before: it copies the longest prefix it shares with a finished sample (the prefix
+        store) or with an earlier prompt of the same admission (the n samples of one request, the trees of a
+        forest asking about one problem; copied after the first forward, and the rest computed in a second)."""
+        prompts = [s.prompt for s in seqs]
+        reuse = self.min_shared_prefix > 0 and not cache.padded
+        stored = [self.prefix_store.match(p, len(p) - 1) if reuse else (None, 0) for p in prompts]
+        known = [n if n >= self.min_shared_prefix else 0 for _, n in stored]
+        leaders, followers = share_prefixes(prompts, self.min_shared_prefix, cache.padded, known)
+        for i in leaders:
+            if known[i]:
+                self.prefix_store.load(stored[i][0], cache, seqs[i].slot, known[i])
+                self.last_stats.reused_prompt_tokens += known[i]
+        self.forward_prompts([seqs[i] for i in leaders], cache, [known[i] for i in leaders])
         if followers:
             for i, (source, shared) in followers.items():
                 cache.copy_prefix(seqs[source].slot, seqs[i].slot, shared)
@@ -472,6 +484,8 @@ class Engine:
             if seq.finish is None:
                 still.append(seq)
             else:
+                if self.min_shared_prefix > 0 and not cache.padded:
+                    self.prefix_store.put(seq.prompt + seq.out, cache, seq.slot)
                 cache.release(seq.slot)
                 self.last_stats.generated_tokens += len(seq.out)
                 bar.update(1)
@@ -492,11 +506,12 @@ class Engine:
 
 
 def share_prefixes(
-    prompts: list[list[int]], min_shared: int, padded: bool = False
+    prompts: list[list[int]], min_shared: int, padded: bool = False, known: Sequence[int] | None = None
 ) -> tuple[list[int], dict[int, tuple[int, int]]]:
     """Which prompts compute their own prefix (leaders) and which copy a shared prefix from a leader: {follower:
     (leader, shared tokens)}, each prompt taking the earlier leader it shares most with, if at least `min_shared`
-    tokens; a follower keeps at least its last token to compute. None in the padded baseline's cache."""
+    tokens and more than the `known[i]` tokens it can have elsewhere (the prefix store); a follower keeps at least
+    its last token to compute. None in the padded baseline's cache."""
     if min_shared <= 0 or padded:
         return list(range(len(prompts))), {}
     leaders: list[int] = []
@@ -507,20 +522,11 @@ def share_prefixes(
             n = common_prefix(prompt, prompts[j], len(prompt) - 1)
             if n > shared:
                 best, shared = j, n
-        if shared >= min_shared:
+        if shared >= min_shared and shared > (known[i] if known else 0):
             followers[i] = (best, shared)
         else:
             leaders.append(i)
     return leaders, followers
-
-
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a[:limit], b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
