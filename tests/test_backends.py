@@ -145,3 +145,18 @@ def test_scripted_backend_records_batches_and_fails_alone():
         done[2].text  # noqa: B018
     assert len(b.batches) == 1 and len(b.batches[0]) == 3
     assert b.usage.requests == 3 and b.usage.failed == 1 and b.usage.generated_tokens == 3 + 3
+
+
+def test_native_caller_gets_its_result_while_another_still_runs(served_model_dir):
+    """Continuous batching in the native backend: a short request sent next to a long one comes back first."""
+    backend = build("native", served_model_dir, None)
+
+    async def race() -> tuple[bool, int, int]:
+        long = asyncio.ensure_future(backend.generate([greedy("Paris", 200)]))
+        [short] = await backend.generate([greedy("12 + 30 =", 3)])
+        running = not long.done()
+        [done] = await long
+        return running, len(done.token_ids), len(short.token_ids)
+
+    assert asyncio.run(race()) == (True, 200, 3)
+    asyncio.run(backend.close())

@@ -98,3 +98,21 @@ def test_common_prefix_across_slice_boundaries():
         b = a[:cut] + [-1] + a[cut + 1 :]
         assert common_prefix(a, b, 500) == cut and common_prefix(a, b, cut // 2) == cut // 2
     assert common_prefix(a, a, 500) == 200 and common_prefix(a, a[:70], 500) == 70
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_grow_keeps_what_is_held_and_frees_the_new_slots(padded):
+    cache = KVCache(2, 2, 1, 4, 4, padded=padded)
+    a, b = cache.allocate(), cache.allocate()
+    cache.plan([a, b], [3, 2])
+    cache.k[:, a, :, :3], cache.v[:, b, :, :2] = 1.0, 2.0
+    cache.advance([a, b], [3, 2])
+    cache.grow(4, 9)
+    assert cache.k.shape == (2, 4, 1, 9, 4) and cache.max_len == 9 and cache.n_free == 2
+    assert (cache.k[:, a, :, :3] == 1).all() and (cache.v[:, b, :, :2] == 2).all() and cache.lengths == [3, 2, 0, 0]
+    assert cache.positions == [3, 2, 0, 0] and [cache.allocate(), cache.allocate()] == [2, 3]
+    if padded:
+        assert cache.valid.shape == (4, 9) and cache.valid[a, :3].all() and not cache.valid[2:].any()
+    cache.plan([a], [6])  # the longer slot is usable
+    with pytest.raises(InvalidRequestError, match="only grows"):
+        cache.grow(3, 9)

@@ -208,3 +208,26 @@ def test_later_prompts_reuse_what_finished_samples_computed(tiny_model_dir, hf_c
     off = Engine.from_pretrained(tiny_model_dir, dtype="float32", min_shared_prefix=0)
     off.generate([first], SamplingParams(max_tokens=9, ignore_eos=True))
     assert len(off.prefix_store) == 0
+
+
+def test_requests_that_arrive_while_others_run_join_them(tiny_model_dir, hf_cache):
+    """Continuous batching: requests submitted between steps join the running batch (the cache grows for more
+    and longer samples), every sample still decodes as transformers does alone, and the cache's memory goes back
+    once nothing runs."""
+    engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", max_batch=3, speculative="prompt_lookup")
+    ids = [engine.tokenize(p) for p in PROMPTS]
+    first = engine.submit(ids[:1], SamplingParams(max_tokens=12, ignore_eos=True))
+    finished = engine.step() + engine.step()
+    assert engine.cache.n_slots == 1 and not finished
+    with pytest.raises(InvalidRequestError, match="already running"):
+        engine.generate(ids[:1])
+    later = engine.submit([ids[4] * 3, *ids[1:4]], SamplingParams(max_tokens=20, ignore_eos=True))
+    sizes = set()
+    while not engine.idle:
+        sizes.add((engine.cache.n_slots, engine.cache.max_len))
+        finished += engine.step()
+    assert max(sizes)[0] == 3 and max(length for _, length in sizes) >= len(ids[4]) * 3 + 20
+    assert sorted(map(id, finished)) == sorted(map(id, first + later)) and engine.cache is None
+    assert engine.stats.requests == 5
+    for seq in first + later:
+        assert engine.result(seq).token_ids == hf_greedy(tiny_model_dir, seq.prompt, seq.params.max_tokens, hf_cache)

@@ -1,15 +1,20 @@
-"""The project's own engine behind the Backend contract: concurrent callers are gathered into one engine batch.
+"""The project's own engine behind the Backend contract, with continuous batching.
 
-Many asyncio tasks (all the trees of a forest, many problems) call `generate` at about the same time. Their
-requests wait a short collection window, then go to the engine together as ONE batch (EMS-SD verifies all of its
-samples' drafts in one forward), which runs in a worker thread so the event loop stays responsive. Requests that
-arrive while a batch runs form the next one.
+Many asyncio tasks (all the trees of a forest, many problems) call `generate` at about the same time. A worker
+thread owns the engine and steps it (so the event loop stays responsive): requests that arrive while others run
+join the batch at the next step, and each caller gets its completions as soon as its own samples finish, so a tree
+whose answer was short goes on to its next question while the others still write. On an idle engine the first
+request waits a short collection window for company, so that concurrent callers start in one prefill forward.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +25,8 @@ from fot.speculative.engine import Engine
 
 class NativeConfig(BaseModel):
     """Options of the native backend. `speculative`: None (plain decoding), "prompt_lookup", or a
-    `SpeculativeConfig`/dict. `window` is how long (seconds) the first request of a batch waits for company."""
+    `SpeculativeConfig`/dict. `window` is how long (seconds) the first request to an idle engine waits for
+    company."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,25 +45,14 @@ class NativeBackend(BaseBackend):
     def __init__(self, config: NativeConfig | dict | None = None, *, engine: Engine | None = None, **options):
         super().__init__()
         self.config = self.parse_config(NativeConfig, config, options)
-        c = self.config
-        # All of the engine's torch work, loading included, runs in this one thread: GNU OpenMP gives every thread
+        # All of the engine's torch work, loading included, runs in one worker thread: GNU OpenMP gives every thread
         # that runs parallel work its own team of threads, and once the teams outnumber the cores their threads
         # stop spin-waiting; a model loaded in the caller's thread made every decoding step ~2x slower (measured).
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fot-native")
-        self.engine = (
-            engine
-            or self._pool.submit(
-                Engine.from_pretrained,
-                c.model,
-                dtype=c.dtype,
-                device=c.device,
-                max_batch=c.max_batch,
-                seed=c.seed,
-                speculative=c.speculative,
-            ).result()
-        )
-        self._pending: list[tuple[list[list[int]], list[SamplingParams], asyncio.Future]] = []
-        self._worker: asyncio.Task | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        ready: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(engine, ready), name="fot-native", daemon=True)
+        self._thread.start()
+        self.engine: Engine = ready.result()
 
     def prepare(self, request: Request) -> list[int]:
         return self.engine.encode_request(request.prompt, request.params)
@@ -71,13 +66,12 @@ class NativeBackend(BaseBackend):
                 prompts.append(ids)
                 params.append(SamplingParams.make(r.params, n=1, seed=seed))
                 owner.append(i)
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((prompts, params, future))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain())
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._inbox.put((prompts, params, future, loop))
         try:
             gens = await future
-        except Exception as e:  # the engine failed on this batch: every request in it fails alone, with the cause
+        except Exception as e:  # the engine failed: every request in flight fails alone, with the cause
             return [Completion(error=f"native engine failed: {type(e).__name__}: {e}") for _ in requests]
         done = [Completion(prompt_tokens=len(ids)) for ids in prompt_ids]
         for i, g in zip(owner, gens, strict=True):
@@ -90,32 +84,86 @@ class NativeBackend(BaseBackend):
             c.accepted_tokens += g.accepted_tokens
         return done
 
-    async def _drain(self) -> None:
-        """Collect what arrives within the window, run it as one engine batch in the worker thread, repeat."""
-        loop = asyncio.get_running_loop()
-        while self._pending:
-            await asyncio.sleep(self.config.window)
-            batch, self._pending = self._pending, []
-            prompts = [p for b in batch for p in b[0]]
-            params = [p for b in batch for p in b[1]]
-            try:
-                gens = await loop.run_in_executor(self._pool, self.engine.generate, prompts, params)
-            except Exception as e:
-                for *_, fut in batch:
-                    if not fut.done():  # a caller may have been cancelled meanwhile
-                        fut.set_exception(e)
-                continue
-            s = self.engine.last_stats
-            self.usage.add(
-                Usage(forward_passes=s.forward_passes, draft_tokens=s.draft_tokens, accepted_tokens=s.accepted_tokens)
+    def _run(self, engine: Engine | None, ready: Future) -> None:
+        """The worker thread: build the engine, then take new requests into it, step it, and hand each caller its
+        generations once all of its samples are done; block while there is nothing to run."""
+        c = self.config
+        try:
+            engine = engine or Engine.from_pretrained(
+                c.model, dtype=c.dtype, device=c.device, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative
             )
-            start = 0
-            for sub_prompts, _, fut in batch:
-                if not fut.done():
-                    fut.set_result(gens[start : start + len(sub_prompts)])
-                start += len(sub_prompts)
+        except Exception as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(engine)
+        owners: dict[int, _Call] = {}  # id(sample) -> the call it belongs to
+        closing = False
+        while not (closing and engine.idle):
+            items = []
+            if not closing:
+                try:
+                    items.append(self._inbox.get(block=engine.idle))
+                    if engine.idle:
+                        time.sleep(c.window)  # company for the first request
+                except queue.Empty:
+                    pass
+                while not self._inbox.empty():
+                    items.append(self._inbox.get())
+            for item in items:
+                if item is None:
+                    closing = True
+                    continue
+                prompts, params, future, loop = item
+                try:
+                    call = _Call(engine.submit(prompts, params), future, loop)
+                except Exception as e:  # refused (the backend checked the requests: should not happen)
+                    loop.call_soon_threadsafe(_settle, future, e)
+                    continue
+                owners.update((id(seq), call) for seq in call.seqs)
+            if engine.idle:
+                continue
+            before = replace(engine.stats)
+            try:
+                finished = engine.step()
+            except Exception as e:  # the engine dropped everything in flight: each caller hears why
+                for call in {id(call): call for call in owners.values()}.values():
+                    call.loop.call_soon_threadsafe(_settle, call.future, e)
+                owners.clear()
+                continue
+            d = engine.stats.since(before)
+            self.usage.add(
+                Usage(forward_passes=d.forward_passes, draft_tokens=d.draft_tokens, accepted_tokens=d.accepted_tokens)
+            )
+            for seq in finished:
+                call = owners.pop(id(seq))
+                call.left -= 1
+                if call.left == 0:
+                    call.loop.call_soon_threadsafe(_settle, call.future, [engine.result(q) for q in call.seqs])
 
     async def close(self) -> None:
-        if self._worker is not None:
-            await self._worker
-        self._pool.shutdown(wait=True)
+        """Finish what is in flight, then stop the worker."""
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+
+@dataclass
+class _Call:
+    """The samples of one `generate` call, and where its result goes."""
+
+    seqs: list
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    left: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.left = len(self.seqs)
+
+
+def _settle(future: asyncio.Future, result: list | Exception) -> None:
+    if future.done():  # the caller may have been cancelled meanwhile
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -15,7 +15,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
 from typing import Literal
@@ -90,9 +90,9 @@ class EngineStats:
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
-    def add(self, other: EngineStats) -> None:
-        for name in vars(self):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+    def since(self, earlier: EngineStats) -> EngineStats:
+        """What was counted after `earlier` (a copy of these counters taken then)."""
+        return EngineStats(**{name: getattr(self, name) - getattr(earlier, name) for name in vars(self)})
 
 
 @dataclass
@@ -201,6 +201,9 @@ class Engine:
         self.context = model.args.max_seq_len
         self.eos_ids = set(eos_ids) | ({tokenizer.eos_token_id} - {None})
         self.stats, self.last_stats = EngineStats(), EngineStats()
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []
+        self.cache: KVCache | None = None
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.speculative = spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
         self.kangaroo: KangarooDrafter | None = None
@@ -281,45 +284,87 @@ class Engine:
         progress: bool = False,
     ) -> list[Generation]:
         """Generate a completion for every prompt (order preserved); `params` is one for all or one per prompt."""
-        seqs = self._sequences(prompts, params)
-        self.last_stats = EngineStats(requests=len(seqs))
-        cache = self.new_cache(seqs)
-        waiting, running = deque(seqs), []
+        if not self.idle:
+            raise InvalidRequestError("the engine is already running requests: drive it from one place")
+        start = replace(self.stats)
+        seqs = self.submit(prompts, params)
         bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
-        while waiting or running:
-            admitted = []
-            while waiting and cache.n_free:
-                seq = waiting.popleft()
-                seq.slot = cache.allocate()
-                admitted.append(seq)
-            if admitted:
-                t = time.perf_counter()
-                self.prefill(admitted, cache)
-                self.last_stats.prefill_seconds += time.perf_counter() - t
-                running += admitted
-            running = self.retire(running, cache, bar)
-            if running and not waiting:  # nobody will fill the holes the finished samples left: close them
-                moves = cache.compact([s.slot for s in running])
-                for seq in running:
-                    seq.slot = moves.get(seq.slot, seq.slot)
-            if running:
-                t = time.perf_counter()
-                self.decode(running, cache)
-                self.last_stats.decode_seconds += time.perf_counter() - t
-                running = self.retire(running, cache, bar)
+        while not self.idle:
+            bar.update(len(self.step()))
         bar.close()
-        self.stats.add(self.last_stats)
+        self.last_stats = self.stats.since(start)
         return [self.result(s) for s in seqs]
 
-    def new_cache(self, seqs: list[_Sequence]) -> KVCache:
-        a = self.model.args
+    def submit(self, prompts: Sequence[Prompt], params=None) -> list[_Sequence]:
+        """Validate and queue requests (all or none); `step` runs them, next to whatever already runs."""
+        seqs = self._sequences(prompts, params)
+        self.stats.requests += len(seqs)
+        self.waiting.extend(seqs)
+        return seqs
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    @torch.no_grad()
+    def step(self) -> list[_Sequence]:
+        """One turn of continuous batching: admit waiting requests into free cache slots (one prefill forward for
+        all of them), then advance every running sample by one forward. Returns the samples that finished. The
+        cache's memory goes back when nothing is left to run."""
+        try:
+            admitted = self.admit()
+            if admitted:
+                t = time.perf_counter()
+                self.prefill(admitted, self.cache)
+                self.stats.prefill_seconds += time.perf_counter() - t
+                self.running += admitted
+            finished = self.retire()
+            if self.running and not self.waiting:  # nobody will fill the holes the finished samples left: close them
+                moves = self.cache.compact([s.slot for s in self.running])
+                for seq in self.running:
+                    seq.slot = moves.get(seq.slot, seq.slot)
+            if self.running:
+                t = time.perf_counter()
+                self.decode(self.running, self.cache)
+                self.stats.decode_seconds += time.perf_counter() - t
+                finished += self.retire()
+        except Exception:
+            self.abort()
+            raise
+        if self.idle:
+            self.cache = None
+        return finished
+
+    def abort(self) -> None:
+        """Drop every request in flight (after a failure: the caller tells their owners)."""
+        self.waiting.clear()
+        self.running.clear()
+        self.cache = None
+
+    def admit(self) -> list[_Sequence]:
+        """Waiting requests that fit into free slots, each given one; the cache grows (up to `max_batch` slots,
+        and in length) for requests that arrived while others run."""
+        if not self.waiting:
+            return []
+        seqs = [*self.running, *self.waiting]
         # padded: a cache may grow by 1 + num_speculative_tokens entries for every token it keeps
         growth = 1 + self.speculative.num_speculative_tokens if self.padded else 1
         max_len = max(len(s.prompt) + s.params.max_tokens * growth for s in seqs)
         n_slots = min(self.max_batch, len(seqs))
-        layers = a.n_layers + (self.kangaroo is not None)  # Kangaroo's adapter keeps its KV as one more layer
-        shape = (layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
-        return KVCache(*shape, self.model.dtype, device=self.device, padded=self.padded)
+        if self.cache is None:
+            a = self.model.args
+            layers = a.n_layers + (self.kangaroo is not None)  # Kangaroo's adapter keeps its KV as one more layer
+            shape = (layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
+            self.cache = KVCache(*shape, self.model.dtype, device=self.device, padded=self.padded)
+        elif n_slots > self.cache.n_slots or max_len > self.cache.max_len:  # by half at least: copies are rare
+            c = self.cache
+            c.grow(max(n_slots, min(self.max_batch, c.n_slots * 3 // 2)), max(max_len, c.max_len * 3 // 2))
+        admitted = []
+        while self.waiting and self.cache.n_free:
+            seq = self.waiting.popleft()
+            seq.slot = self.cache.allocate()
+            admitted.append(seq)
+        return admitted
 
     @property
     def padded(self) -> bool:
@@ -339,14 +384,14 @@ class Engine:
         for i in leaders:
             if known[i]:
                 self.prefix_store.load(stored[i][0], cache, seqs[i].slot, known[i])
-                self.last_stats.reused_prompt_tokens += known[i]
+                self.stats.reused_prompt_tokens += known[i]
         self.forward_prompts([seqs[i] for i in leaders], cache, [known[i] for i in leaders])
         if followers:
             for i, (source, shared) in followers.items():
                 cache.copy_prefix(seqs[source].slot, seqs[i].slot, shared)
-                self.last_stats.reused_prompt_tokens += shared
+                self.stats.reused_prompt_tokens += shared
             self.forward_prompts([seqs[i] for i in followers], cache, [n for _, n in followers.values()])
-        self.last_stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
+        self.stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
 
     def forward_prompts(self, seqs: list[_Sequence], cache: KVCache, skip: list[int]) -> None:
         """One forward over the prompts past their first `skip` tokens (already in the cache)."""
@@ -385,7 +430,7 @@ class Engine:
         gained = self.accept(seqs, logits, drafts, firsts)
         # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
         cache.advance(slots, gained, grow=max(gained) if self.padded else None)
-        self.last_stats.decode_steps += len(seqs)
+        self.stats.decode_steps += len(seqs)
 
     def decode_kangaroo(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """Kangaroo in a batch: draft with the shallow layers + adapter, each sample until its own early exit (and
@@ -403,7 +448,7 @@ class Engine:
         self.forward_cost.record(len(flat), time.perf_counter() - start)  # drafting included: it is the cost
         gained = self.accept(seqs, logits, drafts, list(accumulate(counts, initial=0))[:-1])
         cache.advance(slots, gained)
-        self.last_stats.decode_steps += len(seqs)
+        self.stats.decode_steps += len(seqs)
 
     def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
         """Ask the drafter for as many tokens per sample as its recent acceptance rate justifies (`draft_lengths`),
@@ -450,11 +495,11 @@ class Engine:
                 tokens = accept_sampled(logits[first : first + len(draft) + 1], draft, seq.params, seq.generator)
             seq.forward_passes += 1
             seq.draft_tokens += len(draft)
-            self.last_stats.draft_tokens += len(draft)
+            self.stats.draft_tokens += len(draft)
             seq.accepted_tokens += len(tokens) - 1
             seq.hits = 0.8 * seq.hits + len(tokens) - 1
             seq.trials = 0.8 * seq.trials + min(len(tokens), len(draft))
-            self.last_stats.accepted_tokens += len(tokens) - 1
+            self.stats.accepted_tokens += len(tokens) - 1
             gained.append(len(tokens))
             for j, token in enumerate(tokens):
                 seq.out.append(token)
@@ -463,7 +508,7 @@ class Engine:
                 self.check_finished(seq)
                 if seq.finish:
                     break
-        self.last_stats.forward_passes += 1
+        self.stats.forward_passes += 1
         return gained
 
     def check_finished(self, seq: _Sequence) -> None:
@@ -478,18 +523,17 @@ class Engine:
         if seq.finish is None and len(seq.out) >= p.max_tokens:
             seq.finish = "length"
 
-    def retire(self, running: list[_Sequence], cache: KVCache, bar: tqdm) -> list[_Sequence]:
-        still = []
-        for seq in running:
-            if seq.finish is None:
-                still.append(seq)
-            else:
-                if self.min_shared_prefix > 0 and not cache.padded:
-                    self.prefix_store.put(seq.prompt + seq.out, cache, seq.slot)
-                cache.release(seq.slot)
-                self.last_stats.generated_tokens += len(seq.out)
-                bar.update(1)
-        return still
+    def retire(self) -> list[_Sequence]:
+        """Take the finished samples out of the batch: their slots are free for the next requests, and what they
+        computed goes to the prefix store."""
+        finished = [s for s in self.running if s.finish is not None]
+        self.running = [s for s in self.running if s.finish is None]
+        for seq in finished:
+            if self.min_shared_prefix > 0 and not self.cache.padded:
+                self.prefix_store.put(seq.prompt + seq.out, self.cache, seq.slot)
+            self.cache.release(seq.slot)
+            self.stats.generated_tokens += len(seq.out)
+        return finished
 
     def result(self, seq: _Sequence) -> Generation:
         text = seq.text if seq.text is not None else self.tokenizer.decode(seq.out, skip_special_tokens=True)

@@ -11,6 +11,7 @@ elsewhere, or when the build fails, `load()` returns None and the model runs on 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -55,14 +56,17 @@ def load():
 
     from fot.models import cache_dir
 
-    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+    source = Path(__file__).with_name("kernels.cpp")
+    # one folder per torch and per source: a changed kernel, or another checkout's, never reuses or replaces a build
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     if not any(folder.glob("*.so")):
         print(f"fot: compiling the CPU decoding kernels once into {folder} (~1 min)", file=sys.stderr)
     try:
         return build(
             name="fot_kernels",
-            sources=[str(Path(__file__).with_name("kernels.cpp"))],
+            sources=[str(source)],
             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
