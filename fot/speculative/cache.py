@@ -212,27 +212,6 @@ class Step:
     def padded(self) -> bool:
         return self.valid is not None
 
-    def grow(self, n_slots: int, max_len: int) -> None:
-        """Make room for more samples or longer ones (requests that arrived while others run): new tensors,
-        everything held copied over, the new slots free."""
-        layers, old_slots, heads, old_len, dim = self.k.shape
-        if n_slots < old_slots or max_len < old_len:
-            raise InvalidRequestError("a cache only grows")
-        for name in ("k", "v"):
-            held = getattr(self, name)
-            bigger = held.new_zeros(layers, n_slots, heads, max_len, dim)
-            bigger[:, :old_slots, :, :old_len] = held
-            setattr(self, name, bigger)
-        self.max_len = max_len
-        self.lengths += [0] * (n_slots - old_slots)  # in place: unpadded, `positions` is this same list
-        if self.valid is not None:
-            self.positions += [0] * (n_slots - old_slots)
-            valid = torch.zeros(n_slots, max_len, dtype=torch.bool)
-            valid[:old_slots, :old_len] = self.valid
-            self.valid = valid
-        for slot in range(old_slots, n_slots):
-            heapq.heappush(self._free, slot)
-
     @property
     def one_per_sample(self) -> bool:
         """Every sample adds one token (a decoding step without drafts)."""
