@@ -261,6 +261,7 @@ def test_wilson_interval() -> None:
     lo, hi = wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+    assert all(wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0 for n in range(1, 200))  # no rounding below 1
 
 
 def test_report_table_speedup_and_plots(tmp_path: Path) -> None:
