@@ -40,6 +40,10 @@ class NativeConfig(BaseModel):
 
 
 class NativeBackend(BaseBackend):
+    """The native engine behind the Backend contract. Pass `engine=` to serve an engine you built, for example one
+    sharing its model with another; on a CPU with few cores prefer letting the backend build it (from `config`),
+    since an engine whose weights were loaded in another thread than the one stepping it ran ~2x slower here."""
+
     name = "native"
 
     def __init__(self, config: NativeConfig | dict | None = None, *, engine: Engine | None = None, **options):
