@@ -371,16 +371,22 @@ class Engine:
         """Speculation in the paper's padded ("vanilla") layout, the baseline EMS-SD is measured against."""
         return self.speculative is not None and self.speculative.layout == "padded"
 
+    @property
+    def reuses_prefixes(self) -> bool:
+        """Prompts copy shared prefixes (within an admission and from the prefix store); not in the padded
+        baseline, whose caches all advance together."""
+        return self.min_shared_prefix > 0 and not self.padded
+
     def prefill(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """All new prompts in one flat forward; logits only at each prompt's last token. A prompt computes only
         what was not computed before: it copies the longest prefix it shares with a finished sample (the prefix
         store) or with an earlier prompt of the same admission (the n samples of one request, the trees of a
         forest asking about one problem; copied after the first forward, and the rest computed in a second)."""
         prompts = [s.prompt for s in seqs]
-        reuse = self.min_shared_prefix > 0 and not cache.padded
+        reuse = self.reuses_prefixes
         stored = [self.prefix_store.match(p, len(p) - 1) if reuse else (None, 0) for p in prompts]
         known = [n if n >= self.min_shared_prefix else 0 for _, n in stored]
-        leaders, followers = share_prefixes(prompts, self.min_shared_prefix, cache.padded, known)
+        leaders, followers = share_prefixes(prompts, self.min_shared_prefix if reuse else 0, known)
         for i in leaders:
             if known[i]:
                 self.prefix_store.load(stored[i][0], cache, seqs[i].slot, known[i])
@@ -529,7 +535,7 @@ class Engine:
         finished = [s for s in self.running if s.finish is not None]
         self.running = [s for s in self.running if s.finish is None]
         for seq in finished:
-            if self.min_shared_prefix > 0 and not self.cache.padded:
+            if self.reuses_prefixes:
                 self.prefix_store.put(seq.prompt + seq.out, self.cache, seq.slot)
             self.cache.release(seq.slot)
             self.stats.generated_tokens += len(seq.out)
@@ -550,13 +556,13 @@ class Engine:
 
 
 def share_prefixes(
-    prompts: list[list[int]], min_shared: int, padded: bool = False, known: Sequence[int] | None = None
+    prompts: list[list[int]], min_shared: int, known: Sequence[int] | None = None
 ) -> tuple[list[int], dict[int, tuple[int, int]]]:
     """Which prompts compute their own prefix (leaders) and which copy a shared prefix from a leader: {follower:
     (leader, shared tokens)}, each prompt taking the earlier leader it shares most with, if at least `min_shared`
     tokens and more than the `known[i]` tokens it can have elsewhere (the prefix store); a follower keeps at least
-    its last token to compute. None in the padded baseline's cache."""
-    if min_shared <= 0 or padded:
+    its last token to compute. None when `min_shared` is 0."""
+    if min_shared <= 0:
         return list(range(len(prompts))), {}
     leaders: list[int] = []
     followers: dict[int, tuple[int, int]] = {}
