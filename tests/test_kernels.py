@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fot.speculative import kernels
 from fot.speculative.cache import KVCache, Step
-from fot.speculative.model import Attention, Linear, ModelArgs, Transformer, rope_tables
+from fot.speculative.model import Attention, FeedForward, Linear, ModelArgs, Transformer, rope_tables
 
 built = kernels.load()
 
@@ -71,6 +71,36 @@ def test_rms_norm_matches_the_model_s_own(rows, dim, bf16, seed):
     assert out.dtype == dtype and out.shape == x.shape
     step = ref.float().abs() * (2 * 2**-7 if bf16 else 1e-6) + 1e-6
     assert ((out.float() - ref.float()).abs() <= step).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), hidden=st.integers(1, 700), bf16=st.booleans(), seed=st.integers(0, 2**16))
+def test_silu_mul_matches_pytorch(rows, hidden, bf16, seed):
+    """The fused SwiGLU gate computes F.silu(gate) * up on rows [gate | up], rounding to the dtype after each op
+    as PyTorch does: to a few fp32 ulps (its own exp against PyTorch's), in bf16 to one bf16 step; inputs far out
+    in the tails (e^-g overflowing or vanishing) give PyTorch's limits."""
+    if not kernels_here():
+        return
+    g = torch.Generator().manual_seed(seed)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(rows, 2 * hidden, generator=g) * 6
+    x[0, : min(hidden, 6)] = torch.tensor([-1e4, 1e4, -100.0, 100.0, 0.0, -87.0])[: min(hidden, 6)]
+    x = x.to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate) * up).float()
+    out = built.silu_mul(x)
+    assert out.dtype == dtype and out.shape == (rows, hidden)
+    step = ref.abs() * (2**-8 if bf16 else 4e-7) + 1e-30
+    assert ((out.float() - ref).abs() <= step).all()
+
+
+def test_silu_mul_rejects_what_it_cannot_do():
+    if not kernels_here():
+        return
+    with pytest.raises(RuntimeError, match="2H"):
+        built.silu_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        built.silu_mul(torch.randn(2, 8).double())
 
 
 def test_gemv_rejects_what_it_cannot_do():
@@ -182,15 +212,21 @@ def test_attend_rejects_what_it_cannot_do():
 
 def test_packed_model_routes_few_rows_to_the_kernel(tiny_llama_dir):
     """After packing, a Linear sends <= MAX_ROWS rows to the kernel (where this CPU runs it) and more to oneDNN;
-    both agree with F.linear. Attention takes the fused kernel for steps of one token per sample only."""
+    both agree with F.linear; the MLP's SwiGLU kernel agrees with PyTorch's ops. Attention takes the fused kernel for
+    steps of one token per sample only."""
     model = Transformer.from_pretrained(tiny_llama_dir).pack_weights()
     layer = model.layers[0].attention.wqkv
     assert isinstance(layer, Linear) and (layer.gemv is not None) == kernels_here()
     assert (model.norm.kernel is not None) == (model.layers[0].ffn_norm.kernel is not None) == kernels_here()
     assert (model.layers[0].attention.kernel is not None) == kernels_here()
+    assert (model.layers[0].feed_forward.kernel is not None) == kernels_here()
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
         x = torch.randn(rows, layer.in_features)
         torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        ffn = model.layers[0].feed_forward
+        unfused = FeedForward(model.args).requires_grad_(False)
+        unfused.load_state_dict(ffn.state_dict())
+        torch.testing.assert_close(ffn(x), unfused(x))  # the MLP with its SwiGLU kernel and with PyTorch ops
     calls = []
     attention = model.layers[0].attention
     if attention.kernel is not None:
@@ -211,7 +247,7 @@ def test_kernels_can_be_switched_off(tiny_llama_dir):
         "assert kernels.load() is None\n"
         "m = Transformer.from_pretrained(sys.argv[1]).pack_weights()\n"
         "assert m.layers[0].attention.wqkv.gemv is None and m.norm.kernel is None\n"
-        "assert m.layers[0].attention.kernel is None\n"
+        "assert m.layers[0].attention.kernel is None and m.layers[0].feed_forward.kernel is None\n"
     )
     env = {**os.environ, "FOT_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir)], env=env, capture_output=True, text=True)

@@ -14,9 +14,23 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
+
+// Runs fn(tag) with a null pointer of the element type the kernels use for t's dtype: float, or bfloat16's raw bits.
+template <typename Fn>
+void dispatch(const torch::Tensor& t, Fn fn) {
+  if (t.scalar_type() == torch::kFloat) {
+    fn(static_cast<float*>(nullptr));
+  } else {
+    TORCH_CHECK(t.scalar_type() == torch::kBFloat16, "float32 or bfloat16 only, got ", t.scalar_type());
+    fn(static_cast<uint16_t*>(nullptr));
+  }
+}
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 // Beyond 4 input rows oneDNN's GEMM is faster (measured: a second pass over weights still in cache costs as much
 // as the first, the dot products are the limit there).
@@ -90,32 +104,59 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, int64_t N) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv: x [M, K] with 1 <= M <= ", kMaxRows);
   TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "gemv: x and the weight must have one dtype");
   TORCH_CHECK(x.is_contiguous() && packed.is_contiguous(), "gemv: contiguous inputs");
-  const bool fp32 = x.scalar_type() == torch::kFloat;
-  TORCH_CHECK(fp32 || x.scalar_type() == torch::kBFloat16, "gemv: float32 or bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), W = fp32 ? F32::kWidth : BF16::kWidth;
-  const std::vector<int64_t> shape = {(N + kBlock - 1) / kBlock, (K + W - 1) / W, kBlock, W};
-  TORCH_CHECK(packed.sizes() == shape, "gemv: the weight is not packed for [N, K] = [", N, ", ", K, "]");
+  const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
-  if (fp32) {
-    run<F32>(x.data_ptr<float>(), packed.data_ptr<float>(), out.data_ptr<float>(), M, K, N);
-  } else {
-    auto bits = [](torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-    run<BF16>(bits(x), bits(packed), bits(out), M, K, N);
-  }
+  dispatch(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using D = std::conditional_t<std::is_same_v<T, float>, F32, BF16>;
+    const std::vector<int64_t> shape = {(N + kBlock - 1) / kBlock, (K + D::kWidth - 1) / D::kWidth, kBlock, D::kWidth};
+    TORCH_CHECK(packed.sizes() == shape, "gemv: the weight is not packed for [N, K] = [", N, ", ", K, "]");
+    run<D>(ptr<T>(x), ptr<T>(packed), ptr<T>(out), M, K, N);
+  });
   return out;
 }
 
-// RMSNorm in one pass per row, as transformers computes it: y = x * rsqrt(mean(x^2) + eps) in fp32, cast to x's
-// dtype, times the weight (in x's dtype). F.rms_norm is ~6 separate ops on CPU (~40 us per call at one row).
+// ---- row-wise ops: 16 lanes of fp32 at a time, bf16 widened on load and rounded (to nearest even) on store -------
+
+inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+inline __m512 load16(const float* p, __mmask16 m = 0xFFFF) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m = 0xFFFF) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(uint16_t* p, __m512 v, __mmask16 m = 0xFFFF) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+// What storing a value in T and reading it back gives: itself in fp32, its bf16 rounding in bf16.
+inline __m512 round_as(const float*, __m512 v) { return v; }
+inline __m512 round_as(const uint16_t*, __m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// The rows [t0, t1) of x [T, D] through fn(row in, row out, D), split over the ATen threads in chunks of ~16K values
+// (a few rows stay on one thread: waking the other costs more than it saves).
+template <typename T, typename Fn>
+void for_rows(const T* x, int64_t in_width, T* out, int64_t out_width, int64_t rows, Fn fn) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / in_width);
+  at::parallel_for(0, rows, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) fn(x + t * in_width, out + t * out_width);
+  });
+}
+
+// RMSNorm as transformers computes it: y = x * rsqrt(mean(x^2) + eps) in fp32, cast to x's dtype, times the weight
+// (in x's dtype). F.rms_norm is ~6 separate ops on CPU (~40 us per call at one row).
 template <typename T>
-void rms_norm_rows(const T* x, const T* w, T* out, int64_t D, float eps, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const T* row = x + t * D;
-    float ss = 0.f;
-    for (int64_t d = 0; d < D; ++d) ss += static_cast<float>(row[d]) * static_cast<float>(row[d]);
-    const float scale = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
-    for (int64_t d = 0; d < D; ++d)
-      out[t * D + d] = static_cast<T>(static_cast<float>(w[d]) * static_cast<float>(static_cast<T>(row[d] * scale)));
+void rms_norm_row(const T* x, const T* w, T* y, int64_t D, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 v = load16(x + d, tail(D - d));
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps));
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = tail(D - d);
+    const __m512 normed = round_as(x, _mm512_mul_ps(load16(x + d, m), scale));
+    store16(y + d, _mm512_mul_ps(load16(w + d, m), normed), m);
   }
 }
 
@@ -125,12 +166,49 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must have one dtype");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "rms_norm: contiguous inputs");
   auto out = torch::empty_like(x);
-  const int64_t T = x.size(0), D = x.size(1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / D);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
-    at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
-      rms_norm_rows(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), D, (float)eps, t0, t1);
+  const int64_t D = x.size(1);
+  dispatch(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* weight = ptr<T>(w);
+    for_rows(ptr<T>(x), D, ptr<T>(out), D, x.size(0), [&](const T* row, T* y) {
+      rms_norm_row(row, weight, y, D, static_cast<float>(eps));
     });
+  });
+  return out;
+}
+
+// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-5 polynomial (~1 ulp), times 2^n by
+// scalef (which also overflows to inf and underflows to 0 where e^x does).
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// SwiGLU's gate: silu(gate) * up, rounded to the dtype after each of the two ops as PyTorch's F.silu(g) * u is.
+template <typename T>
+void silu_mul_row(const T* x, T* y, int64_t H) {
+  for (int64_t d = 0; d < H; d += 16) {
+    const __mmask16 m = tail(H - d);
+    const __m512 g = load16(x + d, m);
+    const __m512 silu = round_as(x, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    store16(y + d, _mm512_mul_ps(silu, load16(x + H + d, m)), m);
+  }
+}
+
+// x: [T, 2H] (each row: the gate's H values, then the up projection's) -> [T, H].
+torch::Tensor silu_mul(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && x.is_contiguous(), "silu_mul: contiguous x [T, 2H]");
+  const int64_t H = x.size(1) / 2;
+  auto out = torch::empty({x.size(0), H}, x.options());
+  dispatch(x, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    for_rows(ptr<T>(x), 2 * H, ptr<T>(out), H, x.size(0), [&](const T* row, T* y) { silu_mul_row(row, y, H); });
   });
   return out;
 }
@@ -142,13 +220,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // slot's entries 0..index[t] (its cache and its own sample's earlier new tokens: causal), with no padding and no
 // mask. The same arithmetic for every token whatever the batch, so a token's output does not depend on what else
 // is in the step. fp32 inside; bf16 is rounded once on the way out.
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // 16 bf16 -> fp32: the bits shifted into the high half
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(uint16_t* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(v)); }
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
@@ -249,22 +320,17 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
                       ps[t] < cos.size(0), "attend: slot, index or position out of range");
   }
   auto out = torch::empty({Tn, H * D}, qkv.options());
-  if (qkv.scalar_type() == torch::kFloat) {
-    attend_impl<float>(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>(),
-                       slot.data_ptr<int64_t>(), index.data_ptr<int64_t>(), k_cache.data_ptr<float>(),
-                       v_cache.data_ptr<float>(), out.data_ptr<float>(), Tn, H, KV, D, max_len);
-  } else {
-    TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16, "attend: float32 or bfloat16");
-    auto bits = [](torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
-    attend_impl<uint16_t>(bits(qkv), cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>(),
-                          slot.data_ptr<int64_t>(), index.data_ptr<int64_t>(), bits(k_cache), bits(v_cache),
-                          bits(out), Tn, H, KV, D, max_len);
-  }
+  dispatch(qkv, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    attend_impl<T>(ptr<T>(qkv), ptr<float>(cos), ptr<float>(sin), ptr<int64_t>(pos), ptr<int64_t>(slot),
+                   ptr<int64_t>(index), ptr<T>(k_cache), ptr<T>(v_cache), ptr<T>(out), Tn, H, KV, D, max_len);
+  });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "few-row matrix-vector product x @ w.T, w packed by kernels.pack_gemv");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, computed in fp32");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of each row [gate | up]");
   m.def("attend", &attend, "RoPE, cache writes and causal attention of a flat ragged batch");
 }

@@ -3,8 +3,8 @@
 A decoding step at small batch is a chain of matrix-vector products and small row-wise ops. oneDNN's packed
 matmul streams a layer's weights well below this machine's read rate when it has one row to multiply; `gemv`
 reads a blocked copy of the weight (`pack_gemv`) strictly in order, once for all (up to `MAX_ROWS`) input rows.
-`rms_norm` does in one pass what F.rms_norm does in ~6 ops; `attend` does RoPE, the cache writes and the ragged
-causal attention of a step in one call instead of ~15 ops. They need AVX-512 (with AVX512-BF16 for bf16);
+`rms_norm` does in one pass what F.rms_norm does in ~6 ops, `silu_mul` SwiGLU's chunk, silu and product in one;
+`attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops. They need AVX-512 (with AVX512-BF16 for bf16);
 elsewhere, or when the build fails, `load()` returns None and the model runs on oneDNN and PyTorch ops.
 `FOT_KERNELS=0` switches them off.
 """
@@ -22,7 +22,7 @@ import torch
 
 MAX_ROWS = 4  # kernels.cpp's kMaxRows
 BLOCK = 4  # kernels.cpp's kBlock: weight rows per block of `pack_gemv`'s layout
-NEEDED = {"avx512f", "avx512bw", "avx512_bf16"}
+NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 
 @lru_cache(maxsize=1)
@@ -48,7 +48,8 @@ def pack_gemv(w: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=1)
 def load():
-    """The compiled module (`gemv(x, pack_gemv(w), N)`, `rms_norm(x, w, eps)`, `attend(...)`), or None where it
+    """The compiled module (`gemv(x, pack_gemv(w), N)`, `rms_norm(x, w, eps)`, `silu_mul(x)`,
+    `attend(...)`), or None where it
     cannot run here."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
@@ -67,7 +68,7 @@ def load():
         return build(
             name="fot_kernels",
             sources=[str(source)],
-            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma"],
+            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
         )

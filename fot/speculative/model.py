@@ -129,8 +129,9 @@ class Linear(nn.Linear):
 def pack_linears(module: nn.Module, gemv: bool = True) -> None:
     """Run every `Linear` of `module` on oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it;
     elsewhere a no-op), and, where this CPU runs our kernels (and `gemv`), few-row inputs on `kernels.gemv`,
-    every `RMSNorm` on `kernels.rms_norm` and attention on `kernels.attend`. The unpacked weights stay for the
-    embedding lookup and training: oneDNN's copy is a second one, the GEMV kernel's blocked copy a third."""
+    every `RMSNorm` on `kernels.rms_norm`, SwiGLU's gate on `kernels.silu_mul` and attention on `kernels.attend`.
+    The unpacked weights stay for the embedding lookup and training: oneDNN's copy is a second one, the GEMV
+    kernel's blocked copy a third."""
     weight = next(module.parameters())
     supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
     if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
@@ -140,6 +141,8 @@ def pack_linears(module: nn.Module, gemv: bool = True) -> None:
                 m.pack(built.gemv if built else None)
             elif isinstance(m, RMSNorm) and built:
                 m.kernel = built.rms_norm
+            elif isinstance(m, FeedForward) and built:
+                m.kernel = built.silu_mul
             elif isinstance(m, Attention) and built and m.head_dim % 16 == 0:
                 m.kernel = built.attend
 
@@ -209,13 +212,18 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    kernel = None  # `kernels.silu_mul` once packed: silu(gate) * up in one pass instead of chunk, silu and mul
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w13 = Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias)  # gate and up, fused
         self.w2 = Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        h = self.w13(x)
+        if self.kernel is not None and h.dim() == 2 and not h.requires_grad:
+            return self.w2(self.kernel(h))
+        gate, up = h.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
