@@ -178,8 +178,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 // e^x for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-5 polynomial (~1 ulp), times 2^n by
-// scalef (which also overflows to inf and underflows to 0 where e^x does).
+// scalef (which overflows to inf and underflows to 0 where e^x does; x is clamped first so that +-inf do too).
 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));  // keeps NaN; -inf -> 0
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -237,6 +238,17 @@ void rotate_half(const T* x, const float* cos, const float* sin, Out* y, int64_t
   }
 }
 
+// The sums of four vectors' lanes, [sum a, sum b, sum c, sum d]: each in a fixed order of its own lanes, whatever
+// the other three hold (three shuffle-and-add levels for four sums, instead of one full reduction each).
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // 128-bit block k now holds vector k's partial sums
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+}
+
 template <typename T>
 void attend_impl(const T* qkv, const float* cos, const float* sin, const int64_t* pos, const int64_t* slot,
                  const int64_t* index, T* kc, T* vc, T* out, int64_t Tn, int64_t H, int64_t KV, int64_t D,
@@ -256,41 +268,44 @@ void attend_impl(const T* qkv, const float* cos, const float* sin, const int64_t
     }
   });
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, Tn * KV, 1, [&](int64_t i0, int64_t i1) {  // phase 2: one (token, KV head) per item
-    std::vector<float> p, acc((size_t)(G * D));
+  at::parallel_for(0, Tn * H, 1, [&](int64_t i0, int64_t i1) {  // phase 2: one (token, query head) per item
+    std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / KV, h = i % KV, L = index[t] + 1;
+      const int64_t t = i / H, h = (i % H) / G, L = index[t] + 1;  // GQA: query head i % H reads KV head h
       const T* keys = kc + ((slot[t] * KV + h) * max_len) * D;
       const T* values = vc + ((slot[t] * KV + h) * max_len) * D;
-      const float* qg = q.data() + (t * H + h * G) * D;  // the G query heads that share this KV head
-      p.resize((size_t)(G * L));
-      for (int64_t j = 0; j < L; ++j) {
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 dot = _mm512_setzero_ps();
-          for (int64_t v = 0; v < V; ++v)
-            dot = _mm512_fmadd_ps(_mm512_loadu_ps(qg + g * D + v * 16), load16(keys + j * D + v * 16), dot);
-          p[g * L + j] = _mm512_reduce_add_ps(dot) * scale;
-        }
+      const float* qv = q.data() + i * D;
+      const int64_t padded = (L + 15) / 16 * 16;
+      p.resize((size_t)padded);
+      auto dot = [&](int64_t j) {
+        __m512 d = _mm512_setzero_ps();
+        if (j < L)
+          for (int64_t v = 0; v < V; ++v) d = _mm512_fmadd_ps(_mm512_loadu_ps(qv + v * 16), load16(keys + j * D + v * 16), d);
+        return d;
+      };
+      for (int64_t j = 0; j < L; j += 4)  // scores, four keys per reduction
+        _mm_storeu_ps(p.data() + j, _mm_mul_ps(hsum4(dot(j), dot(j + 1), dot(j + 2), dot(j + 3)), _mm_set1_ps(scale)));
+      std::fill(p.begin() + L, p.end(), -INFINITY);
+      __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();  // softmax, 16 scores at a time
+      for (int64_t j = 0; j < padded; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(p.data() + j));
+      top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+      for (int64_t j = 0; j < padded; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.data() + j), top));
+        _mm512_storeu_ps(p.data() + j, e);
+        sum = _mm512_add_ps(sum, e);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t g = 0; g < G; ++g) {  // softmax, then the weighted sum of values
-        float* pg = p.data() + g * L;
-        const float top = *std::max_element(pg, pg + L);
-        float sum = 0.f;
-        for (int64_t j = 0; j < L; ++j) sum += (pg[j] = std::exp(pg[j] - top));
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < L; ++j) pg[j] *= inv;
-      }
-      for (int64_t j = 0; j < L; ++j)
-        for (int64_t v = 0; v < V; ++v) {
-          const __m512 val = load16(values + j * D + v * 16);
-          for (int64_t g = 0; g < G; ++g) {
-            float* a = acc.data() + g * D + v * 16;
-            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[g * L + j]), val, _mm512_loadu_ps(a)));
-          }
+      const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+      for (int64_t v0 = 0; v0 < V; v0 += 4) {  // the weighted sum of values, 64 of the head's values at a time
+        const int64_t n = std::min<int64_t>(4, V - v0);
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t j = 0; j < L; ++j) {
+          const __m512 pj = _mm512_set1_ps(p[j]);
+          const T* row = values + j * D + v0 * 16;
+          for (int u = 0; u < 4; ++u)
+            if (u < n) acc[u] = _mm512_fmadd_ps(pj, load16(row + u * 16), acc[u]);
         }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t v = 0; v < V; ++v) store16(out + (t * H + h * G + g) * D + v * 16, load16(acc.data() + g * D + v * 16));
+        for (int u = 0; u < n; ++u) store16(out + i * D + (v0 + u) * 16, _mm512_mul_ps(acc[u], inv));
+      }
     }
   });
 }

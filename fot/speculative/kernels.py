@@ -4,9 +4,9 @@ A decoding step at small batch is a chain of matrix-vector products and small ro
 matmul streams a layer's weights well below this machine's read rate when it has one row to multiply; `gemv`
 reads a blocked copy of the weight (`pack_gemv`) strictly in order, once for all (up to `MAX_ROWS`) input rows.
 `rms_norm` does in one pass what F.rms_norm does in ~6 ops, `silu_mul` SwiGLU's chunk, silu and product in one;
-`attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops. They need AVX-512 (with AVX512-BF16 for bf16);
-elsewhere, or when the build fails, `load()` returns None and the model runs on oneDNN and PyTorch ops.
-`FOT_KERNELS=0` switches them off.
+`attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops.
+They need AVX-512 (with AVX512-BF16 for bf16); elsewhere, or when the build fails, `load()` returns None and the
+model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
 """
 
 from __future__ import annotations
