@@ -1,15 +1,18 @@
 """Plain batched decoding: native engine vs transformers `generate`, and the batch-1 memory-bandwidth roofline.
 
-Everything runs in one process on the embedded model, side by side, so the ratios are fair on a noisy machine.
-Prints a table and, as its last line, one JSON object. `--quick` finishes in under a minute.
+Everything runs in one process on the embedded model, side by side, so the ratios are fair on a noisy machine:
+the native engine and transformers take turns `--repeats` times, each batch-1 native run is followed by a read of
+the memory bandwidth, and the table shows medians (of speeds, and of each turn's ratio). Prints a table and, as
+its last line, one JSON object. `--quick` (one turn, 32 tokens) finishes in under a minute.
 
-    python benchmarks/decode.py [--quick] [--new-tokens 128] [--dtype fast|auto|float32|bfloat16]
+    python benchmarks/decode.py [--quick] [--repeats 3] [--new-tokens 128] [--dtype fast|auto|float32|bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -31,7 +34,7 @@ def chat_prompts(batch: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     """Bytes per second of a plain streaming read (a sum over a large fp32 tensor), best of `repeats`."""
     x = torch.ones(int(gib * 2**30) // 4)
     best = float("inf")
@@ -75,22 +78,33 @@ def time_hf(model, tokenizer, prompts: list, new_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens, no unpacked-eager row (< 60 s)")
+    ap.add_argument("--repeats", type=int, default=None, help="turns of native and transformers (default 3; quick 1)")
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--dtype", default="fast", help="fast: bf16 where the CPU has it (the goal's setting)")
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 128)
+    args.repeats = args.repeats or (1 if args.quick else 3)
 
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, max_batch=16)
     dtype = engine.model.dtype
     hf = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=dtype).eval()
-    rows, result = [], {}
+    weights = weight_bytes(engine)
+    rows, result, fractions, bandwidths = [], {}, [], []
     for batch in (1, 16):
-        native = time_native(engine, chat_prompts(batch), new_tokens)
-        ref = time_hf(hf, engine.tokenizer, chat_prompts(batch), new_tokens)
+        natives, refs = [], []
+        for _ in range(args.repeats):  # turns, so that a slow moment of a shared machine hits one pair
+            natives.append(time_native(engine, chat_prompts(batch), new_tokens))
+            if batch == 1:  # the roofline right beside the run it bounds
+                bandwidths.append(read_bandwidth())
+                fractions.append(natives[-1] * weights / bandwidths[-1])
+            refs.append(time_hf(hf, engine.tokenizer, chat_prompts(batch), new_tokens))
+        native, ref = statistics.median(natives), statistics.median(refs)
+        ratio = statistics.median(n / r for n, r in zip(natives, refs, strict=True))
         result |= {f"native_tok_s_b{batch}": round(native, 1), f"hf_tok_s_b{batch}": round(ref, 1)}
-        result[f"ratio_b{batch}"] = round(native / ref, 2)
-        rows.append((f"batch {batch}", native, ref))
+        result[f"ratio_b{batch}"] = round(ratio, 2)
+        result[f"ratios_b{batch}"] = [round(n / r, 2) for n, r in zip(natives, refs, strict=True)]
+        rows.append((f"batch {batch}", native, ref, ratio))
     if not args.quick:  # what the packed oneDNN weights and the GEMV kernel are worth
         variants = {"unpacked": lambda m: m, "onednn": lambda m: m.pack_weights(gemv=False)}
         for name, prepare in variants.items():
@@ -98,23 +112,29 @@ def main() -> None:
             other = Engine(model, engine.tokenizer, eos_ids=engine.eos_ids, pack=False, max_batch=16)
             result[f"native_{name}_tok_s_b1"] = round(time_native(other, chat_prompts(1), new_tokens), 1)
 
-    bandwidth = read_bandwidth()
-    weights = weight_bytes(engine)
+    bandwidth = statistics.median(bandwidths)
     roofline = bandwidth / weights
     result |= {
         "roofline_tok_s_b1": round(roofline, 1),
-        "roofline_frac_b1": round(result["native_tok_s_b1"] / roofline, 3),
+        "roofline_frac_b1": round(statistics.median(fractions), 3),
+        "roofline_fracs_b1": [round(f, 3) for f in fractions],
         "read_gb_s": round(bandwidth / 1e9, 1),
+        "read_gb_s_runs": [round(b / 1e9, 1) for b in bandwidths],
         "weight_mb": round(weights / 1e6, 1),
         "dtype": str(dtype).removeprefix("torch."),
         "new_tokens": new_tokens,
+        "repeats": args.repeats,
         "threads": torch.get_num_threads(),
     }
 
-    print(f"\nplain decoding, {args.model}, {result['dtype']}, {new_tokens} new tokens, {result['threads']} threads")
-    print(f"{'':10} {'native tok/s':>13} {'hf tok/s':>10} {'native/hf':>10}")
-    for name, native, ref in rows:
-        print(f"{name:10} {native:13.1f} {ref:10.1f} {native / ref:9.2f}x")
+    print(
+        f"\nplain decoding, {args.model}, {result['dtype']}, {new_tokens} new tokens, {result['threads']} threads, "
+        f"median of {args.repeats} turns"
+    )
+    print(f"{'':10} {'native tok/s':>13} {'hf tok/s':>10} {'native/hf':>10}  each turn")
+    for name, native, ref, ratio in rows:
+        turns = ", ".join(f"{r:.2f}x" for r in result[f"ratios_{name.replace('batch ', 'b')}"])
+        print(f"{name:10} {native:13.1f} {ref:10.1f} {ratio:9.2f}x  {turns}")
     if "native_onednn_tok_s_b1" in result:
         print(
             f"batch 1 without our GEMV kernel: oneDNN packed {result['native_onednn_tok_s_b1']} tok/s, "
@@ -122,7 +142,8 @@ def main() -> None:
         )
     print(
         f"roofline at batch 1: {result['weight_mb']} MB of weights per token / {result['read_gb_s']} GB/s read "
-        f"= {roofline:.1f} tok/s; native reaches {result['roofline_frac_b1']:.0%} of it"
+        f"= {roofline:.1f} tok/s; native reaches {result['roofline_frac_b1']:.0%} of it (median of each turn's "
+        f"fraction; reads {result['read_gb_s_runs']} GB/s)"
     )
     print(json.dumps(result))
 
