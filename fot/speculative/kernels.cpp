@@ -133,8 +133,8 @@ inline __m512 round_as(const uint16_t*, __m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
-// The rows [t0, t1) of x [T, D] through fn(row in, row out, D), split over the ATen threads in chunks of ~16K values
-// (a few rows stay on one thread: waking the other costs more than it saves).
+// Every row of x through fn(row in, row out), split over the ATen threads in chunks of ~16K input values (a few
+// rows stay on one thread: waking the other costs more than it saves).
 template <typename T, typename Fn>
 void for_rows(const T* x, int64_t in_width, T* out, int64_t out_width, int64_t rows, Fn fn) {
   const int64_t grain = std::max<int64_t>(1, 16384 / in_width);
@@ -144,7 +144,7 @@ void for_rows(const T* x, int64_t in_width, T* out, int64_t out_width, int64_t r
 }
 
 // RMSNorm as transformers computes it: y = x * rsqrt(mean(x^2) + eps) in fp32, cast to x's dtype, times the weight
-// (in x's dtype). F.rms_norm is ~6 separate ops on CPU (~40 us per call at one row).
+// (in x's dtype). In PyTorch that is ~6 separate ops on CPU (~17 us per call at one row, bf16, 576 wide).
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* y, int64_t D, float eps) {
   __m512 ss = _mm512_setzero_ps();
