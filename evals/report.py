@@ -157,14 +157,30 @@ def draw_trees(ax, rs: list[Row]) -> None:
 
 
 def draw_tokens(ax, rs: list[Row]) -> None:
-    """Accuracy vs generated tokens per problem: a point per run, labelled with its trees."""
-    for i, method in enumerate(sorted({r.method for r in rs})):
-        pts = [r for r in rs if r.method == method]
-        ax.scatter([r.tokens for r in pts], [r.accuracy for r in pts], label=method, color=f"C{i}")
-        for r in pts:
-            ax.annotate(f"{r.trees}", (r.tokens, r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    """Accuracy vs generated tokens per problem: a point per run, labelled with its trees; a colour per method and
+    a marker per model, so that two models' runs of one method are told apart."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    methods, models = sorted({r.method for r in rs}), sorted({r.model for r in rs})
+    for model in models:
+        for method in methods:
+            pts = [r for r in rs if r.method == method and r.model == model]
+            if not pts:
+                continue
+            color, marker = f"C{methods.index(method)}", "osD^v"[models.index(model) % 5]
+            ax.scatter(
+                [r.tokens for r in pts],
+                [r.accuracy for r in pts],
+                color=color,
+                marker=marker,
+                label=f"{model} {method}",
+            )
+            for r in pts:
+                ax.annotate(f"{r.trees}", (r.tokens, r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel="generated tokens per problem")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 PLOTS = {"trees": draw_trees, "tokens": draw_tokens}
