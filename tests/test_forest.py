@@ -236,6 +236,26 @@ def test_tot_checks_corrects_and_solves_exactly():
     assert strict.rejected == 2 and strict.corrections == 0
 
 
+def test_tot_takes_steps_with_a_zero_and_rejects_division_by_zero():
+    """A state holding 0 (after 4 - 4): "10 + 0" is a valid step and "10 / 0" is rejected; neither may crash the
+    tree (a 1.5B model's proposals once raised ZeroDivisionError out of the whole search)."""
+
+    def respond(r, j):
+        if "Evaluate if" in content(r):
+            return "likely"
+        numbers = content(r).rsplit("Input: ", 1)[1].split("\n")[0]
+        return {"4 4 10 14": "4 - 4 = 0 (left: 0 10 14)", "10 14 0": "10 + 0 = 10 (left: 10 14)\n10 / 0 = 1"}.get(
+            numbers, ""
+        )
+
+    tree = ToT(GAME, "4 4 10 14", seed=0, correct=True)
+    backend = ScriptedBackend(respond)
+    for _ in range(2):
+        asyncio.run(tree.step(Batcher(backend, 1).generate))
+    assert tree.rejected == 1 and tree.done
+    assert tree.answer() is not None and GAME.check("4 4 10 14", f"Answer: {tree.answer()}") == []
+
+
 def test_game24_solve_end_to_end_with_scripted_model():
     def respond(r, j):
         text = content(r)

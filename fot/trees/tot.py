@@ -178,17 +178,17 @@ class ToT:
             if key in seen:
                 continue
             seen.add(key)
-            kids.append(self.child(parent, numbers, exprs, step, line))
+            kids.append(self.child(parent, numbers, exprs, step, line, new[-1]))
         return kids
 
-    def child(self, parent: int, numbers, exprs, step, line: str) -> int:
-        """The state after `step`: the two operands replaced by the exact result, with its expression."""
+    def child(self, parent: int, numbers, exprs, step, line: str, result: Fraction) -> int:
+        """The state after `step`: the two operands replaced by the exact result (`apply_step`'s), with its
+        expression."""
         rest_n, rest_e = list(numbers), list(exprs)
         ea = rest_e.pop(rest_n.index(step.a))
         rest_n.remove(step.a)
         eb = rest_e.pop(rest_n.index(step.b))
         rest_n.remove(step.b)
-        result = {"+": step.a + step.b, "-": step.a - step.b, "*": step.a * step.b, "/": step.a / step.b}[step.op]
         node = self.tree.add(parent, step=line, value=0.0, answer=None, failed=False)
         self.tree[node]["numbers"] = [fmt(x) for x in rest_n + [result]]
         self.tree[node]["exprs"] = rest_e + [f"({ea} {step.op} {eb})"]
