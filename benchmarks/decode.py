@@ -104,7 +104,7 @@ def main() -> None:
         result |= {f"native_tok_s_b{batch}": round(native, 1), f"hf_tok_s_b{batch}": round(ref, 1)}
         result[f"ratio_b{batch}"] = round(ratio, 2)
         result[f"ratios_b{batch}"] = [round(n / r, 2) for n, r in zip(natives, refs, strict=True)]
-        rows.append((f"batch {batch}", native, ref, ratio))
+        rows.append((f"batch {batch}", native, ref, ratio, result[f"ratios_b{batch}"]))
     if not args.quick:  # what the packed oneDNN weights and the GEMV kernel are worth
         variants = {"unpacked": lambda m: m, "onednn": lambda m: m.pack_weights(gemv=False)}
         for name, prepare in variants.items():
@@ -132,9 +132,8 @@ def main() -> None:
         f"median of {args.repeats} turns"
     )
     print(f"{'':10} {'native tok/s':>13} {'hf tok/s':>10} {'native/hf':>10}  each turn")
-    for name, native, ref, ratio in rows:
-        turns = ", ".join(f"{r:.2f}x" for r in result[f"ratios_{name.replace('batch ', 'b')}"])
-        print(f"{name:10} {native:13.1f} {ref:10.1f} {ratio:9.2f}x  {turns}")
+    for name, native, ref, ratio, turns in rows:
+        print(f"{name:10} {native:13.1f} {ref:10.1f} {ratio:9.2f}x  " + ", ".join(f"{r:.2f}x" for r in turns))
     if "native_onednn_tok_s_b1" in result:
         print(
             f"batch 1 without our GEMV kernel: oneDNN packed {result['native_onednn_tok_s_b1']} tok/s, "

@@ -120,18 +120,16 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, int64_t N) {
 
 inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
 inline __m512 load16(const float* p, __mmask16 m = 0xFFFF) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 m = 0xFFFF) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
+// 16 bf16 bit patterns -> fp32: each shifted into the high half of its lane (exact).
+inline __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
+inline __m512 load16(const uint16_t* p, __mmask16 m = 0xFFFF) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
 inline void store16(float* p, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(p, m, v); }
 inline void store16(uint16_t* p, __m512 v, __mmask16 m = 0xFFFF) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 // What storing a value in T and reading it back gives: itself in fp32, its bf16 rounding in bf16.
 inline __m512 round_as(const float*, __m512 v) { return v; }
-inline __m512 round_as(const uint16_t*, __m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
+inline __m512 round_as(const uint16_t*, __m512 v) { return widen((__m256i)_mm512_cvtneps_pbh(v)); }
 
 // Every row of x through fn(row in, row out), split over the ATen threads in chunks of ~16K input values (a few
 // rows stay on one thread: waking the other costs more than it saves).

@@ -5,7 +5,7 @@ matmul streams a layer's weights well below this machine's read rate when it has
 reads a blocked copy of the weight (`pack_gemv`) strictly in order, once for all (up to `MAX_ROWS`) input rows.
 `rms_norm` does in one pass what F.rms_norm does in ~6 ops, `silu_mul` SwiGLU's chunk, silu and product in one;
 `attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops.
-They need AVX-512 (with AVX512-BF16 for bf16); elsewhere, or when the build fails, `load()` returns None and the
+They need AVX-512 (F, BW, VL and BF16); elsewhere, or when the build fails, `load()` returns None and the
 model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
 """
 
@@ -48,9 +48,8 @@ def pack_gemv(w: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=1)
 def load():
-    """The compiled module (`gemv(x, pack_gemv(w), N)`, `rms_norm(x, w, eps)`, `silu_mul(x)`,
-    `attend(...)`), or None where it
-    cannot run here."""
+    """The compiled module (`gemv(x, pack_gemv(w), N)`, `rms_norm(x, w, eps)`, `silu_mul(x)`, `attend(...)`), or
+    None where it cannot run here."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
     from torch.utils.cpp_extension import load as build
