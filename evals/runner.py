@@ -94,6 +94,7 @@ class Record(BaseModel):
     corrections: int
     seconds: float
     concurrency: int
+    total: int | None = None  # problems the run was asked for (absent from records written before this field)
 
 
 def score(problem: Problem, answer: str | None) -> bool:
@@ -170,8 +171,11 @@ def make_backend(args: argparse.Namespace):
     return make_cli_backend(args)  # openai: the servers decide how they decode
 
 
-async def solve_all(problems: list[Problem], args: argparse.Namespace, path: Path, backend) -> tuple[int, int]:
-    """Solve `problems` with at most `args.concurrency` in flight; append each record as it finishes."""
+async def solve_all(
+    problems: list[Problem], args: argparse.Namespace, path: Path, backend, total: int
+) -> tuple[int, int]:
+    """Solve `problems` (the unfinished ones of the `total` the run was asked for) with at most `args.concurrency`
+    in flight; append each record as it finishes."""
     from fot.forest import asolve
 
     config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
@@ -226,6 +230,7 @@ async def solve_all(problems: list[Problem], args: argparse.Namespace, path: Pat
             corrections=u.corrections,
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
+            total=total,
         )
         append(path, record)
         right += record.correct
@@ -306,9 +311,9 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         t0 = time.perf_counter()
         if backend is None:
             async with make_backend(args) as own:
-                right, failed = await solve_all(todo, args, path, own)
+                right, failed = await solve_all(todo, args, path, own, len(problems))
         else:
-            right, failed = await solve_all(todo, args, path, backend)
+            right, failed = await solve_all(todo, args, path, backend, len(problems))
         print(
             f"evals: {len(todo) - failed} solved in {time.perf_counter() - t0:.0f} s, {right} correct"
             + (f"; {failed} failed (re-run to retry them)" if failed else ""),

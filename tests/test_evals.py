@@ -20,7 +20,7 @@ from evals.data import (
     load_gsm8k,
     load_math500,
 )
-from evals.report import summarise, wilson, write_report
+from evals.report import PLOTS, summarise, wilson, write_report
 from evals.runner import Record, arun, options, read_records, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
@@ -206,6 +206,7 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert path2 == path and failed == 0
     assert [r.id for r in records] == [f"arith-0-{i}" for i in range(6)]
     assert records[:3] == first  # untouched
+    assert {r.total for r in records} == {6}  # each record knows how many problems its run was asked for
     assert len(again.batches) == 3  # only the three unfinished problems were solved again
     run_sync(arun(arithmetic_options(tmp_path), backend=again))
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
@@ -264,10 +265,13 @@ def test_wilson_interval() -> None:
     assert all(wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0 for n in range(1, 200))  # no rounding below 1
 
 
-def test_report_table_speedup_and_plots(tmp_path: Path) -> None:
+def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "arithmetic"
     folder.mkdir()
     runs = {
+        "fot-t8-default-native-prompt_lookup-s0-abcd1234": [  # stopped after 2 of its 4 problems
+            record(f"a{i}", "", True, 9.0, method="fot", trees=8, total=4) for i in range(2)
+        ],
         "sc-t4-default-native-prompt_lookup-s0-abcd1234": [record(f"a{i}", "", i < 3, 2.0) for i in range(4)],
         "sc-t4-default-native-none-s0-abcd1234": [record(f"a{i}", "", i < 3, 3.0, "none") for i in range(4)],
         "cot-t1-default-native-prompt_lookup-s0-abcd1234": [
@@ -283,11 +287,17 @@ def test_report_table_speedup_and_plots(tmp_path: Path) -> None:
     assert (sd.n, sd.correct, sd.accuracy) == (4, 3, 0.75)
     assert sd.sd_speedup == pytest.approx(1.5) and sd.accept_rate == pytest.approx(0.5)
     assert rows["sc-t4-default-native-none-s0-abcd1234"].sd_speedup is None
+    assert [n for n, r in rows.items() if r.partial] == [*runs][:1]  # records without a total count as finished
+    plotted = []
+    monkeypatch.setitem(PLOTS, "trees", lambda ax, rs: plotted.extend(r.method for r in rs))
     report = write_report(tmp_path).read_text()
     assert "| smollm2-135m | sc | 4 | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
+    assert "| smollm2-135m | fot | 8 | prompt_lookup | 2 of 4 | 100.0% (34%-100%) |" in report
+    assert sorted(plotted) == ["cot", "sc", "sc"]  # the stopped run is in the table, not in the plots
     for png in ("arithmetic_accuracy_vs_trees.png", "arithmetic_accuracy_vs_tokens.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(json.loads((tmp_path / "summary.json").read_text())) == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["partial"] for r in summary] == [False, True, False, False]  # sorted by method
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
