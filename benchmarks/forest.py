@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--rollouts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="cpu", help="torch device of the native engine")
     args = ap.parse_args()
     problems = PROBLEMS[: args.problems or (1 if args.quick else 2)]
     rollouts = args.rollouts if args.rollouts is not None else (1 if args.quick else 2)
@@ -52,7 +53,7 @@ def main() -> None:
     dense = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": False}}
     sparse = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": True, "top_k": 2}}
 
-    backend = NativeBackend(model=args.model)
+    backend = NativeBackend(model=args.model, device=args.device)
     run(backend, problems[:1], 1, {**dense, "mctsr": {**mctsr, "rollouts": 0, "max_tokens": 8}})  # warm-up
     one_s, one_tok, _ = run(backend, problems, 1, dense)
     four_s, four_tok, _ = run(backend, problems, 4, dense)
@@ -60,7 +61,10 @@ def main() -> None:
     asyncio.run(backend.close())
 
     ratio = four_s / one_s
-    print(f"\n{len(problems)} problems, MCTSr {rollouts} rollouts, {max_tokens}-token answers, {args.model}, native+SD")
+    print(
+        f"\n{len(problems)} problems, MCTSr {rollouts} rollouts, {max_tokens}-token answers, {args.model}, "
+        f"native+SD, {args.device}"
+    )
     print(f"{'forest':28} {'seconds':>8} {'tokens':>8} {'tok/s':>7}")
     for name, s, tok in [
         ("1 tree", one_s, one_tok),
@@ -82,6 +86,7 @@ def main() -> None:
                 "problems": len(problems),
                 "rollouts": rollouts,
                 "max_tokens": max_tokens,
+                "device": args.device,
             }
         )
     )

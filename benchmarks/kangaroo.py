@@ -33,11 +33,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6, help="max draft tokens per step")
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU: exact), fast or bfloat16 (faster, not exact)")
+    ap.add_argument("--device", default="cpu", help="torch device (cuda: pass --dtype float32 for exact output)")
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 96)
     batches = (1, 4) if args.quick else (1, 4, 16)
 
-    plain = Engine.from_pretrained(args.model, dtype=args.dtype, max_batch=16)
+    plain = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_batch=16)
     spec = {"method": "kangaroo", "adapter": args.adapter, "num_speculative_tokens": args.steps}
     if args.threshold is not None:
         spec["confidence_threshold"] = args.threshold
@@ -66,7 +67,8 @@ def main() -> None:
 
     hf = {}
     if not args.quick:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=plain.model.dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(args.model), dtype=plain.model.dtype)
+        model = model.to(plain.device).eval()
         hf["plain"] = time_hf_b1(model, plain.tokenizer, prompts[0], new_tokens)
         hf["early_exit"] = time_hf_b1(
             model, plain.tokenizer, prompts[0], new_tokens, assistant_early_exit=kg.exit_layer
@@ -76,7 +78,7 @@ def main() -> None:
     print(
         f"\nKangaroo: exit layer {kg.exit_layer}, threshold {kg.threshold}, max {kg.max_steps} steps, draft vocab "
         f"{'all' if kg.vocab is None else len(kg.vocab)}; {args.model}, greedy, {new_tokens} new tokens, "
-        f"{torch.get_num_threads()} threads; speedup over plain decoding at the same batch size"
+        f"{args.device}, {torch.get_num_threads()} threads; speedup over plain decoding at the same batch size"
     )
     print(
         f"{'batch':>5} {'plain tok/s':>12} {'kangaroo':>9} {'prompt lookup':>14} {'accept len':>11} {'identical':>10}"
@@ -106,6 +108,7 @@ def main() -> None:
         "exit_layer": kg.exit_layer,
         "threshold": kg.threshold,
         "new_tokens": new_tokens,
+        "device": args.device,
     }
     print(json.dumps(result))
 

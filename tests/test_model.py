@@ -61,6 +61,29 @@ def test_incremental_decode_matches_full_forward(tiny_model_dir):
         torch.testing.assert_close(torch.cat(parts), hf_logits(tiny_model_dir, s), atol=ATOL, rtol=0)
 
 
+def test_any_memory_layout_of_the_attention_output(tiny_model_dir, monkeypatch):
+    """A GPU's attention kernels return [rows, heads, n, dim] laid out as [rows, n, heads, dim]; the model must take
+    that layout too (a `view` of it failed on CUDA)."""
+    model = Transformer.from_pretrained(tiny_model_dir)
+    prompts = [[5, 17, 42, 9, 100, 7, 3], [11, 12], [250, 251, 1, 2]]
+    tokens = torch.tensor([t for p in prompts for t in p])
+
+    def prefill() -> torch.Tensor:
+        cache = new_cache(model, 3)
+        with torch.no_grad():
+            return model(tokens, cache.plan([0, 1, 2], [len(p) for p in prompts]), cache)
+
+    want = prefill()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def strided(*args, **kw) -> torch.Tensor:
+        return sdpa(*args, **kw).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", strided)
+    assert not strided(*[torch.zeros(2, 3, 4, 8)] * 3).is_contiguous()
+    torch.testing.assert_close(prefill(), want, atol=0, rtol=0)
+
+
 def test_layer_ranges_compose(tiny_llama_dir):
     """Running layers [0, k) then [k, L) on the saved hidden state equals running all layers (Kangaroo's split)."""
     model = Transformer.from_pretrained(tiny_llama_dir)

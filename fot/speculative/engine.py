@@ -431,7 +431,7 @@ class Engine:
         start = time.perf_counter()
         slots = [s.slot for s in seqs]
         logits = self.model(tokens, cache.plan(slots, counts), cache)
-        self.forward_cost.record(len(tokens), time.perf_counter() - start)
+        self.forward_cost.record(len(tokens), self.clock() - start)
         firsts = list(accumulate(counts, initial=0))[:-1]
         gained = self.accept(seqs, logits, drafts, firsts)
         # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
@@ -451,10 +451,17 @@ class Engine:
         flat = torch.stack([row for rows in hidden for row in rows])
         h = self.model.run_layers(flat, cache.plan(slots, counts), cache, kg.exit_layer)
         logits = self.model.logits(h)
-        self.forward_cost.record(len(flat), time.perf_counter() - start)  # drafting included: it is the cost
+        self.forward_cost.record(len(flat), self.clock() - start)  # drafting included: it is the cost
         gained = self.accept(seqs, logits, drafts, list(accumulate(counts, initial=0))[:-1])
         cache.advance(slots, gained)
         self.stats.decode_steps += len(seqs)
+
+    def clock(self) -> float:
+        """`time.perf_counter()` once the device has run its queued work: a GPU runs kernels asynchronously, so a
+        forward timed without waiting would cost only its launches to the drafting cost model."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
         """Ask the drafter for as many tokens per sample as its recent acceptance rate justifies (`draft_lengths`),

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         mask = step.attention_mask(self.n_heads // self.n_kv_heads, x.dtype)
         kv_len = step.kv_len
         o = F.scaled_dot_product_attention(qb, k_cache[:rows, :, :kv_len], v_cache[:rows, :, :kv_len], attn_mask=mask)
-        o = o.view(rows, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(rows * n, -1)
+        o = o.reshape(rows, self.n_heads, n, self.head_dim).transpose(1, 2).reshape(rows * n, -1)
         if step.dest is not None:
             o = o.index_select(0, step.dest)
         return self.wo(o)
