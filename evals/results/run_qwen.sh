@@ -8,7 +8,10 @@
 #   bash evals/results/run_qwen.sh                          # one after another (days on a 2-core CPU)
 #
 # The native engine runs eagerly (one kernel launch per op), so on a GPU six processes, each with its own copy of
-# the model (3 GB in bf16), should keep the card busier than one. Not yet run: no GPU has been lent so far.
+# the model (3 GB in bf16), should keep the card busier than one. Not yet run on a GPU (the engine ran once on an
+# H200 with the 135M model: README, Measured on a GPU). The committed CPU runs used DTYPE=fast (bf16 on this
+# Zen 4; the dtype is part of a run's name) and 8 to 50 problems in flight, as each record's `concurrency` says
+# (it changes only the seconds per problem).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
