@@ -197,7 +197,7 @@ class Engine:
         if max_batch < 1:
             raise InvalidRequestError("max_batch must be >= 1")
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
-        self.device = model.output.weight.device
+        self.device = model.device
         self.context = model.args.max_seq_len
         self.eos_ids = set(eos_ids) | ({tokenizer.eos_token_id} - {None})
         self.stats, self.last_stats = EngineStats(), EngineStats()

@@ -160,9 +160,8 @@ def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooD
         )
     adapter = Adapter(model.args)
     adapter.load_state_dict(load_file(str(folder / ADAPTER_FILE)))
-    device = model.output.weight.device
-    adapter = adapter.to(device=device, dtype=model.dtype).eval().requires_grad_(False)
-    vocab = torch.tensor(config["draft_vocab"], device=device) if config.get("draft_vocab") else None
+    adapter = adapter.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
+    vocab = torch.tensor(config["draft_vocab"], device=model.device) if config.get("draft_vocab") else None
     options = {"threshold": config.get("threshold", 0.4), "max_steps": config.get("max_steps", 6), **options}
     return KangarooDrafter(model, adapter, config["exit_layer"], vocab, **options)
 

@@ -263,6 +263,10 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.output.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
     def embed(self, tokens: Tensor) -> Tensor:
         return self.tok_embeddings(tokens)
 
