@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
+from fot.speculative import kernels
 from fot.speculative.drafters import PromptLookup, draft_lengths
 from fot.speculative.engine import Engine
 from fot.speculative.verify import accept_greedy, accept_sampled, probabilities
@@ -163,6 +164,33 @@ def test_greedy_speculative_equals_plain(engines, reference_model, case, noise):
     s = spec.last_stats
     assert s.accepted_tokens == sum(g.accepted_tokens for g in got) and s.requests == len(prompts)
     assert s.generated_tokens == sum(e.generated_tokens for e in expected)
+
+
+@pytest.fixture(scope="module")
+def bf16_engines(tiny_model_dir):
+    plain = Engine.from_pretrained(tiny_model_dir, dtype="bfloat16", max_batch=16)
+    spec = Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=16, speculative={"layout": "unpadded"})
+    return plain, spec
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 16), noise=st.sampled_from([0.0, 0.2, 1.0]))
+def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, noise):
+    """Where the CPU kernels run, every decoding and verification op rounds a token alike whatever else the step
+    holds (batch-invariant matmul, per-token attention, row-wise norms), so in bf16 too greedy speculative output
+    is plain output token for token, with the same log-probs, not just up to near-ties. (All requests admitted
+    together: prefill steps are then the same in both runs.)"""
+    if kernels.load() is None:
+        return
+    plain, spec = bf16_engines
+    _, prompts, params, _, _ = seeded_case(seed, batch, 16, "unpadded", stem=seed % 2 == 0)
+    expected = plain.generate(prompts, params)
+    spec.drafter = OracleDrafter(
+        {tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed
+    )
+    got = spec.generate(prompts, params)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert [g.logprobs for g in got] == [e.logprobs for e in expected]
 
 
 def test_good_drafts_save_forward_passes_and_are_counted(engines):

@@ -213,9 +213,9 @@ class Step:
         return self.valid is not None
 
     @property
-    def one_per_sample(self) -> bool:
-        """Every sample adds one token (a decoding step without drafts)."""
-        return self.qindex.shape[1] == 1
+    def new_per_sample(self) -> int:
+        """The most new tokens any sample adds (1: a decoding step without drafts)."""
+        return self.qindex.shape[1]
 
     @property
     def mask(self) -> Tensor:

@@ -118,8 +118,8 @@ class _Sequence:
 class ForwardCost:
     """Decode-forward time by token count T on this machine: a moving average per count seen, and linear
     interpolation between counts (extrapolation past them), so that drafting can weigh a draft token's chance
-    against what verifying it costs here. No straight line fits: the GEMV kernel makes a forward over up to
-    `kernels.MAX_ROWS` tokens cost about one token's, and the next token dearer by a jump."""
+    against what verifying it costs here. No straight line fits: while a forward reads its weights once, a few
+    tokens cost about what one does, and past that each token adds its compute."""
 
     def __init__(self, decay: float = 0.8):
         self.decay = decay
@@ -233,7 +233,9 @@ class Engine:
         from fot.models import resolve_model
 
         folder = resolve_model(model)
-        net = Transformer.from_pretrained(folder, resolve_dtype(dtype, device)).to(device)
+        pack = kw.get("pack", True) and device == "cpu"  # then each weight is read straight into its packed layout
+        net = Transformer.from_pretrained(folder, resolve_dtype(dtype, device), pack=pack)
+        net = net if pack else net.to(device)  # a packed model stays on the CPU
         return cls(net, AutoTokenizer.from_pretrained(folder), eos_ids=read_eos(folder), **kw)
 
     # ---- requests -------------------------------------------------------------------------------------------

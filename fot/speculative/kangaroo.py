@@ -54,8 +54,7 @@ class Adapter(nn.Module):
 
 def draft_head(model: Transformer, vocab: Tensor | None) -> Tensor:
     """The model's own LM head weight, restricted to the draft vocabulary (all of it when None)."""
-    weight = model.output.weight
-    return weight if vocab is None else weight.index_select(0, vocab)
+    return model.output.rows(vocab)
 
 
 @dataclass
@@ -70,9 +69,12 @@ class KangarooDrafter:
     max_steps: int = 6
 
     def __post_init__(self):
-        weight = draft_head(self.model, self.vocab)  # a `Linear`, so that the engine packs it with the adapter
-        self.head = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.head.weight = nn.Parameter(weight, requires_grad=False)
+        if self.vocab is None:  # the model's own head, not a copy of it
+            self.head = self.model.output
+        else:  # a `Linear`, so that the engine packs it with the adapter
+            weight = draft_head(self.model, self.vocab)
+            self.head = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            self.head.weight = nn.Parameter(weight, requires_grad=False)
         self.layer = self.model.args.n_layers  # the adapter's KV: one more layer after the model's own
 
     def shallow(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
@@ -129,7 +131,7 @@ def model_fingerprint(model: Transformer) -> dict:
     """What an adapter must match: the base model's shapes and a checksum of its embedding, taken at bf16 precision
     so that the same model gives the same checksum whether it runs in fp32 or bf16."""
     a = model.args
-    emb = model.tok_embeddings.weight
+    emb = model.embed(torch.arange(64))
     return {
         "vocab_size": a.vocab_size,
         "dim": a.dim,
@@ -285,7 +287,18 @@ def train_adapter(
     with torch.no_grad():  # start from the exit layer's own attention and the final norm
         layer = model.layers[exit_layer]
         adapter.attention_norm.weight.copy_(layer.attention_norm.weight)
-        adapter.attention.load_state_dict(layer.attention.state_dict())
+        attention = layer.attention
+        adapter.attention.load_state_dict(
+            {
+                "wqkv.weight": attention.wqkv.rows(),
+                "wo.weight": attention.wo.rows(),
+                **{
+                    f"{n}.bias": getattr(attention, n).bias
+                    for n in ("wqkv", "wo")
+                    if getattr(attention, n).bias is not None
+                },
+            }
+        )
         adapter.norm.weight.copy_(model.norm.weight)
     adapter = adapter.float().train()
     opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)

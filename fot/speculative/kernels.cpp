@@ -1,12 +1,14 @@
-// Few-row matrix-vector products for CPU decoding: out[m, n] = sum_k x[m, k] * w[n, k] for m < M <= 4.
+// CPU kernels for decoding and verification: a matmul for any number of rows, RMSNorm, SwiGLU's gate and ragged
+// attention, in fp32 or bf16 (AVX-512; bf16 products by AVX512-BF16's pair dot product, accumulated in fp32).
 //
-// At batch 1 a decoding step is a chain of GEMVs whose cost is reading the weights once. The weight is read from a
-// blocked copy (`kernels.pack_gemv`): blocks of 4 rows, and within a block the rows' first vector-widths side by
-// side, then their second ones, ... so that the kernel reads memory strictly in order (the hardware prefetcher's
-// best case: 1.45x the streaming rate of reading 4 rows of 576 at once, measured here). Each weight vector is
-// multiplied with all M input rows while it is in registers, so a step over a few tokens (a speculative
-// verification) costs about what one token costs. fp32 uses FMA, bf16 uses AVX512-BF16's dot product of pairs
-// (products accumulated in fp32). Blocks are split over the ATen thread pool.
+// The matmul reads its weight [N, K] in one blocked layout (`kernels.pack`), which is the model's only copy of it:
+// blocks of 64 output columns, and within a block the columns' values of one k step (one k in fp32, one pair of k
+// in bf16) side by side, so that a block is one contiguous stream and each 512-bit load holds 16 columns' terms.
+// An input value (pair) is broadcast to all lanes: no horizontal sums, and each output element is one fp32 chain
+// over k in order. So a row's result never depends on how many rows share the call (batch invariance): a
+// verification over several tokens rounds exactly as decoding one token at a time does. Up to 6 rows share each
+// weight load from registers; more rows re-read the block from cache in segments of 256 steps (64 KB), their
+// partial sums kept exactly in fp32 between segments. Blocks are split over the ATen thread pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -31,87 +33,122 @@ void dispatch(const torch::Tensor& t, Fn fn) {
 }
 template <typename T>
 T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
 
-// Beyond 4 input rows oneDNN's GEMM is faster (measured: a second pass over weights still in cache costs as much
-// as the first, the dot products are the limit there).
-constexpr int64_t kMaxRows = 4;
-constexpr int64_t kBlock = 4;  // weight rows per block of the packed layout: 4 x 4 accumulators fit the registers
+constexpr int64_t kColumns = 64;       // output columns per block of the packed layout
+constexpr int64_t kVectors = 4;        // of 16 lanes each
+constexpr int kTile = 6;               // input rows per pass: 6 x 4 accumulators, 4 weight vectors, 1 broadcast
+constexpr int64_t kSegment = 256;      // k steps per pass over a block
 
-// What differs between the two dtypes: the element, how many fit one 512-bit vector, the masked load, the
-// multiply-add into fp32 lanes, and how a finished fp32 sum is stored.
+// What differs between the two dtypes: the element, how many k one step covers, the broadcast of a row's step, the
+// multiply-add of 16 columns' weights (loaded from w) into fp32 lanes, and the store of a finished fp32 sum.
 struct F32 {
   using T = float;
-  using Vec = __m512;
-  static constexpr int64_t kWidth = 16;
-  static Vec load(int64_t left, const T* p) { return _mm512_maskz_loadu_ps(left >= 16 ? 0xFFFF : (1u << left) - 1, p); }
-  static __m512 fma(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
-  static T store(float v) { return v; }
+  using X = __m512;
+  static constexpr int64_t kStep = 1;
+  static X broadcast(const T* x, int64_t k) { return _mm512_set1_ps(x[k]); }
+  static X broadcast_last(const T* x, int64_t k) { return broadcast(x, k); }
+  static __m512 fma(__m512 acc, const T* w, X x) { return _mm512_fmadd_ps(_mm512_loadu_ps(w), x, acc); }
+  static T round(float v) { return v; }
 };
 
 struct BF16 {  // bf16 as its raw bits
   using T = uint16_t;
-  using Vec = __m512bh;
-  static constexpr int64_t kWidth = 32;
-  static Vec load(int64_t left, const T* p) {
-    return (Vec)_mm512_maskz_loadu_epi16(left >= 32 ? 0xFFFFFFFFu : (1u << left) - 1, p);
+  using X = __m512i;
+  static constexpr int64_t kStep = 2;
+  static X broadcast(const T* x, int64_t k) {  // the pair (x[k], x[k + 1])
+    uint32_t pair;
+    std::memcpy(&pair, x + k, sizeof pair);
+    return _mm512_set1_epi32(static_cast<int>(pair));
   }
-  static __m512 fma(__m512 acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }  // pairs, fp32 accumulation
-  static T store(float v) { return c10::BFloat16(v).x; }  // round to nearest even, as torch does
+  static X broadcast_last(const T* x, int64_t k) { return _mm512_set1_epi32(x[k]); }  // (x[k], 0): K odd
+  static __m512 fma(__m512 acc, const T* w, X x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)x);
+  }
+  static T round(float v) { return c10::BFloat16(v).x; }  // to nearest even, as torch does
 };
 
-// Blocks [b0, b1) of the packed weight [blocks, chunks, kBlock, kWidth]: the M x kBlock sums of a block are
-// independent accumulator chains; the input's tail past K is loaded as zeros (the packed weight is zero there).
-template <typename D, int M>
-void gemv_blocks(const typename D::T* x, const typename D::T* wp, typename D::T* out, int64_t K, int64_t N,
-                 int64_t b0, int64_t b1) {
-  constexpr int64_t W = D::kWidth;
-  const int64_t chunks = (K + W - 1) / W;
-  for (int64_t b = b0; b < b1; ++b) {
-    __m512 acc[M * kBlock];
-    for (int i = 0; i < M * kBlock; ++i) acc[i] = _mm512_setzero_ps();
-    const typename D::T* p = wp + b * chunks * kBlock * W;
-    for (int64_t c = 0; c < chunks; ++c, p += kBlock * W) {
-      typename D::Vec xv[M];
-      for (int m = 0; m < M; ++m) xv[m] = D::load(K - c * W, x + m * K + c * W);
-      for (int r = 0; r < kBlock; ++r) {
-        const typename D::Vec wv = D::load(W, p + r * W);
-        for (int m = 0; m < M; ++m) acc[m * kBlock + r] = D::fma(acc[m * kBlock + r], wv, xv[m]);
-      }
+// MT rows x one block's 64 columns over k steps [s0, s1): partial sums start at zero (first segment) or from
+// `sums` [MT][64], and go back there. A step that would read past a row (K odd in bf16) pairs its last value with
+// a zero. Meanwhile `prefetch` lines of the weights from `ahead` on are asked for, spread over the steps: when
+// several passes share a segment, each asks for its share of the next one, so that memory keeps streaming while
+// the later passes compute from cache.
+template <typename D, int MT>
+void tile(const typename D::T* x, int64_t K, const typename D::T* block, float* sums, int64_t s0, int64_t s1,
+          const char* ahead, int64_t prefetch) {
+  constexpr int64_t S = D::kStep;
+  __m512 acc[MT][kVectors];
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < kVectors; ++v)
+      acc[m][v] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + (m * kVectors + v) * 16);
+  const typename D::T* w = block + s0 * kColumns * S;
+  const int64_t whole = std::min(s1, K / S);  // steps whose values all lie inside the row
+  int64_t spread = 0;
+  for (int64_t s = s0; s < s1; ++s, w += kColumns * S) {
+    for (spread += prefetch; spread >= s1 - s0; spread -= s1 - s0, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
+    for (int m = 0; m < MT; ++m) {
+      const typename D::X xs = s < whole ? D::broadcast(x + m * K, s * S) : D::broadcast_last(x + m * K, s * S);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] = D::fma(acc[m][v], w + v * 16 * S, xs);
     }
-    for (int r = 0; r < kBlock && b * kBlock + r < N; ++r)
-      for (int m = 0; m < M; ++m) out[m * N + b * kBlock + r] = D::store(_mm512_reduce_add_ps(acc[m * kBlock + r]));
   }
+  for (int m = 0; m < MT; ++m)
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(sums + (m * kVectors + v) * 16, acc[m][v]);
 }
 
 template <typename D>
-void run(const typename D::T* x, const typename D::T* wp, typename D::T* out, int64_t M, int64_t K, int64_t N) {
+void matmul_impl(const typename D::T* x, const typename D::T* packed, const typename D::T* bias, typename D::T* out,
+                 int64_t M, int64_t K, int64_t N) {
   using T = typename D::T;
-  using Kernel = void (*)(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);
-  static constexpr Kernel kernels[kMaxRows] = {gemv_blocks<D, 1>, gemv_blocks<D, 2>, gemv_blocks<D, 3>,
-                                               gemv_blocks<D, 4>};
-  const Kernel kernel = kernels[M - 1];
-  // ~64 KB of weights per task: small enough to balance two threads, large enough to amortise the dispatch
-  const int64_t blocks = (N + kBlock - 1) / kBlock;
-  const int64_t grain = std::max<int64_t>(4, 65536 / (K * kBlock * (int64_t)sizeof(T)));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { kernel(x, wp, out, K, N, b0, b1); });
+  using Tile = void (*)(const T*, int64_t, const T*, float*, int64_t, int64_t, const char*, int64_t);
+  static constexpr Tile tiles[kTile] = {tile<D, 1>, tile<D, 2>, tile<D, 3>, tile<D, 4>, tile<D, 5>, tile<D, 6>};
+  constexpr int64_t kStepBytes = kColumns * D::kStep * sizeof(T);
+  const int64_t steps = (K + D::kStep - 1) / D::kStep, blocks = (N + kColumns - 1) / kColumns;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> sums(static_cast<size_t>(M * kColumns));
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* block = packed + b * steps * kColumns * D::kStep;
+      for (int64_t s0 = 0; s0 < steps; s0 += kSegment) {
+        const int64_t s1 = std::min(steps, s0 + kSegment);
+        // the weights right after this segment (the next segment, or the next block's first): blocks are contiguous
+        const char* next = reinterpret_cast<const char*>(block) + s1 * kStepBytes;
+        const int64_t lines = kSegment * kStepBytes / 64;
+        for (int64_t m = 0; m < M; m += kTile) {
+          const int64_t rows = std::min<int64_t>(kTile, M - m), first = lines * m / M, last = lines * (m + rows) / M;
+          tiles[rows - 1](x + m * K, K, block, sums.data() + m * kColumns, s0, s1, next + first * 64, last - first);
+        }
+      }
+      const int64_t n0 = b * kColumns, width = std::min(kColumns, N - n0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = sums[m * kColumns + j];
+          out[m * N + n0 + j] = D::round(bias ? v + to_float(bias[n0 + j]) : v);
+        }
+    }
+  });
 }
 
 }  // namespace
 
-// x: [M, K] contiguous, 1 <= M <= 4; packed: a weight [N, K] of x's dtype (float32 or bfloat16) laid out by
-// `kernels.pack_gemv` as [ceil(N / 4), ceil(K / width), 4, width], zero-padded -> [M, N].
-torch::Tensor gemv(torch::Tensor x, torch::Tensor packed, int64_t N) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv: x [M, K] with 1 <= M <= ", kMaxRows);
-  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "gemv: x and the weight must have one dtype");
-  TORCH_CHECK(x.is_contiguous() && packed.is_contiguous(), "gemv: contiguous inputs");
+// x: [M, K] contiguous, any M >= 1; packed: a weight [N, K] of x's dtype (float32 or bfloat16) laid out by
+// `kernels.pack` as [ceil(N / 64), ceil(K / step), 64, step] (step: 1 in fp32, 2 in bf16), zero-padded; bias:
+// [N] or None -> x @ w.T + bias, [M, N], each sum rounded once to the dtype.
+torch::Tensor matmul(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "matmul: x [M, K] with M >= 1");
+  TORCH_CHECK(x.scalar_type() == packed.scalar_type(), "matmul: x and the weight must have one dtype");
+  TORCH_CHECK(x.is_contiguous() && packed.is_contiguous(), "matmul: contiguous inputs");
+  if (bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x.scalar_type() &&
+                    bias->is_contiguous(), "matmul: bias [N] of x's dtype");
   const int64_t M = x.size(0), K = x.size(1);
   auto out = torch::empty({M, N}, x.options());
   dispatch(x, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using D = std::conditional_t<std::is_same_v<T, float>, F32, BF16>;
-    const std::vector<int64_t> shape = {(N + kBlock - 1) / kBlock, (K + D::kWidth - 1) / D::kWidth, kBlock, D::kWidth};
-    TORCH_CHECK(packed.sizes() == shape, "gemv: the weight is not packed for [N, K] = [", N, ", ", K, "]");
-    run<D>(ptr<T>(x), ptr<T>(packed), ptr<T>(out), M, K, N);
+    const std::vector<int64_t> shape = {(N + kColumns - 1) / kColumns, (K + D::kStep - 1) / D::kStep, kColumns,
+                                        D::kStep};
+    TORCH_CHECK(packed.sizes() == shape, "matmul: the weight is not packed for [N, K] = [", N, ", ", K, "]");
+    matmul_impl<D>(ptr<T>(x), ptr<T>(packed), bias ? ptr<T>(*bias) : nullptr, ptr<T>(out), M, K, N);
   });
   return out;
 }
@@ -220,8 +257,6 @@ torch::Tensor silu_mul(torch::Tensor x) {
 // mask. The same arithmetic for every token whatever the batch, so a token's output does not depend on what else
 // is in the step. fp32 inside; bf16 is rounded once on the way out.
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
 inline void from_float(float* p, float v) { *p = v; }
 inline void from_float(uint16_t* p, float v) { *p = c10::BFloat16(v).x; }
 
@@ -342,7 +377,8 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv, "few-row matrix-vector product x @ w.T, w packed by kernels.pack_gemv");
+  m.def("matmul", &matmul, "x @ w.T (+ bias) for any rows, w packed by kernels.pack", py::arg("x"), py::arg("packed"),
+        py::arg("N"), py::arg("bias") = py::none());
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, computed in fp32");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of each row [gate | up]");
   m.def("attend", &attend, "RoPE, cache writes and causal attention of a flat ragged batch");

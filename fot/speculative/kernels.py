@@ -1,8 +1,8 @@
-"""CPU decoding kernels (`kernels.cpp`), compiled once into the project cache on first use.
+"""CPU kernels (`kernels.cpp`), compiled once into the project cache on first use.
 
-A decoding step at small batch is a chain of matrix-vector products and small row-wise ops. oneDNN's packed
-matmul streams a layer's weights well below this machine's read rate when it has one row to multiply; `gemv`
-reads a blocked copy of the weight (`pack_gemv`) strictly in order, once for all (up to `MAX_ROWS`) input rows.
+A decoding or verification step is a chain of matmuls over a few rows and small row-wise ops. `matmul` reads each
+weight once in its own blocked layout (`pack`), which is then the model's only copy of that weight, and applies
+it to all rows of the step; a row's result does not depend on how many rows share the step (batch invariance).
 `rms_norm` does in one pass what F.rms_norm does in ~6 ops, `silu_mul` SwiGLU's chunk, silu and product in one;
 `attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops.
 They need AVX-512 (F, BW, VL and BF16); elsewhere, or when the build fails, `load()` returns None and the
@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 4  # kernels.cpp's kMaxRows
-BLOCK = 4  # kernels.cpp's kBlock: weight rows per block of `pack_gemv`'s layout
+COLUMNS = 64  # kernels.cpp's kColumns: output columns (weight rows) per block of `pack`'s layout
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 
@@ -36,20 +35,37 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def pack_gemv(w: torch.Tensor) -> torch.Tensor:
-    """The layout `gemv` reads a weight [N, K] in: [N/4, K/width, 4, width] (width: one 512-bit vector, 16 fp32 or
-    32 bf16 values), zero-padded to whole blocks, so that the kernel's reads run straight through memory."""
+def step(dtype: torch.dtype) -> int:
+    """How many k one step of the packed layout covers: a pair in bf16 (AVX512-BF16 multiplies pairs), one in fp32."""
+    return 2 if dtype == torch.bfloat16 else 1
+
+
+def packed_shape(n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """The shape `pack` gives a weight [n, k]: [ceil(n / 64), ceil(k / step), 64, step]."""
+    s = step(dtype)
+    return -(-n // COLUMNS), -(-k // s), COLUMNS, s
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """The layout `matmul` reads a weight [N, K] in (see `packed_shape`), zero-padded to whole blocks: block b,
+    step s holds the 64 columns b*64.. side by side, each with its `step` consecutive k values. Packing rows
+    [64 i, 64 j) of a weight gives blocks [i, j) of its packed form, so a weight can be packed piece by piece."""
     n, k = w.shape
-    width = 64 // w.element_size()
-    nb, kc = -(-n // BLOCK), -(-k // width)
-    padded = torch.nn.functional.pad(w.detach(), (0, kc * width - k, 0, nb * BLOCK - n))
-    return padded.view(nb, BLOCK, kc, width).transpose(1, 2).contiguous()
+    nb, steps, cols, s = packed_shape(n, k, w.dtype)
+    padded = torch.nn.functional.pad(w.detach(), (0, steps * s - k, 0, nb * cols - n))
+    return padded.view(nb, cols, steps, s).transpose(1, 2).contiguous()
+
+
+def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `rows` of the weight [N, k] that `packed` holds, [len(rows), k]: an embedding lookup, or a sub-matrix."""
+    picked = packed[rows // COLUMNS, :, rows % COLUMNS]  # [len(rows), steps, step]
+    return picked.reshape(len(rows), -1)[:, :k]
 
 
 @lru_cache(maxsize=1)
 def load():
-    """The compiled module (`gemv(x, pack_gemv(w), N)`, `rms_norm(x, w, eps)`, `silu_mul(x)`, `attend(...)`), or
-    None where it cannot run here."""
+    """The compiled module (`matmul(x, pack(w), N, bias)`, `rms_norm(x, w, eps)`, `silu_mul(x)`, `attend(...)`),
+    or None where it cannot run here."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
     from torch.utils.cpp_extension import load as build

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from fot.errors import ModelError
 from fot.speculative import kernels
 from fot.speculative.cache import KVCache, Step
+from fot.speculative.weights import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -103,42 +103,67 @@ def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can run on a oneDNN-prepacked copy of its weight: on CPU about 2x faster than eager for
-    more than one row, with no compilation (torch.compile of the whole model took minutes per shape here). With
-    `gemv` set, inputs of at most `kernels.MAX_ROWS` rows (decoding at small batch) go to our streaming kernel,
-    which reads its own blocked copy of the weight."""
+    """nn.Linear that runs on one packed copy of its weight once packed. Where this CPU runs our kernels, that copy
+    is `kernels.pack`'s layout, read by `kernels.matmul` for any number of rows: the plain weight is then dropped
+    (a meta tensor keeps its shape and dtype; `rows` reads it back). Elsewhere it is oneDNN's prepacked copy (on
+    CPU about 2x faster than eager for more than one row, with no compilation), beside the plain weight."""
 
-    packed: Tensor | None = None
-    gemv = None
-    gemv_weight: Tensor | None = None
+    blocked: Tensor | None = None  # `kernels.pack(weight)`, the only copy, read by `matmul`
+    matmul = None
+    packed: Tensor | None = None  # oneDNN's copy, where the kernels do not run
 
-    def pack(self, gemv=None) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)  # 16: a row-count hint only
-        self.gemv = gemv
-        self.gemv_weight = kernels.pack_gemv(self.weight) if gemv is not None else None
+    def pack(self, matmul=None) -> None:
+        """Switch to packed weights: `matmul` (the kernel) where given, else oneDNN. Packing twice is a no-op."""
+        if self.blocked is not None or self.packed is not None:
+            return
+        if matmul is not None:
+            self.use_blocked(kernels.pack(self.weight), matmul)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)  # 16: a row-count hint only
+
+    def use_blocked(self, blocked: Tensor, matmul) -> None:
+        """Make `blocked` (`kernels.pack`'s layout of this weight) the weight's only copy."""
+        self.blocked, self.matmul = blocked, matmul
+        self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=blocked.dtype, device="meta"), False)
+
+    def rows(self, index: Tensor | None = None) -> Tensor:
+        """The plain weight's rows `index` (all of them when None), from whichever copy this layer holds."""
+        if self.blocked is None:
+            return self.weight if index is None else self.weight.index_select(0, index)
+        index = torch.arange(self.out_features) if index is None else index
+        return kernels.unpack_rows(self.blocked, index, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gemv is not None and x.shape[0] <= kernels.MAX_ROWS:
-            y = self.gemv(x.contiguous(), self.gemv_weight, self.out_features)
-            return y if self.bias is None else y + self.bias
+        if self.matmul is not None and x.dim() == 2 and not x.requires_grad:
+            return self.matmul(x.contiguous(), self.blocked, self.out_features, self.bias)
+        if self.blocked is not None:
+            return F.linear(x, self.rows(), self.bias)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def pack_linears(module: nn.Module, gemv: bool = True) -> None:
-    """Run every `Linear` of `module` on oneDNN's packed weights (CPU, fp32 or bf16 where oneDNN supports it;
-    elsewhere a no-op), and, where this CPU runs our kernels (and `gemv`), few-row inputs on `kernels.gemv`,
-    every `RMSNorm` on `kernels.rms_norm`, SwiGLU's gate on `kernels.silu_mul` and attention on `kernels.attend`.
-    The unpacked weights stay for the embedding lookup and training: oneDNN's copy is a second one, the GEMV
-    kernel's blocked copy a third."""
-    weight = next(module.parameters())
+def kernels_for(weight: Tensor, use_kernels: bool = True):
+    """The compiled kernels where they run on `weight`'s device and dtype (and `use_kernels`), else None."""
+    if not use_kernels or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return kernels.load()
+
+
+def pack_linears(module: nn.Module, use_kernels: bool = True) -> None:
+    """Run every `Linear` of `module` on one packed copy of its weight (CPU only; elsewhere a no-op): our
+    `kernels.matmul` where this CPU runs our kernels (and `use_kernels`), with every `RMSNorm` on
+    `kernels.rms_norm`, SwiGLU's gate on `kernels.silu_mul` and attention on `kernels.attend`; oneDNN's packed
+    matmul otherwise (fp32, or bf16 where oneDNN supports it)."""
+    weight = next((p for p in module.parameters() if not p.is_meta), None)
+    if weight is None:  # every weight already lives in a packed copy
+        return
     supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
     if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
-        built = kernels.load() if gemv and weight.dtype in (torch.float32, torch.bfloat16) else None
+        built = kernels_for(weight, use_kernels)
         for m in module.modules():
             if isinstance(m, Linear):
-                m.pack(built.gemv if built else None)
+                m.pack(built.matmul if built else None)
             elif isinstance(m, RMSNorm) and built:
                 m.kernel = built.rms_norm
             elif isinstance(m, FeedForward) and built:
@@ -161,6 +186,9 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+ATTEND_MAX_NEW = 16  # steps with at most this many new tokens per sample take `kernels.attend`
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE in the rotate-half layout of transformers' checkpoints; x: [T, heads, head_dim], cos/sin: [T, 1, d]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -168,9 +196,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    # `kernels.attend` once packed: RoPE, the cache writes and attention in one call, for steps of one new token per
-    # sample (decoding; measured 1.2-1.5x faster there); with several per sample (prefill, verification) SDPA is
-    # faster (its tiled kernel: 2.2 vs 3.9 ms for 16 samples x 4 tokens at 500 cached tokens)
+    # `kernels.attend` once packed: RoPE, the cache writes and attention in one call, for steps of at most
+    # `ATTEND_MAX_NEW` new tokens per sample (decoding and verification), where it is faster than SDPA and rounds
+    # every token alike whatever else the step holds; SDPA's tiled kernel takes prefills
     kernel = None
 
     def __init__(self, args: ModelArgs):
@@ -184,7 +212,12 @@ class Attention(nn.Module):
         """rope: the model's fp32 cos and sin tables over all positions; k_cache/v_cache: this layer's cache."""
         T = x.shape[0]
         qkv = self.wqkv(x)
-        if self.kernel is not None and step.one_per_sample and not step.padded and not qkv.requires_grad:
+        if (
+            self.kernel is not None
+            and step.new_per_sample <= ATTEND_MAX_NEW
+            and not step.padded
+            and not qkv.requires_grad
+        ):
             heads = (self.n_heads, self.n_kv_heads)
             return self.wo(self.kernel(qkv, *rope, step.pos, step.slot, step.index, k_cache, v_cache, *heads))
         qkv = qkv.view(T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
@@ -254,20 +287,34 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def pack_weights(self, gemv: bool = True) -> Transformer:
-        """Switch every matmul to oneDNN's packed weights, and few-row ones to our GEMV kernel (see `pack_linears`)."""
-        pack_linears(self, gemv)
+    def pack_weights(self, use_kernels: bool = True) -> Transformer:
+        """Switch every matmul to one packed copy of its weight (see `pack_linears`). A tied embedding then reads
+        the head's packed copy, so that the two stay one tensor."""
+        pack_linears(self, use_kernels)
+        if self.args.tie_embeddings and self.output.blocked is not None:
+            meta = torch.empty(self.tok_embeddings.weight.shape, dtype=self.dtype, device="meta")
+            self.tok_embeddings.weight = nn.Parameter(meta, requires_grad=False)
         return self
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.norm.weight.device
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held (each copy counted; a tied embedding and head once)."""
+        tensors = {id(p): p for p in self.parameters() if not p.is_meta}
+        for m in self.modules():
+            if isinstance(m, Linear):
+                tensors.update({id(t): t for t in (m.blocked, m.packed) if t is not None})
+        return sum(t.numel() * t.element_size() for t in tensors.values() if t.layout == torch.strided)
 
     def embed(self, tokens: Tensor) -> Tensor:
+        if self.tok_embeddings.weight.is_meta:  # tied, and held by the head's packed copy
+            return self.output.rows(tokens)
         return self.tok_embeddings(tokens)
 
     @property
@@ -297,53 +344,91 @@ class Transformer(nn.Module):
         return self.logits(h)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> Transformer:
-        """Load a transformers Llama/Qwen2 checkpoint (safetensors), fusing q/k/v and gate/up into one matmul each."""
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype = torch.float32, *, pack: bool = False
+    ) -> Transformer:
+        """Load a transformers Llama/Qwen2 checkpoint (safetensors) in `dtype`, fusing q/k/v and gate/up into one
+        matmul each. Weights are read a few MB at a time and cast at once, so loading holds no second copy. With
+        `pack` (CPU), each matmul weight is written straight into its packed layout (see `pack_weights`)."""
         folder = Path(folder)
         args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
         with torch.device("meta"):
             model = cls(args)
-        state = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    state[name] = f.get_tensor(name)
-        model.load_state_dict(hf_to_native(state, args), assign=True, strict=True)
-        if args.tie_embeddings:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"{folder}: no *.safetensors weight files")
+        built = kernels_for(torch.empty(0, dtype=dtype), pack)
+        linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)}
+        state: dict[str, Tensor] = {}
+        with Checkpoint(files) as ckpt:
+            for name, sources in checkpoint_names(args).items():
+                if built is not None and name in linears:
+                    layer = linears[name]
+                    layer.use_blocked(read_packed(ckpt, sources, dtype), built.matmul)
+                    state[name] = layer.weight
+                elif name == "tok_embeddings.weight" and built is not None and args.tie_embeddings:
+                    state[name] = torch.empty(ckpt.shape(sources[0]), dtype=dtype, device="meta")  # the head's
+                elif name == "output.weight" and built is None and args.tie_embeddings:
+                    continue  # the embedding's own tensor, tied below
+                else:
+                    state[name] = torch.cat([ckpt.read(src, dtype) for src in sources])
+        if args.tie_embeddings and built is None:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, assign=True, strict=True)
+        if args.tie_embeddings and built is None:
             model.output.weight = model.tok_embeddings.weight
-        model = model.to(dtype).eval().requires_grad_(False)
+        model = model.eval().requires_grad_(False)
         model.cos, model.sin = rope_tables(args)  # fp32; buffers built on the meta device hold no values
-        return model
+        return model.pack_weights() if built is not None else model
 
 
-def hf_to_native(state: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
-    """Rename transformers' weights to ours; fuse q/k/v and gate/up."""
-    out: dict[str, Tensor] = {}
-    try:
-        out["tok_embeddings.weight"] = state["model.embed_tokens.weight"]
-        out["norm.weight"] = state["model.norm.weight"]
-        out["output.weight"] = state["model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"]
-        for i in range(args.n_layers):
-            p, o = f"model.layers.{i}.", f"layers.{i}."
-            att = p + "self_attn."
-            out[o + "attention.wqkv.weight"] = torch.cat([state[att + f"{x}_proj.weight"] for x in "qkv"])
-            if args.attention_bias:
-                out[o + "attention.wqkv.bias"] = torch.cat([state[att + f"{x}_proj.bias"] for x in "qkv"])
-            out[o + "attention.wo.weight"] = state[att + "o_proj.weight"]
-            if args.o_bias:
-                out[o + "attention.wo.bias"] = state[att + "o_proj.bias"]
-            mlp = p + "mlp."
-            out[o + "feed_forward.w13.weight"] = torch.cat(
-                [state[mlp + "gate_proj.weight"], state[mlp + "up_proj.weight"]]
-            )
-            out[o + "feed_forward.w2.weight"] = state[mlp + "down_proj.weight"]
-            if args.mlp_bias:
-                out[o + "feed_forward.w13.bias"] = torch.cat(
-                    [state[mlp + "gate_proj.bias"], state[mlp + "up_proj.bias"]]
-                )
-                out[o + "feed_forward.w2.bias"] = state[mlp + "down_proj.bias"]
-            out[o + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
-            out[o + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
-    except KeyError as e:
-        raise ModelError(f"checkpoint is missing weight {e.args[0]}") from None
+def checkpoint_names(args: ModelArgs) -> dict[str, list[str]]:
+    """Each of our weights and the transformers weights it is made of, stacked along the first axis in order (q/k/v
+    and gate/up are fused)."""
+    out = {
+        "tok_embeddings.weight": ["model.embed_tokens.weight"],
+        "norm.weight": ["model.norm.weight"],
+        "output.weight": ["model.embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"],
+    }
+    for i in range(args.n_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        att, mlp = p + "self_attn.", p + "mlp."
+        out[o + "attention.wqkv.weight"] = [att + f"{x}_proj.weight" for x in "qkv"]
+        if args.attention_bias:
+            out[o + "attention.wqkv.bias"] = [att + f"{x}_proj.bias" for x in "qkv"]
+        out[o + "attention.wo.weight"] = [att + "o_proj.weight"]
+        if args.o_bias:
+            out[o + "attention.wo.bias"] = [att + "o_proj.bias"]
+        out[o + "feed_forward.w13.weight"] = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
+        out[o + "feed_forward.w2.weight"] = [mlp + "down_proj.weight"]
+        if args.mlp_bias:
+            out[o + "feed_forward.w13.bias"] = [mlp + "gate_proj.bias", mlp + "up_proj.bias"]
+            out[o + "feed_forward.w2.bias"] = [mlp + "down_proj.bias"]
+        out[o + "attention_norm.weight"] = [p + "input_layernorm.weight"]
+        out[o + "ffn_norm.weight"] = [p + "post_attention_layernorm.weight"]
+    return out
+
+
+def read_packed(ckpt: Checkpoint, sources: list[str], dtype: torch.dtype, chunk_bytes: int = 32 << 20) -> Tensor:
+    """The weight stacked from `sources` (each [rows, K]), in `kernels.pack`'s layout, packed a few blocks of rows
+    at a time straight from the file: the plain weight never exists whole."""
+    shapes = [ckpt.shape(src) for src in sources]
+    if len({s[1:] for s in shapes}) != 1 or len(shapes[0]) != 2:
+        raise ModelError(f"checkpoint weights {sources} cannot be stacked: shapes {shapes}")
+    n, k = sum(s[0] for s in shapes), shapes[0][1]
+    out = torch.empty(kernels.packed_shape(n, k, dtype), dtype=dtype)
+    step = max(1, chunk_bytes // (4 * k * kernels.COLUMNS)) * kernels.COLUMNS  # rows per piece, whole blocks
+    starts = [0]
+    for s in shapes:
+        starts.append(starts[-1] + s[0])
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        pieces = [
+            ckpt.read(src, dtype, max(r0, lo) - lo, min(r1, hi) - lo)
+            for src, lo, hi in zip(sources, starts, starts[1:], strict=False)
+            if lo < r1 and hi > r0
+        ]
+        block = r0 // kernels.COLUMNS
+        packed = kernels.pack(torch.cat(pieces))
+        out[block : block + packed.shape[0]] = packed
     return out
