@@ -112,6 +112,14 @@ def run_name(args: argparse.Namespace) -> str:
     for key, default in (("device", "cpu"), ("dtype", "auto")):  # named only when set, so older runs keep their names
         if getattr(args, key) != default:
             settings[key] = getattr(args, key)
+    if args.device == "cpu" and args.backend == "native":  # named by what it resolves to, as runs were before
+        import torch
+
+        from fot.speculative.engine import resolve_dtype
+
+        settings.pop("dtype", None)  # fp32: the "auto" of earlier runs
+        if resolve_dtype(args.dtype, "cpu") == torch.bfloat16:
+            settings["dtype"] = "fast"  # the name the committed bf16 runs have
     if args.benchmark == "arithmetic":
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]

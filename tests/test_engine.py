@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from fot.config import SamplingParams
 from fot.errors import InvalidRequestError
+from fot.speculative import kernels
 from fot.speculative.engine import Engine, cpu_has_fast_bf16, resolve_dtype
 
 PROMPTS = [
@@ -54,10 +55,10 @@ def test_bf16_engine_generates(tiny_llama_dir):
     assert sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp32, bf16, strict=True)) >= 3
 
 
-def test_dtype_auto_is_exact_on_cpu_and_fast_follows_the_hardware():
-    """auto: fp32 on CPU (the model itself; speculative output is exact only there), bf16 on an accelerator;
-    fast: bf16 also on a CPU with native bf16 instructions."""
-    assert resolve_dtype("auto", "cpu") == torch.float32
+def test_dtype_auto_is_bf16_where_it_is_exact_and_fast_follows_the_hardware():
+    """auto: bf16 on a CPU where our kernels run (speculative output is exact there in bf16 too) and on an
+    accelerator, fp32 on other CPUs; fast: bf16 on any CPU with native bf16 instructions."""
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if kernels.load() is not None else torch.float32)
     assert resolve_dtype("auto", "cuda") == resolve_dtype("fast", "cuda") == torch.bfloat16
     assert resolve_dtype("fast", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(torch.float32, "cuda") == torch.float32

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from evals.data import (
     DataError,
@@ -24,6 +25,7 @@ from evals.report import PLOTS, summarise, wilson, write_report
 from evals.runner import Record, arun, options, read_records, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
+from fot.speculative.engine import cpu_has_fast_bf16, resolve_dtype
 from fot.tasks import MathTask
 from fot.tasks.game24 import check_expression, parse_numbers
 
@@ -212,13 +214,17 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
 
 
-def test_runs_on_another_device_or_dtype_are_named_apart() -> None:
-    """--device and --dtype name a run only when set, so the files of runs made before them keep their names."""
-    cpu = run_name(options("arithmetic"))  # the name this run had before --device existed
-    assert (
-        len({cpu, run_name(options("arithmetic", device="cuda")), run_name(options("arithmetic", dtype="fast"))}) == 3
-    )
-    assert cpu == "fot-t4-default-native-prompt_lookup-s0-a690c226"
+def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
+    """A native CPU run is named by the dtype it resolves to: fp32 keeps the name runs had before --dtype existed,
+    bf16 ("auto" where the kernels run, "fast", "bfloat16") the name of the committed bf16 runs; another device is
+    named apart."""
+    fp32 = run_name(options("arithmetic", dtype="float32"))
+    assert fp32 == "fot-t4-default-native-prompt_lookup-s0-a690c226"
+    bf16 = run_name(options("arithmetic", dtype="bfloat16"))
+    assert bf16 != fp32
+    assert run_name(options("arithmetic", dtype="fast")) == (bf16 if cpu_has_fast_bf16() else fp32)
+    assert run_name(options("arithmetic")) == (bf16 if resolve_dtype("auto", "cpu") == torch.bfloat16 else fp32)
+    assert run_name(options("arithmetic", device="cuda")) not in (bf16, fp32)
 
 
 def test_a_foreign_line_in_a_results_file_is_an_error(tmp_path: Path) -> None:

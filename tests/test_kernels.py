@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fot.speculative import kernels
 from fot.speculative.cache import KVCache, Step
-from fot.speculative.model import ATTEND_MAX_NEW, Attention, FeedForward, Linear, ModelArgs, Transformer, rope_tables
+from fot.speculative.model import Attention, FeedForward, Linear, ModelArgs, Transformer, rope_tables
 
 built = kernels.load()
 
@@ -254,7 +254,7 @@ def test_attend_rejects_what_it_cannot_do():
 def test_packed_model_routes_to_the_kernels(tiny_llama_dir):
     """After packing, a Linear holds one copy of its weight (the kernel's layout; the plain weight is gone) and sends
     any number of rows to the kernel, agreeing with F.linear; the MLP's SwiGLU kernel agrees with PyTorch's ops.
-    Attention takes the fused kernel for steps of up to ATTEND_MAX_NEW new tokens per sample, SDPA for longer."""
+    Attention takes the fused kernel for every unpadded step, prefills included."""
     model = Transformer.from_pretrained(tiny_llama_dir)
     plain = {name: m.weight.clone() for name, m in model.named_modules() if isinstance(m, Linear)}
     ffn = model.layers[0].feed_forward
@@ -277,11 +277,11 @@ def test_packed_model_routes_to_the_kernels(tiny_llama_dir):
     if attention.kernel is not None:
         attention.kernel = lambda *a, kernel=attention.kernel: calls.append(a[0].shape[0]) or kernel(*a)
     cache = KVCache(1, 4, model.args.n_kv_heads, 64, model.args.head_dim)
-    for counts in ([1, 1, 1], [2, 1, 1], [ATTEND_MAX_NEW + 1], [1]):
+    for counts in ([1, 1, 1], [2, 1, 1], [20], [1]):
         step = cache.plan(list(range(len(counts))), counts)
         model.run_layers(torch.randn(sum(counts), model.args.dim), step, cache, 0, 1)
         cache.advance(list(range(len(counts))), counts)
-    assert calls == ([3, 4, 1] if kernels_here() else [])
+    assert calls == ([3, 4, 20, 1] if kernels_here() else [])
 
 
 def test_loading_packed_reads_weights_straight_into_the_kernel_layout(tiny_model_dir, tiny_llama_dir):

@@ -213,11 +213,6 @@ class Step:
         return self.valid is not None
 
     @property
-    def new_per_sample(self) -> int:
-        """The most new tokens any sample adds (1: a decoding step without drafts)."""
-        return self.qindex.shape[1]
-
-    @property
     def mask(self) -> Tensor:
         """[rows, 1, n, kv_len] bool: query (row, i) may attend key j."""
         if "mask" not in self.memo:

@@ -151,14 +151,16 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """dtype "auto": fp32 on CPU, bf16 on an accelerator. The embedded checkpoints are fp32 de-quantizations of
-    their GGUF, so fp32 is the model itself, and only in fp32 is greedy speculative output token for token plain
-    output: in bf16 a forward over several tokens rounds differently from a one-token forward, so the two can part
-    at near-ties. "fast": bf16 wherever it is fast (an accelerator, or a CPU with AVX512-BF16/AMX)."""
+    """dtype "auto": bf16 on an accelerator, and on a CPU where our kernels run (AVX512-BF16): there every decoding
+    and verification op is batch-invariant, so greedy speculative output is plain output token for token in bf16
+    too, at half the weight bytes of fp32. Elsewhere on CPU fp32, the only dtype in which oneDNN's and SDPA's
+    rounding cannot part a verification forward from a one-token forward. "fast": bf16 wherever bf16 is fast
+    (an accelerator, or a CPU with AVX512-BF16/AMX), kernels or not. The embedded checkpoints are fp32
+    de-quantizations of their GGUF: "float32" runs them exactly as they are."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device != "cpu" else torch.float32
+        return torch.bfloat16 if device != "cpu" or kernels.load() is not None else torch.float32
     if dtype == "fast":
         return torch.bfloat16 if device != "cpu" or cpu_has_fast_bf16() else torch.float32
     named = {

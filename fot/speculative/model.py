@@ -186,9 +186,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-ATTEND_MAX_NEW = 16  # steps with at most this many new tokens per sample take `kernels.attend`
-
-
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE in the rotate-half layout of transformers' checkpoints; x: [T, heads, head_dim], cos/sin: [T, 1, d]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -196,9 +193,9 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    # `kernels.attend` once packed: RoPE, the cache writes and attention in one call, for steps of at most
-    # `ATTEND_MAX_NEW` new tokens per sample (decoding and verification), where it is faster than SDPA and rounds
-    # every token alike whatever else the step holds; SDPA's tiled kernel takes prefills
+    # `kernels.attend` once packed: RoPE, the cache writes and attention in one call for every unpadded step. It
+    # rounds each token alike whatever else the step holds, prefills included, so that greedy output does not
+    # depend on which requests were admitted together; SDPA (the padded baseline, training, other devices) does not
     kernel = None
 
     def __init__(self, args: ModelArgs):
@@ -212,12 +209,7 @@ class Attention(nn.Module):
         """rope: the model's fp32 cos and sin tables over all positions; k_cache/v_cache: this layer's cache."""
         T = x.shape[0]
         qkv = self.wqkv(x)
-        if (
-            self.kernel is not None
-            and step.new_per_sample <= ATTEND_MAX_NEW
-            and not step.padded
-            and not qkv.requires_grad
-        ):
+        if self.kernel is not None and not step.padded and not qkv.requires_grad:
             heads = (self.n_heads, self.n_kv_heads)
             return self.wo(self.kernel(qkv, *rope, step.pos, step.slot, step.index, k_cache, v_cache, *heads))
         qkv = qkv.view(T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
