@@ -34,6 +34,17 @@ def chat_prompts(batch: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
 
 
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """--model, --dtype and --device, as every engine benchmark takes them."""
+    ap.add_argument("--model", default="default")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bf16 where our CPU kernels run, exact there; else fp32), float32, fast or bfloat16",
+    )
+    ap.add_argument("--device", default="cpu", help="torch device (cuda: pass --dtype float32 for exact output)")
+
+
 def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
     """Bytes per second of a plain streaming read (a sum over a large fp32 tensor), best of `repeats`."""
     x = torch.ones(int(gib * 2**30) // 4)

@@ -17,6 +17,7 @@ import json
 import random
 
 import torch
+from decode import add_model_options
 from ems_sd import refine_prompt, time_hf_b1, timed
 from transformers import AutoModelForCausalLM
 
@@ -31,9 +32,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one)")
     ap.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the adapter's)")
     ap.add_argument("--steps", type=int, default=6, help="max draft tokens per step")
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--dtype", default="auto", help="auto (fp32 on CPU: exact), fast or bfloat16 (faster, not exact)")
-    ap.add_argument("--device", default="cpu", help="torch device (cuda: pass --dtype float32 for exact output)")
+    add_model_options(ap)
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 96)
     batches = (1, 4) if args.quick else (1, 4, 16)

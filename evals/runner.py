@@ -277,7 +277,11 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")
     p.add_argument("--device", default="cpu", help="native backend: the torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", default="auto", help="native backend: auto (fp32 on CPU), fast (bf16 where fast), ...")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="native backend: auto (bf16 where our CPU kernels run, else fp32), fast, float32, bfloat16",
+    )
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
     p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
     p.add_argument("--n", type=int, default=100, help="arithmetic: problems generated")

@@ -31,7 +31,7 @@ class NativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "default"
-    dtype: str = "auto"  # fp32 on CPU (exact), bf16 on a GPU; "fast": bf16 also on CPUs with AVX512-BF16/AMX
+    dtype: str = "auto"  # bf16 where our CPU kernels run (greedy drafts exact) and on a GPU, else fp32
     device: str = "cpu"  # any torch device: "cuda" runs the same engine on a GPU
     speculative: SpeculativeConfig | str | None = "prompt_lookup"
     max_batch: int = Field(32, ge=1)

@@ -30,7 +30,8 @@ from fot.models import cache_dir, resolve_model
 class VLLMConfig(BaseModel):
     """Options of the in-process vLLM backend. `kv_cache_gib` sizes vLLM's CPU KV cache (its default, ~11 GiB
     here, slows start-up); `enforce_eager` skips ~30 s of graph compilation on CPU. `dtype` means what it means
-    in the native engine: "auto" is float32 on CPU, "fast" bfloat16 on a CPU with native bf16."""
+    in the native engine: "auto" is bfloat16 on a CPU where our kernels run (AVX512-BF16), else float32;
+    "fast" bfloat16 on a CPU with native bf16."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

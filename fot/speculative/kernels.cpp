@@ -8,7 +8,8 @@
 // over k in order. So a row's result never depends on how many rows share the call (batch invariance): a
 // verification over several tokens rounds exactly as decoding one token at a time does. Up to 6 rows share each
 // weight load from registers; more rows re-read the block from cache in segments of 256 steps (64 KB), their
-// partial sums kept exactly in fp32 between segments. Blocks are split over the ATen thread pool.
+// partial sums kept exactly in fp32 between segments, and each pass prefetches its share of the next segment so
+// that memory keeps streaming while the other passes compute. Blocks are split over the ATen thread pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
