@@ -11,3 +11,7 @@ class InvalidRequestError(FotError, ValueError):
 
 class ModelError(FotError, ValueError):
     """A model name or folder that cannot be resolved, converted or loaded."""
+
+
+class KernelBuildError(FotError, RuntimeError):
+    """The CPU kernels could not be built: another build holds their lock past the timeout."""

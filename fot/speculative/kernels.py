@@ -11,14 +11,22 @@ model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
+import json
 import os
+import stat
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from fot.errors import KernelBuildError
 
 COLUMNS = 64  # kernels.cpp's kColumns: output columns (weight rows) per block of `pack`'s layout
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
@@ -62,31 +70,95 @@ def unpack_rows(packed: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tenso
     return picked.reshape(len(rows), -1)[:, :k]
 
 
+BUILD_TIMEOUT_S = 900  # how long a process waits for another one's build of the kernels
+
+
+@contextmanager
+def build_lock(folder: Path, timeout_s: float = BUILD_TIMEOUT_S):
+    """Hold the build lock of `folder`: an flock, which the kernel drops when its holder dies, so a killed build
+    never blocks later processes. Torch's own lock file inside the folder can only be a dead build's while this
+    is held, and is removed. Waiting past `timeout_s` for a live holder is an error that names the file."""
+    path = folder / ".fot-build.lock"
+    with open(path, "a") as f:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KernelBuildError(
+                        f"another process has held {path} for over {timeout_s:.0f} s while building the CPU "
+                        "kernels; if none is running, remove the file"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            (folder / "lock").unlink(missing_ok=True)  # torch's FileBaton, left by a build that was killed
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def import_built(folder: Path, source_digest: str):
+    """The module built in `folder` from the source with `source_digest`, imported without any lock, or None when
+    the folder holds no build that its manifest vouches for (built from this source, the .so unchanged since)."""
+    so, manifest = folder / "fot_kernels.so", folder / "build.json"
+    try:
+        recorded = json.loads(manifest.read_text())
+        if recorded != {"source_sha256": source_digest, "so_sha256": sha256(so)}:
+            return None
+    except (OSError, ValueError):
+        return None
+    spec = importlib.util.spec_from_file_location("fot_kernels", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @lru_cache(maxsize=1)
 def load():
     """The compiled module (`matmul(x, pack(w), N, bias)`, `rms_norm(x, w, eps)`, `silu_mul(x)`, `attend(...)`),
-    or None where it cannot run here."""
+    or None where it cannot run here. A finished build is imported directly; a build happens under `build_lock`,
+    and records the hashes of its source and its .so, which every later import checks. A cache folder that others
+    may write to is refused: its .so would run as our code."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
-    from torch.utils.cpp_extension import load as build
-
     from fot.models import cache_dir
 
     source = Path(__file__).with_name("kernels.cpp")
+    digest = sha256(source)
     # one folder per torch and per source: a changed kernel, or another checkout's, never reuses or replaces a build
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not any(folder.glob("*.so")):
-        print(f"fot: compiling the CPU decoding kernels once into {folder} (~1 min)", file=sys.stderr)
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest[:12]}"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if folder.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.warn(f"fot: {folder} is writable by other users; not loading kernels from it", stacklevel=2)
+        return None
+    if (module := import_built(folder, digest)) is not None:
+        return module
+    from torch.utils.cpp_extension import load as build
+
     try:
-        return build(
-            name="fot_kernels",
-            sources=[str(source)],
-            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(folder),
-        )
+        with build_lock(folder):
+            if (module := import_built(folder, digest)) is not None:  # another process built it meanwhile
+                return module
+            if not (folder / "fot_kernels.so").exists():
+                print(f"fot: compiling the CPU decoding kernels once into {folder} (~1 min)", file=sys.stderr)
+            module = build(
+                name="fot_kernels",
+                sources=[str(source)],
+                extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(folder),
+            )
+            record = {"source_sha256": digest, "so_sha256": sha256(folder / "fot_kernels.so")}
+            (folder / "build.json").write_text(json.dumps(record))
+            return module
+    except KernelBuildError:
+        raise
     except Exception as e:  # no compiler, no ninja, ...: the engine still runs, on oneDNN only
         warnings.warn(f"fot: the CPU decoding kernels could not be built, using oneDNN only: {e}", stacklevel=2)
         return None

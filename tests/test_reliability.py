@@ -1,0 +1,104 @@
+"""Failures are never silent and nothing hangs: regression tests for the reliability issue's findings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fot.errors import KernelBuildError
+from fot.speculative import kernels
+
+LOAD = "from fot.speculative import kernels; m = kernels.load(); print('loaded' if m else 'none')"
+
+
+def built_folder() -> Path | None:
+    module = kernels.load()
+    return None if module is None else Path(module.__file__).parent
+
+
+def copy_build(tmp_path: Path) -> tuple[Path, Path] | None:
+    """The built kernels copied into a fresh project cache: (the cache, the build folder in it); None where this
+    CPU does not run them (and only there)."""
+    source = built_folder()
+    if source is None:
+        assert not kernels.NEEDED <= kernels.cpu_flags(), "the CPU has AVX512-BF16 but the kernels did not build"
+        return None
+    cache = tmp_path / "cache"
+    folder = cache / "kernels" / source.name
+    shutil.copytree(source, folder)
+    return cache, folder
+
+
+def load_in(cache: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FOT_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_stale_build_lock_does_not_hang_later_processes(tmp_path):
+    """A process killed while holding torch's build lock left `lock` behind, and every later process slept on it
+    forever. A finished build is now imported without any lock."""
+    if (copied := copy_build(tmp_path)) is None:
+        return
+    cache, folder = copied
+    (folder / "lock").write_text("")
+    done = load_in(cache, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]
+
+
+def test_the_build_lock_is_released_by_a_dead_holder_and_times_out_on_a_live_one(tmp_path):
+    folder = tmp_path / "build"
+    folder.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom fot.speculative import kernels\n"
+            "with kernels.build_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(KernelBuildError, match=r"\.fot-build\.lock"):
+            with kernels.build_lock(folder, timeout_s=0.5):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    (folder / "lock").write_text("")  # torch's lock file, as a killed build leaves it
+    t = time.monotonic()
+    with kernels.build_lock(folder, timeout_s=5):
+        assert not (folder / "lock").exists()
+    assert time.monotonic() - t < 2
+
+
+def test_a_changed_so_or_a_foreign_manifest_is_not_imported(tmp_path):
+    """The cached .so runs as our code: it is imported only if its manifest names this source and the .so's own
+    hash."""
+    if (copied := copy_build(tmp_path)) is None:
+        return
+    folder = copied[1]
+    digest = kernels.sha256(Path(kernels.__file__).with_name("kernels.cpp"))
+    assert kernels.import_built(folder, digest) is not None
+    assert kernels.import_built(folder, "0" * 64) is None  # built from another source
+    (folder / "fot_kernels.so").write_bytes((folder / "fot_kernels.so").read_bytes() + b"\0")
+    assert kernels.import_built(folder, digest) is None
+
+
+def test_a_cache_folder_writable_by_others_is_refused(tmp_path):
+    if (copied := copy_build(tmp_path)) is None:
+        return
+    cache, folder = copied
+    folder.chmod(0o777)
+    done = load_in(cache)
+    assert done.returncode == 0 and done.stdout.strip() == "none"
+    assert "writable by other users" in done.stderr
