@@ -102,3 +102,40 @@ def test_a_cache_folder_writable_by_others_is_refused(tmp_path):
     done = load_in(cache)
     assert done.returncode == 0 and done.stdout.strip() == "none"
     assert "writable by other users" in done.stderr
+
+
+class Planted:
+    """A pickle that, when unpickled by a full unpickler, creates a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_training_checkpoint_runs_no_code(tmp_path):
+    """Resuming adapter training read OUT/work/checkpoint.pt with a full unpickler: a planted file ran its code."""
+    import torch
+
+    from fot.errors import ModelError
+    from fot.speculative.kangaroo import load_checkpoint
+
+    marker, ckpt = tmp_path / "ran", tmp_path / "checkpoint.pt"
+    torch.save({"adapter": Planted(marker)}, ckpt)
+    with pytest.raises(ModelError, match="not a training checkpoint"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+    # what training itself saves still loads: the adapter, AdamW's and the schedule's states
+    layer = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    layer(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    state = {"adapter": layer.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+    torch.save({**state, "epoch": 3, "exit_layer": 2, "seed": 0}, ckpt)
+    loaded = load_checkpoint(ckpt)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["adapter"]["weight"], layer.weight)
+    opt.load_state_dict(loaded["opt"])
+    sched.load_state_dict(loaded["sched"])

@@ -126,6 +126,15 @@ class KangarooDrafter:
         return tokens.tolist(), conf.tolist()
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, read with torch's weights-only unpickler: tensors, numbers, strings and containers
+    only, so a file planted in the work folder cannot run code. Anything else is a `ModelError`."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path} is not a training checkpoint of ours (remove it to start over): {e}") from None
+
+
 # ---- saving and loading ------------------------------------------------------------------------------------------
 def model_fingerprint(model: Transformer) -> dict:
     """What an adapter must match: the base model's shapes and a checksum of its embedding, taken at bf16 precision
@@ -311,7 +320,7 @@ def train_adapter(
     )
     start_epoch, ckpt = 0, work / "checkpoint.pt"
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = load_checkpoint(ckpt)
         if state["exit_layer"] == exit_layer and state["seed"] == seed:
             adapter.load_state_dict(state["adapter"])
             opt.load_state_dict(state["opt"])
