@@ -283,6 +283,7 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
         help="native backend: auto (bf16 where our CPU kernels run, else fp32), fast, float32, bfloat16",
     )
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
+    p.add_argument("--timeout", type=float, help="openai: seconds for each request, retries included (default 900)")
     p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
     p.add_argument("--n", type=int, default=100, help="arithmetic: problems generated")
     p.add_argument("--levels", default="1,2,3,4", help="arithmetic: operations per problem")

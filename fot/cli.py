@@ -68,11 +68,17 @@ def cmd_train_adapter(args: argparse.Namespace) -> None:
 def make_cli_backend(args: argparse.Namespace):
     from fot.decoding import make_backend
 
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and timeout <= 0:
+        raise FotError(f"--timeout must be > 0 seconds, got {timeout}")
     if args.backend == "openai":
         if not args.base_url:
             raise FotError("--backend openai needs --base-url (one per endpoint)")
         model = None if args.model == "default" else args.model
-        return make_backend("openai", base_urls=args.base_url, model=model)
+        deadline = {"deadline": timeout} if timeout is not None else {}
+        return make_backend("openai", base_urls=args.base_url, model=model, **deadline)
+    if timeout is not None:
+        raise FotError("--timeout bounds the requests of the openai backend; the in-process backends have none")
     return make_backend(args.backend, model=args.model)
 
 
@@ -123,6 +129,7 @@ def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens
     p.add_argument("--backend", default="native", choices=["native", "vllm", "openai"])
     p.add_argument("--model", default="default", help="model name or folder (for openai: the served name)")
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
+    p.add_argument("--timeout", type=float, help="openai: seconds for each request, retries included (default 900)")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,139 @@ def test_a_planted_training_checkpoint_runs_no_code(tmp_path):
     assert loaded["epoch"] == 3 and torch.equal(loaded["adapter"]["weight"], layer.weight)
     opt.load_state_dict(loaded["opt"])
     sched.load_state_dict(loaded["sched"])
+
+
+# ---- a misbehaving OpenAI-compatible server on 127.0.0.1 ------------------------------------------------------------
+class Misbehaving:
+    """Serves /v1/models properly and answers completions with `answer` (bytes), or dribbles one byte a second."""
+
+    def __init__(self, answer: bytes | None):
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a) -> None:
+                pass
+
+            def send(self, data: bytes, dribble: bool = False) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data) if not dribble else 10**6))
+                self.end_headers()
+                if not dribble:
+                    self.wfile.write(data)
+                    return
+                while not outer.stop.is_set():
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    outer.stop.wait(1.0)
+
+            def do_GET(self) -> None:
+                self.send(json.dumps({"data": [{"id": "m", "max_model_len": 4096}]}).encode())
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.posts += 1
+                self.send(outer.answer or b"", dribble=outer.answer is None)
+
+        self.answer, self.posts, self.stop = answer, 0, threading.Event()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> Misbehaving:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def complete(url: str, **options):
+    from fot.decoding import Request, make_backend
+    from fot.decoding.base import run_sync
+
+    backend = make_backend("openai", base_urls=[url], backoff=0.01, **options)
+
+    async def go():
+        try:
+            return await backend.generate([Request.make("2 + 2 =", max_tokens=4)])
+        finally:
+            await backend.close()
+
+    return run_sync(go())[0]
+
+
+def test_a_server_that_dribbles_bytes_is_cut_off_at_the_deadline():
+    """httpx's timeout is per read: one byte a second kept a request open forever. The deadline ends it."""
+    with Misbehaving(None) as server:
+        t = time.monotonic()
+        done = complete(server.url, timeout=2, deadline=3, max_retries=1)
+        took = time.monotonic() - t
+    assert not done.ok and "deadline of 3 s" in done.error
+    assert took < 8
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {},
+        {"choices": []},
+        {"choices": "x"},
+        {"choices": [{"index": 0}]},
+        {"choices": [{"index": 0, "text": 5}]},
+        {"choices": [{"index": 0, "text": "4", "token_ids": ["a"]}]},
+        [1, 2],
+    ],
+)
+def test_an_answer_of_another_shape_fails_that_request_with_its_cause(answer):
+    """A 200 without choices, with wrong types or with none gave a raw KeyError / TypeError / IndexError that
+    ended the whole solve; now it is retried, then that one request's failure."""
+    with Misbehaving(json.dumps(answer).encode()) as server:
+        done = complete(server.url, max_retries=1)
+    assert not done.ok and "unexpected answer" in done.error and server.posts == 2
+
+
+def test_an_api_key_sent_in_clear_text_off_this_machine_is_warned_about(monkeypatch):
+    from fot.decoding.openai import is_private
+
+    assert is_private("http://127.0.0.1:8000/v1") and is_private("http://localhost/v1")
+    assert is_private("https://api.example.com/v1") and not is_private("http://10.1.2.3:8000/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with Misbehaving(json.dumps({"choices": [{"index": 0, "text": " 4"}]}).encode()) as server:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a local endpoint: no warning
+            assert complete(server.url).text == " 4"
+    from fot.decoding import make_backend
+
+    backend = make_backend("openai", base_urls=["http://192.0.2.1:8000/v1"])  # never contacted: _bind only
+
+    async def bind():
+        backend._bind()
+        await backend.client.aclose()
+
+    with pytest.warns(UserWarning, match="clear text to http://192.0.2.1"):
+        asyncio.run(bind())
+
+
+def test_timeout_option_is_checked_before_any_work():
+    import argparse
+
+    from fot.cli import make_cli_backend
+    from fot.errors import FotError
+
+    args = argparse.Namespace(backend="native", model="default", base_url=None, timeout=5.0)
+    with pytest.raises(FotError, match="openai backend"):
+        make_cli_backend(args)
+    with pytest.raises(FotError, match="> 0"):
+        make_cli_backend(argparse.Namespace(backend="openai", model="m", base_url=["http://x/v1"], timeout=0.0))
+    b = make_cli_backend(argparse.Namespace(backend="openai", model="m", base_url=["http://x/v1"], timeout=7.0))
+    assert b.config.deadline == 7.0

@@ -13,6 +13,7 @@ import asyncio
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 
 import httpx
@@ -27,7 +28,9 @@ RETRYABLE = {408, 429, 500, 502, 503, 504}
 
 class OpenAIConfig(BaseModel):
     """`base_urls` like "http://host:8000/v1". `model` None -> the one model the first endpoint serves. The API
-    key is read from the environment variable named by `api_key_env` (vLLM ignores it unless started with one)."""
+    key is read from the environment variable named by `api_key_env` (vLLM ignores it unless started with one).
+    Every request ends by `deadline` seconds, answered or failed: a server that sends a byte now and then never
+    trips the read `timeout`, but it does trip the deadline."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,7 +40,8 @@ class OpenAIConfig(BaseModel):
     rate_limit: int = Field(100, ge=1)  # requests per `period` seconds, per endpoint
     period: float = Field(1.0, gt=0)
     max_concurrency: int = Field(64, ge=1)  # requests in flight per endpoint
-    timeout: float = Field(300.0, gt=0)  # seconds for one HTTP request
+    timeout: float = Field(120.0, gt=0)  # seconds without a byte from the server (httpx's read timeout)
+    deadline: float = Field(900.0, gt=0)  # seconds for a whole request, retries and back-off included
     max_retries: int = Field(4, ge=0)
     backoff: float = Field(0.25, ge=0)  # first retry delay; doubles each retry, capped at 8 s
     down_for: float = Field(5.0, ge=0)
@@ -81,6 +85,9 @@ class OpenAIBackend(BaseBackend):
         self._loop = loop
         self.endpoints = [_Endpoint(u, c) for u in c.base_urls]
         key = os.environ.get(c.api_key_env, "")
+        exposed = [u for u in c.base_urls if key and not is_private(u)]
+        if exposed:
+            warnings.warn(f"fot: {c.api_key_env} is sent in clear text to {', '.join(exposed)}", stacklevel=3)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=c.timeout, limits=httpx.Limits(max_connections=None))
 
@@ -133,13 +140,20 @@ class OpenAIBackend(BaseBackend):
         return "/chat/completions", body | {"messages": request.prompt, "logprobs": p.logprobs}
 
     async def _one(self, request: Request) -> Completion:
+        try:
+            async with asyncio.timeout(self.config.deadline):
+                return await self._attempts(request)
+        except TimeoutError:
+            return Completion(error=f"no answer within the deadline of {self.config.deadline:g} s (retries included)")
+
+    async def _attempts(self, request: Request) -> Completion:
         path, body = self.body(request)
         tried: list[str] = []
         failed_on: set[_Endpoint] = set()
         for attempt in range(self.config.max_retries + 1):
             ep = self._pick(failed_on)
             try:
-                return _completion(await self._post(ep, path, body))
+                return _completion(await self._post(ep, path, body), request.params.n)
             except _Retry as e:
                 tried.append(f"{ep.url}: {e}")
                 failed_on.add(ep)
@@ -189,17 +203,32 @@ class OpenAIBackend(BaseBackend):
         self._loop = None
 
 
-def _completion(answer: dict) -> Completion:
-    outputs = []
-    for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-        lp = choice.get("logprobs")
-        if "message" in choice:
-            text = choice["message"].get("content") or ""
-            logprobs = [t["logprob"] for t in lp["content"]] if lp and lp.get("content") else None
-        else:
-            text = choice["text"]
-            logprobs = lp["token_logprobs"] if lp and lp.get("token_logprobs") else None
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        ids = choice.get("token_ids") or []
-        outputs.append(Output(text=text, token_ids=ids, finish_reason=finish, logprobs=logprobs))
-    return Completion(prompt_tokens=answer.get("usage", {}).get("prompt_tokens", 0), outputs=outputs)
+def is_private(url: str) -> bool:
+    """Whether a key sent to `url` stays private: https, or plain http to this machine."""
+    u = httpx.URL(url)
+    return u.scheme == "https" or u.host in ("localhost", "::1") or u.host.startswith("127.")
+
+
+def _completion(answer: dict, n: int) -> Completion:
+    """The server's answer as a Completion; an answer of another shape (no choices, wrong types, fewer choices than
+    asked for) is the server misbehaving: retried elsewhere, then this request's failure, with the cause."""
+    try:
+        outputs = []
+        for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+            lp = choice.get("logprobs")
+            if "message" in choice:
+                text = choice["message"].get("content") or ""
+                logprobs = [t["logprob"] for t in lp["content"]] if lp and lp.get("content") else None
+            else:
+                text = choice["text"]
+                logprobs = lp["token_logprobs"] if lp and lp.get("token_logprobs") else None
+            if not isinstance(text, str):
+                raise TypeError(f"text is {type(text).__name__}")
+            finish = "length" if choice.get("finish_reason") == "length" else "stop"
+            ids = choice.get("token_ids") or []
+            outputs.append(Output(text=text, token_ids=ids, finish_reason=finish, logprobs=logprobs))
+        if len(outputs) != n:
+            raise ValueError(f"{len(outputs)} choices for n={n}")
+        return Completion(prompt_tokens=(answer.get("usage") or {}).get("prompt_tokens", 0), outputs=outputs)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        raise _Retry(f"unexpected answer ({type(e).__name__}: {e}): {str(answer)[:200]}") from None
