@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fot.errors import KernelBuildError
 from fot.speculative import kernels
@@ -278,3 +280,66 @@ def test_timeout_option_is_checked_before_any_work():
         make_cli_backend(argparse.Namespace(backend="openai", model="m", base_url=["http://x/v1"], timeout=0.0))
     b = make_cli_backend(argparse.Namespace(backend="openai", model="m", base_url=["http://x/v1"], timeout=7.0))
     assert b.config.deadline == 7.0
+
+
+# ---- bounded work ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("answer", ["9^{9^{9}}", "100000000!", "2^{123456}", "(3!)!!", "7" * 5000])
+def test_equivalence_of_huge_answers_is_false_at_once(answer):
+    """These ran past 60 s inside voting and scoring (or raised a raw ValueError past 4300 digits)."""
+    from fot.tasks import get_task
+
+    t = time.monotonic()
+    assert get_task("math").equivalent(answer, "3") is False
+    assert get_task("math").equivalent(answer, answer) is True  # the same string is still the same answer
+    assert time.monotonic() - t < 2
+
+
+def test_a_comparison_past_the_bound_kills_the_worker_and_the_next_one_works(monkeypatch):
+    import fot.tasks.math as math_task
+
+    assert math_task._verifier("x^2+2x+1", "(x+1)^2") is True
+    monkeypatch.setattr(math_task, "VERIFY_TIMEOUT_S", 1e-6)
+    assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is False  # no verdict in time: not equivalent
+    assert math_task._verifier.proc is None  # the worker was killed
+    monkeypatch.setattr(math_task, "VERIFY_TIMEOUT_S", 5.0)
+    assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is True  # a new worker
+
+
+def huge_numbers() -> st.SearchStrategy[str]:
+    return st.builds(
+        lambda d, e, op: f"{d}{op}{e}",
+        st.text("0123456789", min_size=1, max_size=6000),
+        st.text("0123456789", max_size=8),
+        st.sampled_from(["", "^", "^{", "!", "/", ".", "e"]),
+    )
+
+
+NASTY = st.one_of(
+    st.text(max_size=300),  # any unicode, control characters and lone surrogates included
+    st.text(st.characters(codec=None, categories=["Cc", "Cs", "Zs", "Sm", "Nd", "Po"]), max_size=300),
+    huge_numbers(),
+    st.sampled_from(["\\boxed{", "\\boxed{\\boxed{}}", "The answer is", "#### ", "4 6 1 10", "1e999999", "-0/0"]),
+)
+
+
+@settings(max_examples=150, deadline=5000)
+@given(text=NASTY, other=NASTY)
+def test_answer_extraction_equivalence_and_puzzle_parsing_never_crash_or_hang(text, other):
+    """Every task's parser, extraction, equivalence and check on random text returns or raises the library's own
+    error, each within the test's deadline."""
+    from fot.errors import FotError
+    from fot.tasks import get_task
+
+    for name in ("math", "game24"):
+        task = get_task(name)
+        calls = [
+            (task.parse, text),
+            (task.extract, text),
+            (task.equivalent, text, other),
+            (task.equivalent, text, text),
+        ]
+        for fn, *args in [*calls, (task.check, other, text)]:
+            try:
+                fn(*args)
+            except FotError:
+                pass

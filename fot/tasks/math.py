@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import select
+import subprocess
+import sys
 import threading
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
+from fot.errors import FotError
 from fot.tasks.base import require_text
 
 # A number as models write it: thousands commas (only in groups of three), decimals, a simple fraction, a sign
@@ -27,7 +32,12 @@ _TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^
 _UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
 _NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times"}
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
-_MAX_VERIFY_CHARS = 500  # math-verify runs without a timeout (threads), so never hand it a pathological string
+_MAX_VERIFY_CHARS = 500  # longer answers are not handed to math-verify at all
+_MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Python refuses int() past 4300)
+VERIFY_TIMEOUT_S = 5.0  # seconds one math-verify comparison may take
+# What sympy would try to evaluate at any cost: a power in an exponent, a 4+-digit exponent, a factorial of a 3+-digit
+# number or of an expression, a double factorial.
+_HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?[^()]*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
 
 
 class _DropTimeoutWarning(logging.Filter):
@@ -144,6 +154,8 @@ def _phrase_answer(candidate: str) -> str | None:
 
 def to_fraction(s: str) -> Fraction | None:
     """The exact value of a canonical numeric answer ('0.5', '-3/4', '\\frac{1}{2}'), else None."""
+    if sum(c.isdigit() for c in s) > _MAX_DIGITS:
+        return None
     if _PLAIN_NUMBER.fullmatch(s):
         return Fraction(s.replace(",", ""))
     match = _FRACTION.fullmatch(s)
@@ -156,24 +168,69 @@ def to_fraction(s: str) -> Fraction | None:
     return None
 
 
-@lru_cache(maxsize=4096)
-def _mv_parse(s: str) -> tuple:
-    mv = _math_verify()
-    return tuple(mv.parse(f"${s}$", parsing_timeout=None))
-
-
-def _mv_equivalent(a: str, b: str) -> bool:
-    """math-verify's symbolic comparison, either way round; timeouts off since signals only work in the main thread."""
-    if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS:
-        return False
+def _mv_compare(a: str, b: str) -> bool:
+    """math-verify's symbolic comparison, either way round (in the verifier's worker process)."""
     try:
         mv = _math_verify()
-        pa, pb = list(_mv_parse(a)), list(_mv_parse(b))
+        pa, pb = mv.parse(f"${a}$", parsing_timeout=None), mv.parse(f"${b}$", parsing_timeout=None)
         if not pa or not pb:
             return False
         return bool(mv.verify(pa, pb, timeout_seconds=None) or mv.verify(pb, pa, timeout_seconds=None))
     except Exception:
         return False
+
+
+class _Verifier:
+    """math-verify in one worker process (`fot.tasks.verify_worker`), each comparison bounded by
+    `VERIFY_TIMEOUT_S`: sympy can work without end on some answers ('9^{9^{9}}'), its own timeouts need signals
+    (the main thread only), and a thread cannot be stopped. A comparison past the bound kills the worker (a new one
+    starts on the next call) and counts as not equivalent. A worker that cannot start is an error, not a verdict."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+
+    def _ask(self, a: str, b: str, timeout: float) -> bool | None:
+        """The worker's verdict, or None when it gave none within `timeout` seconds."""
+        self.proc.stdin.write(json.dumps([a, b]) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        return None if line not in ("0\n", "1\n") else line == "1\n"
+
+    def _stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def __call__(self, a: str, b: str) -> bool:
+        with self.lock:
+            try:
+                if self.proc is None or self.proc.poll() is not None:
+                    cmd = [sys.executable, "-m", "fot.tasks.verify_worker"]
+                    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    if self._ask("1", "1", 120) is not True:  # importing sympy takes seconds: not part of the bound
+                        self._stop()
+                        raise FotError("the math-verify worker (python -m fot.tasks.verify_worker) did not start")
+                verdict = self._ask(a, b, VERIFY_TIMEOUT_S)
+            except (OSError, ValueError):
+                verdict = None
+            if verdict is None:
+                self._stop()
+            return bool(verdict)
+
+
+_verifier = _Verifier()
+
+
+@lru_cache(maxsize=4096)
+def _mv_equivalent(a: str, b: str) -> bool:
+    """math-verify's verdict, for answers short enough and free of towers of powers and huge factorials (which
+    sympy would try to evaluate); anything else is not equivalent."""
+    if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS or _HUGE.search(a) or _HUGE.search(b):
+        return False
+    return _verifier(a, b)
 
 
 class MathTask:
