@@ -22,11 +22,11 @@ class SamplingParams(BaseModel):
 
     n: int = Field(1, ge=1)
     max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     stop: tuple[str, ...] = ()
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     logprobs: bool = False
     ignore_eos: bool = False
 

@@ -46,6 +46,7 @@ from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
 from fot.trees.tot import ToT, ToTConfig
 
 Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
+MAX_TREES = 64  # trees (or sc samples) per problem: each is a request per step, batched together
 
 
 class SparseConfig(BaseModel):
@@ -74,15 +75,15 @@ class ForestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    trees: int = Field(4, ge=1)
+    trees: int = Field(4, ge=1, le=MAX_TREES)
     method: Method = "fot"
     mctsr: MCTSrConfig = MCTSrConfig()
     tot: ToTConfig = ToTConfig()
     sparse: SparseConfig = SparseConfig()
     correction: CorrectionConfig = CorrectionConfig()
     early_stop: bool = True
-    sc_temperature: float = Field(0.7, ge=0)
-    seed: int = 0
+    sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, lt=2**63)
 
 
 class SolveUsage(Usage):
@@ -109,6 +110,13 @@ class Solution(BaseModel):
     usage: SolveUsage
 
     def graph(self, i: int = 0) -> nx.DiGraph:
+        """Tree `i` of the search as a networkx DiGraph; an InvalidRequestError where there is no such tree."""
+        if not self.trees:
+            raise InvalidRequestError(
+                f"method {self.method!r} searches no trees, so it has no graph; its samples are tree_answers"
+            )
+        if not 0 <= i < len(self.trees):
+            raise InvalidRequestError(f"tree {i} does not exist: this solution has trees 0..{len(self.trees) - 1}")
         return nx.node_link_graph(self.trees[i], edges="edges")
 
 
@@ -367,6 +375,8 @@ def default_backend() -> Backend:
 
 
 def make_config(config: ForestConfig | dict | None, **overrides) -> ForestConfig:
+    if config is not None and not isinstance(config, ForestConfig | dict):
+        raise InvalidRequestError(f"config must be a ForestConfig or a dict, got {type(config).__name__}")
     try:
         base = config.model_dump() if isinstance(config, ForestConfig) else dict(config or {})
         return ForestConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
@@ -385,6 +395,11 @@ async def asolve(
     seed: int | None = None,
 ) -> Solution:
     """`solve` for async code (notebooks, servers)."""
+    if backend is not None and not isinstance(backend, Backend):
+        raise InvalidRequestError(
+            f"backend must be a Backend, got {type(backend).__name__}: build one with "
+            "fot.decoding.make_backend('native' | 'vllm' | 'openai', ...)"
+        )
     cfg = make_config(config, trees=trees, method=method, seed=seed)
     the_task, text = validate(problem, task, cfg.method)
     return await Forest(text, the_task, cfg, backend or default_backend()).run()

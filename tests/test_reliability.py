@@ -343,3 +343,64 @@ def test_answer_extraction_equivalence_and_puzzle_parsing_never_crash_or_hang(te
                 fn(*args)
             except FotError:
                 pass
+
+
+@pytest.mark.parametrize("puzzle", ["1 2 3 4 5 6 7 8", "1 2 3", "-4 6 1 10", "4 6 1 1001", "9" * 5000 + " 1 2 3"])
+def test_a_bad_game24_row_is_a_data_error_before_any_work(tmp_path, puzzle):
+    """A row of 8 numbers hung the loader (the exhaustive solver ran before the count check); rows of 3 or
+    negative numbers were refused only after the model had loaded."""
+    from evals.data import DataError, load_game24
+
+    data = tmp_path / "24.csv"
+    data.write_text(f"Rank,Puzzles\n901,4 6 1 10\n902,{puzzle}\n")
+    t = time.monotonic()
+    with pytest.raises(DataError, match="902|bad row"):
+        load_game24(data, "901-902")
+    assert time.monotonic() - t < 2
+    data.write_text("Rank,Puzzles\n901,4 6 1 10\n")
+    assert [p.question for p in load_game24(data, "901-901")] == ["4 6 1 10"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"trees": 10**6}, "less than or equal to 64"),
+        ({"config": {"mctsr": {"rollouts": 10**6}}}, "less than or equal to 64"),
+        ({"config": [1, 2]}, "ForestConfig or a dict"),
+        ({"backend": "native"}, "make_backend"),
+        ({"seed": 2**70}, "seed"),
+        ({"config": {"sc_temperature": float("inf")}}, "finite"),
+    ],
+)
+def test_search_settings_are_bounded_and_checked_before_any_work(kwargs, match):
+    """trees=10**6 ran past 60 s and reached 6.7 GB; config=[1, 2], a backend name or seed=2**70 gave raw errors."""
+    from fot.decoding.scripted import ScriptedBackend
+    from fot.errors import InvalidRequestError
+    from fot.forest import solve
+
+    def respond(request, j):
+        raise AssertionError("no model work may happen")
+
+    kwargs = {"backend": ScriptedBackend(respond), **kwargs}
+    with pytest.raises(InvalidRequestError, match=match):
+        solve("What is 1 + 1?", **kwargs)
+
+
+def test_sampling_options_refuse_infinite_temperature_and_huge_seeds():
+    from fot.config import SamplingParams
+
+    for bad in ({"temperature": float("inf")}, {"temperature": float("nan")}, {"seed": 2**70}, {"seed": -1}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("method", ["cot", "sc"])
+def test_the_graph_of_a_solution_without_trees_is_a_clear_error(method):
+    from fot.decoding.scripted import ScriptedBackend
+    from fot.errors import InvalidRequestError
+    from fot.forest import solve
+
+    sol = solve("What is 1 + 1?", backend=ScriptedBackend(lambda r, j: "1 + 1 = 2. The answer is 2."), method=method)
+    assert sol.answer == "2"
+    with pytest.raises(InvalidRequestError, match="searches no trees"):
+        sol.graph(0)

@@ -49,7 +49,7 @@ class MCTSrConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rollouts: int = Field(4, ge=0)
+    rollouts: int = Field(4, ge=0, le=64)
     exploration: float = Field(1.4, ge=0)  # c in UCT
     max_children: int = Field(3, ge=1)
     reward_samples: int = Field(3, ge=1)
