@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -84,15 +85,25 @@ def make_cli_backend(args: argparse.Namespace):
 
 def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
     from fot.decoding.base import run_sync
-    from fot.forest import asolve_many, validate
+    from fot.forest import asolve, validate
 
     for problem in problems:  # bad input fails before a model is loaded
         validate(problem, args.task, args.method)
     config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
     backend = make_cli_backend(args)
     options = dict(task=args.task, trees=args.trees, method=args.method, backend=backend, config=config, seed=args.seed)
-    solutions = run_sync(asolve_many(problems, **options))
-    for sol in solutions:
+
+    async def each() -> list:
+        return await asyncio.gather(*(asolve(p, **options) for p in problems), return_exceptions=True)
+
+    solutions, failed = run_sync(each()), 0
+    for problem, sol in zip(problems, solutions, strict=True):
+        if isinstance(sol, FotError):  # a failed search is reported, never printed as an answer
+            failed += 1
+            print(f"\n>>> {problem}\nfailed: {sol}", file=sys.stderr)
+            continue
+        if isinstance(sol, BaseException):
+            raise sol
         if args.json:
             print(sol.model_dump_json())
             continue
@@ -108,6 +119,8 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         b = backend.usage
         accepted = f", {b.accepted_tokens}/{b.draft_tokens} drafts accepted" if b.draft_tokens else ""
         print(f"\nbackend {backend.name}: {b.requests} requests, {b.forward_passes} forward passes{accepted}")
+    if failed:
+        raise FotError(f"{failed} of {len(problems)} searches failed (see above)")
 
 
 def cmd_solve(args: argparse.Namespace) -> None:

@@ -15,3 +15,12 @@ class ModelError(FotError, ValueError):
 
 class KernelBuildError(FotError, RuntimeError):
     """The CPU kernels could not be built: another build holds their lock past the timeout."""
+
+
+class SearchError(FotError, RuntimeError):
+    """A search whose backend requests failed (a server down, a request refused): it has no result. `solution`
+    holds what the search reached without them, to look at, never to score."""
+
+    def __init__(self, message: str, solution=None):
+        super().__init__(message)
+        self.solution = solution

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fot.consensus import decide, majority
 from fot.decoding.base import Backend, Completion, Request, Usage
-from fot.errors import InvalidRequestError
+from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task
 from fot.trees.base import Batcher, run_step
@@ -232,6 +232,7 @@ class Forest:
     def __init__(self, problem: str, task: Task, config: ForestConfig, backend: Backend):
         self.problem, self.task, self.config, self.backend = problem, task, config, backend
         self.usage = SolveUsage()
+        self.errors: list[str] = []  # the first few failed requests' causes
         self.rng = random.Random(config.seed)
 
     def batcher(self, participants: int) -> Batcher:
@@ -241,6 +242,8 @@ class Forest:
         u = self.usage
         u.backend_calls += 1
         u.requests += len(requests)
+        u.failed += sum(not c.ok for c in done)
+        self.errors += [c.error for c in done if not c.ok][: 3 - len(self.errors)]
         u.prompt_tokens += sum(c.prompt_tokens for c in done)
         u.generated_tokens += sum(c.generated_tokens for c in done)
 
@@ -289,6 +292,12 @@ class Forest:
         self.usage.draft_tokens = after.draft_tokens - before.draft_tokens
         self.usage.accepted_tokens = after.accepted_tokens - before.accepted_tokens
         self.usage.seconds = time.perf_counter() - t0
+        if self.usage.failed:  # an answer decided without them is not this search's result
+            raise SearchError(
+                f"{self.usage.failed} of {self.usage.requests} backend requests failed, so the search has no "
+                f"result: {'; '.join(self.errors)}",
+                solution,
+            )
         return solution
 
     async def baseline(self) -> Solution:

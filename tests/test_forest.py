@@ -10,7 +10,7 @@ import pytest
 from fot.consensus import decide
 from fot.decoding.base import Output, Request
 from fot.decoding.scripted import ScriptedBackend
-from fot.errors import InvalidRequestError
+from fot.errors import InvalidRequestError, SearchError
 from fot.forest import ExampleRetriever, Forest, ForestConfig, MathCorrector, SolveUsage, asolve, shuffle_numbers
 from fot.tasks import Game24Task, MathTask
 from fot.trees.base import Batcher, run_step
@@ -84,11 +84,16 @@ def test_reward_q_and_backpropagation():
     assert t.tree[child]["visits"] == 1 and t.tree[1]["visits"] == 2 and t.tree[t.root]["visits"] == 2
 
 
-def test_a_failed_node_is_marked_and_the_search_goes_on():
+def test_a_failed_node_is_marked_the_search_goes_on_and_the_solve_fails():
+    """The tree survives a failed request (the node is marked), but a search that lost requests has no result:
+    the solve raises SearchError, with what it reached attached for inspection."""
+
     def respond(r, j):
         return RuntimeError("node down") if "Critique this answer" in content(r) else math_script()(r, j)
 
-    sol = solve("What is 40 + 2?", ScriptedBackend(respond), method="mctsr", config={"mctsr": {"rollouts": 2}})
+    with pytest.raises(SearchError, match="2 of 5 backend requests failed.*node down") as failure:
+        solve("What is 40 + 2?", ScriptedBackend(respond), method="mctsr", config={"mctsr": {"rollouts": 2}})
+    sol = failure.value.solution
     g = sol.graph(0)
     assert any(a["failed"] for _, a in g.nodes(data=True))
     assert sol.answer == "42"

@@ -150,7 +150,7 @@ def test_a_planted_training_checkpoint_runs_no_code(tmp_path):
 class Misbehaving:
     """Serves /v1/models properly and answers completions with `answer` (bytes), or dribbles one byte a second."""
 
-    def __init__(self, answer: bytes | None):
+    def __init__(self, answer: bytes | None, status: int = 200):
         import http.server
         import threading
 
@@ -160,8 +160,8 @@ class Misbehaving:
             def log_message(self, *a) -> None:
                 pass
 
-            def send(self, data: bytes, dribble: bool = False) -> None:
-                self.send_response(200)
+            def send(self, data: bytes, dribble: bool = False, status: int = 200) -> None:
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data) if not dribble else 10**6))
                 self.end_headers()
@@ -179,9 +179,9 @@ class Misbehaving:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 outer.posts += 1
-                self.send(outer.answer or b"", dribble=outer.answer is None)
+                self.send(outer.answer or b"", dribble=outer.answer is None, status=outer.status)
 
-        self.answer, self.posts, self.stop = answer, 0, threading.Event()
+        self.answer, self.status, self.posts, self.stop = answer, status, 0, threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -404,3 +404,40 @@ def test_the_graph_of_a_solution_without_trees_is_a_clear_error(method):
     assert sol.answer == "2"
     with pytest.raises(InvalidRequestError, match="searches no trees"):
         sol.graph(0)
+
+
+# ---- failures are not results ----------------------------------------------------------------------------------------
+def test_an_eval_whose_backend_fails_records_nothing_says_so_and_exits_non_zero(tmp_path):
+    """A server that lists its model and then answers 500 produced records `answer: null, correct: false`, exit 0,
+    and a re-run said "2 problems done, 0 to go"."""
+    with Misbehaving(b'{"error": "boom"}', status=500) as server:
+        cmd = [sys.executable, "-m", "evals.arithmetic", "--backend", "openai", "--base-url", server.url]
+        cmd += [
+            "--model",
+            "m",
+            "--method",
+            "cot",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--no-report",
+            "--speculative",
+            "none",
+        ]
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert "failed" in first.stderr and "HTTP 500" in first.stderr
+    assert not any(p.read_text().strip() for p in tmp_path.rglob("*.jsonl"))  # nothing recorded
+    assert "0 problems done, 2 to go" in again.stderr  # the next run retries them
+
+
+def test_fot_solve_reports_a_failed_search_instead_of_an_answer():
+    """`fot solve` against that server printed `answer: None (decided by fallback)` and exited 0."""
+    with Misbehaving(b'{"error": "boom"}', status=500) as server:
+        cmd = [sys.executable, "-m", "fot.cli", "solve", "What is 1 + 1?", "--method", "cot"]
+        cmd += ["--backend", "openai", "--base-url", server.url, "--model", "m"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "answer:" not in done.stdout
+    assert "backend requests failed" in done.stderr and "1 of 1 searches failed" in done.stderr
