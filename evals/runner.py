@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +108,18 @@ def score(problem: Problem, answer: str | None) -> bool:
     return get_task("math").equivalent(answer, problem.gold)
 
 
-def run_name(args: argparse.Namespace) -> str:
-    """The file name of a run: readable settings plus a hash of everything else that changes results."""
+def data_digest(problems: list[Problem]) -> str:
+    """What identifies a run's data: a hash of its problems' ids, questions and gold answers."""
+    rows = [[p.id, p.question, p.gold] for p in problems]
+    return hashlib.sha1(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()[:12]
+
+
+def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) -> str:
+    """The file name of a run: readable settings plus a hash of everything else that changes results. With
+    `--data`, the data's own hash (`data_digest` of `problems`) is part of it: another file is another run."""
     settings = {k: getattr(args, k) for k in ("model", "backend", "rollouts", "max_tokens", "base_url", "ranks")}
+    if getattr(args, "data", None) and problems is not None:
+        settings["data"] = data_digest(problems)
     for key, default in (("device", "cpu"), ("dtype", "auto")):  # named only when set, so older runs keep their names
         if getattr(args, key) != default:
             settings[key] = getattr(args, key)
@@ -128,8 +139,9 @@ def run_name(args: argparse.Namespace) -> str:
 
 
 def read_records(path: Path) -> list[Record]:
-    """The finished records of a run file. A torn last line (a crash mid-write) is cut off; any other bad line
-    is an error, since it means the file is not ours."""
+    """The finished records of a run file, one per problem (a duplicate, from a line written twice, is dropped
+    and said so). A torn last line (a crash mid-write) is cut off; any other bad line is an error, since it means
+    the file is not ours."""
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -139,13 +151,48 @@ def read_records(path: Path) -> list[Record]:
         with open(path, "r+b") as f:
             f.truncate(cut)
         raw = raw[:cut]
-    records = []
-    for number, line in enumerate(raw.decode().splitlines(), 1):
+    records: dict[str, Record] = {}
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not a results file of ours (not UTF-8: {e})") from None
+    duplicates = 0
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            records.append(Record.model_validate_json(line))
+            record = Record.model_validate_json(line)
         except ValueError as e:
             raise DataError(f"{path}:{number} is not a result record: {str(e)[:200]}") from None
-    return records
+        duplicates += record.id in records
+        records.setdefault(record.id, record)
+    if duplicates:
+        print(f"evals: {path.name}: {duplicates} duplicate records ignored (the first of each kept)", file=sys.stderr)
+    return list(records.values())
+
+
+@contextmanager
+def writer_lock(path: Path):
+    """The right to append to run file `path`: one process at a time (an flock, released if its holder dies)."""
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FotError(f"another process is running {path.name} (it holds {f.name}); wait for it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_records(path: Path, records: list[Record], problems: list[Problem]) -> None:
+    """Records whose problem is in the data must have that problem's gold answer: else the data changed under
+    the run, and its records are not results of this data."""
+    gold = {p.id: p.gold for p in problems}
+    for r in records:
+        if r.id in gold and r.gold != gold[r.id]:
+            raise DataError(
+                f"{path}: the record of {r.id} has gold {r.gold!r} where the data says {gold[r.id]!r}: "
+                "the data changed under this run; use another --out or remove the file"
+            )
 
 
 def append(path: Path, record: Record) -> None:
@@ -314,24 +361,27 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     problems = bench.load(args)[: args.limit]
-    path = Path(args.out) / bench.name / f"{run_name(args)}.jsonl"
+    path = Path(args.out) / bench.name / f"{run_name(args, problems)}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r.id for r in read_records(path)}
-    todo = [p for p in problems if p.id not in done]
-    print(f"evals: {path}: {len(done)} problems done, {len(todo)} to go", file=sys.stderr)
     failed = 0
-    if todo:
-        t0 = time.perf_counter()
-        if backend is None:
-            async with make_backend(args) as own:
-                right, failed = await solve_all(todo, args, path, own, len(problems))
-        else:
-            right, failed = await solve_all(todo, args, path, backend, len(problems))
-        print(
-            f"evals: {len(todo) - failed} solved in {time.perf_counter() - t0:.0f} s, {right} correct"
-            + (f"; {failed} failed (re-run to retry them)" if failed else ""),
-            file=sys.stderr,
-        )
+    with writer_lock(path):
+        held = read_records(path)
+        check_records(path, held, problems)
+        done = {r.id for r in held}
+        todo = [p for p in problems if p.id not in done]
+        print(f"evals: {path}: {len(done)} problems done, {len(todo)} to go", file=sys.stderr)
+        if todo:
+            t0 = time.perf_counter()
+            if backend is None:
+                async with make_backend(args) as own:
+                    right, failed = await solve_all(todo, args, path, own, len(problems))
+            else:
+                right, failed = await solve_all(todo, args, path, backend, len(problems))
+            print(
+                f"evals: {len(todo) - failed} solved in {time.perf_counter() - t0:.0f} s, {right} correct"
+                + (f"; {failed} failed (re-run to retry them)" if failed else ""),
+                file=sys.stderr,
+            )
     records = [r for r in read_records(path) if r.id in {p.id for p in problems}]
     if records:
         acc = sum(r.correct for r in records) / len(records)

@@ -441,3 +441,98 @@ def test_fot_solve_reports_a_failed_search_instead_of_an_answer():
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "answer:" not in done.stdout
     assert "backend requests failed" in done.stderr and "1 of 1 searches failed" in done.stderr
+
+
+# ---- a run's identity and its records ----------------------------------------------------------------------------
+GSM = [
+    {"question": "Ann has 2 cats and buys 3 more. How many cats?", "answer": "2 + 3 = 5\n#### 5"},
+    {"question": "A farm sells 1,200 eggs a day. How many in 2 days?", "answer": "1200*2=2400\n#### 2400"},
+]
+
+
+def gsm_run(tmp_path: Path, data: Path, respond=None):
+    from evals.runner import arun, options
+    from fot.decoding.base import run_sync
+    from fot.decoding.scripted import ScriptedBackend
+
+    args = options("gsm8k", method="cot", data=str(data), out=str(tmp_path / "out"), no_report=True)
+    backend = ScriptedBackend(respond or (lambda r, j: "The answer is 5."))
+    return run_sync(arun(args, backend=backend)), backend
+
+
+def write_gsm(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "test.jsonl"
+
+
+def test_another_data_file_is_another_run(tmp_path):
+    """A run with --data dirB resumed the records of --data dirA, gold answers included."""
+    (path_a, _), _ = gsm_run(tmp_path, write_gsm(tmp_path / "a", GSM))
+    other = [dict(GSM[0], answer="#### 6"), GSM[1]]
+    (path_b, _), backend = gsm_run(tmp_path, write_gsm(tmp_path / "b", other))
+    assert path_a != path_b and len(backend.batches) == 2  # both problems solved again, for this data
+
+
+def test_records_whose_problem_changed_are_an_error(tmp_path):
+    from evals.data import DataError
+    from evals.runner import read_records
+
+    data = write_gsm(tmp_path / "a", GSM)
+    (path, _), _ = gsm_run(tmp_path, data)
+    records = read_records(path)
+    stale = records[0].model_copy(update={"gold": "6"})
+    path.write_text(stale.model_dump_json() + "\n" + records[1].model_dump_json() + "\n")
+    with pytest.raises(DataError, match="gold '6' where the data says '5'"):
+        gsm_run(tmp_path, data)
+
+
+def test_a_duplicated_record_is_counted_once_and_said(tmp_path, capsys):
+    """Two concurrent runs, or a line written twice, gave "accuracy on 4 problems" for 2."""
+    from evals.runner import read_records
+
+    data = write_gsm(tmp_path / "a", GSM)
+    (path, _), _ = gsm_run(tmp_path, data)
+    path.write_text(path.read_text() * 2)
+    assert len(read_records(path)) == 2
+    gsm_run(tmp_path, data)
+    err = capsys.readouterr()
+    assert "2 duplicate records ignored" in err.err and "on 2 problems" in err.out
+
+
+def test_two_writers_of_one_run_are_refused(tmp_path):
+    from evals.runner import writer_lock
+    from fot.errors import FotError
+
+    path = tmp_path / "run.jsonl"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom evals.runner import writer_lock\n"
+            "with writer_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FotError, match="another process is running run.jsonl"):
+            with writer_lock(path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with writer_lock(path):  # its holder died: the lock went with it
+        pass
+
+
+def test_a_records_file_that_is_not_utf8_is_a_data_error(tmp_path):
+    from evals.data import DataError
+    from evals.runner import read_records
+
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"id": "\xff"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_records(path)
