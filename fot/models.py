@@ -138,12 +138,23 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, prepare: bool = True)
     return check_model_folder(path)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a model's or an adapter's folder, or a `ModelError` that names the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: not a readable JSON file: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def check_model_folder(path: Path) -> Path:
     """Fail clearly unless `path` holds a supported architecture with weights and a tokenizer."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelError(f"{path} is not a Hugging Face model folder: config.json is missing")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = read_json(config_file).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
             f"{path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -536,3 +536,97 @@ def test_a_records_file_that_is_not_utf8_is_a_data_error(tmp_path):
     path.write_bytes(b'{"id": "\xff"}\n')
     with pytest.raises(DataError, match="not UTF-8"):
         read_records(path)
+
+
+# ---- broken files get the library's own errors ----------------------------------------------------------------------
+def broken_copy(source: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda c: "{not json", "not a readable JSON file"),
+        (lambda c: json.dumps({k: v for k, v in json.loads(c).items() if k != "hidden_size"}), "no 'hidden_size'"),
+        (lambda c: json.dumps({**json.loads(c), "num_hidden_layers": "two"}), "n_layers must be a positive"),
+        (lambda c: json.dumps({**json.loads(c), "num_attention_heads": 0}), "bad value|positive"),
+        (lambda c: json.dumps({**json.loads(c), "rope_parameters": {"rope_theta": "x"}}), "bad value"),
+        (lambda c: "[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_a_broken_config_is_a_model_error(tiny_llama_dir, tmp_path, edit, match):
+    from fot.errors import ModelError
+    from fot.speculative.engine import Engine
+
+    folder = broken_copy(tiny_llama_dir, tmp_path)
+    config = folder / "config.json"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(ModelError, match=match):
+        Engine.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random", "header"])
+def test_a_broken_safetensors_file_is_a_model_error(tiny_llama_dir, tmp_path, damage):
+    from fot.errors import ModelError
+    from fot.speculative.engine import Engine
+
+    folder = broken_copy(tiny_llama_dir, tmp_path)
+    [weights] = folder.glob("*.safetensors")
+    raw = weights.read_bytes()
+    if damage == "truncate":
+        weights.write_bytes(raw[: len(raw) // 2])
+    elif damage == "random":
+        weights.write_bytes(os.urandom(len(raw)))
+    else:
+        weights.write_bytes(raw[:8] + b"}" + raw[9:])  # the JSON header broken
+    with pytest.raises(ModelError):
+        Engine.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("config-json", "not a readable JSON file"),
+        ("no-base", "no 'base' entry"),
+        ("exit-layer", "exit_layer 99 is not a layer"),
+        ("vocab", "draft_vocab must be a list of token ids"),
+        ("truncated", "ended early|byte range"),
+        ("random", "not a safetensors file|unreadable|byte range"),
+        ("missing", "no Kangaroo adapter"),
+        ("shape", "does not fit this model"),
+    ],
+)
+def test_a_broken_adapter_is_a_model_error_before_any_request(tiny_llama_dir, tmp_path, damage, match):
+    """Today an exit_layer outside the model loaded, and every request then failed with IndexError."""
+    from fot.errors import ModelError
+    from fot.speculative.kangaroo import Adapter, load_adapter, model_fingerprint, save_adapter
+    from fot.speculative.model import Transformer
+
+    model = Transformer.from_pretrained(tiny_llama_dir)
+    folder = tmp_path / "adapter"
+    config = {"base_model": "tiny", "base": model_fingerprint(model), "exit_layer": 1, "draft_vocab": [1, 2, 3]}
+    save_adapter(folder, Adapter(model.args), config)
+    cfg, weights = folder / "adapter_config.json", folder / "adapter.safetensors"
+    raw = weights.read_bytes()
+    if damage == "config-json":
+        cfg.write_text("{")
+    elif damage == "no-base":
+        cfg.write_text(json.dumps({k: v for k, v in config.items() if k != "base"}))
+    elif damage == "exit-layer":
+        cfg.write_text(json.dumps({**config, "exit_layer": 99}))
+    elif damage == "vocab":
+        cfg.write_text(json.dumps({**config, "draft_vocab": [1, 10**9]}))
+    elif damage == "truncated":
+        weights.write_bytes(raw[: len(raw) - 100])
+    elif damage == "random":
+        weights.write_bytes(os.urandom(len(raw)))
+    elif damage == "missing":
+        weights.unlink()
+    else:
+        from dataclasses import replace
+
+        save_adapter(folder, Adapter(replace(model.args, dim=model.args.dim * 2)), config)
+    with pytest.raises(ModelError, match=match):
+        load_adapter(folder, model)

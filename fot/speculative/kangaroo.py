@@ -27,13 +27,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fot.errors import InvalidRequestError, ModelError
+from fot.models import read_json
 from fot.speculative.cache import KVCache, Step
 from fot.speculative.model import Attention, Linear, ModelArgs, RMSNorm, Transformer
+from fot.speculative.weights import Checkpoint
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
@@ -158,23 +160,40 @@ def save_adapter(folder: Path, adapter: Adapter, config: dict) -> None:
 
 
 def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooDrafter:
-    """Load an adapter for `model`; an adapter trained for another base model is a clear error."""
+    """Load an adapter for `model`; an adapter trained for another base model, or a broken one (its config, its
+    tensors, an exit layer outside the model, a draft token outside the vocabulary), is a clear `ModelError`."""
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists():
+    if not (folder / CONFIG_FILE).exists() or not (folder / ADAPTER_FILE).exists():
         raise ModelError(f"no Kangaroo adapter in {folder} (needs {CONFIG_FILE} and {ADAPTER_FILE})")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    config = read_json(folder / CONFIG_FILE)
+    if "base" not in config:
+        raise ModelError(f"{folder / CONFIG_FILE} has no 'base' entry: not an adapter config of ours")
     mine = model_fingerprint(model)
     if config["base"] != mine:
         raise ModelError(
             f"the adapter in {folder} was trained for base model {config.get('base_model')!r} ({config['base']}), "
             f"not for this one ({mine})"
         )
+    n_layers, vocab_size = model.args.n_layers, model.args.vocab_size
+    exit_layer, draft_vocab = config.get("exit_layer"), config.get("draft_vocab")
+    if not isinstance(exit_layer, int) or isinstance(exit_layer, bool) or not 1 <= exit_layer < n_layers:
+        raise ModelError(f"{folder}: exit_layer {exit_layer!r} is not a layer in 1..{n_layers - 1} of this model")
+    if draft_vocab is not None and not (
+        isinstance(draft_vocab, list)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in draft_vocab)
+    ):
+        raise ModelError(f"{folder}: draft_vocab must be a list of token ids in 0..{vocab_size - 1}")
     adapter = Adapter(model.args)
-    adapter.load_state_dict(load_file(str(folder / ADAPTER_FILE)))
+    with Checkpoint([folder / ADAPTER_FILE]) as ckpt:
+        state = {name: ckpt.read(name, torch.float32) for name in ckpt.entries}
+    try:
+        adapter.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"{folder / ADAPTER_FILE} does not fit this model: {str(e)[:300]}") from None
     adapter = adapter.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
-    vocab = torch.tensor(config["draft_vocab"], device=model.device) if config.get("draft_vocab") else None
+    vocab = torch.tensor(draft_vocab, device=model.device) if draft_vocab else None
     options = {"threshold": config.get("threshold", 0.4), "max_steps": config.get("max_steps", 6), **options}
-    return KangarooDrafter(model, adapter, config["exit_layer"], vocab, **options)
+    return KangarooDrafter(model, adapter, exit_layer, vocab, **options)
 
 
 def default_adapter_dir() -> Path:

@@ -7,7 +7,6 @@ any range and the hidden state returned at any layer: Kangaroo drafts from layer
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fot.errors import ModelError
+from fot.models import read_json
 from fot.speculative import kernels
 from fot.speculative.cache import KVCache, Step
 from fot.speculative.weights import Checkpoint
@@ -48,30 +48,45 @@ class ModelArgs:
             raise ModelError(f"model_type {model_type!r} is not supported; supported: llama, qwen2")
         if cfg.get("use_sliding_window"):
             raise ModelError("sliding-window attention is not supported")
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ModelError(f"RoPE type {rope_type!r} is not supported; supported: default, linear, llama3")
-        n_heads = cfg["num_attention_heads"]
-        is_qwen = model_type == "qwen2"
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-            rope_theta=theta,
-            rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if k not in ("type",))),
-            attention_bias=is_qwen or bool(cfg.get("attention_bias")),
-            o_bias=not is_qwen and bool(cfg.get("attention_bias")),
-            mlp_bias=bool(cfg.get("mlp_bias")),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        )
+        try:
+            rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+            theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", "linear", "llama3"):
+                raise ModelError(f"RoPE type {rope_type!r} is not supported; supported: default, linear, llama3")
+            n_heads = cfg["num_attention_heads"]
+            is_qwen = model_type == "qwen2"
+            args = cls(
+                vocab_size=cfg["vocab_size"],
+                dim=cfg["hidden_size"],
+                n_layers=cfg["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+                hidden_dim=cfg["intermediate_size"],
+                norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_seq_len=cfg.get("max_position_embeddings", 2048),
+                rope_theta=theta,
+                rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if k not in ("type",))),
+                attention_bias=is_qwen or bool(cfg.get("attention_bias")),
+                o_bias=not is_qwen and bool(cfg.get("attention_bias")),
+                mlp_bias=bool(cfg.get("mlp_bias")),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except ModelError:
+            raise
+        except KeyError as e:
+            raise ModelError(f"config.json has no {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise ModelError(f"config.json has a bad value: {e}") from None
+        sizes = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "max_seq_len")
+        for name in sizes:
+            value = getattr(args, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelError(f"config.json: {name} must be a positive whole number, got {value!r}")
+        if args.n_heads % args.n_kv_heads:
+            raise ModelError(f"config.json: {args.n_heads} heads do not share {args.n_kv_heads} KV heads evenly")
+        return args
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -343,7 +358,7 @@ class Transformer(nn.Module):
         matmul each. Weights are read a few MB at a time and cast at once, so loading holds no second copy. With
         `pack` (CPU), each matmul weight is written straight into its packed layout (see `pack_weights`)."""
         folder = Path(folder)
-        args = ModelArgs.from_hf(json.loads((folder / "config.json").read_text()))
+        args = ModelArgs.from_hf(read_json(folder / "config.json"))
         with torch.device("meta"):
             model = cls(args)
         files = sorted(folder.glob("*.safetensors"))
