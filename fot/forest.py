@@ -39,7 +39,7 @@ from fot.consensus import decide, majority
 from fot.decoding.base import Backend, Completion, Request, Usage
 from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
-from fot.tasks.base import Task
+from fot.tasks.base import Task, check_unicode
 from fot.trees.base import Batcher, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
@@ -418,6 +418,7 @@ def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Tas
     """The task and the normalised problem, or InvalidRequestError: checked before any model work."""
     if not isinstance(problem, str) or not problem.strip():
         raise InvalidRequestError(f"a problem must be a non-empty string, got {problem!r:.60}")
+    check_unicode(problem, "the problem")
     the_task = get_task(detect_task(problem) if task == "auto" else task)
     check_method(the_task.name, method)
     return the_task, the_task.parse(problem)

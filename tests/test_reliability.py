@@ -630,3 +630,25 @@ def test_a_broken_adapter_is_a_model_error_before_any_request(tiny_llama_dir, tm
         save_adapter(folder, Adapter(replace(model.args, dim=model.args.dim * 2)), config)
     with pytest.raises(ModelError, match=match):
         load_adapter(folder, model)
+
+
+# ---- bad text ----------------------------------------------------------------------------------------------------
+def test_text_that_is_not_valid_unicode_is_an_invalid_request(tiny_llama_dir):
+    """A lone surrogate gave a raw tokenizer TypeError, which in an eval stopped every problem in flight."""
+    from fot.decoding.scripted import ScriptedBackend
+    from fot.errors import InvalidRequestError
+    from fot.forest import solve
+    from fot.speculative.engine import Engine
+
+    with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+        solve("What is 1 + \ud800 1?", backend=ScriptedBackend(lambda r, j: "The answer is 2."))
+    engine = Engine.from_pretrained(tiny_llama_dir, max_batch=2)
+    for prompt in ("abc\udc80", [{"role": "user", "content": "hi \ud83d"}]):
+        with pytest.raises(InvalidRequestError, match="not valid Unicode"):
+            engine.generate([prompt], {"max_tokens": 2})
+
+
+def test_a_command_line_argument_that_is_not_utf8_is_a_clear_error():
+    cmd = [sys.executable.encode(), b"-m", b"fot.cli", b"solve", b"What is 1\xff + 1?", b"--method", b"cot"]
+    done = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert done.returncode == 2 and b"not valid Unicode" in done.stderr, done.stderr[-2000:]

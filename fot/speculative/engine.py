@@ -33,6 +33,7 @@ from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
 from fot.speculative.kangaroo import KangarooDrafter, default_adapter_dir, load_adapter
 from fot.speculative.model import Transformer, pack_linears
 from fot.speculative.verify import accept_greedy, accept_sampled
+from fot.tasks.base import check_unicode
 
 ChatMessage = dict[str, str]
 Prompt = str | list[ChatMessage] | list[int]
@@ -594,8 +595,11 @@ def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
     """Token ids of a text prompt, or of chat messages rendered with the model's chat template. Every backend
     that tokenizes locally uses this, so the same request means the same tokens everywhere."""
     if isinstance(prompt, str):
+        check_unicode(prompt, "the prompt")
         return tokenizer(prompt)["input_ids"]
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        for m in prompt:
+            check_unicode(str(m.get("content", "")), "a chat message")
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("chat messages given but the tokenizer has no chat template")
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)

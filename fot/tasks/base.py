@@ -30,10 +30,20 @@ class Task(Protocol):
         ...
 
 
+def check_unicode(text: str, what: str) -> None:
+    """Text a tokenizer can take: valid Unicode (a lone surrogate, from a bad \\u escape or a command-line argument
+    that was not UTF-8, is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{what} is not valid Unicode ({e.reason} at character {e.start})") from None
+
+
 def require_text(value: object, what: str) -> str:
     """The stripped text of `value`; bad input fails here with a clear message instead of deep inside a task."""
     if not isinstance(value, str):
         raise InvalidRequestError(f"{what} must be a string, got {type(value).__name__}")
+    check_unicode(value, what)
     text = value.strip()
     if not text:
         raise InvalidRequestError(f"{what} is empty")
