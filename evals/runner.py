@@ -226,6 +226,11 @@ def make_backend(args: argparse.Namespace):
     return make_cli_backend(args)  # openai: the servers decide how they decode
 
 
+def search_config(args: argparse.Namespace) -> dict:
+    """The search options an eval's command line sets."""
+    return {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+
+
 async def solve_all(
     problems: list[Problem], args: argparse.Namespace, path: Path, backend, total: int
 ) -> tuple[int, int]:
@@ -233,7 +238,7 @@ async def solve_all(
     in flight; append each record as it finishes."""
     from fot.forest import asolve
 
-    config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    config = search_config(args)
     gate = asyncio.Semaphore(args.concurrency)
     bar = tqdm(total=len(problems), desc=f"{args.benchmark} {args.method} x{args.trees}", unit="problem")
     right = failed = 0
@@ -355,9 +360,10 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     if args.trees < 1 or args.concurrency < 1 or (args.limit is not None and args.limit < 1):
         raise FotError("--trees, --concurrency and --limit must be >= 1")
     bench = BENCHMARKS[args.benchmark]
-    from fot.forest import check_method
+    from fot.forest import check_method, make_config
 
     check_method(bench.task, args.method)
+    make_config(search_config(args), trees=args.trees, method=args.method, seed=args.seed)  # before any model
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     problems = bench.load(args)[: args.limit]

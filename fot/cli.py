@@ -85,11 +85,12 @@ def make_cli_backend(args: argparse.Namespace):
 
 def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
     from fot.decoding.base import run_sync
-    from fot.forest import asolve, validate
+    from fot.forest import asolve, make_config, validate
 
-    for problem in problems:  # bad input fails before a model is loaded
-        validate(problem, args.task, args.method)
     config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    make_config(config, trees=args.trees, method=args.method, seed=args.seed)  # bad input fails before a model loads
+    for problem in problems:
+        validate(problem, args.task, args.method)
     backend = make_cli_backend(args)
     options = dict(task=args.task, trees=args.trees, method=args.method, backend=backend, config=config, seed=args.seed)
 

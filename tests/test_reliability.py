@@ -652,3 +652,37 @@ def test_a_command_line_argument_that_is_not_utf8_is_a_clear_error():
     cmd = [sys.executable.encode(), b"-m", b"fot.cli", b"solve", b"What is 1\xff + 1?", b"--method", b"cot"]
     done = subprocess.run(cmd, capture_output=True, timeout=120)
     assert done.returncode == 2 and b"not valid Unicode" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", [["solve", "What is 1 + 1?"], ["eval", "arithmetic", "--n", "2"]])
+def test_bad_search_settings_fail_before_the_model_loads(command, tmp_path):
+    """`fot solve --max-tokens 0` failed only after a 36 s model load."""
+    cmd = [sys.executable, "-m", "fot.cli", *command, "--max-tokens", "0", "--model", "qwen2.5-coder-1.5b"]
+    env = {**os.environ, "FOT_CACHE": str(tmp_path / "empty")}  # no model there: loading one would fail otherwise
+    done = subprocess.run(
+        cmd + (["--out", str(tmp_path)] if command[0] == "eval" else []),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 2 and "max_tokens" in done.stderr and "greater than or equal to 1" in done.stderr
+
+
+@pytest.mark.parametrize("problem", ["1 2 3", "4 6 1 10 2", "-4 6 1 10", "4 6 1 1001", "0 1 2 3"])
+def test_numbers_that_are_no_puzzle_are_not_silently_math(problem):
+    """With task="auto" these were treated as math problems."""
+    from fot.errors import InvalidRequestError
+    from fot.tasks import detect_task
+
+    with pytest.raises(InvalidRequestError, match="Game of 24 puzzle is four numbers.*task='math'"):
+        detect_task(problem)
+
+
+def test_puzzles_are_detected_in_their_spellings_and_math_stays_math():
+    from fot.tasks import detect_task
+
+    for puzzle in ("4 6 1 10", "[4, 6, 1, 10]", "4-6-1-10", "(1; 2; 3; 4)"):
+        assert detect_task(puzzle) == "game24"
+    for problem in ("What is 4 + 6?", "12", "12 - 5", "3.5 2"):
+        assert detect_task(problem) == "math"

@@ -11,8 +11,9 @@ from fot.tasks.math import MathTask
 
 TASKS: dict[str, type[MathTask] | type[Game24Task]] = {"math": MathTask, "game24": Game24Task}
 
-# Four whole numbers with separators or brackets around them, and nothing else of substance.
-_FOUR_NUMBERS = re.compile(r"[\[(]?\s*\d+(?:(?:\s*[,;]\s*|\s+)\d+){3}\s*[\])]?\s*\.?")
+# Only numbers (two or more, signed or not) with separators or brackets around them, or four joined by dashes:
+# what a Game-of-24 puzzle looks like, right or wrong.
+_NUMBERS_ONLY = re.compile(r"[\[(]?\s*-?\d+(?:(?:\s*[,;]\s*|\s+)-?\d+)+\s*[\])]?\s*\.?|\d+(?:\s*-\s*\d+){3}")
 
 
 def get_task(name: str) -> Task:
@@ -23,15 +24,16 @@ def get_task(name: str) -> Task:
 
 
 def detect_task(problem: str) -> str:
-    """'game24' when the problem is just four numbers (e.g. '4 6 1 10' or '[4, 6, 1, 10]'), else 'math'."""
+    """'game24' when the problem is just numbers ('4 6 1 10', '[4, 6, 1, 10]', '4-6-1-10'), else 'math'. Numbers
+    that do not make a puzzle ('1 2 3', '-4 6 1 10') are an error that says so, never silently a math problem."""
     text = require_text(problem, "a problem")
-    if _FOUR_NUMBERS.fullmatch(text):
-        try:
-            parse_numbers(text)
-        except InvalidRequestError:
-            return "math"
-        return "game24"
-    return "math"
+    if not _NUMBERS_ONLY.fullmatch(text):
+        return "math"
+    try:
+        parse_numbers(text)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"{e}; to solve {text!r} as arithmetic instead, pass task='math'") from None
+    return "game24"
 
 
 __all__ = ["Game24Task", "MathTask", "Step", "Task", "detect_task", "get_task", "majority_key"]
