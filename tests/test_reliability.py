@@ -686,3 +686,69 @@ def test_puzzles_are_detected_in_their_spellings_and_math_stays_math():
         assert detect_task(puzzle) == "game24"
     for problem in ("What is 4 + 6?", "12", "12 - 5", "3.5 2"):
         assert detect_task(problem) == "math"
+
+
+# ---- an eval over real servers that fail and a runner that is killed ------------------------------------------------
+def eval_command(base_url: str, out: Path, n: int) -> list[str]:
+    cmd = [sys.executable, "-m", "evals.arithmetic", "--backend", "openai", "--base-url", base_url, "--method", "cot"]
+    return cmd + [
+        "--n",
+        str(n),
+        "--levels",
+        "1",
+        "--max-tokens",
+        "16",
+        "--speculative",
+        "none",
+        "--out",
+        str(out),
+        "--no-report",
+        "--concurrency",
+        "2",
+    ]
+
+
+def results(out: Path) -> list[dict]:
+    return [json.loads(line) for p in out.rglob("*.jsonl") for line in p.read_text().splitlines() if line.strip()]
+
+
+def test_an_eval_against_a_failing_vllm_server_records_only_real_answers(vllm_url, tmp_path):
+    """A real `vllm serve` behind the fault proxy, answering 500 to its first 30 requests: every problem ends
+    either with a record of a real answer or left for the next run, never recorded as a failure."""
+    from servers import fault_proxy, free_port
+
+    port, out = free_port(), tmp_path / "out"
+    with fault_proxy(vllm_url.removesuffix("/v1"), port, tmp_path / "proxy.log", fail_first=30, status=500):
+        first = subprocess.run(
+            eval_command(f"http://127.0.0.1:{port}/v1", out, 8), capture_output=True, text=True, timeout=600
+        )
+        assert first.returncode == 1 and "failed (re-run to retry them)" in first.stderr, first.stderr[-3000:]
+        kept = results(out)
+        assert len(kept) < 8 and all(r["tokens"] > 0 for r in kept)  # the failed ones were not recorded
+        again = subprocess.run(
+            eval_command(f"http://127.0.0.1:{port}/v1", out, 8), capture_output=True, text=True, timeout=600
+        )
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = results(out)
+    assert sorted(r["id"] for r in records) == sorted({r["id"] for r in records}) and len(records) == 8
+    assert all(r["tokens"] > 0 for r in records)
+
+
+def test_an_eval_killed_three_times_loses_and_repeats_no_record(vllm_url, tmp_path):
+    """SIGKILL mid-run three times, then a full run: each problem recorded exactly once."""
+    out, n = tmp_path / "out", 24
+    for _ in range(3):
+        before = len(results(out))
+        run = subprocess.Popen(eval_command(vllm_url, out, n), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(results(out)) < before + 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    partial = results(out)
+    assert 0 < len(partial) < n
+    done = subprocess.run(eval_command(vllm_url, out, n), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = results(out)
+    assert len({r["id"] for r in records}) == len(records) == n
+    assert records[: len(partial)] == partial  # nothing lost, nothing written twice
