@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,28 +58,27 @@ def test_a_stale_build_lock_does_not_hang_later_processes(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr[-2000:]
 
 
-def test_the_build_lock_is_released_by_a_dead_holder_and_times_out_on_a_live_one(tmp_path):
-    folder = tmp_path / "build"
-    folder.mkdir()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom fot.speculative import kernels\n"
-            "with kernels.build_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
-            str(folder),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+@contextmanager
+def held_elsewhere(imports: str, lock: str, path: Path):
+    """Another process that holds `lock(path)` (after `imports`) until it is killed with SIGKILL on exit."""
+    code = f"import sys, time\nfrom pathlib import Path\n{imports}\nwith {lock}(Path(sys.argv[1])):\n"
+    code += "    print('held', flush=True)\n    time.sleep(600)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(KernelBuildError, match=r"\.fot-build\.lock"):
-            with kernels.build_lock(folder, timeout_s=0.5):
-                pass
+        yield
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_the_build_lock_is_released_by_a_dead_holder_and_times_out_on_a_live_one(tmp_path):
+    folder = tmp_path / "build"
+    folder.mkdir()
+    with held_elsewhere("from fot.speculative import kernels", "kernels.build_lock", folder):
+        with pytest.raises(KernelBuildError, match=r"\.fot-build\.lock"):
+            with kernels.build_lock(folder, timeout_s=0.5):
+                pass
     (folder / "lock").write_text("")  # torch's lock file, as a killed build leaves it
     t = time.monotonic()
     with kernels.build_lock(folder, timeout_s=5):
@@ -505,25 +505,10 @@ def test_two_writers_of_one_run_are_refused(tmp_path):
     from fot.errors import FotError
 
     path = tmp_path / "run.jsonl"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\nfrom pathlib import Path\nfrom evals.runner import writer_lock\n"
-            "with writer_lock(Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(600)\n",
-            str(path),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_elsewhere("from evals.runner import writer_lock", "writer_lock", path):
         with pytest.raises(FotError, match="another process is running run.jsonl"):
             with writer_lock(path):
                 pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     with writer_lock(path):  # its holder died: the lock went with it
         pass
 
