@@ -320,8 +320,30 @@ class Forest:
         votes = Counter(a for a in answers if a is not None)
         return self.solution(answer, dict(votes), votes.get(answer, 0) / len(answers), "single", answers, [])
 
+    def check_budget(self, trees: list) -> None:
+        """The longest prompt a math tree builds, a refine of an answer and a critique of `max_tokens` each, must
+        fit the backend's context: checked before any generation, not found out after minutes of search."""
+        c = self.config.mctsr
+        trees = [t for t in trees if isinstance(t, MCTSr)]
+        if not trees or c.rollouts == 0:
+            return
+        filler = " x" * c.max_tokens  # about one token a word in the tokenizers we serve
+        for t in trees:
+            seed = t.seed
+            worst = t.request(REFINE, answer=filler, critique=filler, logprobs=True)
+            t.seed = seed  # the check takes no seed from the tree's own requests
+            try:
+                self.backend.prepare(worst)
+            except InvalidRequestError as e:
+                raise InvalidRequestError(
+                    f"this search's longest prompt (a refine of a {c.max_tokens}-token answer and critique) would "
+                    f"not fit: {e}; lower max_tokens or shorten the problem"
+                ) from None
+
     async def search(self) -> Solution:
         c, trees = self.config, self.build_trees()
+        if hasattr(self.backend, "prepare"):
+            self.check_budget(trees)
         batch = self.batcher(len(trees))
         await run_step(batch, [t.start(batch.generate) for t in trees])
         active = list(trees)

@@ -738,3 +738,21 @@ def test_an_eval_killed_three_times_loses_and_repeats_no_record(vllm_url, tmp_pa
     records = results(out)
     assert len({r["id"] for r in records}) == len(records) == n
     assert records[: len(partial)] == partial  # nothing lost, nothing written twice
+
+
+def test_a_search_whose_later_prompts_would_overflow_fails_before_any_generation(tmp_path):
+    """A problem whose first prompt fit but whose refine prompt overflowed failed after 93 s of search."""
+    from conftest import save_tiny
+
+    from fot.decoding import make_backend
+    from fot.errors import InvalidRequestError
+    from fot.forest import solve
+
+    folder = save_tiny(tmp_path / "short", "llama", max_position_embeddings=640)
+    backend = make_backend("native", model=str(folder), max_batch=4)
+    config = {"mctsr": {"rollouts": 1, "max_tokens": 200}}
+    with pytest.raises(InvalidRequestError, match="longest prompt .* would not fit"):
+        solve("What is 40 + 2?", backend=backend, method="mctsr", config=config)
+    assert backend.usage.requests == 0  # nothing was generated
+    small = {"mctsr": {"rollouts": 1, "max_tokens": 40}}
+    assert solve("What is 40 + 2?", backend=backend, method="mctsr", config=small).usage.requests > 0

@@ -115,7 +115,7 @@ class OpenAIBackend(BaseBackend):
         self.context = served[self.model] or 1 << 30
 
     def prepare(self, request: Request) -> None:
-        if request.params.max_tokens >= self.context:
+        if self.context is not None and request.params.max_tokens >= self.context:  # known once connected
             raise InvalidRequestError(f"max_tokens {request.params.max_tokens} >= the context of {self.context}")
 
     async def _generate(self, requests: list[Request], prepared: list) -> list[Completion]:
