@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +27,9 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from evals.data import DataError, Problem, load_arithmetic, load_game24, load_gsm8k, load_math500
+from fot.cli import search_config
 from fot.errors import FotError
+from fot.files import locked
 from fot.tasks import get_task
 from fot.tasks.game24 import check_expression, parse_numbers
 
@@ -120,17 +121,17 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
     settings = {k: getattr(args, k) for k in ("model", "backend", "rollouts", "max_tokens", "base_url", "ranks")}
     if getattr(args, "data", None) and problems is not None:
         settings["data"] = data_digest(problems)
-    for key, default in (("device", "cpu"), ("dtype", "auto")):  # named only when set, so older runs keep their names
-        if getattr(args, key) != default:
-            settings[key] = getattr(args, key)
-    if args.device == "cpu" and args.backend == "native":  # named by what it resolves to, as runs were before
+    if args.device != "cpu":  # device and dtype named only when set, so that older runs keep their names
+        settings["device"] = args.device
+    if args.device == "cpu" and args.backend == "native":  # named by what it resolves to
         import torch
 
         from fot.speculative.engine import resolve_dtype
 
-        settings.pop("dtype", None)  # fp32: the "auto" of earlier runs
-        if resolve_dtype(args.dtype, "cpu") == torch.bfloat16:
+        if resolve_dtype(args.dtype, "cpu") == torch.bfloat16:  # fp32 is unnamed, as the "auto" of earlier runs
             settings["dtype"] = "fast"  # the name the committed bf16 runs have
+    elif args.dtype != "auto":
+        settings["dtype"] = args.dtype
     if args.benchmark == "arithmetic":
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -171,16 +172,13 @@ def read_records(path: Path) -> list[Record]:
 
 @contextmanager
 def writer_lock(path: Path):
-    """The right to append to run file `path`: one process at a time (an flock, released if its holder dies)."""
-    with open(path.with_name(path.name + ".lock"), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FotError(f"another process is running {path.name} (it holds {f.name}); wait for it") from None
-        try:
+    """The right to append to run file `path`: one process at a time (`fot.files.locked`, refused at once)."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        with locked(lock):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except TimeoutError:
+        raise FotError(f"another process is running {path.name} (it holds {lock}); wait for it") from None
 
 
 def check_records(path: Path, records: list[Record], problems: list[Problem]) -> None:
@@ -224,11 +222,6 @@ def make_backend(args: argparse.Namespace):
     from fot.cli import make_cli_backend
 
     return make_cli_backend(args)  # openai: the servers decide how they decode
-
-
-def search_config(args: argparse.Namespace) -> dict:
-    """The search options an eval's command line sets."""
-    return {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
 
 
 async def solve_all(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -83,21 +82,22 @@ def make_cli_backend(args: argparse.Namespace):
     return make_backend(args.backend, model=args.model)
 
 
+def search_config(args: argparse.Namespace) -> dict:
+    """The search options that `fot solve`'s and `fot eval`'s command lines set."""
+    return {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+
+
 def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
     from fot.decoding.base import run_sync
-    from fot.forest import asolve, make_config, validate
+    from fot.forest import asolve_many, make_config, validate
 
-    config = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    config = search_config(args)
     make_config(config, trees=args.trees, method=args.method, seed=args.seed)  # bad input fails before a model loads
     for problem in problems:
         validate(problem, args.task, args.method)
     backend = make_cli_backend(args)
     options = dict(task=args.task, trees=args.trees, method=args.method, backend=backend, config=config, seed=args.seed)
-
-    async def each() -> list:
-        return await asyncio.gather(*(asolve(p, **options) for p in problems), return_exceptions=True)
-
-    solutions, failed = run_sync(each()), 0
+    solutions, failed = run_sync(asolve_many(problems, return_exceptions=True, **options)), 0
     for problem, sol in zip(problems, solutions, strict=True):
         if isinstance(sol, FotError):  # a failed search is reported, never printed as an answer
             failed += 1

@@ -459,9 +459,10 @@ def solve(problem: str, **kwargs) -> Solution:
     return run_sync(asolve(problem, **kwargs))
 
 
-async def asolve_many(problems: Sequence[str], **kwargs) -> list[Solution]:
-    """Solve problems concurrently on one backend: their steps' batches meet in the backend's batching window."""
-    return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems)))
+async def asolve_many(problems: Sequence[str], *, return_exceptions: bool = False, **kwargs) -> list[Solution]:
+    """Solve problems concurrently on one backend: their steps' batches meet in the backend's batching window.
+    With `return_exceptions`, a problem that fails gives its exception in its place instead of ending them all."""
+    return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems), return_exceptions=return_exceptions))
 
 
 def solve_many(problems: Sequence[str], **kwargs) -> list[Solution]:

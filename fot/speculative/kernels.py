@@ -11,14 +11,11 @@ model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import json
 import os
 import stat
 import sys
-import time
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -27,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fot.errors import KernelBuildError
+from fot.files import locked, sha256
 
 COLUMNS = 64  # kernels.cpp's kColumns: output columns (weight rows) per block of `pack`'s layout
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
@@ -75,32 +73,19 @@ BUILD_TIMEOUT_S = 900  # how long a process waits for another one's build of the
 
 @contextmanager
 def build_lock(folder: Path, timeout_s: float = BUILD_TIMEOUT_S):
-    """Hold the build lock of `folder`: an flock, which the kernel drops when its holder dies, so a killed build
-    never blocks later processes. Torch's own lock file inside the folder can only be a dead build's while this
-    is held, and is removed. Waiting past `timeout_s` for a live holder is an error that names the file."""
+    """Hold the build lock of `folder` (`fot.files.locked`: a killed build never blocks later processes). Torch's
+    own lock file inside the folder can only be a dead build's while this is held, and is removed. Waiting past
+    `timeout_s` for a live holder is an error that names the file."""
     path = folder / ".fot-build.lock"
-    with open(path, "a") as f:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise KernelBuildError(
-                        f"another process has held {path} for over {timeout_s:.0f} s while building the CPU "
-                        "kernels; if none is running, remove the file"
-                    ) from None
-                time.sleep(0.2)
-        try:
+    try:
+        with locked(path, timeout_s):
             (folder / "lock").unlink(missing_ok=True)  # torch's FileBaton, left by a build that was killed
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    except TimeoutError:
+        raise KernelBuildError(
+            f"another process has held {path} for over {timeout_s:.0f} s while building the CPU kernels; "
+            "if none is running, remove the file"
+        ) from None
 
 
 def import_built(folder: Path, source_digest: str):

@@ -158,9 +158,9 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def kernels_for(weight: Tensor, use_kernels: bool = True):
-    """The compiled kernels where they run on `weight`'s device and dtype (and `use_kernels`), else None."""
-    if not use_kernels or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+def kernels_for(dtype: torch.dtype, device: torch.device, use_kernels: bool = True):
+    """The compiled kernels where they run on `device` in `dtype` (and `use_kernels`), else None."""
+    if not use_kernels or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
     return kernels.load()
 
@@ -175,7 +175,7 @@ def pack_linears(module: nn.Module, use_kernels: bool = True) -> None:
         return
     supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
     if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
-        built = kernels_for(weight, use_kernels)
+        built = kernels_for(weight.dtype, weight.device, use_kernels)
         for m in module.modules():
             if isinstance(m, Linear):
                 m.pack(built.matmul if built else None)
@@ -364,7 +364,7 @@ class Transformer(nn.Module):
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ModelError(f"{folder}: no *.safetensors weight files")
-        built = kernels_for(torch.empty(0, dtype=dtype), pack)
+        built = kernels_for(dtype, torch.device("cpu"), pack)
         linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)}
         state: dict[str, Tensor] = {}
         with Checkpoint(files) as ckpt:
@@ -376,11 +376,9 @@ class Transformer(nn.Module):
                 elif name == "tok_embeddings.weight" and built is not None and args.tie_embeddings:
                     state[name] = torch.empty(ckpt.shape(sources[0]), dtype=dtype, device="meta")  # the head's
                 elif name == "output.weight" and built is None and args.tie_embeddings:
-                    continue  # the embedding's own tensor, tied below
+                    state[name] = state["tok_embeddings.weight"]  # the embedding's own tensor (listed before)
                 else:
                     state[name] = torch.cat([ckpt.read(src, dtype) for src in sources])
-        if args.tie_embeddings and built is None:
-            state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, assign=True, strict=True)
         if args.tie_embeddings and built is None:
             model.output.weight = model.tok_embeddings.weight

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import select
 import subprocess
@@ -11,7 +10,6 @@ import sys
 import threading
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any
 
 from fot.errors import FotError
 from fot.tasks.base import require_text
@@ -38,27 +36,6 @@ VERIFY_TIMEOUT_S = 5.0  # seconds one math-verify comparison may take
 # What sympy would try to evaluate at any cost: a power in an exponent, a 4+-digit exponent, a factorial of a 3+-digit
 # number or of an expression, a double factorial.
 _HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?[^()]*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
-
-
-class _DropTimeoutWarning(logging.Filter):
-    """math-verify warns once that its timeout is off; it is off on purpose (signals need the main thread)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Timeout is disabled")
-
-
-for _name in ("math_verify.parser", "math_verify.grader"):
-    logging.getLogger(_name).addFilter(_DropTimeoutWarning())
-
-_import_lock = threading.Lock()
-
-
-def _math_verify() -> Any:
-    """math-verify, imported on first use: it pulls in sympy and an ANTLR parser (about a second)."""
-    with _import_lock:
-        import math_verify
-
-    return math_verify
 
 
 def _last_boxed(text: str) -> str | None:
@@ -166,18 +143,6 @@ def to_fraction(s: str) -> Fraction | None:
         value = Fraction(int(match.group(2)), int(match.group(3)))
         return -value if match.group(1) else value
     return None
-
-
-def _mv_compare(a: str, b: str) -> bool:
-    """math-verify's symbolic comparison, either way round (in the verifier's worker process)."""
-    try:
-        mv = _math_verify()
-        pa, pb = mv.parse(f"${a}$", parsing_timeout=None), mv.parse(f"${b}$", parsing_timeout=None)
-        if not pa or not pb:
-            return False
-        return bool(mv.verify(pa, pb, timeout_seconds=None) or mv.verify(pb, pa, timeout_seconds=None))
-    except Exception:
-        return False
 
 
 class _Verifier:
