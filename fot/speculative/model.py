@@ -312,12 +312,11 @@ class Transformer(nn.Module):
         return self.norm.weight.device
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights held (each copy counted; a tied embedding and head once)."""
+        """Bytes of the model's own copy of its weights: the plain tensors and our kernel's packed ones (a tied
+        embedding and head once). oneDNN's opaque copies, where the kernels do not run, are not counted."""
         tensors = {id(p): p for p in self.parameters() if not p.is_meta}
-        for m in self.modules():
-            if isinstance(m, Linear):
-                tensors.update({id(t): t for t in (m.blocked, m.packed) if t is not None})
-        return sum(t.numel() * t.element_size() for t in tensors.values() if t.layout == torch.strided)
+        tensors |= {id(m.blocked): m.blocked for m in self.modules() if isinstance(m, Linear) and m.blocked is not None}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def embed(self, tokens: Tensor) -> Tensor:
         if self.tok_embeddings.weight.is_meta:  # tied, and held by the head's packed copy
