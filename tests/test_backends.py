@@ -160,3 +160,30 @@ def test_native_caller_gets_its_result_while_another_still_runs(served_model_dir
 
     assert asyncio.run(race()) == (True, 200, 3)
     asyncio.run(backend.close())
+
+
+@pytest.mark.parametrize("kind", ["native", "vllm"])
+def test_a_cancelled_caller_frees_the_engine(kind, served_model_dir):
+    """A caller that goes away (a client disconnect in `fot serve`) takes its samples out of the engine: the engine
+    goes idle at once instead of finishing them, and the next request is served."""
+    backend = build(kind, served_model_dir, None)
+
+    async def cancel_midway() -> tuple[int, Completion]:
+        task = asyncio.ensure_future(backend.generate([greedy("Paris", 400), greedy("12 + 30 =", 400)]))
+        while backend.usage.forward_passes < 5:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+        passes = backend.usage.forward_passes
+        await asyncio.sleep(0.5)
+        assert backend.usage.forward_passes == passes  # nothing runs on for the cancelled caller
+        [after] = await backend.generate([greedy("Paris", 4)])
+        return passes, after
+
+    passes, after = asyncio.run(cancel_midway())
+    assert passes < 300 and len(after.token_ids) == 4
+    if kind == "native":
+        assert backend.engine.stats.cancelled == 2 and backend.engine.idle
+    asyncio.run(backend.close())

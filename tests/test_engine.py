@@ -232,3 +232,26 @@ def test_requests_that_arrive_while_others_run_join_them(tiny_model_dir, hf_cach
     assert engine.stats.requests == 5
     for seq in first + later:
         assert engine.result(seq).token_ids == hf_greedy(tiny_model_dir, seq.prompt, seq.params.max_tokens, hf_cache)
+
+
+def test_cancelled_samples_leave_the_engine_and_the_others_decode_as_before(tiny_model_dir, hf_cache):
+    """`cancel` drops running and waiting samples and frees their slots; the rest decode exactly as transformers
+    does alone, and a slot a cancelled sample held takes the next request."""
+    engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", max_batch=2, speculative="prompt_lookup")
+    ids = [engine.tokenize(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    running = engine.submit(ids[:2], params)
+    waiting = engine.submit(ids[2:4], params)
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 2
+    engine.cancel([running[1], waiting[0]])
+    assert engine.running == [running[0]] and list(engine.waiting) == [waiting[1]]
+    assert engine.stats.cancelled == 2 and engine.cache.n_free == 1
+    finished = []
+    while not engine.idle:
+        finished += engine.step()
+    assert sorted(map(id, finished)) == sorted(map(id, [running[0], waiting[1]])) and engine.cache is None
+    for seq in (running[0], waiting[1]):
+        assert engine.result(seq).token_ids == hf_greedy(tiny_model_dir, seq.prompt, 16, hf_cache)
+    engine.cancel([running[0]])  # finished samples are left alone
+    assert engine.stats.cancelled == 2

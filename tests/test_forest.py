@@ -182,10 +182,14 @@ def test_self_correction_triggers_and_keeps_the_better_answer():
     usage = SolveUsage()
     fix = MathCorrector(MATH, -1.0, usage, seed=0)
     texts = asyncio.run(fix(Batcher(backend, 1).generate, "p", [sure, unsure, no_answer]))
-    assert texts == ["The answer is 5.", "Checked: the answer is 7.", "Checked: the answer is 7."]
+    assert texts == [
+        ("The answer is 5.", None),
+        ("Checked: the answer is 7.", "The answer is 6."),
+        ("Checked: the answer is 7.", "Hmm, hard."),
+    ]
     assert usage.corrections == 2 and len(backend.batches) == 1 and len(backend.batches[0]) == 2
     worse = ScriptedBackend(lambda r, j: out("The answer is 8.", -3.0))
-    assert asyncio.run(fix(Batcher(worse, 1).generate, "p", [unsure]))[0] == "The answer is 6."  # kept the better
+    assert asyncio.run(fix(Batcher(worse, 1).generate, "p", [unsure]))[0] == ("The answer is 6.", None)  # the better
 
 
 # ---- CGED --------------------------------------------------------------------------------------------------------

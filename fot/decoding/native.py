@@ -75,6 +75,9 @@ class NativeBackend(BaseBackend):
         self._inbox.put((prompts, params, future, loop))
         try:
             gens = await future
+        except asyncio.CancelledError:  # the caller went away: its samples leave the engine, their slots free
+            self._inbox.put(_Cancel(future))
+            raise
         except Exception as e:  # the engine failed: every request in flight fails alone, with the cause
             return [Completion(error=f"native engine failed: {type(e).__name__}: {e}") for _ in requests]
         done = [Completion(prompt_tokens=len(ids)) for ids in prompt_ids]
@@ -117,6 +120,13 @@ class NativeBackend(BaseBackend):
                 if item is None:
                     closing = True
                     continue
+                if isinstance(item, _Cancel):
+                    calls = {id(call): call for call in owners.values() if call.future is item.future}
+                    for call in calls.values():
+                        engine.cancel(call.seqs)
+                        for seq in call.seqs:
+                            owners.pop(id(seq), None)
+                    continue
                 prompts, params, future, loop = item
                 try:
                     call = _Call(engine.submit(prompts, params), future, loop)
@@ -149,6 +159,13 @@ class NativeBackend(BaseBackend):
         if self._thread.is_alive():
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join)
+
+
+@dataclass
+class _Cancel:
+    """Tells the worker that the caller awaiting `future` was cancelled."""
+
+    future: asyncio.Future
 
 
 @dataclass

@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +161,17 @@ class VLLMBackend(BaseBackend):
 
     async def _generate(self, requests: list[Request], prompt_ids: list[list[int]]) -> list[Completion]:
         loop = asyncio.get_running_loop()
-        futures = []
+        futures, rids = [], []
         for r, ids in zip(requests, prompt_ids, strict=True):
-            fut = loop.create_future()
-            self._inbox.put((f"fot-{next(self._ids)}", ids, self.sampling_params(r), fut, loop))
+            fut, rid = loop.create_future(), f"fot-{next(self._ids)}"
+            self._inbox.put((rid, ids, self.sampling_params(r), fut, loop))
             futures.append(fut)
-        return list(await asyncio.gather(*futures))
+            rids.append(rid)
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:  # the caller went away: vLLM drops its requests and frees their blocks
+            self._inbox.put(_Abort(rids))
+            raise
 
     def _run(self, build: Callable[[], Any], ready: Future) -> None:
         """The worker thread: build the engine, then add what arrived, step the engine, hand finished requests
@@ -185,7 +191,9 @@ class VLLMBackend(BaseBackend):
             except queue.Empty:
                 item = ()
             while item is not None:
-                if item:
+                if isinstance(item, _Abort):
+                    engine.abort_request([rid for rid in item.request_ids if waiting.pop(rid, None)])
+                elif item:
                     rid, ids, params, fut, loop = item
                     try:
                         engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
@@ -217,6 +225,13 @@ class VLLMBackend(BaseBackend):
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join)
         self.engine = None
+
+
+@dataclass
+class _Abort:
+    """Tells the worker to drop these requests (their caller was cancelled)."""
+
+    request_ids: list[str]
 
 
 def _completion(out) -> Completion:

@@ -79,6 +79,7 @@ class EngineStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     reused_prompt_tokens: int = 0  # prompt tokens whose cache entries were copied (an earlier prompt, the store)
+    cancelled: int = 0  # samples dropped before they finished (their caller went away)
     prefill_seconds: float = 0.0  # wall time in prefill forwards, and in everything else (decode, draft, verify)
     decode_seconds: float = 0.0
 
@@ -339,6 +340,21 @@ class Engine:
         if self.idle:
             self.cache = None
         return finished
+
+    def cancel(self, seqs: Sequence[_Sequence]) -> None:
+        """Drop these samples, waiting or running, and free their cache slots (a caller that went away, such as
+        a disconnected client, must not keep the batch busy); finished samples are left alone."""
+        gone = {id(s) for s in seqs if s.finish is None}
+        if not gone:
+            return
+        self.waiting = deque(s for s in self.waiting if id(s) not in gone)
+        for seq in self.running:
+            if id(seq) in gone:
+                self.cache.release(seq.slot)
+        self.running = [s for s in self.running if id(s) not in gone]
+        self.stats.cancelled += len(gone)
+        if self.idle:
+            self.cache = None
 
     def abort(self) -> None:
         """Drop every request in flight (after a failure: the caller tells their owners)."""

@@ -41,6 +41,11 @@ class Batcher:
         self.participants -= 1
         self._maybe_flush()
 
+    def cancel(self) -> None:
+        """Cancel the batches in flight (their search was cancelled): the backend drops their requests."""
+        for task in self.tasks:
+            task.cancel()
+
     def _maybe_flush(self) -> None:
         if self.waiting and len(self.waiting) >= self.participants:
             batch, self.waiting = self.waiting, []

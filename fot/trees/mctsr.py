@@ -25,8 +25,8 @@ from fot.tasks.base import Task
 from fot.trees.base import TreeGraph
 
 Generate = Callable[[list[Request]], Awaitable[list[Completion]]]
-# dynamic self-correction hook: (gen, problem, candidate answer texts, their completions) -> the texts to keep
-Corrector = Callable[[Generate, str, list[Completion]], Awaitable[list[str | None]]]
+# dynamic self-correction hook: (gen, problem, the answers' completions) -> (text to keep, text it replaced or None)
+Corrector = Callable[[Generate, str, list[Completion]], Awaitable[list[tuple[str | None, str | None]]]]
 
 DUMMY = "I don't know."
 ANSWER = "Solve the problem step by step, then finish with 'The answer is X.'\n\n{example}Problem: {problem}"
@@ -108,26 +108,29 @@ class MCTSr:
             logprobs=logprobs,
         )
 
-    def add_answer(self, parent: int, text: str | None, **attrs) -> int:
+    def add_answer(self, parent: int, text: str | None, corrected_from: str | None = None, **attrs) -> int:
+        """A candidate answer node; `corrected_from` keeps the text that self-correction replaced."""
+        if corrected_from is not None:
+            attrs["corrected_from"] = corrected_from
         failed = text is None
         answer = None if failed or text == DUMMY else self.task.extract(text)
         return self.tree.add(
             parent, text=text or "", kind="answer", answer=answer, q=0.0, visits=0, rewards=[], failed=failed, **attrs
         )
 
-    async def answers(self, gen: Generate, requests: list[Request]) -> list[str | None]:
-        """Generate answers (with log-probs, so self-correction can judge them); failed requests give None."""
+    async def answers(self, gen: Generate, requests: list[Request]) -> list[tuple[str | None, str | None]]:
+        """Generate answers (with log-probs, so self-correction can judge them): (text, the text self-correction
+        replaced or None) each; failed requests give None."""
         done = await gen(requests)
-        texts = [c.text if c.ok else None for c in done]
         if self.corrector is not None:
-            texts = await self.corrector(gen, self.problem, done)
-        return texts
+            return await self.corrector(gen, self.problem, done)
+        return [(c.text if c.ok else None, None) for c in done]
 
     # ---- the algorithm --------------------------------------------------------------------------------------
     async def start(self, gen: Generate) -> None:
         """The first answer and the dummy, both graded."""
-        [first] = await self.answers(gen, [self.request(ANSWER, example=self.example, logprobs=True)])
-        nodes = [self.add_answer(self.root, first), self.add_answer(self.root, DUMMY)]
+        [(first, before)] = await self.answers(gen, [self.request(ANSWER, example=self.example, logprobs=True)])
+        nodes = [self.add_answer(self.root, first, before), self.add_answer(self.root, DUMMY)]
         await self.reward(gen, nodes)
 
     async def step(self, gen: Generate) -> None:
@@ -141,8 +144,8 @@ class MCTSr:
             self.tree[node]["failed"] = True
             return
         refine = self.request(REFINE, answer=answer, critique=critique.text, logprobs=True)
-        [text] = await self.answers(gen, [refine])
-        child = self.add_answer(node, text, critique=critique.text)
+        [(text, before)] = await self.answers(gen, [refine])
+        child = self.add_answer(node, text, before, critique=critique.text)
         await self.reward(gen, [child])
         self.rollouts_done += 1
 
@@ -198,6 +201,11 @@ class MCTSr:
         """How promising the tree is (sparse activation ranks trees by it): its best Q."""
         return max((self.tree[n]["q"] for n in self.tree.nodes() if n != self.root), default=0.0)
 
-    def answer(self) -> str | None:
+    def answer_node(self) -> int | None:
+        """The node whose answer is the tree's: the highest Q among those with one (ties: the older)."""
         answered = [n for n in self.tree.nodes() if self.tree[n]["answer"] is not None]
-        return self.tree[max(answered, key=lambda n: (self.tree[n]["q"], -n))]["answer"] if answered else None
+        return max(answered, key=lambda n: (self.tree[n]["q"], -n)) if answered else None
+
+    def answer(self) -> str | None:
+        node = self.answer_node()
+        return None if node is None else self.tree[node]["answer"]

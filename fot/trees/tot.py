@@ -157,6 +157,8 @@ class ToT:
                 if expr and check_expression([int(x) for x in self.numbers], expr):
                     self.tree[child]["answer"] = expr
         self.frontier = sorted(children, key=lambda ch: (-self.tree[ch]["value"], ch))[: c.beam]
+        for child in set(children) - set(self.frontier):
+            self.tree[child]["pruned"] = True  # outside the beam: BFS does not expand it
 
     def expand(self, parent: int, text: str) -> list[int]:
         """Children of `parent` from the proposed steps, each checked exactly; duplicates of a state are merged."""
@@ -170,7 +172,7 @@ class ToT:
             if new is None or (errors and not self.correct):
                 self.rejected += 1
                 continue
-            line = line.strip()
+            line = wrote = line.strip()
             if errors:
                 self.corrections += 1
                 line = correct_step(numbers, step)
@@ -179,6 +181,8 @@ class ToT:
                 continue
             seen.add(key)
             kids.append(self.child(parent, numbers, exprs, step, line, new[-1]))
+            if errors:
+                self.tree[kids[-1]]["corrected_from"] = wrote
         return kids
 
     def child(self, parent: int, numbers, exprs, step, line: str, result: Fraction) -> int:
@@ -201,6 +205,10 @@ class ToT:
     def score(self) -> float:
         return max((self.tree[n]["value"] for n in self.frontier), default=0.0)
 
+    def answer_node(self) -> int | None:
+        """The first state solved exactly, if any."""
+        return next((n for n in self.tree.nodes() if self.tree[n]["answer"]), None)
+
     def answer(self) -> str | None:
-        solved = [n for n in self.tree.nodes() if self.tree[n]["answer"]]
-        return self.tree[solved[0]]["answer"] if solved else None
+        node = self.answer_node()
+        return None if node is None else self.tree[node]["answer"]

@@ -1,0 +1,269 @@
+"""`fot serve` as users reach it: a real server process on loopback, driven by the official `openai` client (sync,
+async, streaming) and by raw HTTP for the error cases, on the tiny model; and in proxy mode in front of a real
+`vllm serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from servers import Process, free_port
+
+KEY = "test-key-1"
+PROBLEM = "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How many apples are left?"
+# ~30 s of search on the tiny model: long enough to be cut off mid-search
+LONG = {"trees": 16, "mctsr": {"rollouts": 32, "max_tokens": 40}, "early_stop": False, "sparse": {"enabled": False}}
+
+
+def start(log: Path, *options: str) -> tuple[Process, str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "fot.cli", "serve", "--port", str(port), *options]
+    server = Process(argv, log)
+    server.wait_ready(f"http://127.0.0.1:{port}/health", timeout=180)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(served_model_dir, tmp_path_factory):
+    """Keys required; small searches so each request takes a second or two."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    options = ["--model", str(served_model_dir), "--trees", "2", "--rollouts", "1", "--max-tokens", "24"]
+    proc, url = start(log, *options, "--api-key", KEY, "--api-key", "second-key")
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def small_server(served_model_dir, tmp_path_factory):
+    """One search at a time, no queue, a 4 s deadline: for 429, 504 and disconnects."""
+    log = tmp_path_factory.mktemp("serve") / "serve-small.log"
+    options = ["--model", str(served_model_dir), "--max-running", "1", "--max-queue", "0", "--deadline", "4"]
+    proc, url = start(log, *options)
+    yield url, log
+    proc.stop()
+
+
+def metrics(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {s.name + "".join(f"{{{v}}}" for v in s.labels.values()): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}  # fmt: skip
+
+
+def client(url: str, key: str = KEY, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, **kw)
+
+
+def test_sync_client_gets_an_answer_with_usage_and_the_forest(server):
+    c = client(server)
+    assert [m.id for m in c.models.list()][:3] == ["fot", "fot-2", "fot-4"]
+    done = c.chat.completions.create(model="fot-2", messages=[{"role": "user", "content": PROBLEM}])
+    forest = done.model_extra["fot"]
+    assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+    assert done.choices[0].finish_reason == "stop" and forest["trees"] == 2 and forest["method"] == "fot"
+    if forest["answer"] is not None:
+        assert done.choices[0].message.content == forest["answer"]
+    assert forest["decision"] in ("majority", "plurality", "expert", "fallback")
+    # usage sums every internal call of the search: the stored solution says the same
+    stored = httpx.get(f"{server}/v1/solutions/{forest['solution_id']}", headers={"Authorization": f"Bearer {KEY}"})
+    u = stored.json()["usage"]
+    assert done.usage.prompt_tokens == u["prompt_tokens"] > 0 and done.usage.completion_tokens == u["generated_tokens"]
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert forest["requests"] == u["requests"] >= 5  # first answers, grades, a rollout: many calls, one reply
+    page = httpx.get(f"{server}{forest['view']}", headers={"Authorization": f"Bearer {KEY}"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.count('class="node') == sum(len(t["nodes"]) for t in stored.json()["trees"])
+
+
+def test_options_in_the_body_and_the_second_key(server):
+    c = client(server, key="second-key")
+    done = c.chat.completions.create(
+        model="sc-3", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROBLEM}],
+        seed=7, max_tokens=16, extra_body={"fot": {"task": "math", "sc_temperature": 0.5}},
+    )  # fmt: skip
+    forest = done.model_extra["fot"]
+    assert forest["method"] == "sc" and len(forest["tree_answers"]) == 3 and forest["trees"] == 0
+    game = c.chat.completions.create(model="tot", messages=[{"role": "user", "content": "4 6 1 10"}])
+    assert game.model_extra["fot"]["task"] == "game24" and game.model_extra["fot"]["method"] == "tot"
+
+
+def test_async_clients_at_once_share_the_backend(server):
+    async def run() -> list:
+        c = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+        questions = [f"What is {i} + {i}?" for i in range(4)]
+        return await asyncio.gather(
+            *(c.chat.completions.create(model="fot-2", messages=[{"role": "user", "content": q}]) for q in questions)
+        )
+
+    before = metrics(server)
+    replies = asyncio.run(run())
+    after = metrics(server)
+    assert len({r.id for r in replies}) == 4 and all(r.usage.completion_tokens > 0 for r in replies)
+    assert after["fot_requests_total{200}"] - before.get("fot_requests_total{200}", 0) == 4
+    assert after["fot_completion_tokens_total"] - before["fot_completion_tokens_total"] == sum(
+        r.usage.completion_tokens for r in replies
+    )
+    assert after["fot_request_seconds_count"] - before["fot_request_seconds_count"] == 4
+    assert after["fot_backend_forward_passes_total"] > before["fot_backend_forward_passes_total"]
+    assert after["fot_queue_depth"] == 0 and after["fot_running_searches"] == 0
+    assert after["fot_accepted_tokens_total"] <= after["fot_draft_tokens_total"]
+
+
+def test_streaming_sends_progress_then_the_answer_then_usage(server):
+    c = client(server)
+    chunks = list(
+        c.chat.completions.create(
+            model="fot-2", messages=[{"role": "user", "content": PROBLEM}], stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    progress = [
+        ch.model_extra["fot"] for ch in chunks if (ch.model_extra or {}).get("fot", {}).get("event") == "progress"
+    ]
+    assert progress and progress[0]["step"] == 0 and all(p["trees"] == 2 for p in progress)
+    assert [p["step"] for p in progress] == sorted(p["step"] for p in progress)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason == "stop"]
+    assert len(final) == 1 and final[0].model_extra["fot"]["event"] == "done"
+    answer = final[0].model_extra["fot"]["answer"]
+    assert text == (answer if answer is not None else "No answer: none of the trees reached one.")
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0  # include_usage: the last chunk
+    quiet = list(c.chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}], stream=True))
+    assert all(ch.usage is None for ch in quiet)
+
+
+def test_keys_are_required(server):
+    for key in ("wrong", ""):
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(server, key=key or "x").chat.completions.create(
+                model="fot", messages=[{"role": "user", "content": "1+1"}]
+            )
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": "fot", "messages": []})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 200  # health and metrics need no key
+    assert httpx.get(f"{server}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "1+1"}]}, 400, "unknown model"),
+        ({"model": "mctsr-4", "messages": [{"role": "user", "content": "1+1"}]}, 400, "unknown model"),
+        ({"model": "fot-99", "messages": [{"role": "user", "content": "1+1"}]}, 400, "1..64"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "1+1"}], "temperature": 1}, 400, "temperature"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "1+1"}], "n": 2}, 400, "n"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "1+1"}], "fot": {"trees": 0}}, 400, "trees"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "1+1"}], "fot": {"bogus": 1}}, 400, "bogus"),
+        ({"model": "fot-2", "messages": [{"role": "user", "content": "1+1"}], "fot": {"trees": 3}}, 400, "contradicts"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "1+1"}], "fot": {"task": "chess"}}, 400, "task"),
+        ({"model": "tot", "messages": [{"role": "user", "content": "What is 1+1?"}]}, 400, "does not fit"),
+        ({"model": "fot", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "   "}]}, 400, "empty"),
+        ({"model": "fot", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+        ({"model": "fot", "messages": []}, 400, "messages"),
+        ({"model": "fot", "messages": [{"role": "user", "content": "1"}] * 65}, 400, "at most 64"),
+        ({"messages": [{"role": "user", "content": "1+1"}]}, 400, "model"),
+        ([1, 2], 400, "JSON object"),
+    ],
+)
+def test_bad_requests_get_400_in_openai_shape_before_any_work(server, body, status, words):
+    before = metrics(server)["fot_backend_requests_total"]
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error" and set(error) == {
+        "message", "type", "param", "code"}  # fmt: skip
+    assert "Traceback" not in r.text
+    assert metrics(server)["fot_backend_requests_total"] == before
+
+
+def test_other_errors_keep_the_openai_shape(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=auth)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"x" * 1_000_001, headers=auth)
+    assert r.status_code == 413 and "over 1000000 bytes" in r.json()["error"]["message"]
+    for path in ("/v1/nope", "/v1/solutions/chatcmpl-unknown", "/v1/solutions/chatcmpl-unknown/view"):
+        r = httpx.get(f"{server}{path}", headers=auth)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    with pytest.raises(openai.BadRequestError):
+        client(server).chat.completions.create(model="fot", messages=[{"role": "user", "content": "1+1"}], n=3)
+
+
+def long_request(url: str, timeout: float, stream: bool = False) -> None:
+    body = {"model": "fot", "messages": [{"role": "user", "content": PROBLEM}], "fot": LONG, "stream": stream}
+    t0 = time.monotonic()
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as r:
+            for _ in r.iter_bytes():
+                if time.monotonic() - t0 > timeout:
+                    return  # chunks keep coming, but the client has seen enough: it hangs up
+    except httpx.ReadTimeout:  # the client gives up and closes the connection
+        pass
+
+
+def wait_for(check, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_busy_server_answers_429_and_a_disconnect_cancels_the_search(small_server, stream):
+    url, log = small_server
+    cancelled = metrics(url).get("fot_cancelled_searches_total", 0)
+    first = threading.Thread(target=long_request, args=(url, 2.0, stream))
+    first.start()
+    wait_for(lambda: metrics(url)["fot_running_searches"] == 1)
+    with pytest.raises(openai.RateLimitError) as e:
+        client(url).chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}])
+    assert int(e.value.response.headers["Retry-After"]) >= 1 and e.value.body["code"] == "server_busy"
+    first.join()
+    # the client hung up: its search is cancelled, its samples leave the engine, and the engine stops
+    wait_for(lambda: metrics(url)["fot_cancelled_searches_total"] == cancelled + 1)
+    wait_for(lambda: metrics(url)["fot_running_searches"] == 0)
+    passes = metrics(url)["fot_backend_forward_passes_total"]
+    time.sleep(1.0)
+    assert metrics(url)["fot_backend_forward_passes_total"] == passes
+    quick = client(url).chat.completions.create(model="cot", messages=[{"role": "user", "content": "What is 1+1?"}])
+    assert quick.choices[0].message.content
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_search_past_the_deadline_gets_504(small_server):
+    url, _ = small_server
+    body = {"model": "fot", "messages": [{"role": "user", "content": PROBLEM}], "fot": LONG}
+    t0 = time.monotonic()
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - t0 < 15
+    wait_for(lambda: metrics(url)["fot_running_searches"] == 0)
+
+
+def test_proxy_mode_in_front_of_vllm_serve(vllm_url, tmp_path):
+    proc, url = start(tmp_path / "proxy.log", "--backend", "openai", "--base-url", vllm_url, "--model", "tiny",
+                      "--trees", "2", "--rollouts", "1", "--max-tokens", "24")  # fmt: skip
+    with proc:
+        done = client(url).chat.completions.create(model="fot-2", messages=[{"role": "user", "content": PROBLEM}])
+        assert done.usage.prompt_tokens > 0 and done.usage.completion_tokens > 0
+        assert done.model_extra["fot"]["requests"] >= 5
+
+
+def test_a_backend_that_is_down_gets_503(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    proc, url = start(tmp_path / "down.log", "--backend", "openai", "--base-url", dead, "--timeout", "5")
+    with proc:
+        with pytest.raises(openai.InternalServerError) as e:
+            client(url).chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}])
+        assert e.value.status_code == 503 and e.value.body["code"] == "backend_unavailable"
+        assert "Traceback" not in proc.tail(200)
