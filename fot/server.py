@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fot.decoding.base import Backend, BackendError
 from fot.errors import FotError, InvalidRequestError, SearchError
-from fot.forest import MAX_TREES, Method, Progress, Solution, asolve, make_config, validate
+from fot.forest import MAX_TREES, ForestConfig, Method, Progress, Solution, asolve, make_config, validate
 
 try:
     from fastapi import FastAPI, Request
@@ -160,20 +160,27 @@ def parse_model(name: str) -> tuple[Method, int | None]:
 class Job(BaseModel):
     """A validated request, ready to search: everything checked before any model work."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
     id: str
     model: str
     problem: str
     task: str
-    config: Any  # ForestConfig
+    config: ForestConfig
     stream: bool
     include_usage: bool
 
 
+def merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, nested dicts merged key by key (a request's `mctsr.rollouts` keeps the server's other
+    MCTSr defaults)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def make_job(body: ChatRequest, defaults: dict[str, Any]) -> Job:
     method, size = parse_model(body.model)
-    if len(body.messages) and body.messages[-1].role != "user":
+    if body.messages[-1].role != "user":
         raise ApiError(400, "the last message must be the user's: fot solves it", param="messages")
     options = dict(body.fot or {})
     task = options.pop("task", "auto")
@@ -184,9 +191,9 @@ def make_job(body: ChatRequest, defaults: dict[str, Any]) -> Job:
             raise ApiError(400, f"fot.{key}={options[key]!r} contradicts model {body.model!r}", param=f"fot.{key}")
     overrides: dict[str, Any] = {"method": method, "trees": size, "seed": body.seed}
     max_tokens = body.max_completion_tokens or body.max_tokens
-    base = {**defaults, **options}
+    base = merged(defaults, options)
     if max_tokens is not None:
-        base["mctsr"] = {**base.get("mctsr", {}), "max_tokens": max_tokens}
+        base = merged(base, {"mctsr": {"max_tokens": max_tokens}})
     try:
         config = make_config(base, **overrides)
         the_task, problem = validate(body.messages[-1].text(), task, config.method)
@@ -491,6 +498,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             return JSONResponse(completion(job, solution, int(time.time())))
         finally:
             watching.cancel()
+            solving.cancel()  # a no-op once it is done; else the handler itself was cancelled (shutdown)
             ticket.release()
 
     async def stream(request: Request, job: Job, ticket: Ticket, t0: float) -> AsyncIterator[str]:

@@ -267,3 +267,29 @@ def test_a_backend_that_is_down_gets_503(tmp_path):
             client(url).chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}])
         assert e.value.status_code == 503 and e.value.body["code"] == "backend_unavailable"
         assert "Traceback" not in proc.tail(200)
+
+
+def test_request_options_merge_into_the_server_defaults():
+    from fot.server import ChatRequest, make_job
+
+    defaults = {"trees": 4, "mctsr": {"rollouts": 1, "max_tokens": 24}}
+    body = ChatRequest(
+        model="fot-2", messages=[{"role": "user", "content": "What is 2+2?"}], fot={"mctsr": {"rollouts": 3}}
+    )
+    job = make_job(body, defaults)
+    assert (job.config.trees, job.config.mctsr.rollouts, job.config.mctsr.max_tokens) == (2, 3, 24)
+    job = make_job(body.model_copy(update={"max_tokens": 50, "seed": 9}), defaults)
+    assert (job.config.mctsr.max_tokens, job.config.seed, job.task) == (50, 9, "math")
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [(["--max-running", "0"], "max_running"), (["--trees", "0"], "trees"), (["--deadline", "-1"], "deadline")],
+)
+def test_bad_server_options_fail_before_a_model_loads(options, words):
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fot.cli", "serve", *options], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "fot: error:" in done.stderr and words in done.stderr
