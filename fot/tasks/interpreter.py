@@ -1,0 +1,571 @@
+"""A safe, bounded interpreter for the arithmetic programs models write in their answers (program-aided checks).
+
+Model text is untrusted: it is never given to `exec` or `eval`. The code is parsed with `ast`, every node is
+checked against a whitelist before anything runs, and the tree is then walked by this module:
+
+  statements   assignment (names, tuples, subscripts), augmented assignment, `if`, `for`, `while`, `break`,
+               `continue`, `pass`, simple functions (`def f(a, b): ... return x`), `import math` / `from math
+               import ...` (which bind this module's own table of math functions; nothing is imported);
+  expressions  literals, names, arithmetic, comparison, `and`/`or`/`not`, `x if c else y`, lists, tuples, dicts,
+               indexing and slices, one-generator comprehensions, f-strings, a few builtins (`print`, `round`,
+               `int`, `float`, `abs`, `min`, `max`, `sum`, `len`, `range`, `str`, `bool`, `list`, `tuple`,
+               `sorted`, `enumerate`, `zip`) and list/dict/str methods (`append`, `items`, `split`, ...);
+  never        attributes other than `math.*` and those methods, names beginning with `_`, `eval`, `exec`,
+               `open`, `getattr`, imports of anything but math, classes, lambdas, `with`, `try`, `global`.
+
+Bounds: `max_steps` evaluation steps (a loop that never ends stops there), integers up to `max_bits` bits (a huge
+power is refused before it is computed), sequences and strings up to `max_items`, `max_alloc` items and characters
+created over the run (the memory bound), printed output up to `max_output` characters, call depth up to
+`max_depth`. Code outside the whitelist is "not checkable" and never
+runs; code that breaks a bound or raises is reported as such. Either way, nothing is claimed about its output.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+MATH = {
+    name: getattr(math, name)
+    for name in (
+        "sqrt", "floor", "ceil", "trunc", "fabs", "gcd", "lcm", "log", "log2", "log10", "exp", "sin", "cos",
+        "tan", "asin", "acos", "atan", "atan2", "hypot", "degrees", "radians", "isclose", "pi", "e", "tau", "inf",
+        "isqrt", "fsum", "copysign", "fmod", "modf", "pow",
+    )
+}  # fmt: skip
+COUNTING = {"factorial": math.factorial, "comb": math.comb, "perm": math.perm}  # bounded arguments: see _counting
+METHODS = {
+    list: {"append", "extend", "pop", "insert", "index", "count", "sort", "reverse", "copy"},
+    dict: {"items", "keys", "values", "get", "copy", "pop", "update"},
+    str: {"upper", "lower", "strip", "split", "join", "startswith", "endswith", "count"},
+    int: {"is_integer"},
+    float: {"is_integer"},
+}
+STATEMENTS = (
+    ast.Module, ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.If, ast.For, ast.While, ast.Break,
+    ast.Continue, ast.Pass, ast.FunctionDef, ast.Return, ast.Import, ast.ImportFrom,
+)  # fmt: skip
+EXPRESSIONS = (
+    ast.Constant, ast.Name, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.List, ast.Tuple,
+    ast.Dict, ast.Subscript, ast.Slice, ast.Call, ast.Attribute, ast.ListComp, ast.GeneratorExp, ast.comprehension,
+    ast.JoinedStr, ast.FormattedValue, ast.keyword, ast.arguments, ast.arg, ast.alias,
+)  # fmt: skip
+CONTEXTS_AND_OPERATORS = (
+    ast.Load, ast.Store, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
+    ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn,
+)  # fmt: skip
+FORBIDDEN_NAMES = {"eval", "exec", "open", "getattr", "setattr", "delattr", "globals", "locals", "vars", "compile",
+                   "input", "breakpoint", "help", "type", "object", "super", "memoryview", "dir"}  # fmt: skip
+
+
+ITERABLE = (list, tuple, dict, str, range, Iterator, type({}.items()), type({}.keys()), type({}.values()))
+
+
+class NotCheckable(Exception):
+    """The code uses something outside the whitelist: it is not run at all."""
+
+
+class Bound(Exception):
+    """The run broke a bound (steps, number size, sequence length, output, depth)."""
+
+
+@dataclass
+class Run:
+    """What running a program gave: its printed output, or why there is none."""
+
+    output: str = ""
+    status: str = "ok"  # ok | not_checkable | bound | error
+    reason: str = ""
+    variables: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_steps: int = 100_000
+    max_bits: int = 4096
+    max_items: int = 10_000
+    max_alloc: int = 1_000_000  # items and characters created over the whole run: the memory bound
+    max_output: int = 10_000
+    max_depth: int = 20
+    max_code: int = 20_000  # characters of source
+
+
+def check_whitelist(tree: ast.AST) -> None:
+    """Raise NotCheckable at the first node or name outside the whitelist."""
+    allowed = STATEMENTS + EXPRESSIONS + CONTEXTS_AND_OPERATORS
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed):
+            raise NotCheckable(f"{type(node).__name__} is not allowed")
+        if isinstance(node, ast.Name) and (node.id.startswith("_") and node.id != "_" or node.id in FORBIDDEN_NAMES):
+            raise NotCheckable(f"the name {node.id!r} is not allowed")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise NotCheckable(f"the attribute {node.attr!r} is not allowed")
+        if isinstance(node, ast.arg | ast.FunctionDef) and (
+            node.arg if isinstance(node, ast.arg) else node.name
+        ).startswith("_"):
+            raise NotCheckable("names beginning with '_' are not allowed")
+        if isinstance(node, ast.Import) and any(a.name != "math" for a in node.names):
+            raise NotCheckable("only `import math` is allowed")
+        if isinstance(node, ast.ImportFrom) and (
+            node.module != "math" or any(a.name not in MATH and a.name not in COUNTING for a in node.names)
+        ):
+            raise NotCheckable("only names of math may be imported")
+        if isinstance(node, ast.FunctionDef):
+            a = node.args
+            if node.decorator_list or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
+                raise NotCheckable("only plain functions with positional parameters are allowed")
+        if isinstance(node, ast.comprehension) and (node.is_async or not isinstance(node.target, ast.Name | ast.Tuple)):
+            raise NotCheckable("only simple comprehensions are allowed")
+        if isinstance(node, ast.ListComp | ast.GeneratorExp) and len(node.generators) != 1:
+            raise NotCheckable("a comprehension may have one `for` only")
+        if isinstance(node, ast.FormattedValue) and node.conversion not in (-1, ord("s"), ord("r")):
+            raise NotCheckable("unknown f-string conversion")
+
+
+def run(code: str, limits: Limits | None = None) -> Run:
+    """Run `code` under the whitelist and bounds; never raises."""
+    limits = limits or Limits()
+    if len(code) > limits.max_code:
+        return Run(status="not_checkable", reason=f"over {limits.max_code} characters")
+    try:
+        tree = ast.parse(code)
+        check_whitelist(tree)
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        return Run(status="not_checkable", reason=f"does not parse: {e}")
+    except NotCheckable as e:
+        return Run(status="not_checkable", reason=str(e))
+    machine = _Machine(limits)
+    try:
+        machine.block(tree.body, machine.globals)
+    except _Return:
+        return Run(output=machine.text(), status="error", reason="return outside a function")
+    except (_Break, _Continue):
+        return Run(output=machine.text(), status="error", reason="break or continue outside a loop")
+    except NotCheckable as e:
+        return Run(output=machine.text(), status="not_checkable", reason=str(e))
+    except Bound as e:
+        return Run(output=machine.text(), status="bound", reason=str(e))
+    except RecursionError:
+        return Run(output=machine.text(), status="bound", reason="too deeply nested")
+    except Exception as e:  # the program's own error (ZeroDivisionError, NameError, ...): it has no output to trust
+        return Run(output=machine.text(), status="error", reason=f"{type(e).__name__}: {e}")
+    shown = {k: v for k, v in machine.globals.items() if not isinstance(v, _Function | _MathModule) and not callable(v)}
+    return Run(output=machine.text(), variables=shown)
+
+
+class _Break(Exception):
+    pass
+
+
+class _Continue(Exception):
+    pass
+
+
+class _Return(Exception):
+    def __init__(self, value: Any):
+        self.value = value
+
+
+@dataclass
+class _Function:
+    node: ast.FunctionDef
+
+
+BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+    ast.Pow: lambda a, b: a**b,
+}  # fmt: skip
+COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
+    ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}  # fmt: skip
+
+
+class _Machine:
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.steps = 0
+        self.depth = 0
+        self.out: list[str] = []
+        self.out_len = 0
+        self.allocated = 0
+        self.globals: dict[str, Any] = {}
+        self.builtins: dict[str, Callable] = {
+            "print": self.print, "round": self.round, "int": self.int, "float": float, "abs": abs, "str": self.str,
+            "bool": bool, "min": self.min, "max": self.max, "sum": self.sum, "len": len, "range": self.range,
+            "list": self.list, "sorted": self.sorted, "tuple": lambda xs=(): tuple(self.items(xs)),
+            "enumerate": lambda xs, start=0: enumerate(self.items(xs), start),
+            "zip": lambda *xss: zip(*(self.items(xs) for xs in xss), strict=False),
+        }  # fmt: skip
+
+    # ---- bounds -------------------------------------------------------------------------------------------------
+    def tick(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > self.limits.max_steps:
+            raise Bound(f"over {self.limits.max_steps} steps")
+
+    def value(self, v: Any) -> Any:
+        """Check a value against the size bounds."""
+        if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > self.limits.max_bits:
+            raise Bound(f"an integer over {self.limits.max_bits} bits")
+        if isinstance(v, str | list | tuple | dict) and len(v) > self.limits.max_items:
+            raise Bound(f"a sequence over {self.limits.max_items} items")
+        return v
+
+    def fresh(self, v: Any) -> Any:
+        """A value the program just created: checked, and its size counted against the memory bound."""
+        self.value(v)
+        if isinstance(v, str | list | tuple | dict):
+            self.alloc(len(v))
+        return v
+
+    def alloc(self, n: int) -> None:
+        self.allocated += n
+        if self.allocated > self.limits.max_alloc:
+            raise Bound(f"over {self.limits.max_alloc} items created (the memory bound)")
+
+    def items(self, xs: Iterable) -> Iterator:
+        """Iterate anything, one step per item (so sum(range(10**12)) stops at the step bound)."""
+        if not isinstance(xs, ITERABLE):
+            raise TypeError(f"{type(xs).__name__} is not iterable")
+        for x in xs:
+            self.tick()
+            yield x
+
+    def text(self) -> str:
+        return "".join(self.out)
+
+    # ---- builtins ----------------------------------------------------------------------------------------------
+    def print(self, *args: Any, sep: str = " ", end: str = "\n") -> None:
+        line = sep.join(self.str(a) for a in args) + end
+        self.out_len += len(line)
+        if self.out_len > self.limits.max_output:
+            raise Bound(f"over {self.limits.max_output} characters of output")
+        self.out.append(line)
+
+    def str(self, v: Any = "") -> str:
+        if isinstance(v, int) and not isinstance(v, bool):
+            self.value(v)
+        return self.fresh(str(v))
+
+    def int(self, v: Any = 0, base: int | None = None) -> int:
+        if isinstance(v, str) and len(v) > 100:
+            raise Bound("int() of a long string")
+        return self.value(int(v) if base is None else int(v, base))
+
+    def round(self, v: Any, digits: int | None = None) -> Any:
+        if digits is not None and abs(digits) > 100:
+            raise Bound("round() to over 100 digits")
+        return round(v) if digits is None else round(v, digits)
+
+    def range(self, *args: int) -> range:
+        return range(*args)
+
+    def list(self, xs: Iterable = ()) -> list:
+        return self.fresh(list(self.items(xs)))
+
+    def sorted(self, xs: Iterable, reverse: bool = False) -> list:
+        out = self.list(xs)
+        self.tick(len(out))
+        return sorted(out, reverse=reverse)
+
+    def sum(self, xs: Iterable, start: Any = 0) -> Any:
+        total = start
+        for x in self.items(xs):
+            total = self.value(total + x)
+        return total
+
+    def min(self, *args: Any) -> Any:
+        return min(self.list(args[0]) if len(args) == 1 else args)
+
+    def max(self, *args: Any) -> Any:
+        return max(self.list(args[0]) if len(args) == 1 else args)
+
+    # ---- statements --------------------------------------------------------------------------------------------
+    def block(self, body: list[ast.stmt], env: dict[str, Any]) -> None:
+        for stmt in body:
+            self.stmt(stmt, env)
+
+    def stmt(self, s: ast.stmt, env: dict[str, Any]) -> None:
+        self.tick()
+        if isinstance(s, ast.Expr):
+            self.expr(s.value, env)
+        elif isinstance(s, ast.Assign):
+            v = self.expr(s.value, env)
+            for target in s.targets:
+                self.assign(target, v, env)
+        elif isinstance(s, ast.AnnAssign):
+            if s.value is not None:
+                self.assign(s.target, self.expr(s.value, env), env)
+        elif isinstance(s, ast.AugAssign):
+            current = self.expr(_load(s.target), env)
+            self.assign(s.target, self.binary(s.op, current, self.expr(s.value, env)), env)
+        elif isinstance(s, ast.If):
+            self.block(s.body if self.expr(s.test, env) else s.orelse, env)
+        elif isinstance(s, ast.For):
+            self.loop_for(s, env)
+        elif isinstance(s, ast.While):
+            self.loop_while(s, env)
+        elif isinstance(s, ast.Break):
+            raise _Break
+        elif isinstance(s, ast.Continue):
+            raise _Continue
+        elif isinstance(s, ast.Pass):
+            pass
+        elif isinstance(s, ast.FunctionDef):
+            env[s.name] = _Function(s)
+        elif isinstance(s, ast.Return):
+            raise _Return(None if s.value is None else self.expr(s.value, env))
+        elif isinstance(s, ast.Import):
+            for a in s.names:
+                env[a.asname or a.name] = _MATH_MODULE
+        elif isinstance(s, ast.ImportFrom):
+            for a in s.names:
+                env[a.asname or a.name] = self.counting(a.name) if a.name in COUNTING else MATH[a.name]
+        else:  # pragma: no cover - the whitelist admits nothing else
+            raise NotCheckable(type(s).__name__)
+
+    def loop_for(self, s: ast.For, env: dict[str, Any]) -> None:
+        broke = False
+        for item in self.items(self.expr(s.iter, env)):
+            self.assign(s.target, item, env)
+            try:
+                self.block(s.body, env)
+            except _Break:
+                broke = True
+                break
+            except _Continue:
+                continue
+        if not broke:
+            self.block(s.orelse, env)
+
+    def loop_while(self, s: ast.While, env: dict[str, Any]) -> None:
+        broke = False
+        while self.expr(s.test, env):
+            self.tick()
+            try:
+                self.block(s.body, env)
+            except _Break:
+                broke = True
+                break
+            except _Continue:
+                continue
+        if not broke:
+            self.block(s.orelse, env)
+
+    def assign(self, target: ast.expr, v: Any, env: dict[str, Any]) -> None:
+        if isinstance(target, ast.Name):
+            env[target.id] = self.value(v)
+        elif isinstance(target, ast.Tuple | ast.List):
+            values = self.list(v)
+            if len(values) != len(target.elts):
+                raise ValueError(f"cannot unpack {len(values)} values into {len(target.elts)}")
+            for t, x in zip(target.elts, values, strict=True):
+                self.assign(t, x, env)
+        elif isinstance(target, ast.Subscript):
+            container = self.expr(target.value, env)
+            if not isinstance(container, list | dict):
+                raise TypeError(f"{type(container).__name__} does not support item assignment")
+            container[self.expr(target.slice, env)] = v
+            self.value(container)
+        else:
+            raise NotCheckable(f"assignment to {type(target).__name__}")
+
+    # ---- expressions -------------------------------------------------------------------------------------------
+    def expr(self, e: ast.expr, env: dict[str, Any]) -> Any:
+        self.tick()
+        if isinstance(e, ast.Constant):
+            if not isinstance(e.value, int | float | str | bool | type(None)):
+                raise NotCheckable(f"a {type(e.value).__name__} literal")
+            return self.value(e.value)
+        if isinstance(e, ast.Name):
+            return self.name(e.id, env)
+        if isinstance(e, ast.BinOp):
+            return self.binary(e.op, self.expr(e.left, env), self.expr(e.right, env))
+        if isinstance(e, ast.UnaryOp):
+            v = self.expr(e.operand, env)
+            return not v if isinstance(e.op, ast.Not) else (-v if isinstance(e.op, ast.USub) else +v)
+        if isinstance(e, ast.BoolOp):
+            v = None
+            for part in e.values:
+                v = self.expr(part, env)
+                if (not v) if isinstance(e.op, ast.And) else v:
+                    return v
+            return v
+        if isinstance(e, ast.Compare):
+            left = self.expr(e.left, env)
+            for op, right_node in zip(e.ops, e.comparators, strict=True):
+                right = self.expr(right_node, env)
+                if not COMPARE[type(op)](left, right):
+                    return False
+                left = right
+            return True
+        if isinstance(e, ast.IfExp):
+            return self.expr(e.body if self.expr(e.test, env) else e.orelse, env)
+        if isinstance(e, ast.List):
+            return self.fresh([self.expr(x, env) for x in e.elts])
+        if isinstance(e, ast.Tuple):
+            return self.fresh(tuple(self.expr(x, env) for x in e.elts))
+        if isinstance(e, ast.Dict):
+            if any(k is None for k in e.keys):
+                raise NotCheckable("dict unpacking")
+            return self.fresh({self.expr(k, env): self.expr(v, env) for k, v in zip(e.keys, e.values, strict=True)})
+        if isinstance(e, ast.Subscript):
+            return self.value(self.expr(e.value, env)[self.expr(e.slice, env)])
+        if isinstance(e, ast.Slice):
+            parts = (e.lower, e.upper, e.step)
+            return slice(*(None if p is None else self.expr(p, env) for p in parts))
+        if isinstance(e, ast.Call):
+            return self.call(e, env)
+        if isinstance(e, ast.Attribute):
+            return self.attribute(self.expr(e.value, env), e.attr)
+        if isinstance(e, ast.ListComp | ast.GeneratorExp):
+            return self.fresh(self.comprehension(e, env))
+        if isinstance(e, ast.JoinedStr):
+            return self.fresh("".join(self.fstring_part(p, env) for p in e.values))
+        raise NotCheckable(type(e).__name__)  # pragma: no cover
+
+    def name(self, name: str, env: dict[str, Any]) -> Any:
+        for scope in (env, self.globals):
+            if name in scope:
+                return scope[name]
+        if name in self.builtins:
+            return self.builtins[name]
+        if hasattr(builtins, name):
+            raise NotCheckable(f"the builtin {name!r} is not allowed")
+        raise NameError(f"name {name!r} is not defined")
+
+    def binary(self, op: ast.operator, a: Any, b: Any) -> Any:
+        if isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and b > 0:
+            if abs(a) > 1 and (abs(a).bit_length() - 1) * b > self.limits.max_bits:
+                raise Bound(f"a power over {self.limits.max_bits} bits")
+        if isinstance(op, ast.Mult):
+            for seq, n in ((a, b), (b, a)):
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > self.limits.max_items:
+                    raise Bound(f"a sequence over {self.limits.max_items} items")
+        if isinstance(op, ast.Mult) and isinstance(a, int) and isinstance(b, int):
+            if a.bit_length() + b.bit_length() > self.limits.max_bits + 1:
+                raise Bound(f"an integer over {self.limits.max_bits} bits")
+        return self.fresh(BINARY[type(op)](a, b))
+
+    def attribute(self, obj: Any, attr: str) -> Any:
+        if obj is _MATH_MODULE:
+            if attr in COUNTING:
+                return self.counting(attr)
+            if attr not in MATH:
+                raise NotCheckable(f"math.{attr} is not allowed")
+            return MATH[attr]
+        allowed = METHODS.get(type(obj), set())
+        if attr not in allowed:
+            raise NotCheckable(f"{type(obj).__name__}.{attr} is not allowed")
+        return getattr(obj, attr)
+
+    def call(self, e: ast.Call, env: dict[str, Any]) -> Any:
+        f = self.expr(e.func, env)
+        if any(isinstance(a, ast.Starred) for a in e.args) or any(k.arg is None for k in e.keywords):
+            raise NotCheckable("* and ** in calls")
+        args = [self.expr(a, env) for a in e.args]
+        kwargs = {k.arg: self.expr(k.value, env) for k in e.keywords}
+        if isinstance(f, _Function):
+            return self.call_function(f, args, kwargs)
+        owner = getattr(f, "__self__", None)
+        if isinstance(owner, str) and f.__name__ == "join" and args:
+            parts = self.list(args[0])
+            if sum(len(x) for x in parts if isinstance(x, str)) + len(owner) * len(parts) > self.limits.max_items:
+                raise Bound(f"a string over {self.limits.max_items} characters")
+        before = len(owner) if isinstance(owner, list | dict) else 0
+        result = self.fresh(f(*args, **kwargs))
+        if isinstance(owner, list | dict):  # a method such as extend grew it: at most doubled, then checked here
+            self.value(owner)
+            self.alloc(max(len(owner) - before, 0))
+        return result
+
+    def counting(self, name: str) -> Callable:
+        """math.factorial, comb and perm, refused past 1000 (their cost grows faster than their result's size)."""
+
+        def bounded(*args: int) -> int:
+            if any(not isinstance(a, int) or a > 1000 for a in args):
+                raise Bound(f"math.{name} of an argument over 1000")
+            return COUNTING[name](*args)
+
+        return bounded
+
+    def call_function(self, f: _Function, args: list, kwargs: dict) -> Any:
+        params = [a.arg for a in f.node.args.args]
+        if len(args) > len(params) or set(kwargs) - set(params):
+            raise TypeError(f"{f.node.name}() got the wrong arguments")
+        local = dict(zip(params, args, strict=False)) | kwargs
+        if set(local) != set(params):
+            raise TypeError(f"{f.node.name}() is missing arguments")
+        self.depth += 1
+        if self.depth > self.limits.max_depth:
+            raise Bound(f"calls nested over {self.limits.max_depth} deep")
+        try:
+            self.block(f.node.body, local)
+        except _Return as r:
+            return r.value
+        finally:
+            self.depth -= 1
+        return None
+
+    def comprehension(self, e: ast.ListComp | ast.GeneratorExp, env: dict[str, Any]) -> list:
+        gen = e.generators[0]
+        local = dict(env)
+        out = []
+        for item in self.items(self.expr(gen.iter, env)):
+            self.assign(gen.target, item, local)
+            if all(self.expr(cond, local) for cond in gen.ifs):
+                out.append(self.expr(e.elt, local))
+                self.value(out)
+        return out
+
+    def fstring_part(self, p: ast.expr, env: dict[str, Any]) -> str:
+        if isinstance(p, ast.Constant):
+            return str(p.value)
+        v = self.expr(p.value, env)
+        if p.conversion == ord("r"):
+            v = repr(v)
+        spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
+        if len(spec) > 20 or any(int(d) > 200 for d in _numbers(spec)):
+            raise Bound("an f-string format asks for over 200 characters")
+        return self.value(format(self.str(v) if p.conversion == ord("s") else v, spec))
+
+    def fstring_spec(self, spec: ast.expr, env: dict[str, Any]) -> str:
+        return "".join(self.fstring_part(q, env) for q in spec.values) if isinstance(spec, ast.JoinedStr) else ""
+
+
+def _numbers(spec: str) -> list[str]:
+    out, digits = [], ""
+    for ch in spec + " ":
+        if ch.isdigit():
+            digits += ch
+        elif digits:
+            out.append(digits)
+            digits = ""
+    return out
+
+
+def _load(target: ast.expr) -> ast.expr:
+    """The target of an augmented assignment, read as an expression."""
+    if isinstance(target, ast.Name):
+        return ast.Name(id=target.id, ctx=ast.Load())
+    if isinstance(target, ast.Subscript):
+        return ast.Subscript(value=target.value, slice=target.slice, ctx=ast.Load())
+    raise NotCheckable(f"augmented assignment to {type(target).__name__}")
+
+
+class _MathModule:
+    """What `import math` binds: a marker whose attributes are looked up in MATH only."""
+
+
+_MATH_MODULE = _MathModule()

@@ -1,0 +1,168 @@
+"""The safe interpreter of program-aided checks: it prints what CPython prints on programs of its whitelist
+(hypothesis, against CPython itself running the same generated programs), and refuses or stops every escape."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fot.tasks.interpreter import Limits, run
+
+NAMES = ["a", "b", "c", "total"]
+
+
+@st.composite
+def expressions(draw, depth: int = 0, defined: tuple[str, ...] = ()) -> str:
+    leaves = [st.integers(-50, 50).map(str), st.sampled_from(["0.5", "2.25", "-1.5", "3.0"])]
+    if defined:
+        leaves.append(st.sampled_from(defined))
+    if depth >= 3:
+        return draw(st.one_of(leaves))
+    sub = expressions(depth + 1, defined)
+    kind = draw(st.sampled_from(["leaf", "bin", "bin", "cmp", "call", "list", "neg", "ifexp", "comp"]))
+    if kind == "leaf":
+        return draw(st.one_of(leaves))
+    if kind == "bin":
+        op = draw(st.sampled_from(["+", "-", "*", "/", "//", "%"]))
+        return f"({draw(sub)} {op} {draw(sub)})"
+    if kind == "cmp":
+        return f"({draw(sub)} {draw(st.sampled_from(['<', '<=', '==', '!=', '>']))} {draw(sub)})"
+    if kind == "neg":
+        return f"(-{draw(sub)})"
+    if kind == "ifexp":
+        return f"({draw(sub)} if {draw(sub)} else {draw(sub)})"
+    if kind == "list":
+        return f"len([{draw(sub)}, {draw(sub)}])"
+    if kind == "comp":
+        return f"sum(x * {draw(sub)} for x in range({draw(st.integers(0, 4))}))"
+    f = draw(st.sampled_from(["abs", "round", "min", "max", "float", "int"]))
+    args = [draw(sub)] if f in ("abs", "round", "float", "int") else [draw(sub), draw(sub)]
+    return f"{f}({', '.join(args)})"
+
+
+@st.composite
+def programs(draw) -> str:
+    lines, defined = [], ()
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["assign", "assign", "print", "if", "for", "aug", "fstring"]))
+        e = draw(expressions(0, defined))
+        if kind == "assign" or not defined and kind in ("aug", "if", "for"):
+            name = draw(st.sampled_from(NAMES))
+            lines.append(f"{name} = {e}")
+            defined = tuple(sorted({*defined, name}))
+        elif kind == "print":
+            lines.append(f"print({e}, {draw(expressions(1, defined))})")
+        elif kind == "fstring":
+            lines.append(f'print(f"value {{{e}}} and {{{draw(expressions(2, defined))}:.2f}}")')
+        elif kind == "aug":
+            lines.append(f"{draw(st.sampled_from(defined))} {draw(st.sampled_from(['+=', '-=', '*=']))} {e}")
+        elif kind == "if":
+            name = draw(st.sampled_from(defined))
+            lines += [f"if {e}:", f"    {name} = {name} + 1", "else:", f"    print({name})"]
+        else:
+            name = draw(st.sampled_from(defined))
+            lines += [f"for i in range({draw(st.integers(0, 5))}):", f"    {name} = ({name} + i) % 97"]
+            lines += [f"    if i == {draw(st.integers(0, 4))}:", "        break", f"print({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def cpython(code: str) -> tuple[str, bool]:
+    """What CPython prints for a generated program (test-generated code, never model text), and whether it ran."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            exec(compile(code, "<generated>", "exec"), {})  # noqa: S102 - the test's own generated programs
+        except (ArithmeticError, ValueError, TypeError):
+            return out.getvalue(), False
+    return out.getvalue(), True
+
+
+@settings(max_examples=400, deadline=None)
+@given(programs())
+def test_prints_what_cpython_prints(code):
+    want, ran = cpython(code)
+    got = run(code)
+    assert got.output == want, code
+    assert got.ok == ran, (code, got.reason)
+    if not ran:
+        assert got.status == "error"
+
+
+def test_programs_models_write():
+    assert run("x = 100.83 - 0.21 * 23\nprint(x)").output == "96.0\n"
+    assert run("print(3 * 100 - (6 * 10 + 3 * 10))").output == "210\n"
+    code = (
+        "import math\nfrom math import sqrt\n\ndef area(r):\n    return math.pi * r ** 2\n\n"
+        "prices = {'pen': 4, 'book': 12}\ncost = 0\nfor item, price in prices.items():\n    cost += price * 3\n"
+        "sides = [3, 4]\nfor _ in range(2):\n    sides.append(sqrt(sides[0] ** 2 + sides[1] ** 2))\n"
+        "print(f'Area: {area(2):.2f}')\nprint('Cost:', cost, 'sides', sides)\n"
+        "def fact(n):\n    return 1 if n < 2 else n * fact(n - 1)\nprint(fact(10), round(10 / 3, 2))\n"
+        "print(sum(x for x in range(5) if x % 2), max([1, 7, 3]), [i * i for i in range(4)], list(zip([1], [2])))"
+    )
+    r = run(code)
+    assert r.ok, r.reason
+    assert r.output == ("Area: 12.57\nCost: 48 sides [3, 4, 5.0, 5.0]\n3628800 3.33\n4 7 [0, 1, 4, 9] [(1, 2)]\n")
+    assert r.variables["cost"] == 48
+
+
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        ("().__class__.__bases__[0].__subclasses__()", "not_checkable"),
+        ("__import__('os').system('true')", "not_checkable"),
+        ("import os\nos.system('true')", "not_checkable"),
+        ("from os import path", "not_checkable"),
+        ("import math as m\nm.__dict__", "not_checkable"),
+        ("open('/etc/passwd').read()", "not_checkable"),
+        ("getattr(1, 'real')", "not_checkable"),
+        ("eval('1 + 1')", "not_checkable"),
+        ("exec('x = 1')", "not_checkable"),
+        ("print.__self__", "not_checkable"),
+        ("x = [1]\nx.append.__self__", "not_checkable"),
+        ("'{0.__class__}'.format(1)", "not_checkable"),
+        ("f = lambda: 1", "not_checkable"),
+        ("class A:\n    pass", "not_checkable"),
+        ("with open('x') as f:\n    pass", "not_checkable"),
+        ("try:\n    x = 1\nexcept Exception:\n    pass", "not_checkable"),
+        ("global x", "not_checkable"),
+        ("print(type(1))", "not_checkable"),
+        ("print(isinstance(1, int))", "not_checkable"),
+        ("import math\nprint(math.sys)", "not_checkable"),
+        ("def f(*args):\n    return args", "not_checkable"),
+        ("@print\ndef f():\n    pass", "not_checkable"),
+        ("x = b'bytes'", "not_checkable"),
+        ("print(9 ** 9 ** 9)", "bound"),
+        ("print(10 ** 5000)", "bound"),
+        ("x = 2\nfor _ in range(100):\n    x = x * x", "bound"),
+        ("while True:\n    pass", "bound"),
+        ("i = 0\nwhile i >= 0:\n    i += 1", "bound"),
+        ("print(sum(range(10 ** 12)))", "bound"),
+        ("print(len(list(range(10 ** 9))))", "bound"),
+        ("s = 'a' * 10 ** 9", "bound"),
+        ("s = 'a'\nfor i in range(40):\n    s = s + s", "bound"),
+        ("xs = [1]\nfor i in range(40):\n    xs.extend(xs)", "bound"),
+        ("xs = [[1] * 5000] * 5000\nys = [x * 2 for x in xs]", "bound"),  # 50M items in all
+        ("print(''.join(['a' * 9000] * 9000))", "bound"),
+        ("import math\nprint(math.factorial(10 ** 6))", "bound"),
+        ("print(f'{1:>100000}')", "bound"),
+        ("def f(n):\n    return f(n + 1)\nf(0)", "bound"),
+        ("for i in range(10 ** 6):\n    print(i)", "bound"),
+        ("x = " + "(" * 5000 + "1" + ")" * 5000, "not_checkable"),
+        ("x = 1" + " + 1" * 3000, "not_checkable"),  # too deep to parse
+        ("print(1 / 0)", "error"),
+        ("print(undefined_name)", "error"),
+        ("x = 1 +", "not_checkable"),
+    ],
+)
+def test_escapes_are_refused_and_runaways_stopped(code, status):
+    r = run(code, Limits(max_steps=50_000))
+    assert r.status == status, r.reason
+    assert r.reason
+
+
+def test_code_over_the_size_bound_is_not_run():
+    assert run("x = 1\n" * 5000).status == "not_checkable"
