@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 from evals.data import DataError, Problem, load_arithmetic, load_game24, load_gsm8k, load_math500
-from fot.cli import search_config
+from fot.cli import add_code_checks_option, code_checks_on, search_config
 from fot.errors import FotError
 from fot.files import locked
 from fot.tasks import get_task
@@ -98,6 +98,8 @@ class Record(BaseModel):
     seconds: float
     concurrency: int
     total: int | None = None  # problems the run was asked for (absent from records written before this field)
+    code_checks: int = 0  # code blocks run by the program-aided checks (0 in records from before them)
+    code_repairs: int = 0
 
 
 def score(problem: Problem, answer: str | None) -> bool:
@@ -134,6 +136,8 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings["dtype"] = args.dtype
     if args.benchmark == "arithmetic":
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
+    if args.benchmark != "game24" and code_checks_on(args):  # runs from before the checks keep their names
+        settings["code_checks"] = True
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = Path(args.model).name if args.model else "default"
     return f"{args.method}-t{args.trees}-{model}-{args.backend}-{args.speculative}-s{args.seed}-{digest}"
@@ -281,6 +285,8 @@ async def solve_all(
             accepted_tokens=u.accepted_tokens,
             tokens_saved=u.tokens_saved,
             corrections=u.corrections,
+            code_checks=u.code_checks,
+            code_repairs=u.code_repairs,
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
             total=total,
@@ -318,6 +324,7 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", help="local data file or folder (jsonl/json/parquet; Game of 24: the 24.csv)")
     p.add_argument("--rollouts", type=int, default=4, help="MCTSr rollouts per tree")
     p.add_argument("--max-tokens", type=int, default=384, help="per answer")
+    add_code_checks_option(p)
     p.add_argument("--speculative", default="prompt_lookup", help="drafter: none|prompt_lookup|kangaroo (vllm: ngram)")
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")

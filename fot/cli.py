@@ -84,7 +84,24 @@ def make_cli_backend(args: argparse.Namespace):
 
 def search_config(args: argparse.Namespace) -> dict:
     """The search options that `fot solve`'s and `fot eval`'s command lines set."""
-    return {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    config: dict = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
+    checks = getattr(args, "code_checks", "auto")
+    if checks != "auto":  # on: also for cot and sc; off: not even for fot
+        config["correction"] = {"code": checks == "on", "baselines": checks == "on"}
+    return config
+
+
+def code_checks_on(args: argparse.Namespace) -> bool:
+    """Whether a math search with these options runs the answers' code (fot by default; cot and sc when asked)."""
+    checks = getattr(args, "code_checks", "auto")
+    return checks == "on" or checks == "auto" and args.method == "fot"
+
+
+def add_code_checks_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--code-checks", default="auto", choices=["auto", "on", "off"],
+        help="math: run the answers' Python safely and repair made-up outputs (auto: fot only)",
+    )  # fmt: skip
 
 
 def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
@@ -114,7 +131,8 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         print(
             f"    trees' answers {sol.tree_answers}; {u.requests} requests, {u.generated_tokens} tokens generated, "
             f"{u.backend_calls} batches, {u.tokens_saved} tokens saved by sparse activation, "
-            f"{u.corrections} self-corrections, {u.seconds:.1f} s"
+            f"{u.corrections} self-corrections ({u.code_repairs} made-up code outputs repaired of {u.code_checks} "
+            f"checked), {u.seconds:.1f} s"
         )
     if not args.json:
         b = backend.usage
@@ -144,6 +162,7 @@ def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens
     p.add_argument("--task", default="auto", choices=["auto", "math", "game24"])
     p.add_argument("--method", default="fot", choices=["fot", "mctsr", "tot", "cot", "sc"])
     p.add_argument("--seed", type=int, default=0)
+    add_code_checks_option(p)
     add_budget_options(p, rollouts, max_tokens)
     add_backend_options(p)
 

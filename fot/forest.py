@@ -40,6 +40,7 @@ from fot.decoding.base import Backend, Completion, Request, Usage
 from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task, check_unicode, majority_key
+from fot.tasks.checks import CodeFailure, check_code, last_number, number
 from fot.trees.base import Batcher, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
@@ -68,6 +69,8 @@ class CorrectionConfig(BaseModel):
 
     enabled: bool = True
     logprob_threshold: float = -1.0
+    code: bool = True  # run the answers' Python (safely) and repair outputs they made up
+    baselines: bool = False  # the program checks for cot and sc too (off: the plain baselines)
 
 
 class ForestConfig(BaseModel):
@@ -94,6 +97,9 @@ class SolveUsage(Usage):
     tree_steps_skipped: int = 0  # by sparse activation
     tokens_saved: int = 0  # estimated: skipped tree-steps x the mean tokens of a tree-step so far
     corrections: int = 0  # answers regenerated or steps repaired by self-correction
+    code_checks: int = 0  # code blocks in answers run and compared with the output the answer claimed
+    code_failures: int = 0  # answers whose code does not print what they claimed
+    code_repairs: int = 0  # of those, answers repaired with the real output
     seconds: float = 0.0
 
 
@@ -207,42 +213,105 @@ Kept = tuple[str | None, str | None]  # (the answer text kept, the text it repla
 
 
 class MathCorrector:
-    """Regenerates answers that are unsure (mean log-prob below the threshold) or fail the task's check, in one
-    batch, and keeps the better of the two: one that passes the check, then the higher mean log-prob."""
+    """Dynamic self-correction of math answers, in one batch per call.
 
-    def __init__(self, task: Task, threshold: float, usage: SolveUsage, seed: int, max_tokens: int = 384):
+    Rule-based first: an answer whose Python code does not print what the answer claims it printed
+    (fot.tasks.checks) is repaired, the real output written in its place. Where the answer only restated the made-up
+    output, the real one becomes the answer; otherwise the model continues from the corrected prefix.
+    Then the paper's kind: answers that are unsure (mean log-prob below the threshold) or fail the task's check are
+    regenerated with a refine prompt, and the better of the two is kept: one that passes the check, then the higher
+    mean log-prob."""
+
+    def __init__(
+        self,
+        task: Task,
+        threshold: float,
+        usage: SolveUsage,
+        seed: int,
+        max_tokens: int = 384,
+        code: bool = True,
+        refine: bool = True,
+    ):
         self.task, self.threshold, self.usage, self.seed = task, threshold, usage, seed
-        self.max_tokens = max_tokens
+        self.max_tokens, self.code, self.refine = max_tokens, code, refine
 
     def needs(self, problem: str, c: Completion) -> bool:
-        if not c.ok:
+        if not c.ok or not self.refine:
             return False
         lp = c.mean_logprob
         return (lp is not None and lp < self.threshold) or bool(self.task.check(problem, c.text))
 
-    async def __call__(self, gen: Generate, problem: str, done: list[Completion]) -> list[Kept]:
+    def next_seed(self) -> int:
+        self.seed += 1
+        return self.seed
+
+    def code_failure(self, c: Completion) -> CodeFailure | None:
+        if not self.code or not c.ok:
+            return None
+        found = check_code(c.text)
+        self.usage.code_checks += found.checked
+        self.usage.code_failures += found.failure is not None
+        return found.failure
+
+    async def __call__(
+        self, gen: Generate, problem: str, requests: list[Request], done: list[Completion]
+    ) -> list[Kept]:
         """(the text to keep, the text it replaced or None) for each answer."""
         texts = [c.text if c.ok else None for c in done]
         before: list[str | None] = [None] * len(done)
-        redo = [i for i, c in enumerate(done) if self.needs(problem, c)]
-        if not redo:
-            await gen([])  # still take part in this phase of the step, so the batch is not held back
-            return list(zip(texts, before, strict=True))
+        failures = {i: f for i, c in enumerate(done) if (f := self.code_failure(c)) is not None}
+        for i, f in list(failures.items()):
+            restated = self.restated(f)
+            if restated is not None:  # no continuation needed: the executed result is the answer
+                before[i], texts[i] = texts[i], restated
+                self.usage.code_repairs += 1
+                self.usage.corrections += 1
+                del failures[i]
+        redo = [i for i, c in enumerate(done) if i not in failures and before[i] is None and self.needs(problem, c)]
         critique = "The answer may be wrong or unclear. Check every step and the final answer."
-        reqs = []
+        reqs = [self.continuation(requests[i], failures[i]) for i in failures]
         for i in redo:
-            self.seed += 1
             content = REFINE.format(problem=problem, answer=done[i].text, critique=critique)
             reqs.append(
                 Request.make(
-                    [{"role": "user", "content": content}], max_tokens=self.max_tokens, logprobs=True, seed=self.seed
+                    [{"role": "user", "content": content}],
+                    max_tokens=self.max_tokens,
+                    logprobs=True,
+                    seed=self.next_seed(),
                 )
             )
-        for i, again in zip(redo, await gen(reqs), strict=True):
+        answers = await gen(reqs)  # with no requests, it still takes part in this phase, so the batch goes on
+        for i, again in zip(failures, answers[: len(failures)], strict=True):
+            if again.ok:
+                before[i], texts[i] = texts[i], failures[i].prefix + again.text
+                self.usage.code_repairs += 1
+                self.usage.corrections += 1
+        for i, again in zip(redo, answers[len(failures) :], strict=True):
             self.usage.corrections += 1
             if again.ok and self.better(problem, again, done[i]):
                 before[i], texts[i] = texts[i], again.text
         return list(zip(texts, before, strict=True))
+
+    def restated(self, f: CodeFailure) -> str | None:
+        """The repaired answer when all the answer did after the made-up output was to restate it, else None."""
+        claimed, actual = last_number(f.claimed), last_number(f.actual)
+        said = self.task.extract(f.rest)
+        if claimed is None or actual is None or said is None or not self.task.equivalent(said, claimed):
+            return None
+        value = number(actual)
+        shown = actual if value is None or "." not in actual else f"{value:.10g}"  # 78.94999999999999 -> 78.95
+        return f"{f.prefix}The answer is {shown}."
+
+    def continuation(self, request: Request, f: CodeFailure) -> Request:
+        """Go on from the corrected prefix: the same question, the answer so far as the assistant's message."""
+        messages = request.prompt if isinstance(request.prompt, list) else [{"role": "user", "content": request.prompt}]
+        left = max(self.max_tokens // 2, 32)
+        return Request.make(
+            [*messages, {"role": "assistant", "content": f.prefix}],
+            max_tokens=left,
+            logprobs=True,
+            seed=self.next_seed(),
+        )
 
     def better(self, problem: str, new: Completion, old: Completion) -> bool:
         def rank(c: Completion) -> tuple[bool, float]:
@@ -298,7 +367,7 @@ class Forest:
         corrector = None
         if fot and c.correction.enabled:
             threshold, seed = c.correction.logprob_threshold, c.seed * 1000 + 999
-            corrector = MathCorrector(self.task, threshold, self.usage, seed, c.mctsr.max_tokens)
+            corrector = MathCorrector(self.task, threshold, self.usage, seed, c.mctsr.max_tokens, c.correction.code)
         return [
             MCTSr(self.task, p, c.mctsr, example=ex, seed=s, corrector=corrector, name=f"tree{i}")
             for i, ((p, ex), s) in enumerate(zip(inputs, seeds, strict=True))
@@ -337,9 +406,13 @@ class Forest:
 
     async def baseline(self) -> Solution:
         c = self.config
+        corrector = None
+        if c.correction.enabled and c.correction.baselines and self.task.name == "math":  # only the program checks
+            seed = c.seed * 1000 + 999
+            corrector = MathCorrector(self.task, -math.inf, self.usage, seed, c.mctsr.max_tokens, refine=False)
         if c.method == "cot":
             answer, _ = await chain_of_thought(
-                self.single, self.task, self.problem, seed=c.seed, max_tokens=c.mctsr.max_tokens
+                self.single, self.task, self.problem, seed=c.seed, max_tokens=c.mctsr.max_tokens, corrector=corrector
             )
             answers = [answer]
         else:
@@ -351,6 +424,7 @@ class Forest:
                 temperature=c.sc_temperature,
                 seed=c.seed,
                 max_tokens=c.mctsr.max_tokens,
+                corrector=corrector,
             )
         votes = Counter(a for a in answers if a is not None)
         return self.solution(answer, dict(votes), votes.get(answer, 0) / len(answers), "single", answers, [])

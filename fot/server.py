@@ -331,6 +331,7 @@ def summary(job: Job, s: Solution) -> dict[str, Any]:
         "trees": len(s.trees),
         "requests": u.requests,
         "corrections": u.corrections,
+        "code_repairs": u.code_repairs,
         "tokens_saved": u.tokens_saved,
         "draft_tokens": u.draft_tokens,
         "accepted_tokens": u.accepted_tokens,

@@ -187,3 +187,18 @@ def test_a_cancelled_caller_frees_the_engine(kind, served_model_dir):
     if kind == "native":
         assert backend.engine.stats.cancelled == 2 and backend.engine.idle
     asyncio.run(backend.close())
+
+
+def test_a_last_assistant_message_is_continued(backend, served_model_dir):
+    """A chat prompt that ends in an assistant message continues that message (how a repaired answer goes on): the
+    same tokens as the chat template's text given as a plain prompt, on every backend (vLLM's server through its
+    continue_final_message)."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "12 + 30 ="}, {"role": "assistant", "content": "The quick brown"}]
+    text = AutoTokenizer.from_pretrained(served_model_dir).apply_chat_template(
+        messages, continue_final_message=True, add_generation_prompt=False, tokenize=False
+    )
+    assert text.endswith("<|im_start|>assistant\nThe quick brown")
+    chat, plain = generate(backend, [greedy(messages, 10), greedy(text, 10)])
+    assert chat.token_ids == plain.token_ids and chat.prompt_tokens == plain.prompt_tokens

@@ -218,8 +218,13 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
     """A native CPU run is named by the dtype it resolves to: fp32 keeps the name runs had before --dtype existed,
     bf16 ("auto" where the kernels run, "fast", "bfloat16") the name of the committed bf16 runs; another device is
     named apart."""
+    old = run_name(options("arithmetic", dtype="float32", code_checks="off"))
+    assert old == "fot-t4-default-native-prompt_lookup-s0-a690c226"  # the search as it was before the code checks
     fp32 = run_name(options("arithmetic", dtype="float32"))
-    assert fp32 == "fot-t4-default-native-prompt_lookup-s0-a690c226"
+    assert fp32 != old  # fot runs the answers' code now: another search, another run
+    assert run_name(options("arithmetic", method="sc", code_checks="on")) != run_name(
+        options("arithmetic", method="sc")
+    )
     bf16 = run_name(options("arithmetic", dtype="bfloat16"))
     assert bf16 != fp32
     assert run_name(options("arithmetic", dtype="fast")) == (bf16 if cpu_has_fast_bf16() else fp32)

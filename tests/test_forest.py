@@ -181,7 +181,8 @@ def test_self_correction_triggers_and_keeps_the_better_answer():
     backend = ScriptedBackend(lambda r, j: out("Checked: the answer is 7.", -0.5))
     usage = SolveUsage()
     fix = MathCorrector(MATH, -1.0, usage, seed=0)
-    texts = asyncio.run(fix(Batcher(backend, 1).generate, "p", [sure, unsure, no_answer]))
+    asked = [Request.make([{"role": "user", "content": "p"}])] * 3
+    texts = asyncio.run(fix(Batcher(backend, 1).generate, "p", asked, [sure, unsure, no_answer]))
     assert texts == [
         ("The answer is 5.", None),
         ("Checked: the answer is 7.", "The answer is 6."),
@@ -189,7 +190,8 @@ def test_self_correction_triggers_and_keeps_the_better_answer():
     ]
     assert usage.corrections == 2 and len(backend.batches) == 1 and len(backend.batches[0]) == 2
     worse = ScriptedBackend(lambda r, j: out("The answer is 8.", -3.0))
-    assert asyncio.run(fix(Batcher(worse, 1).generate, "p", [unsure]))[0] == ("The answer is 6.", None)  # the better
+    kept = asyncio.run(fix(Batcher(worse, 1).generate, "p", asked[:1], [unsure]))
+    assert kept[0] == ("The answer is 6.", None)  # the better
 
 
 # ---- CGED --------------------------------------------------------------------------------------------------------
@@ -295,3 +297,53 @@ def test_bad_input_is_a_clear_error(problem, kw):
     with pytest.raises(InvalidRequestError):
         solve(problem, backend, **kw)
     assert backend.batches == []
+
+
+CODE_ANSWER = (
+    "Let's compute.\n```python\nchange = 100 - 3 * 12.5 - 2 * 28\nprint(change)\n```\n```output\n10.0\n```\n{rest}"
+)
+
+
+def test_made_up_code_output_is_repaired_with_the_real_one():
+    """Program-aided self-correction: an answer whose code does not print what it claimed gets the real output.
+    Where the answer only restated the made-up number, the real one is the answer with no request; where it went
+    on reasoning, the model continues from the corrected prefix, in the same batch as the refines."""
+    from fot.decoding.base import Completion
+
+    def done(text, lp=-0.1):
+        return Completion(
+            prompt_tokens=3, outputs=[Output(text=text, token_ids=[1], finish_reason="stop", logprobs=[lp])]
+        )
+
+    restates = done(CODE_ANSWER.format(rest="The change is \\(\\boxed{10.0}\\)."))
+    goes_on = done(CODE_ANSWER.format(rest="He then spends 2 more, so he has 8 left. The answer is 8."))
+    right = done(CODE_ANSWER.replace("10.0", "6.5").format(rest="The answer is 6.5."))
+    unsure = done("The answer is 6.", lp=-2.5)
+    backend = ScriptedBackend(lambda r, j: "He spends 2 more: 4.5 left. The answer is 4.5.")
+    usage = SolveUsage()
+    fix = MathCorrector(MATH, -1.0, usage, seed=0)
+    asked = [Request.make([{"role": "user", "content": f"question {i}"}]) for i in range(4)]
+    kept = asyncio.run(fix(Batcher(backend, 1).generate, "p", asked, [restates, goes_on, right, unsure]))
+    fixed = "Let's compute.\n```python\nchange = 100 - 3 * 12.5 - 2 * 28\nprint(change)\n```\n```output\n6.5\n```\n"
+    assert kept[0] == (fixed + "The answer is 6.5.", restates.text)
+    assert kept[1] == (fixed + "He spends 2 more: 4.5 left. The answer is 4.5.", goes_on.text)
+    assert kept[2] == (right.text, None)
+    assert (usage.code_checks, usage.code_failures, usage.code_repairs) == (3, 2, 2)
+    [batch] = backend.batches  # one continuation and one refine, together
+    continuation, refine = batch
+    assert continuation.prompt == [asked[1].prompt[0], {"role": "assistant", "content": fixed}]
+    assert "Previous answer: The answer is 6." in refine.prompt[0]["content"]
+    off = MathCorrector(MATH, -1.0, SolveUsage(), seed=0, code=False)
+    assert asyncio.run(off(Batcher(backend, 1).generate, "p", asked[:1], [restates]))[0] == (restates.text, None)
+
+
+@pytest.mark.parametrize("baselines", [False, True])
+def test_cot_and_sc_take_the_code_checks_only_when_asked(baselines):
+    made_up = CODE_ANSWER.format(rest="So the change is 10.0. The answer is 10.0.")
+    backend = ScriptedBackend(lambda r, j: Output(text=made_up, token_ids=[1], finish_reason="stop", logprobs=[-3.0]))
+    config = {"correction": {"baselines": baselines}, "trees": 3}
+    for method, n in (("cot", 1), ("sc", 3)):
+        sol = asyncio.run(asolve("What change from 100?", task="math", method=method, backend=backend, config=config))
+        assert sol.tree_answers == (["6.5"] * n if baselines else ["10"] * n)
+        assert (sol.usage.code_checks, sol.usage.code_repairs) == ((n, n) if baselines else (0, 0))
+        assert sol.usage.requests == 1  # restated answers need no continuation, and no refine runs for baselines

@@ -166,3 +166,42 @@ def test_escapes_are_refused_and_runaways_stopped(code, status):
 
 def test_code_over_the_size_bound_is_not_run():
     assert run("x = 1\n" * 5000).status == "not_checkable"
+
+
+def block(code: str, claimed: str | None, between: str = "") -> str:
+    out = f"```python\n{code}\n```\n"
+    return out + (f"{between}```output\n{claimed}\n```\n" if claimed is not None else "")
+
+
+@pytest.mark.parametrize(
+    "text, checked, wrong",
+    [
+        (block("print(100.83 - 0.21 * 23)", "77.0"), 1, ("77.0", "96.0")),
+        (block("print(3 * 100 - (6 * 10 + 3 * 10))", "10"), 1, ("10", "210")),
+        (block("print(5 * 2.0)", "10"), 1, None),  # 10 for 10.0
+        (block("print(45 / 7)", "6.43"), 1, None),  # rounded as claimed
+        (block("print(45 / 7)", "6.4"), 1, None),
+        (block("print(45 / 7)", "6.5"), 1, ("6.5", "6.428571428571429")),
+        (block("x = 1234 * 2\nprint(f'Total: ${x:,}')", "Total: $2,468"), 1, None),
+        (block("x = 1234 * 2\nprint('Total:', x)", "Total: 2468"), 1, None),
+        (block("print('Total:', 7)", "Sum: 7"), 1, ("Sum: 7", "Total: 7")),
+        (block("print(2 + 2)", None), 0, None),  # nothing claimed
+        (block("import os\nprint(4)", "5"), 0, None),  # not checkable: never run, never judged
+        (block("print(1 / 0)", "5"), 0, None),  # an error: no output to trust
+        (block("x = 4", "4"), 0, None),  # prints nothing
+        ("Output:\n" + block("print(6 * 7)", None) + "When run, it prints:\n```\n40\n```\n", 1, ("40", "42")),
+        (block("print(1 + 1)", "2") + "Then:\n" + block("print(3 * 3)", "6"), 2, ("6", "9")),
+    ],
+)
+def test_code_checks_compare_what_code_prints_with_what_the_answer_claims(text, checked, wrong):
+    from fot.tasks.checks import check_code
+
+    found = check_code("Let me compute.\n" + text + "The answer is 5.")
+    assert found.checked == checked
+    if wrong is None:
+        assert found.failure is None
+        return
+    f = found.failure
+    assert (f.claimed, f.actual) == wrong
+    assert f.prefix.endswith(f"\n{f.actual}\n```\n") and f.prefix.startswith("Let me compute.\n")
+    assert f.rest.strip() == "The answer is 5."

@@ -137,7 +137,10 @@ class OpenAIBackend(BaseBackend):
         body |= {"ignore_eos": True} if p.ignore_eos else {}
         if isinstance(request.prompt, str):
             return "/completions", body | {"prompt": request.prompt} | ({"logprobs": 0} if p.logprobs else {})
-        return "/chat/completions", body | {"messages": request.prompt, "logprobs": p.logprobs}
+        body |= {"messages": request.prompt, "logprobs": p.logprobs}
+        if request.prompt[-1]["role"] == "assistant":  # continue that message (vLLM's extension), as encode_prompt
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
+        return "/chat/completions", body
 
     async def _one(self, request: Request) -> Completion:
         try:

@@ -608,8 +608,9 @@ def share_prefixes(
 
 
 def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
-    """Token ids of a text prompt, or of chat messages rendered with the model's chat template. Every backend
-    that tokenizes locally uses this, so the same request means the same tokens everywhere."""
+    """Token ids of a text prompt, or of chat messages rendered with the model's chat template (ending in an
+    assistant message: that message is continued). Every backend that tokenizes locally uses this, so the same
+    request means the same tokens everywhere."""
     if isinstance(prompt, str):
         check_unicode(prompt, "the prompt")
         return tokenizer(prompt)["input_ids"]
@@ -618,7 +619,11 @@ def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
             check_unicode(str(m.get("content", "")), "a chat message")
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("chat messages given but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        # a last assistant message is a prefix to continue (a repaired answer), not a finished turn
+        go_on = prompt[-1].get("role") == "assistant"
+        text = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=not go_on, continue_final_message=go_on, tokenize=False
+        )
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     raise InvalidRequestError(f"a prompt must be text, chat messages or in-vocabulary token ids, got {prompt!r:.80}")
 

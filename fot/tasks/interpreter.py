@@ -5,7 +5,8 @@ checked against a whitelist before anything runs, and the tree is then walked by
 
   statements   assignment (names, tuples, subscripts), augmented assignment, `if`, `for`, `while`, `break`,
                `continue`, `pass`, simple functions (`def f(a, b): ... return x`), `import math` / `from math
-               import ...` (which bind this module's own table of math functions; nothing is imported);
+               import ...` (which bind this module's own table of math functions; nothing is imported), and of
+               sympy only `Rational` and `Integer` (exact fractions, printed as sympy prints them);
   expressions  literals, names, arithmetic, comparison, `and`/`or`/`not`, `x if c else y`, lists, tuples, dicts,
                indexing and slices, one-generator comprehensions, f-strings, a few builtins (`print`, `round`,
                `int`, `float`, `abs`, `min`, `max`, `sum`, `len`, `range`, `str`, `bool`, `list`, `tuple`,
@@ -27,6 +28,7 @@ import builtins
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 MATH = {
@@ -37,7 +39,9 @@ MATH = {
         "isqrt", "fsum", "copysign", "fmod", "modf", "pow",
     )
 }  # fmt: skip
-COUNTING = {"factorial": math.factorial, "comb": math.comb, "perm": math.perm}  # bounded arguments: see _counting
+SYMPY = {"Rational": Fraction, "Integer": int}  # what `import sympy` binds: exact fractions print as sympy's do
+COUNTING = {"factorial": math.factorial, "comb": math.comb, "perm": math.perm}  # bounded arguments: see counting
+MODULES = {"math": MATH | COUNTING, "sympy": SYMPY}
 METHODS = {
     list: {"append", "extend", "pop", "insert", "index", "count", "sort", "reverse", "copy"},
     dict: {"items", "keys", "values", "get", "copy", "pop", "update"},
@@ -112,12 +116,12 @@ def check_whitelist(tree: ast.AST) -> None:
             node.arg if isinstance(node, ast.arg) else node.name
         ).startswith("_"):
             raise NotCheckable("names beginning with '_' are not allowed")
-        if isinstance(node, ast.Import) and any(a.name != "math" for a in node.names):
-            raise NotCheckable("only `import math` is allowed")
+        if isinstance(node, ast.Import) and any(a.name not in MODULES for a in node.names):
+            raise NotCheckable("only `import math` and `import sympy` are allowed")
         if isinstance(node, ast.ImportFrom) and (
-            node.module != "math" or any(a.name not in MATH and a.name not in COUNTING for a in node.names)
+            node.module not in MODULES or any(a.name not in MODULES[node.module] for a in node.names)
         ):
-            raise NotCheckable("only names of math may be imported")
+            raise NotCheckable("only the allowed names of math and sympy may be imported")
         if isinstance(node, ast.FunctionDef):
             a = node.args
             if node.decorator_list or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
@@ -157,7 +161,7 @@ def run(code: str, limits: Limits | None = None) -> Run:
         return Run(output=machine.text(), status="bound", reason="too deeply nested")
     except Exception as e:  # the program's own error (ZeroDivisionError, NameError, ...): it has no output to trust
         return Run(output=machine.text(), status="error", reason=f"{type(e).__name__}: {e}")
-    shown = {k: v for k, v in machine.globals.items() if not isinstance(v, _Function | _MathModule) and not callable(v)}
+    shown = {k: v for k, v in machine.globals.items() if not isinstance(v, _Function | _Module) and not callable(v)}
     return Run(output=machine.text(), variables=shown)
 
 
@@ -218,6 +222,8 @@ class _Machine:
         """Check a value against the size bounds."""
         if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > self.limits.max_bits:
             raise Bound(f"an integer over {self.limits.max_bits} bits")
+        if isinstance(v, Fraction) and v.numerator.bit_length() + v.denominator.bit_length() > self.limits.max_bits:
+            raise Bound(f"a fraction over {self.limits.max_bits} bits")
         if isinstance(v, str | list | tuple | dict) and len(v) > self.limits.max_items:
             raise Bound(f"a sequence over {self.limits.max_items} items")
         return v
@@ -328,10 +334,10 @@ class _Machine:
             raise _Return(None if s.value is None else self.expr(s.value, env))
         elif isinstance(s, ast.Import):
             for a in s.names:
-                env[a.asname or a.name] = _MATH_MODULE
+                env[a.asname or a.name] = _Module(a.name)
         elif isinstance(s, ast.ImportFrom):
             for a in s.names:
-                env[a.asname or a.name] = self.counting(a.name) if a.name in COUNTING else MATH[a.name]
+                env[a.asname or a.name] = self.attribute(_Module(s.module), a.name)
         else:  # pragma: no cover - the whitelist admits nothing else
             raise NotCheckable(type(s).__name__)
 
@@ -459,12 +465,12 @@ class _Machine:
         return self.fresh(BINARY[type(op)](a, b))
 
     def attribute(self, obj: Any, attr: str) -> Any:
-        if obj is _MATH_MODULE:
-            if attr in COUNTING:
+        if isinstance(obj, _Module):
+            if attr in COUNTING and obj.name == "math":
                 return self.counting(attr)
-            if attr not in MATH:
-                raise NotCheckable(f"math.{attr} is not allowed")
-            return MATH[attr]
+            if attr not in MODULES[obj.name]:
+                raise NotCheckable(f"{obj.name}.{attr} is not allowed")
+            return MODULES[obj.name][attr]
         allowed = METHODS.get(type(obj), set())
         if attr not in allowed:
             raise NotCheckable(f"{type(obj).__name__}.{attr} is not allowed")
@@ -564,8 +570,8 @@ def _load(target: ast.expr) -> ast.expr:
     raise NotCheckable(f"augmented assignment to {type(target).__name__}")
 
 
-class _MathModule:
-    """What `import math` binds: a marker whose attributes are looked up in MATH only."""
+@dataclass(frozen=True)
+class _Module:
+    """What `import math` (or sympy) binds: a name whose attributes are looked up in that module's table only."""
 
-
-_MATH_MODULE = _MathModule()
+    name: str

@@ -1,4 +1,5 @@
-"""Baselines: chain of thought (one greedy answer) and self-consistency (majority of n sampled answers).
+"""Baselines: chain of thought (one greedy answer) and self-consistency (majority of n sampled answers), with
+the program-aided checks as an option (`corrector`), so that an ablation can compare both ways.
 
 Also FoT's fallback when the forest's decision is "I don't know". For Game of 24 the answer line is
 "Answer: <expression> = 24"; for math, "The answer is X." The Game-of-24 example (rank 455) lies outside the
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from fot.decoding.base import Completion, Request
 from fot.tasks.base import Task, majority_key
-from fot.trees.mctsr import ANSWER, Generate
+from fot.trees.mctsr import ANSWER, Corrector, Generate
 
 GAME24 = """Use each of the four numbers exactly once with + - * / and parentheses to make 24.
 Input: 2 9 10 12
@@ -32,11 +33,23 @@ def cot_request(
     return Request.make([{"role": "user", "content": ANSWER.format(problem=problem, example="")}], **params)
 
 
+async def corrected(gen: Generate, problem: str, request: Request, done: Completion, corrector: Corrector | None):
+    """The texts of a request's samples, after the corrector's checks and repairs where there is one."""
+    if not done.ok:
+        return []
+    if corrector is None:
+        return done.texts
+    samples = [Completion(prompt_tokens=done.prompt_tokens, outputs=[o]) for o in done.outputs]
+    return [text for text, _ in await corrector(gen, problem, [request] * len(samples), samples)]
+
+
 async def chain_of_thought(
-    gen: Generate, task: Task, problem: str, *, seed: int = 0, max_tokens: int = 384
+    gen: Generate, task: Task, problem: str, *, seed: int = 0, max_tokens: int = 384, corrector: Corrector | None = None
 ) -> tuple[str | None, Completion]:
-    [done] = await gen([cot_request(task, problem, seed=seed, max_tokens=max_tokens)])
-    return (task.extract(done.text) if done.ok else None), done
+    request = cot_request(task, problem, seed=seed, max_tokens=max_tokens)
+    [done] = await gen([request])
+    texts = await corrected(gen, problem, request, done, corrector)
+    return (task.extract(texts[0]) if texts and texts[0] is not None else None), done
 
 
 async def self_consistency(
@@ -48,10 +61,13 @@ async def self_consistency(
     temperature: float = 0.7,
     seed: int = 0,
     max_tokens: int = 384,
+    corrector: Corrector | None = None,
 ) -> tuple[str | None, list[str | None], Completion]:
     """The most common of `samples` sampled answers (None if none of them has an answer)."""
     request = cot_request(task, problem, n=samples, temperature=temperature, seed=seed, max_tokens=max_tokens)
     [done] = await gen([request])
-    answers = [task.extract(t) for t in done.texts] if done.ok else []
+    answers = [
+        task.extract(t) if t is not None else None for t in await corrected(gen, problem, request, done, corrector)
+    ]
     ranked = majority_key(task, answers)
     return (ranked[0][0] if ranked else None), answers, done

@@ -25,8 +25,9 @@ from fot.tasks.base import Task
 from fot.trees.base import TreeGraph
 
 Generate = Callable[[list[Request]], Awaitable[list[Completion]]]
-# dynamic self-correction hook: (gen, problem, the answers' completions) -> (text to keep, text it replaced or None)
-Corrector = Callable[[Generate, str, list[Completion]], Awaitable[list[tuple[str | None, str | None]]]]
+# dynamic self-correction hook: (gen, problem, the answers' requests and completions) -> (text to keep, text it
+# replaced or None) for each
+Corrector = Callable[[Generate, str, list[Request], list[Completion]], Awaitable[list[tuple[str | None, str | None]]]]
 
 DUMMY = "I don't know."
 ANSWER = "Solve the problem step by step, then finish with 'The answer is X.'\n\n{example}Problem: {problem}"
@@ -123,7 +124,7 @@ class MCTSr:
         replaced or None) each; failed requests give None."""
         done = await gen(requests)
         if self.corrector is not None:
-            return await self.corrector(gen, self.problem, done)
+            return await self.corrector(gen, self.problem, requests, done)
         return [(c.text if c.ok else None, None) for c in done]
 
     # ---- the algorithm --------------------------------------------------------------------------------------
