@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import zipfile
+from functools import cache
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -227,3 +228,36 @@ def load_arithmetic(n: int = 100, levels: tuple[int, ...] = (1, 2, 3, 4), seed: 
             Problem(id=f"arith-{seed}-{i}", question=question, gold=str(answer), task="math", level=str(level))
         )
     return problems
+
+
+# ---- GSM-Symbolic, generated offline by reasoning-gym ---------------------------------------------------------------
+@cache
+def gsm_symbolic_dataset(n: int, seed: int):
+    """reasoning-gym's generator of GSM-Symbolic (100 templates of GSM8K test problems, exact answers); offline."""
+    try:
+        import reasoning_gym
+    except ImportError as e:
+        raise DataError(f"GSM-Symbolic needs reasoning-gym (the eval extra: pip install 'fot[eval]'): {e}") from None
+    return reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
+
+
+def load_gsm_symbolic(n: int = 200, seed: int = 0) -> list[Problem]:
+    """`n` problems of GSM-Symbolic for a seed; id `gsm_symbolic-SEED-I` regenerates problem I."""
+    if n < 1:
+        raise DataError("GSM-Symbolic needs n >= 1")
+    problems = []
+    for i, row in enumerate(gsm_symbolic_dataset(n, seed)):
+        problems.append(
+            Problem(id=f"gsm_symbolic-{seed}-{i}", question=row["question"], gold=str(row["answer"]), task="math")
+        )
+    return problems
+
+
+def gym_score(problem: Problem, answer: str | None) -> bool | None:
+    """reasoning-gym's own verdict on an answer to a GSM-Symbolic problem (None for other data): the cross-check of
+    the project's equivalence."""
+    if not problem.id.startswith("gsm_symbolic-") or answer is None:
+        return None if answer is not None else False
+    seed, i = (int(x) for x in problem.id.removeprefix("gsm_symbolic-").split("-"))
+    ds = gsm_symbolic_dataset(i + 1, seed)  # an item depends on its seed and index only, not on the size
+    return ds.score_answer(answer, ds[i]) == 1.0

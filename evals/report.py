@@ -38,6 +38,9 @@ class Row(BaseModel):
     seconds: float  # per problem
     accept_rate: float | None  # accepted / proposed drafts
     sd_speedup: float | None  # seconds of the plain twin / seconds of this run, same problems
+    code_checks: bool = False  # the run's search ran the answers' code
+    code_repairs: float = 0.0  # made-up code outputs repaired, per problem
+    disagreements: int | None = None  # records whose cross-check (reasoning-gym's verdict) differs from `correct`
 
     @computed_field
     @property
@@ -104,6 +107,11 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 seconds=sum(r.seconds for r in rs) / n,
                 accept_rate=sum(r.accepted_tokens for r in rs) / drafts if drafts else None,
                 sd_speedup=speedup,
+                code_checks=first.code_checks_on,
+                code_repairs=sum(r.code_repairs for r in rs) / n,
+                disagreements=sum(r.gym_correct != r.correct for r in rs if r.gym_correct is not None)
+                if any(r.gym_correct is not None for r in rs)
+                else None,
             )
         )
     rows.sort(key=lambda r: (r.benchmark, r.model, r.method, r.trees, r.speculative))
@@ -128,18 +136,26 @@ def markdown(rows: list[Row]) -> str:
         out += [
             f"## {bench}",
             "",
-            "| model | method | trees | drafter | n | accuracy (95% CI) | tokens / problem | s / problem "
+            "| model | method | trees | checks | drafter | n | accuracy (95% CI) | tokens / problem | s / problem "
             "| drafts accepted | SD speedup |",
-            "|---|---|---:|---|---:|---|---:|---:|---:|---:|",
+            "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|",
         ]
         for r in rs:
             accept = f"{r.accept_rate:.0%}" if r.accept_rate is not None else "-"
             speed = f"{r.sd_speedup:.2f}x" if r.sd_speedup is not None else "-"
             n = f"{r.n} of {r.total}" if r.partial else f"{r.n}"
+            checks = f"code ({r.code_repairs:.2f} repairs / problem)" if r.code_checks else "-"
             out.append(
-                f"| {r.model} | {r.method} | {r.trees} | {r.speculative} | {n} | {r.accuracy:.1%} "
+                f"| {r.model} | {r.method} | {r.trees} | {checks} | {r.speculative} | {n} | {r.accuracy:.1%} "
                 f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {r.tokens:.0f} | {r.seconds:.1f} | {accept} | {speed} |"
             )
+        crossed = [r for r in rs if r.disagreements is not None]
+        if crossed:
+            bad = sum(r.disagreements for r in crossed)
+            records = sum(r.n for r in crossed)
+            note = "it reads the first number of an answer and drops its sign"
+            out += ["", f"Cross-check with reasoning-gym's own `score_answer`: {bad} disagreements in {records} records"
+                    f" ({note})."]  # fmt: skip
         out += [
             "",
             f"![accuracy vs trees]({bench}_accuracy_vs_trees.png)",

@@ -26,7 +26,16 @@ from pathlib import Path
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from evals.data import DataError, Problem, load_arithmetic, load_game24, load_gsm8k, load_math500
+from evals.data import (
+    DataError,
+    Problem,
+    gym_score,
+    load_arithmetic,
+    load_game24,
+    load_gsm8k,
+    load_gsm_symbolic,
+    load_math500,
+)
 from fot.cli import add_code_checks_option, code_checks_on, search_config
 from fot.errors import FotError
 from fot.files import locked
@@ -53,6 +62,7 @@ BENCHMARKS = {
     "math": Benchmark("math", "math", lambda a: load_math500(a.data)),
     "game24": Benchmark("game24", "game24", lambda a: load_game24(a.data, a.ranks)),
     "arithmetic": Benchmark("arithmetic", "math", lambda a: load_arithmetic(a.n, _levels(a.levels), a.data_seed)),
+    "gsm_symbolic": Benchmark("gsm_symbolic", "math", lambda a: load_gsm_symbolic(a.n, a.data_seed)),
 }
 # What each --speculative choice means per backend (the openai backend's servers decide for themselves).
 DRAFTERS = {
@@ -98,8 +108,10 @@ class Record(BaseModel):
     seconds: float
     concurrency: int
     total: int | None = None  # problems the run was asked for (absent from records written before this field)
-    code_checks: int = 0  # code blocks run by the program-aided checks (0 in records from before them)
+    code_checks_on: bool = False  # the search ran the answers' code (records from before the checks: it did not)
+    code_checks: int = 0  # code blocks run by the program-aided checks
     code_repairs: int = 0
+    gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
 
 
 def score(problem: Problem, answer: str | None) -> bool:
@@ -136,6 +148,8 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings["dtype"] = args.dtype
     if args.benchmark == "arithmetic":
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
+    if args.benchmark == "gsm_symbolic":
+        settings |= {"n": args.n, "data_seed": args.data_seed}
     if args.benchmark != "game24" and code_checks_on(args):  # runs from before the checks keep their names
         settings["code_checks"] = True
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -285,8 +299,10 @@ async def solve_all(
             accepted_tokens=u.accepted_tokens,
             tokens_saved=u.tokens_saved,
             corrections=u.corrections,
+            code_checks_on=args.benchmark != "game24" and code_checks_on(args),
             code_checks=u.code_checks,
             code_repairs=u.code_repairs,
+            gym_correct=gym_score(problem, sol.answer),
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
             total=total,
@@ -337,9 +353,9 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
     p.add_argument("--timeout", type=float, help="openai: seconds for each request, retries included (default 900)")
     p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
-    p.add_argument("--n", type=int, default=100, help="arithmetic: problems generated")
+    p.add_argument("--n", type=int, default=100, help="arithmetic, gsm_symbolic: problems generated")
     p.add_argument("--levels", default="1,2,3,4", help="arithmetic: operations per problem")
-    p.add_argument("--data-seed", type=int, default=0, help="arithmetic: generator seed")
+    p.add_argument("--data-seed", type=int, default=0, help="arithmetic, gsm_symbolic: generator seed")
     p.add_argument("--no-report", action="store_true", help="do not rewrite OUT/REPORT.md and the plots")
     return p
 

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--html", metavar="FILE", help="write the forest viewer (one HTML page, works offline) to FILE")
     p.set_defaults(func=cmd_solve)
     # `fot eval ...` goes straight to the evals parser (in main), so its -h and options are the evals' own.
-    sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic); `fot eval -h` for options")
+    sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic, gsm_symbolic); see `fot eval -h`")
     p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
     add_search_options(p, rollouts=1, max_tokens=160)
     p.set_defaults(func=cmd_demo, json=False)

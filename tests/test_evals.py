@@ -21,7 +21,7 @@ from evals.data import (
     load_gsm8k,
     load_math500,
 )
-from evals.report import PLOTS, summarise, wilson, write_report
+from evals.report import PLOTS, markdown, summarise, wilson, write_report
 from evals.runner import Record, arun, options, read_records, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
@@ -302,8 +302,8 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
     plotted = []
     monkeypatch.setitem(PLOTS, "trees", lambda ax, rs: plotted.extend(r.method for r in rs))
     report = write_report(tmp_path).read_text()
-    assert "| smollm2-135m | sc | 4 | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
-    assert "| smollm2-135m | fot | 8 | prompt_lookup | 2 of 4 | 100.0% (34%-100%) |" in report
+    assert "| smollm2-135m | sc | 4 | - | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
+    assert "| smollm2-135m | fot | 8 | - | prompt_lookup | 2 of 4 | 100.0% (34%-100%) |" in report
     assert sorted(plotted) == ["cot", "sc", "sc"]  # the stopped run is in the table, not in the plots
     for png in ("arithmetic_accuracy_vs_trees.png", "arithmetic_accuracy_vs_tokens.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -325,3 +325,48 @@ def test_fot_eval_rejects_bad_input_before_loading_a_model(tmp_path: Path) -> No
     assert done.returncode == 2 and "invalid choice" in done.stderr
     done = run_cli("eval", "-h")
     assert done.returncode == 0 and "--method {cot,sc,tot,mctsr,fot}" in done.stdout
+
+
+# ---- GSM-Symbolic ---------------------------------------------------------------------------------------------------
+def test_gsm_symbolic_is_generated_offline_and_each_id_regenerates_its_problem():
+    from evals.data import gsm_symbolic_dataset, load_gsm_symbolic
+
+    problems = load_gsm_symbolic(20, seed=3)
+    assert [p.id for p in problems] == [f"gsm_symbolic-3-{i}" for i in range(20)]
+    assert load_gsm_symbolic(20, seed=3) == problems and load_gsm_symbolic(20, seed=4) != problems
+    again = gsm_symbolic_dataset(8, 3)[7]  # a smaller set with the same seed holds the same problem 7
+    assert (again["question"], str(again["answer"])) == (problems[7].question, problems[7].gold)
+    with pytest.raises(DataError):
+        load_gsm_symbolic(0)
+
+
+def test_the_projects_scoring_agrees_with_reasoning_gyms():
+    from evals.data import gym_score, load_gsm_symbolic
+
+    for p in load_gsm_symbolic(10, seed=0):
+        g = int(p.gold)
+        for answer in (str(g), f"{g}.0", f"{g}.00", f"{g}/1", str(g + 1), "0", str(g * 10), f"{g}.5", "1e3"):
+            assert score(p, answer) == gym_score(p, answer), (p.gold, answer)
+        assert gym_score(p, None) is False and score(p, None) is False
+        assert score(p, f"-{g}") is False and gym_score(p, f"-{g}") is True  # gym drops the sign: a disagreement
+
+
+def test_a_gsm_symbolic_run_records_the_cross_check_and_the_report_counts_disagreements(tmp_path: Path) -> None:
+    from evals.data import load_gsm_symbolic
+
+    golds = [p.gold for p in load_gsm_symbolic(4, seed=0)]
+    replies = iter([f"The answer is {golds[0]}.", f"The answer is -{golds[1]}.", "The answer is 1.", "No idea."])
+    backend = ScriptedBackend(lambda r, j: next(replies))
+    args = options("gsm_symbolic", method="cot", n=4, out=str(tmp_path), no_report=True)
+    path, failed = run_sync(arun(args, backend=backend))
+    records = read_records(path)
+    assert failed == 0 and path.parent.name == "gsm_symbolic"
+    assert [(r.correct, r.gym_correct) for r in records] == [
+        (True, True),
+        (False, True),
+        (False, False),
+        (False, False),
+    ]
+    [row] = summarise({("gsm_symbolic", path.stem): records})
+    assert row.disagreements == 1 and not row.code_checks
+    assert "1 disagreements in 4 records" in markdown([row])
