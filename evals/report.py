@@ -235,14 +235,88 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
     return written
 
 
+def mcnemar(only_a: int, only_b: int) -> float:
+    """McNemar's exact two-sided p-value: under no difference, the problems only one method got right split as
+    fair coin flips."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+class Pair(BaseModel):
+    """Two runs on the same problems: who got which right."""
+
+    benchmark: str
+    model: str
+    a: str
+    b: str
+    n: int
+    both: int
+    only_a: int
+    only_b: int
+    neither: int
+    p_value: float
+    tokens_a: float
+    tokens_b: float
+
+
+def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
+    """The comparisons the report makes, on the problems both runs finished: each run with the code checks against
+    its twin without them, and each FoT run against each self-consistency run of the same model."""
+    label = {key: f"{rs[0].method}-{rs[0].trees}{' +code' if rs[0].code_checks_on else ''}" for key, rs in runs.items()}
+    out = []
+    for (bench, a), ra in runs.items():
+        for (bench_b, b), rb in runs.items():
+            if bench_b != bench or a == b or ra[0].model != rb[0].model or ra[0].speculative != rb[0].speculative:
+                continue
+            fa, fb = ra[0], rb[0]
+            ablation = fa.code_checks_on and not fb.code_checks_on and (fa.method, fa.trees) == (fb.method, fb.trees)
+            if not (ablation or fa.method == "fot" and fb.method == "sc"):
+                continue
+            right_b = {r.id: r.correct for r in rb}
+            common = [(r.correct, right_b[r.id]) for r in ra if r.id in right_b]
+            if not common:
+                continue
+            only_a, only_b = sum(x and not y for x, y in common), sum(y and not x for x, y in common)
+            ids = {r.id for r in ra} & set(right_b)
+            out.append(
+                Pair(
+                    benchmark=bench, model=ALIASES.get(fa.model, Path(fa.model).name), a=label[(bench, a)],
+                    b=label[(bench_b, b)], n=len(common),
+                    both=sum(x and y for x, y in common), only_a=only_a, only_b=only_b,
+                    neither=sum(not x and not y for x, y in common), p_value=mcnemar(only_a, only_b),
+                    tokens_a=sum(r.tokens for r in ra if r.id in ids) / len(ids),
+                    tokens_b=sum(r.tokens for r in rb if r.id in ids) / len(ids),
+                )
+            )  # fmt: skip
+    return out
+
+
+def pairs_markdown(ps: list[Pair]) -> str:
+    if not ps:
+        return ""
+    out = ["## Paired comparisons", "", "Same problems, both runs finished; p: McNemar's exact test.", "",
+           "| benchmark | model | A | B | n | both | only A | only B | neither | p | tokens A | tokens B |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in ps:
+        out.append(
+            f"| {p.benchmark} | {p.model} | {p.a} | {p.b} | {p.n} | {p.both} | {p.only_a} | {p.only_b} | {p.neither} "
+            f"| {p.p_value:.3g} | {p.tokens_a:.0f} | {p.tokens_b:.0f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def write_report(out: Path) -> Path:
     """Write OUT/REPORT.md, OUT/summary.json and the plots from every run file under OUT."""
-    rows = summarise(load_runs(out))
+    runs = load_runs(out)
+    rows = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text("[\n" + ",\n".join(r.model_dump_json() for r in rows) + "\n]\n")
     plot(rows, out)
     path = out / "REPORT.md"
-    path.write_text(markdown(rows))
+    path.write_text(markdown(rows) + "\n" + pairs_markdown(pairs(runs)))
     return path
 
 

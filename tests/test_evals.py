@@ -370,3 +370,20 @@ def test_a_gsm_symbolic_run_records_the_cross_check_and_the_report_counts_disagr
     [row] = summarise({("gsm_symbolic", path.stem): records})
     assert row.disagreements == 1 and not row.code_checks
     assert "1 disagreements in 4 records" in markdown([row])
+
+
+def test_paired_comparison_and_mcnemar() -> None:
+    from evals.report import mcnemar, pairs
+
+    assert mcnemar(0, 0) == 1.0 and mcnemar(3, 3) == 1.0
+    assert mcnemar(10, 0) == pytest.approx(2 / 1024) and mcnemar(8, 2) == pytest.approx(2 * 56 / 1024)
+    a = [record(f"a{i}", "x", i < 8, 1.0, method="fot", trees=4, code_checks_on=True, tokens=100) for i in range(10)]
+    b = [record(f"a{i}", "y", i in (0, 8, 9), 1.0, method="sc", trees=8, tokens=150) for i in range(9)]
+    c = [record(f"a{i}", "z", i < 2, 1.0, method="fot", trees=4, tokens=90) for i in range(10)]
+    runs = {("arithmetic", "x"): a, ("arithmetic", "y"): b, ("arithmetic", "z"): c}
+    found = {(p.a, p.b): p for p in pairs(runs)}
+    assert set(found) == {("fot-4 +code", "sc-8"), ("fot-4 +code", "fot-4"), ("fot-4", "sc-8")}
+    p = found[("fot-4 +code", "sc-8")]  # the 9 problems both finished
+    assert (p.n, p.both, p.only_a, p.only_b, p.neither) == (9, 1, 7, 1, 0)
+    assert p.p_value == pytest.approx(mcnemar(7, 1)) and (p.tokens_a, p.tokens_b) == (100, 150)
+    assert found[("fot-4 +code", "fot-4")].only_a == 6
