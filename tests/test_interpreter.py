@@ -205,3 +205,13 @@ def test_code_checks_compare_what_code_prints_with_what_the_answer_claims(text, 
     assert (f.claimed, f.actual) == wrong
     assert f.prefix.endswith(f"\n{f.actual}\n```\n") and f.prefix.startswith("Let me compute.\n")
     assert f.rest.strip() == "The answer is 5."
+
+
+def test_loops_with_else_break_and_continue_match_cpython():
+    code = (
+        "for i in range(5):\n    if i == 1:\n        continue\n    if i == 3:\n        break\n    print(i)\nelse:\n"
+        "    print('no break')\nfor i in range(2):\n    print(i)\nelse:\n    print('done')\nn = 0\nwhile n < 10:\n"
+        "    n += 3\n    if n == 6:\n        continue\n    print(n)\nelse:\n    print('while done', n)\n"
+        "while True:\n    n -= 1\n    if n < 5:\n        break\nelse:\n    print('never')\nprint(n)\n"
+    )
+    assert run(code).output == cpython(code)[0]

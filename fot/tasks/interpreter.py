@@ -318,10 +318,8 @@ class _Machine:
             self.assign(s.target, self.binary(s.op, current, self.expr(s.value, env)), env)
         elif isinstance(s, ast.If):
             self.block(s.body if self.expr(s.test, env) else s.orelse, env)
-        elif isinstance(s, ast.For):
-            self.loop_for(s, env)
-        elif isinstance(s, ast.While):
-            self.loop_while(s, env)
+        elif isinstance(s, ast.For | ast.While):
+            self.loop(s, env)
         elif isinstance(s, ast.Break):
             raise _Break
         elif isinstance(s, ast.Continue):
@@ -341,33 +339,26 @@ class _Machine:
         else:  # pragma: no cover - the whitelist admits nothing else
             raise NotCheckable(type(s).__name__)
 
-    def loop_for(self, s: ast.For, env: dict[str, Any]) -> None:
-        broke = False
-        for item in self.items(self.expr(s.iter, env)):
-            self.assign(s.target, item, env)
+    def loop(self, s: ast.For | ast.While, env: dict[str, Any]) -> None:
+        """`for` and `while`: the body once per turn; `break` skips the `else`."""
+        for _ in self.turns(s, env):
             try:
                 self.block(s.body, env)
             except _Break:
-                broke = True
-                break
+                return
             except _Continue:
                 continue
-        if not broke:
-            self.block(s.orelse, env)
+        self.block(s.orelse, env)
 
-    def loop_while(self, s: ast.While, env: dict[str, Any]) -> None:
-        broke = False
+    def turns(self, s: ast.For | ast.While, env: dict[str, Any]) -> Iterator[None]:
+        if isinstance(s, ast.For):
+            for item in self.items(self.expr(s.iter, env)):
+                self.assign(s.target, item, env)
+                yield
+            return
         while self.expr(s.test, env):
             self.tick()
-            try:
-                self.block(s.body, env)
-            except _Break:
-                broke = True
-                break
-            except _Continue:
-                continue
-        if not broke:
-            self.block(s.orelse, env)
+            yield
 
     def assign(self, target: ast.expr, v: Any, env: dict[str, Any]) -> None:
         if isinstance(target, ast.Name):
