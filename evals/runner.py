@@ -129,6 +129,11 @@ def data_digest(problems: list[Problem]) -> str:
     return hashlib.sha1(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
+def checks_on(args: argparse.Namespace) -> bool:
+    """Whether this run's search runs the answers' code (math benchmarks only)."""
+    return args.benchmark != "game24" and code_checks_on(args)
+
+
 def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) -> str:
     """The file name of a run: readable settings plus a hash of everything else that changes results. With
     `--data`, the data's own hash (`data_digest` of `problems`) is part of it: another file is another run."""
@@ -150,7 +155,7 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
     if args.benchmark == "gsm_symbolic":
         settings |= {"n": args.n, "data_seed": args.data_seed}
-    if args.benchmark != "game24" and code_checks_on(args):  # runs from before the checks keep their names
+    if checks_on(args):  # runs from before the checks keep their names
         settings["code_checks"] = True
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = Path(args.model).name if args.model else "default"
@@ -299,7 +304,7 @@ async def solve_all(
             accepted_tokens=u.accepted_tokens,
             tokens_saved=u.tokens_saved,
             corrections=u.corrections,
-            code_checks_on=args.benchmark != "game24" and code_checks_on(args),
+            code_checks_on=checks_on(args),
             code_checks=u.code_checks,
             code_repairs=u.code_repairs,
             gym_correct=gym_score(problem, sol.answer),

@@ -357,16 +357,20 @@ def completion(job: Job, s: Solution, created: int) -> dict[str, Any]:
     }
 
 
-def chunk(job: Job, created: int, delta: dict, finish: str | None = None, **extra: Any) -> str:
-    body = {
-        "id": job.id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": job.model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        **extra,
-    }
-    return f"data: {json.dumps(body)}\n\n"
+def sse(body: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
+
+
+def chunk(job: Job, created: int, delta: dict | None, finish: str | None = None, **extra: Any) -> str:
+    """A chat.completion.chunk event; `delta` None: no choices (the usage chunk)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    body = {"id": job.id, "object": "chat.completion.chunk", "created": created, "model": job.model}
+    return sse(body | {"choices": choices} | extra)
+
+
+def progress_chunk(job: Job, created: int, p: Progress) -> str:
+    return chunk(job, created, {}, fot={"event": "progress", **p.model_dump()})
 
 
 def search_error(e: BaseException, deadline: float, logged: bool = False) -> ApiError:
@@ -459,6 +463,13 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         metrics.prompt.inc(result.usage.prompt_tokens)
         metrics.completion.inc(result.usage.generated_tokens)
 
+    async def abandon(solving: asyncio.Future) -> None:
+        """Cancel a search whose client went away, and wait until its requests have left the backend."""
+        solving.cancel()
+        with contextlib.suppress(BaseException):
+            await solving
+        metrics.cancelled.inc()
+
     async def until_disconnect(request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -484,10 +495,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         try:
             await asyncio.wait({solving, watching}, return_when=asyncio.FIRST_COMPLETED)
             if not solving.done():  # the client went away: its search goes, and its engine slots with it
-                solving.cancel()
-                with contextlib.suppress(BaseException):
-                    await solving
-                metrics.cancelled.inc()
+                await abandon(solving)
                 return Response(status_code=499)
             try:
                 solution = solving.result()
@@ -515,41 +523,29 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
                     getter.cancel()
                     return
                 if getter.done():
-                    p: Progress = getter.result()
-                    yield chunk(job, created, {}, fot={"event": "progress", **p.model_dump()})
+                    yield progress_chunk(job, created, getter.result())
                 else:
                     getter.cancel()
             while not events.empty():
-                yield chunk(job, created, {}, fot={"event": "progress", **events.get_nowait().model_dump()})
+                yield progress_chunk(job, created, events.get_nowait())
             try:
                 solution = solving.result()
             except Exception as e:
                 err = search_error(e, cfg.deadline)
                 finished(job, t0, err)
-                yield f"data: {json.dumps(err.body())}\n\n"
-                yield "data: [DONE]\n\n"
+                yield sse(err.body())
+                yield sse("[DONE]")
                 return
             finished(job, t0, solution)
             yield chunk(job, created, {"content": content_of(solution)})
             yield chunk(job, created, {}, "stop", fot={"event": "done", **summary(job, solution)})
             if job.include_usage:
-                body = {
-                    "id": job.id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": job.model,
-                    "choices": [],
-                    "usage": usage_of(solution),
-                }
-                yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
+                yield chunk(job, created, None, usage=usage_of(solution))
+            yield sse("[DONE]")
         finally:
             watching.cancel()
             if not solving.done():  # disconnected (or the response was torn down): cancel the search
-                solving.cancel()
-                with contextlib.suppress(BaseException):
-                    await solving
-                metrics.cancelled.inc()
+                await abandon(solving)
             ticket.release()
 
     @app.get("/v1/models")

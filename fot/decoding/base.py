@@ -9,8 +9,13 @@ Bad input raises `InvalidRequestError` before any work; a request that fails at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import threading
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -210,6 +215,25 @@ class BaseBackend:
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+@dataclass
+class Drop:
+    """Tells a backend's worker thread to take a cancelled caller's work out of its engine (`what`: whatever names
+    that work there); the worker sets `done` once it has."""
+
+    what: Any
+    done: Future = field(default_factory=Future)
+
+
+async def drop(inbox: queue.SimpleQueue, what: Any, worker: threading.Thread, wait_s: float = 30.0) -> None:
+    """Called by a cancelled caller: hand the worker a Drop and wait until it has acted, so that when the
+    cancellation ends the engine no longer runs the caller's work and its slots are free."""
+    item = Drop(what)
+    inbox.put(item)
+    if worker.is_alive():
+        with contextlib.suppress(BaseException):  # a second cancel, or a worker that stopped: stop waiting
+            await asyncio.wait_for(asyncio.wrap_future(item.done), wait_s)
 
 
 def run_sync(coro):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams, SpeculativeConfig
-from fot.decoding.base import BaseBackend, Completion, Output, Request, Usage
+from fot.decoding.base import BaseBackend, Completion, Drop, Output, Request, Usage, drop
 from fot.speculative.engine import Engine
 
 
@@ -76,7 +76,7 @@ class NativeBackend(BaseBackend):
         try:
             gens = await future
         except asyncio.CancelledError:  # the caller went away: its samples leave the engine, their slots free
-            self._inbox.put(_Cancel(future))
+            await drop(self._inbox, future, self._thread)
             raise
         except Exception as e:  # the engine failed: every request in flight fails alone, with the cause
             return [Completion(error=f"native engine failed: {type(e).__name__}: {e}") for _ in requests]
@@ -120,12 +120,13 @@ class NativeBackend(BaseBackend):
                 if item is None:
                     closing = True
                     continue
-                if isinstance(item, _Cancel):
-                    calls = {id(call): call for call in owners.values() if call.future is item.future}
+                if isinstance(item, Drop):
+                    calls = {id(call): call for call in owners.values() if call.future is item.what}
                     for call in calls.values():
                         engine.cancel(call.seqs)
                         for seq in call.seqs:
                             owners.pop(id(seq), None)
+                    item.done.set_result(None)
                     continue
                 prompts, params, future, loop = item
                 try:
@@ -159,13 +160,6 @@ class NativeBackend(BaseBackend):
         if self._thread.is_alive():
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join)
-
-
-@dataclass
-class _Cancel:
-    """Tells the worker that the caller awaiting `future` was cancelled."""
-
-    future: asyncio.Future
 
 
 @dataclass

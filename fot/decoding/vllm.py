@@ -17,13 +17,12 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fot.decoding.base import BaseBackend, Completion, Output, Request, Usage
+from fot.decoding.base import BaseBackend, Completion, Drop, Output, Request, Usage, drop
 from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
 
@@ -170,7 +169,7 @@ class VLLMBackend(BaseBackend):
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:  # the caller went away: vLLM drops its requests and frees their blocks
-            self._inbox.put(_Abort(rids))
+            await drop(self._inbox, rids, self._thread)
             raise
 
     def _run(self, build: Callable[[], Any], ready: Future) -> None:
@@ -191,8 +190,9 @@ class VLLMBackend(BaseBackend):
             except queue.Empty:
                 item = ()
             while item is not None:
-                if isinstance(item, _Abort):
-                    engine.abort_request([rid for rid in item.request_ids if waiting.pop(rid, None)])
+                if isinstance(item, Drop):
+                    engine.abort_request([rid for rid in item.what if waiting.pop(rid, None)])
+                    item.done.set_result(None)
                 elif item:
                     rid, ids, params, fut, loop = item
                     try:
@@ -225,13 +225,6 @@ class VLLMBackend(BaseBackend):
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join)
         self.engine = None
-
-
-@dataclass
-class _Abort:
-    """Tells the worker to drop these requests (their caller was cancelled)."""
-
-    request_ids: list[str]
 
 
 def _completion(out) -> Completion:

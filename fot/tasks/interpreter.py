@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import builtins
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -206,7 +207,7 @@ class _Machine:
         self.globals: dict[str, Any] = {}
         self.builtins: dict[str, Callable] = {
             "print": self.print, "round": self.round, "int": self.int, "float": float, "abs": abs, "str": self.str,
-            "bool": bool, "min": self.min, "max": self.max, "sum": self.sum, "len": len, "range": self.range,
+            "bool": bool, "min": self.min, "max": self.max, "sum": self.sum, "len": len, "range": range,
             "list": self.list, "sorted": self.sorted, "tuple": lambda xs=(): tuple(self.items(xs)),
             "enumerate": lambda xs, start=0: enumerate(self.items(xs), start),
             "zip": lambda *xss: zip(*(self.items(xs) for xs in xss), strict=False),
@@ -273,9 +274,6 @@ class _Machine:
         if digits is not None and abs(digits) > 100:
             raise Bound("round() to over 100 digits")
         return round(v) if digits is None else round(v, digits)
-
-    def range(self, *args: int) -> range:
-        return range(*args)
 
     def list(self, xs: Iterable = ()) -> list:
         return self.fresh(list(self.items(xs)))
@@ -533,23 +531,12 @@ class _Machine:
         if p.conversion == ord("r"):
             v = repr(v)
         spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
-        if len(spec) > 20 or any(int(d) > 200 for d in _numbers(spec)):
+        if len(spec) > 20 or any(int(d) > 200 for d in re.findall(r"\d+", spec)):
             raise Bound("an f-string format asks for over 200 characters")
         return self.value(format(self.str(v) if p.conversion == ord("s") else v, spec))
 
     def fstring_spec(self, spec: ast.expr, env: dict[str, Any]) -> str:
         return "".join(self.fstring_part(q, env) for q in spec.values) if isinstance(spec, ast.JoinedStr) else ""
-
-
-def _numbers(spec: str) -> list[str]:
-    out, digits = [], ""
-    for ch in spec + " ":
-        if ch.isdigit():
-            digits += ch
-        elif digits:
-            out.append(digits)
-            digits = ""
-    return out
 
 
 def _load(target: ast.expr) -> ast.expr:
