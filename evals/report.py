@@ -38,9 +38,13 @@ class Row(BaseModel):
     seconds: float  # per problem
     accept_rate: float | None  # accepted / proposed drafts
     sd_speedup: float | None  # seconds of the plain twin / seconds of this run, same problems
-    code_checks: bool = False  # the run's search ran the answers' code
-    code_repairs: float = 0.0  # made-up code outputs repaired, per problem
+    checks: list[str] = []  # what the run's search added: rule checks ("code", "arithmetic"), "programN" trees
+    repairs: dict[str, float] = {}  # per check, the claims it repaired per problem
     disagreements: int | None = None  # records whose cross-check (reasoning-gym's verdict) differs from `correct`
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.checks)
 
     @computed_field
     @property
@@ -58,6 +62,20 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     # exact at the ends: rounding must not put the interval past an observed 0% or 100% (negative error bars)
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+SHORT = {"code": "code", "arithmetic": "arith"}
+
+
+def checks_of(r: Record) -> list[str]:
+    """The rule checks a run ran, and "programN" where N of its trees answered with a program."""
+    on = [name for name, on in (("code", r.code_checks_on), ("arithmetic", r.arithmetic_checks_on)) if on]
+    return on + ([f"program{r.program_trees}"] if r.program_trees else [])
+
+
+def method_label(method: str, checks: list[str]) -> str:
+    """A method and what its run added: "fot", "fot +code", "cot +code+arith", "fot +code+arith+program2"."""
+    return method + (" +" + "+".join(SHORT.get(c, c) for c in checks) if checks else "")
 
 
 def load_runs(out: Path) -> dict[tuple[str, str], list[Record]]:
@@ -107,8 +125,8 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 seconds=sum(r.seconds for r in rs) / n,
                 accept_rate=sum(r.accepted_tokens for r in rs) / drafts if drafts else None,
                 sd_speedup=speedup,
-                code_checks=first.code_checks_on,
-                code_repairs=sum(r.code_repairs for r in rs) / n,
+                checks=checks_of(first),
+                repairs={c: sum(getattr(r, f"{c}_repairs") for r in rs) / n for c in checks_of(first) if c in SHORT},
                 disagreements=sum(r.gym_correct != r.correct for r in rs if r.gym_correct is not None)
                 if any(r.gym_correct is not None for r in rs)
                 else None,
@@ -136,15 +154,15 @@ def markdown(rows: list[Row]) -> str:
         out += [
             f"## {bench}",
             "",
-            "| model | method | trees | checks | drafter | n | accuracy (95% CI) | tokens / problem | s / problem "
-            "| drafts accepted | SD speedup |",
+            "| model | method | trees | checks (repairs / problem) | drafter | n | accuracy (95% CI) "
+            "| tokens / problem | s / problem | drafts accepted | SD speedup |",
             "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|",
         ]
         for r in rs:
             accept = f"{r.accept_rate:.0%}" if r.accept_rate is not None else "-"
             speed = f"{r.sd_speedup:.2f}x" if r.sd_speedup is not None else "-"
             n = f"{r.n} of {r.total}" if r.partial else f"{r.n}"
-            checks = f"code ({r.code_repairs:.2f} repairs / problem)" if r.code_checks else "-"
+            checks = ", ".join(f"{SHORT[c]} ({r.repairs[c]:.2f})" if c in SHORT else c for c in r.checks) or "-"
             out.append(
                 f"| {r.model} | {r.method} | {r.trees} | {checks} | {r.speculative} | {n} | {r.accuracy:.1%} "
                 f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {r.tokens:.0f} | {r.seconds:.1f} | {accept} | {speed} |"
@@ -166,11 +184,11 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def draw_trees(ax, rs: list[Row]) -> None:
+def draw_trees(ax, rs: list[Row], ps: list[Pair]) -> None:
     """Accuracy vs trees: a line per model+method (error bars = CI); single-tree methods as flat dashed lines."""
     lines: dict[str, list[Row]] = defaultdict(list)
     for r in rs:
-        lines[f"{r.model} {r.method}" + (f" ({r.speculative})" if r.speculative != "prompt_lookup" else "")].append(r)
+        lines[f"{r.model} {r.label}" + (f" ({r.speculative})" if r.speculative != "prompt_lookup" else "")].append(r)
     xs = sorted({r.trees for r in rs})
     for label, pts in sorted(lines.items()):
         pts.sort(key=lambda r: r.trees)
@@ -183,15 +201,16 @@ def draw_trees(ax, rs: list[Row]) -> None:
     ax.set(xlabel="trees (samples for sc)", xticks=xs)
 
 
-def draw_tokens(ax, rs: list[Row]) -> None:
+def draw_tokens(ax, rs: list[Row], ps: list[Pair]) -> None:
     """Accuracy vs generated tokens per problem: a point per run, labelled with its trees; a colour per method and
-    a marker per model, so that two models' runs of one method are told apart."""
+    a marker per model, so that two models' runs of one method are told apart. A dotted line joins each
+    budget-matched pair (FoT at no more tokens than self-consistency)."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    methods, models = sorted({r.method for r in rs}), sorted({r.model for r in rs})
+    methods, models = sorted({r.label for r in rs}), sorted({r.model for r in rs})
     for model in models:
         for method in methods:
-            pts = [r for r in rs if r.method == method and r.model == model]
+            pts = [r for r in rs if r.label == method and r.model == model]
             if not pts:
                 continue
             color, marker = f"C{methods.index(method)}", "osD^v"[models.index(model) % 5]
@@ -204,6 +223,12 @@ def draw_tokens(ax, rs: list[Row]) -> None:
             )
             for r in pts:
                 ax.annotate(f"{r.trees}", (r.tokens, r.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    at = {r.run: r for r in rs}
+    matched = [(at[p.run_a], at[p.run_b]) for p in ps if p.budget_matched and p.run_a in at and p.run_b in at]
+    for i, (a, b) in enumerate(matched):
+        ax.plot(
+            [a.tokens, b.tokens], [a.accuracy, b.accuracy], ":", color="0.4", label="budget-matched" if i == 0 else None
+        )
     ax.set(xlabel="generated tokens per problem")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -213,7 +238,7 @@ def draw_tokens(ax, rs: list[Row]) -> None:
 PLOTS = {"trees": draw_trees, "tokens": draw_tokens}
 
 
-def plot(rows: list[Row], out: Path) -> list[Path]:
+def plot(rows: list[Row], out: Path, ps: list[Pair] = ()) -> list[Path]:
     """Per benchmark, BENCH_accuracy_vs_trees.png and BENCH_accuracy_vs_tokens.png, from the runs that finished."""
     import matplotlib
 
@@ -224,7 +249,9 @@ def plot(rows: list[Row], out: Path) -> list[Path]:
     for bench in sorted({r.benchmark for r in rows}):
         for name, draw in PLOTS.items():
             fig, ax = plt.subplots(figsize=(6.4, 4.2))
-            draw(ax, [r for r in rows if r.benchmark == bench and not r.partial])
+            draw(
+                ax, [r for r in rows if r.benchmark == bench and not r.partial], [p for p in ps if p.benchmark == bench]
+            )
             ax.set(ylabel="accuracy", title=f"{bench}: accuracy vs {name}", ylim=(0, 1))
             if ax.get_legend_handles_labels()[0]:  # none when every run of the benchmark was stopped early
                 ax.legend(fontsize=7)
@@ -252,6 +279,8 @@ class Pair(BaseModel):
     model: str
     a: str
     b: str
+    run_a: str
+    run_b: str
     n: int
     both: int
     only_a: int
@@ -261,18 +290,24 @@ class Pair(BaseModel):
     tokens_a: float
     tokens_b: float
 
+    @computed_field
+    @property
+    def budget_matched(self) -> bool:
+        """FoT against self-consistency at no more tokens per problem: the comparison the forest has to win."""
+        return self.a.startswith("fot-") and self.b.startswith("sc-") and self.tokens_a <= self.tokens_b
+
 
 def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
-    """The comparisons the report makes, on the problems both runs finished: each run with the code checks against
-    its twin without them, and each FoT run against each self-consistency run of the same model."""
-    label = {key: f"{rs[0].method}-{rs[0].trees}{' +code' if rs[0].code_checks_on else ''}" for key, rs in runs.items()}
+    """The comparisons the report makes, on the problems both runs finished: each run with rule checks against its
+    twins with fewer of them, and each FoT run against each self-consistency run of the same model."""
+    label = {key: method_label(f"{rs[0].method}-{rs[0].trees}", checks_of(rs[0])) for key, rs in runs.items()}
     out = []
     for (bench, a), ra in runs.items():
         for (bench_b, b), rb in runs.items():
             if bench_b != bench or a == b or ra[0].model != rb[0].model or ra[0].speculative != rb[0].speculative:
                 continue
             fa, fb = ra[0], rb[0]
-            ablation = fa.code_checks_on and not fb.code_checks_on and (fa.method, fa.trees) == (fb.method, fb.trees)
+            ablation = set(checks_of(fa)) > set(checks_of(fb)) and (fa.method, fa.trees) == (fb.method, fb.trees)
             if not (ablation or fa.method == "fot" and fb.method == "sc"):
                 continue
             right_b = {r.id: r.correct for r in rb}
@@ -284,7 +319,7 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
             out.append(
                 Pair(
                     benchmark=bench, model=ALIASES.get(fa.model, Path(fa.model).name), a=label[(bench, a)],
-                    b=label[(bench_b, b)], n=len(common),
+                    b=label[(bench_b, b)], run_a=a, run_b=b, n=len(common),
                     both=sum(x and y for x, y in common), only_a=only_a, only_b=only_b,
                     neither=sum(not x and not y for x, y in common), p_value=mcnemar(only_a, only_b),
                     tokens_a=sum(r.tokens for r in ra if r.id in ids) / len(ids),
@@ -298,12 +333,14 @@ def pairs_markdown(ps: list[Pair]) -> str:
     if not ps:
         return ""
     out = ["## Paired comparisons", "", "Same problems, both runs finished; p: McNemar's exact test.", "",
-           "| benchmark | model | A | B | n | both | only A | only B | neither | p | tokens A | tokens B |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "*budget-matched*: FoT at no more tokens per problem than self-consistency (dotted on the plots).", "",
+           "| benchmark | model | A | B | n | both | only A | only B | neither | p | tokens A | tokens B "
+           "| budget-matched |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for p in ps:
         out.append(
             f"| {p.benchmark} | {p.model} | {p.a} | {p.b} | {p.n} | {p.both} | {p.only_a} | {p.only_b} | {p.neither} "
-            f"| {p.p_value:.3g} | {p.tokens_a:.0f} | {p.tokens_b:.0f} |"
+            f"| {p.p_value:.3g} | {p.tokens_a:.0f} | {p.tokens_b:.0f} | {'yes' if p.budget_matched else ''} |"
         )
     return "\n".join(out) + "\n"
 
@@ -314,9 +351,10 @@ def write_report(out: Path) -> Path:
     rows = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text("[\n" + ",\n".join(r.model_dump_json() for r in rows) + "\n]\n")
-    plot(rows, out)
+    ps = pairs(runs)
+    plot(rows, out, ps)
     path = out / "REPORT.md"
-    path.write_text(markdown(rows) + "\n" + pairs_markdown(pairs(runs)))
+    path.write_text(markdown(rows) + "\n" + pairs_markdown(ps))
     return path
 
 

@@ -36,7 +36,7 @@ from evals.data import (
     load_gsm_symbolic,
     load_math500,
 )
-from fot.cli import add_code_checks_option, code_checks_on, search_config
+from fot.cli import add_math_options, checks_on, search_config
 from fot.errors import FotError
 from fot.files import locked
 from fot.tasks import get_task
@@ -111,6 +111,10 @@ class Record(BaseModel):
     code_checks_on: bool = False  # the search ran the answers' code (records from before the checks: it did not)
     code_checks: int = 0  # code blocks run by the program-aided checks
     code_repairs: int = 0
+    arithmetic_checks_on: bool = False  # the search recomputed the prose's arithmetic statements
+    arithmetic_checks: int = 0  # statements recomputed
+    arithmetic_repairs: int = 0
+    program_trees: int = 0  # trees asked to answer with a program
     gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
 
 
@@ -129,9 +133,14 @@ def data_digest(problems: list[Problem]) -> str:
     return hashlib.sha1(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()[:12]
 
 
-def checks_on(args: argparse.Namespace) -> bool:
-    """Whether this run's search runs the answers' code (math benchmarks only)."""
-    return args.benchmark != "game24" and code_checks_on(args)
+def rule_checks(args: argparse.Namespace) -> dict[str, bool]:
+    """Which rule checks this run's search runs (math benchmarks only)."""
+    return {name: on and args.benchmark != "game24" for name, on in checks_on(args).items()}
+
+
+def program_trees(args: argparse.Namespace) -> int:
+    """How many of this run's trees answer with a program (fot on math only)."""
+    return (getattr(args, "program_trees", None) or 0) if args.method == "fot" and args.benchmark != "game24" else 0
 
 
 def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) -> str:
@@ -155,8 +164,11 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings |= {"n": args.n, "levels": args.levels, "data_seed": args.data_seed}
     if args.benchmark == "gsm_symbolic":
         settings |= {"n": args.n, "data_seed": args.data_seed}
-    if checks_on(args):  # runs from before the checks keep their names
-        settings["code_checks"] = True
+    if program_trees(args):
+        settings["program_trees"] = program_trees(args)
+    for name, on in rule_checks(args).items():  # runs from before a check keep their names
+        if on:
+            settings[f"{name}_checks"] = True
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = Path(args.model).name if args.model else "default"
     return f"{args.method}-t{args.trees}-{model}-{args.backend}-{args.speculative}-s{args.seed}-{digest}"
@@ -254,7 +266,7 @@ async def solve_all(
     in flight; append each record as it finishes."""
     from fot.forest import asolve
 
-    config = search_config(args)
+    config, checks = search_config(args), rule_checks(args)
     gate = asyncio.Semaphore(args.concurrency)
     bar = tqdm(total=len(problems), desc=f"{args.benchmark} {args.method} x{args.trees}", unit="problem")
     right = failed = 0
@@ -304,9 +316,13 @@ async def solve_all(
             accepted_tokens=u.accepted_tokens,
             tokens_saved=u.tokens_saved,
             corrections=u.corrections,
-            code_checks_on=checks_on(args),
+            code_checks_on=checks["code"],
             code_checks=u.code_checks,
             code_repairs=u.code_repairs,
+            arithmetic_checks_on=checks["arithmetic"],
+            arithmetic_checks=u.arithmetic_checks,
+            arithmetic_repairs=u.arithmetic_repairs,
+            program_trees=program_trees(args),
             gym_correct=gym_score(problem, sol.answer),
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
@@ -345,7 +361,7 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--data", help="local data file or folder (jsonl/json/parquet; Game of 24: the 24.csv)")
     p.add_argument("--rollouts", type=int, default=4, help="MCTSr rollouts per tree")
     p.add_argument("--max-tokens", type=int, default=384, help="per answer")
-    add_code_checks_option(p)
+    add_math_options(p)
     p.add_argument("--speculative", default="prompt_lookup", help="drafter: none|prompt_lookup|kangaroo (vllm: ngram)")
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")

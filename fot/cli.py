@@ -9,9 +9,11 @@ import time
 
 from fot.errors import FotError
 
+DEMO_MODEL = "qwen2.5-coder-1.5b"  # the reasoning model; `--model default` is the fast embedded 135M one
 DEMO_PROBLEMS = [
-    "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How many apples are left?",
-    "4 6 1 10",
+    "A baker puts cookies on trays. Each tray holds 39 cookies. She has 241 cookies and 6 trays. How many cookies "
+    "do not fit on the trays?",
+    "1 2 3 13",
 ]
 
 
@@ -82,25 +84,41 @@ def make_cli_backend(args: argparse.Namespace):
     return make_backend(args.backend, model=args.model)
 
 
+RULE_CHECKS = ("code", "arithmetic")
+
+
 def search_config(args: argparse.Namespace) -> dict:
     """The search options that `fot solve`'s and `fot eval`'s command lines set."""
     config: dict = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
-    checks = getattr(args, "code_checks", "auto")
-    if checks != "auto":  # on: also for cot and sc; off: not even for fot
-        config["correction"] = {"code": checks == "on", "baselines": checks == "on"}
+    if getattr(args, "program_trees", None) is not None:
+        config["program_trees"] = args.program_trees
+    if any(getattr(args, f"{name}_checks", "auto") != "auto" for name in RULE_CHECKS):
+        on = checks_on(args)  # on: also for cot and sc; off: not even for fot
+        config["correction"] = on | {"baselines": any(on.values())}
     return config
 
 
-def code_checks_on(args: argparse.Namespace) -> bool:
-    """Whether a math search with these options runs the answers' code (fot by default; cot and sc when asked)."""
-    checks = getattr(args, "code_checks", "auto")
-    return checks == "on" or checks == "auto" and args.method == "fot"
+def checks_on(args: argparse.Namespace) -> dict[str, bool]:
+    """Which rule checks a math search with these options runs (auto: on for fot and mctsr, off for cot and sc)."""
+    method = getattr(args, "method", "fot")
+    return {
+        name: (v := getattr(args, f"{name}_checks", "auto")) == "on" or v == "auto" and method in ("fot", "mctsr")
+        for name in RULE_CHECKS
+    }
 
 
-def add_code_checks_option(p: argparse.ArgumentParser) -> None:
+def add_math_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--code-checks", default="auto", choices=["auto", "on", "off"],
-        help="math: run the answers' Python safely and repair made-up outputs (auto: fot only)",
+        help="math: run the answers' Python safely and repair made-up outputs (auto: fot and mctsr only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--arithmetic-checks", default="auto", choices=["auto", "on", "off"],
+        help="math: recompute the answers' 'a op b = c' statements and repair the first wrong one (auto: fot, mctsr)",
+    )  # fmt: skip
+    p.add_argument(
+        "--program-trees", type=int, default=None,
+        help="math, fot: how many trees are asked to answer with a Python program (program of thought)",
     )  # fmt: skip
 
 
@@ -114,6 +132,7 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         validate(problem, args.task, args.method)
     backend = make_cli_backend(args)
     options = dict(task=args.task, trees=args.trees, method=args.method, backend=backend, config=config, seed=args.seed)
+    t0 = time.perf_counter()
     solutions, failed = run_sync(asolve_many(problems, return_exceptions=True, **options)), 0
     for problem, sol in zip(problems, solutions, strict=True):
         if isinstance(sol, FotError):  # a failed search is reported, never printed as an answer
@@ -131,13 +150,26 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         print(
             f"    trees' answers {sol.tree_answers}; {u.requests} requests, {u.generated_tokens} tokens generated, "
             f"{u.backend_calls} batches, {u.tokens_saved} tokens saved by sparse activation, "
-            f"{u.corrections} self-corrections ({u.code_repairs} made-up code outputs repaired of {u.code_checks} "
-            f"checked), {u.seconds:.1f} s"
+            f"{u.corrections} self-corrections, {u.seconds:.1f} s"
         )
+        if sol.task == "math":
+            print(
+                f"    rule checks: {u.code_checks} code blocks run, {u.code_repairs} made-up outputs repaired; "
+                f"{u.arithmetic_checks} statements recomputed, {u.arithmetic_repairs} repaired"
+            )
+        for r in sol.repairs:
+            print(f"    repaired ({r.kind}): {' '.join(r.source.split())[:60]} gives {r.actual}, not {r.claimed}")
+        if sol.task == "game24":  # ToT's repairs: steps whose result was recomputed
+            steps = [(n["corrected_from"], n["step"]) for t in sol.trees for n in t["nodes"] if "corrected_from" in n]
+            for wrote, fixed in steps[:3]:
+                print(f"    step recomputed: {wrote!r} -> {fixed!r}")
+            if len(steps) > 3:
+                print(f"    ... and {len(steps) - 3} more steps recomputed")
     if not args.json:
         b = backend.usage
         accepted = f", {b.accepted_tokens}/{b.draft_tokens} drafts accepted" if b.draft_tokens else ""
         print(f"\nbackend {backend.name}: {b.requests} requests, {b.forward_passes} forward passes{accepted}")
+        print(f"wall time {time.perf_counter() - t0:.0f} s for {len(problems)} problems (solved together)")
     html = getattr(args, "html", None)
     if html:
         from fot.viewer import page
@@ -154,7 +186,7 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    print("fot demo: Forest-of-Thought on the embedded model (native engine, EMS-SD prompt lookup)")
+    print(f"fot demo: Forest-of-Thought with {args.trees} trees on {args.model} (native engine, EMS-SD prompt lookup)")
     solve_and_print(DEMO_PROBLEMS, args)
 
 
@@ -162,7 +194,7 @@ def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens
     p.add_argument("--task", default="auto", choices=["auto", "math", "game24"])
     p.add_argument("--method", default="fot", choices=["fot", "mctsr", "tot", "cot", "sc"])
     p.add_argument("--seed", type=int, default=0)
-    add_code_checks_option(p)
+    add_math_options(p)
     add_budget_options(p, rollouts, max_tokens)
     add_backend_options(p)
 
@@ -209,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     eval_main(args.args)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-model", help="fetch and convert a known model into the cache; print its folder")
@@ -230,9 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_solve)
     # `fot eval ...` goes straight to the evals parser (in main), so its -h and options are the evals' own.
     sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic, gsm_symbolic); see `fot eval -h`")
-    p = sub.add_parser("demo", help="solve a math problem and a Game-of-24 puzzle on the embedded model")
-    add_search_options(p, rollouts=1, max_tokens=160)
-    p.set_defaults(func=cmd_demo, json=False)
+    p = sub.add_parser("demo", help=f"solve a math problem and a Game-of-24 puzzle on {DEMO_MODEL}")
+    add_search_options(p, rollouts=1, max_tokens=320)
+    p.set_defaults(func=cmd_demo, json=False, model=DEMO_MODEL)
     p = sub.add_parser("serve", help="serve Forest-of-Thought behind an OpenAI-compatible endpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -256,6 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming from the checkpoint")
     p.set_defaults(func=cmd_train_adapter)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # the evals parser takes the rest, its -h included
         args = argparse.Namespace(func=cmd_eval, args=argv[1:])

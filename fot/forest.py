@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from importlib import resources
 from typing import Literal, Protocol
@@ -40,7 +40,7 @@ from fot.decoding.base import Backend, Completion, Request, Usage
 from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task, check_unicode, majority_key
-from fot.tasks.checks import CodeFailure, check_code, last_number, number
+from fot.tasks.checks import Check, Failure, last_number, number
 from fot.trees.base import Batcher, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
@@ -63,14 +63,22 @@ class SparseConfig(BaseModel):
 
 class CorrectionConfig(BaseModel):
     """Dynamic self-correction: math answers with a mean token log-prob below `logprob_threshold` (the paper's -1)
-    or failing the task's check are regenerated; Game-of-24 steps are recomputed and repaired."""
+    or failing the task's check are regenerated; Game-of-24 steps are recomputed and repaired. The task's rule
+    checks (`code`, `arithmetic`) repair the first wrong claim of an answer in FoT and MCTSr, and in cot and sc
+    only with `baselines`, so that an ablation compares like with like."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
     logprob_threshold: float = -1.0
     code: bool = True  # run the answers' Python (safely) and repair outputs they made up
-    baselines: bool = False  # the program checks for cot and sc too (off: the plain baselines)
+    arithmetic: bool = True  # recompute the prose's `a op b = c` statements and repair the first wrong one
+    baselines: bool = False  # the rule checks for cot and sc too (off: the plain baselines)
+
+    def checks(self, task: Task) -> dict[str, Check]:
+        """The task's rule checks that this config leaves on (checks of other names are on with `enabled`)."""
+        switch = {"code": self.code, "arithmetic": self.arithmetic}
+        return {n: f for n, f in task.checks.items() if self.enabled and switch.get(n, True)}
 
 
 class ForestConfig(BaseModel):
@@ -84,6 +92,7 @@ class ForestConfig(BaseModel):
     tot: ToTConfig = ToTConfig()
     sparse: SparseConfig = SparseConfig()
     correction: CorrectionConfig = CorrectionConfig()
+    program_trees: int = Field(0, ge=0, le=MAX_TREES)  # math: the last trees (never tree 0) answer with a program
     early_stop: bool = True
     sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=2**63)
@@ -100,6 +109,9 @@ class SolveUsage(Usage):
     code_checks: int = 0  # code blocks in answers run and compared with the output the answer claimed
     code_failures: int = 0  # answers whose code does not print what they claimed
     code_repairs: int = 0  # of those, answers repaired with the real output
+    arithmetic_checks: int = 0  # `a op b = c` statements in answers recomputed
+    arithmetic_failures: int = 0  # answers with a wrong statement (the first wrong claim of an answer was one)
+    arithmetic_repairs: int = 0  # of those, answers continued from the corrected statement
     seconds: float = 0.0
 
 
@@ -118,6 +130,15 @@ class Progress(BaseModel):
 ProgressHook = Callable[[Progress], None]
 
 
+class Repair(BaseModel):
+    """One wrong claim a rule check found and self-correction repaired: what the answer said and the right value."""
+
+    kind: str  # the check: "code" (a made-up output) or "arithmetic" (a wrong `a op b = c`)
+    source: str  # the code, or the statement's left side
+    claimed: str
+    actual: str
+
+
 class Solution(BaseModel):
     problem: str
     task: str
@@ -129,6 +150,7 @@ class Solution(BaseModel):
     tree_answers: list[str | None]
     trees: list[dict]  # networkx node-link data; `graph(i)` gives the DiGraph back
     usage: SolveUsage
+    repairs: list[Repair] = []  # what the rule checks repaired, in the order they did
 
     def graph(self, i: int = 0) -> nx.DiGraph:
         """Tree `i` of the search as a networkx DiGraph; an InvalidRequestError where there is no such tree."""
@@ -197,6 +219,19 @@ def shipped_examples() -> ExampleRetriever:
     return ExampleRetriever()
 
 
+PROGRAM = (
+    "\n\nWrite a short Python program that computes the answer, show what it prints in an ```output block, then "
+    "finish with 'The answer is X.'"
+)
+
+
+def program_of_thought(inputs: list[tuple[str, str]], k: int) -> list[tuple[str, str]]:
+    """Program-of-thought augmentation: the last `k` trees (never tree 0) are asked to answer with code, which the
+    code check then runs, so that their arithmetic is the interpreter's."""
+    first = max(len(inputs) - k, 1)
+    return [(p + PROGRAM, ex) if i >= first else (p, ex) for i, (p, ex) in enumerate(inputs)]
+
+
 def shuffle_numbers(problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
     """Game-of-24 augmentation: tree i > 0 sees the four numbers in a shuffled order."""
     numbers = problem.split()
@@ -215,9 +250,9 @@ Kept = tuple[str | None, str | None]  # (the answer text kept, the text it repla
 class MathCorrector:
     """Dynamic self-correction of math answers, in one batch per call.
 
-    Rule-based first: an answer whose Python code does not print what the answer claims it printed
-    (fot.tasks.checks) is repaired, the real output written in its place. Where the answer only restated the made-up
-    output, the real one becomes the answer; otherwise the model continues from the corrected prefix.
+    Rule-based first: the task's rule checks (fot.tasks.checks) find an answer's first wrong claim, a made-up code
+    output or a wrong `a op b = c`, and the right value is written in its place. Where the answer only restated a
+    made-up output, the real one becomes the answer; otherwise the model continues from the corrected prefix.
     Then the paper's kind: answers that are unsure (mean log-prob below the threshold) or fail the task's check are
     regenerated with a refine prompt, and the better of the two is kept: one that passes the check, then the higher
     mean log-prob."""
@@ -229,11 +264,13 @@ class MathCorrector:
         usage: SolveUsage,
         seed: int,
         max_tokens: int = 384,
-        code: bool = True,
+        checks: Mapping[str, Check] | None = None,
         refine: bool = True,
     ):
         self.task, self.threshold, self.usage, self.seed = task, threshold, usage, seed
-        self.max_tokens, self.code, self.refine = max_tokens, code, refine
+        self.max_tokens, self.refine = max_tokens, refine
+        self.checks = dict(task.checks if checks is None else checks)
+        self.repairs: list[Repair] = []
 
     def needs(self, problem: str, c: Completion) -> bool:
         if not c.ok or not self.refine:
@@ -245,13 +282,29 @@ class MathCorrector:
         self.seed += 1
         return self.seed
 
-    def code_failure(self, c: Completion) -> CodeFailure | None:
-        if not self.code or not c.ok:
+    def failure(self, problem: str, c: Completion) -> Failure | None:
+        """The earliest wrong claim any check finds in the answer (each check counted in the usage)."""
+        if not c.ok:
             return None
-        found = check_code(c.text)
-        self.usage.code_checks += found.checked
-        self.usage.code_failures += found.failure is not None
-        return found.failure
+        first = None
+        for name, check in self.checks.items():
+            found = check(problem, c.text)
+            self.count(name, "checks", found.checked)
+            if found.failure is not None and (first is None or found.failure.at < first.at):
+                first = found.failure
+        if first is not None:
+            self.count(first.kind, "failures", 1)
+        return first
+
+    def count(self, kind: str, what: str, n: int) -> None:
+        field = f"{kind}_{what}"
+        if field in SolveUsage.model_fields:
+            setattr(self.usage, field, getattr(self.usage, field) + n)
+
+    def repaired(self, f: Failure) -> None:
+        self.repairs.append(Repair(kind=f.kind, source=f.source.strip(), claimed=f.claimed, actual=f.actual))
+        self.count(f.kind, "repairs", 1)
+        self.usage.corrections += 1
 
     async def __call__(
         self, gen: Generate, problem: str, requests: list[Request], done: list[Completion]
@@ -259,13 +312,12 @@ class MathCorrector:
         """(the text to keep, the text it replaced or None) for each answer."""
         texts = [c.text if c.ok else None for c in done]
         before: list[str | None] = [None] * len(done)
-        failures = {i: f for i, c in enumerate(done) if (f := self.code_failure(c)) is not None}
+        failures = {i: f for i, c in enumerate(done) if (f := self.failure(problem, c)) is not None}
         for i, f in list(failures.items()):
-            restated = self.restated(f)
+            restated = self.restated(f) if f.kind == "code" else None
             if restated is not None:  # no continuation needed: the executed result is the answer
                 before[i], texts[i] = texts[i], restated
-                self.usage.code_repairs += 1
-                self.usage.corrections += 1
+                self.repaired(f)
                 del failures[i]
         redo = [i for i, c in enumerate(done) if i not in failures and before[i] is None and self.needs(problem, c)]
         critique = "The answer may be wrong or unclear. Check every step and the final answer."
@@ -284,15 +336,14 @@ class MathCorrector:
         for i, again in zip(failures, answers[: len(failures)], strict=True):
             if again.ok:
                 before[i], texts[i] = texts[i], failures[i].prefix + again.text
-                self.usage.code_repairs += 1
-                self.usage.corrections += 1
+                self.repaired(failures[i])
         for i, again in zip(redo, answers[len(failures) :], strict=True):
             self.usage.corrections += 1
             if again.ok and self.better(problem, again, done[i]):
                 before[i], texts[i] = texts[i], again.text
         return list(zip(texts, before, strict=True))
 
-    def restated(self, f: CodeFailure) -> str | None:
+    def restated(self, f: Failure) -> str | None:
         """The repaired answer when all the answer did after the made-up output was to restate it, else None."""
         claimed, actual = last_number(f.claimed), last_number(f.actual)
         said = self.task.extract(f.rest)
@@ -302,7 +353,7 @@ class MathCorrector:
         shown = actual if value is None or "." not in actual else f"{value:.10g}"  # 78.94999999999999 -> 78.95
         return f"{f.prefix}The answer is {shown}."
 
-    def continuation(self, request: Request, f: CodeFailure) -> Request:
+    def continuation(self, request: Request, f: Failure) -> Request:
         """Go on from the corrected prefix: the same question, the answer so far as the assistant's message."""
         messages = request.prompt if isinstance(request.prompt, list) else [{"role": "user", "content": request.prompt}]
         left = max(self.max_tokens // 2, 32)
@@ -333,6 +384,7 @@ class Forest:
         self.errors: list[str] = []  # the first few failed requests' causes
         self.rng = random.Random(config.seed)
         self.batchers: list[Batcher] = []
+        self.corrector: MathCorrector | None = None
         self.t0 = time.perf_counter()
 
     def batcher(self, participants: int) -> Batcher:
@@ -364,10 +416,13 @@ class Forest:
                 for i, ((p, _), s) in enumerate(zip(inputs, seeds, strict=True))
             ]
         inputs = shipped_examples()(self.problem, n, self.rng) if fot else [(self.problem, "")]
-        corrector = None
-        if fot and c.correction.enabled:
+        if fot and c.program_trees:
+            inputs = program_of_thought(inputs, c.program_trees)
+        corrector, checks = None, c.correction.checks(self.task)
+        if c.correction.enabled and (fot or checks):  # MCTSr alone takes the rule checks, FoT also the paper's kind
             threshold, seed = c.correction.logprob_threshold, c.seed * 1000 + 999
-            corrector = MathCorrector(self.task, threshold, self.usage, seed, c.mctsr.max_tokens, c.correction.code)
+            corrector = MathCorrector(self.task, threshold, self.usage, seed, c.mctsr.max_tokens, checks, refine=fot)
+            self.corrector = corrector
         return [
             MCTSr(self.task, p, c.mctsr, example=ex, seed=s, corrector=corrector, name=f"tree{i}")
             for i, ((p, ex), s) in enumerate(zip(inputs, seeds, strict=True))
@@ -406,10 +461,11 @@ class Forest:
 
     async def baseline(self) -> Solution:
         c = self.config
-        corrector = None
-        if c.correction.enabled and c.correction.baselines and self.task.name == "math":  # only the program checks
+        corrector, checks = None, c.correction.checks(self.task)
+        if c.correction.baselines and checks:  # only the rule checks
             seed = c.seed * 1000 + 999
-            corrector = MathCorrector(self.task, -math.inf, self.usage, seed, c.mctsr.max_tokens, refine=False)
+            corrector = MathCorrector(self.task, -math.inf, self.usage, seed, c.mctsr.max_tokens, checks, refine=False)
+            self.corrector = corrector
         if c.method == "cot":
             answer, _ = await chain_of_thought(
                 self.single, self.task, self.problem, seed=c.seed, max_tokens=c.mctsr.max_tokens, corrector=corrector
@@ -516,6 +572,7 @@ class Forest:
             tree_answers=answers,
             trees=graphs,
             usage=self.usage,
+            repairs=self.corrector.repairs if self.corrector is not None else [],
         )
 
 

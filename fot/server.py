@@ -332,6 +332,8 @@ def summary(job: Job, s: Solution) -> dict[str, Any]:
         "requests": u.requests,
         "corrections": u.corrections,
         "code_repairs": u.code_repairs,
+        "arithmetic_repairs": u.arithmetic_repairs,
+        "repairs": [r.model_dump() for r in s.repairs],
         "tokens_saved": u.tokens_saved,
         "draft_tokens": u.draft_tokens,
         "accepted_tokens": u.accepted_tokens,

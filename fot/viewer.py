@@ -110,6 +110,9 @@ def solution_html(s: Solution, k: int, details: dict[str, dict]) -> str:
         "tokens saved (estimated)": u.tokens_saved,
         "self-corrections": u.corrections,
         "code blocks checked / made-up outputs / repaired": f"{u.code_checks} / {u.code_failures} / {u.code_repairs}",
+        "statements recomputed / wrong / repaired": (
+            f"{u.arithmetic_checks} / {u.arithmetic_failures} / {u.arithmetic_repairs}"
+        ),
         "seconds": f"{u.seconds:.2f}",
     }
     rows = "".join(f"<tr><th>{e(name)}</th><td>{e(str(v))}</td></tr>" for name, v in usage.items())

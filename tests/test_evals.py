@@ -218,10 +218,11 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
     """A native CPU run is named by the dtype it resolves to: fp32 keeps the name runs had before --dtype existed,
     bf16 ("auto" where the kernels run, "fast", "bfloat16") the name of the committed bf16 runs; another device is
     named apart."""
-    old = run_name(options("arithmetic", dtype="float32", code_checks="off"))
-    assert old == "fot-t4-default-native-prompt_lookup-s0-a690c226"  # the search as it was before the code checks
+    old = run_name(options("arithmetic", dtype="float32", code_checks="off", arithmetic_checks="off"))
+    assert old == "fot-t4-default-native-prompt_lookup-s0-a690c226"  # the search as it was before the rule checks
+    code_only = run_name(options("arithmetic", dtype="float32", arithmetic_checks="off"))
     fp32 = run_name(options("arithmetic", dtype="float32"))
-    assert fp32 != old  # fot runs the answers' code now: another search, another run
+    assert len({old, code_only, fp32}) == 3  # fot runs both checks now: another search, another run
     assert run_name(options("arithmetic", method="sc", code_checks="on")) != run_name(
         options("arithmetic", method="sc")
     )
@@ -300,7 +301,7 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
     assert rows["sc-t4-default-native-none-s0-abcd1234"].sd_speedup is None
     assert [n for n, r in rows.items() if r.partial] == [*runs][:1]  # records without a total count as finished
     plotted = []
-    monkeypatch.setitem(PLOTS, "trees", lambda ax, rs: plotted.extend(r.method for r in rs))
+    monkeypatch.setitem(PLOTS, "trees", lambda ax, rs, ps: plotted.extend(r.method for r in rs))
     report = write_report(tmp_path).read_text()
     assert "| smollm2-135m | sc | 4 | - | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
     assert "| smollm2-135m | fot | 8 | - | prompt_lookup | 2 of 4 | 100.0% (34%-100%) |" in report
@@ -368,7 +369,7 @@ def test_a_gsm_symbolic_run_records_the_cross_check_and_the_report_counts_disagr
         (False, False),
     ]
     [row] = summarise({("gsm_symbolic", path.stem): records})
-    assert row.disagreements == 1 and not row.code_checks
+    assert row.disagreements == 1 and not row.checks
     assert "1 disagreements in 4 records" in markdown([row])
 
 
@@ -387,3 +388,13 @@ def test_paired_comparison_and_mcnemar() -> None:
     assert (p.n, p.both, p.only_a, p.only_b, p.neither) == (9, 1, 7, 1, 0)
     assert p.p_value == pytest.approx(mcnemar(7, 1)) and (p.tokens_a, p.tokens_b) == (100, 150)
     assert found[("fot-4 +code", "fot-4")].only_a == 6
+    assert p.budget_matched and not found[("fot-4 +code", "fot-4")].budget_matched
+    both = [
+        record(f"a{i}", "w", i < 9, 1.0, method="fot", trees=4, code_checks_on=True, arithmetic_checks_on=True,
+               tokens=200)
+        for i in range(10)
+    ]  # fmt: skip
+    found = {(p.a, p.b): p for p in pairs(runs | {("arithmetic", "w"): both})}
+    assert {("fot-4 +code+arith", "fot-4 +code"), ("fot-4 +code+arith", "fot-4")} <= set(found)
+    assert ("fot-4 +code", "fot-4 +code+arith") not in found  # fewer checks is no ablation of more
+    assert not found[("fot-4 +code+arith", "sc-8")].budget_matched  # 200 tokens a problem against 150

@@ -333,7 +333,7 @@ def test_made_up_code_output_is_repaired_with_the_real_one():
     continuation, refine = batch
     assert continuation.prompt == [asked[1].prompt[0], {"role": "assistant", "content": fixed}]
     assert "Previous answer: The answer is 6." in refine.prompt[0]["content"]
-    off = MathCorrector(MATH, -1.0, SolveUsage(), seed=0, code=False)
+    off = MathCorrector(MATH, -1.0, SolveUsage(), seed=0, checks={})
     assert asyncio.run(off(Batcher(backend, 1).generate, "p", asked[:1], [restates]))[0] == (restates.text, None)
 
 

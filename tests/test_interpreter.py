@@ -196,7 +196,7 @@ def block(code: str, claimed: str | None, between: str = "") -> str:
 def test_code_checks_compare_what_code_prints_with_what_the_answer_claims(text, checked, wrong):
     from fot.tasks.checks import check_code
 
-    found = check_code("Let me compute.\n" + text + "The answer is 5.")
+    found = check_code("", "Let me compute.\n" + text + "The answer is 5.")
     assert found.checked == checked
     if wrong is None:
         assert found.failure is None

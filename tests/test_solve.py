@@ -85,3 +85,32 @@ def test_cli_solve_bad_input_is_a_clean_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli(["solve", "1 2 3", "--task", "game24"])
     assert e.value.code == 2 and "four numbers" in capsys.readouterr().err
+
+
+def test_cli_demo_prints_answers_votes_repairs_and_wall_time(capsys):
+    cli(["demo", "--model", "default", "--trees", "2", "--max-tokens", "24"])
+    out = capsys.readouterr().out
+    assert "2 trees on default" in out and out.count("answer: ") == 2 and out.count("votes ") == 2
+    assert "rule checks: " in out and "statements recomputed" in out  # the math problem's checks, counted
+    assert "wall time " in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "arithmetic", "correction"),
+    [
+        ([], True, True, None),  # fot: both by default, the config's defaults untouched
+        (["--method", "mctsr"], True, True, None),
+        (["--method", "cot"], False, False, None),
+        (["--method", "sc", "--code-checks", "on"], True, False,
+         {"code": True, "arithmetic": False, "baselines": True}),
+        (["--arithmetic-checks", "off"], True, False, {"code": True, "arithmetic": False, "baselines": True}),
+        (["--code-checks", "off", "--arithmetic-checks", "off"], False, False,
+         {"code": False, "arithmetic": False, "baselines": False}),
+    ],
+)  # fmt: skip
+def test_the_check_options_resolve_per_method(argv, code, arithmetic, correction):
+    from fot.cli import build_parser, checks_on, search_config
+
+    args = build_parser().parse_args(["solve", "p", *argv])
+    assert checks_on(args) == {"code": code, "arithmetic": arithmetic}
+    assert search_config(args).get("correction") == correction

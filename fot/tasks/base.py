@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from fot.errors import InvalidRequestError
+from fot.tasks.checks import Check
 
 
 @runtime_checkable
@@ -12,6 +14,9 @@ class Task(Protocol):
     """One kind of problem. Pure Python and thread-safe: the search calls tasks from worker threads."""
 
     name: str
+    # rule checks that recompute an answer's claims and say where to repair it (fot.tasks.checks), by name;
+    # "code" and "arithmetic" are switched by CorrectionConfig, and their counts are in SolveUsage
+    checks: Mapping[str, Check]
 
     def parse(self, problem: str) -> str:
         """Validate and normalise the problem text, so a bad problem fails before any model call."""

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from types import MappingProxyType
 
 from fot.errors import InvalidRequestError
 
@@ -289,6 +290,7 @@ class Game24Task:
     """Game of 24 puzzles; answers are expressions like '(10 - 4) * (1 + 3)'."""
 
     name = "game24"
+    checks = MappingProxyType({})  # its rule, exact recomputation of every step, is `check`, run by ToT per step
 
     def parse(self, problem: str) -> str:
         """The canonical 'a b c d' of a puzzle; InvalidRequestError unless it is four numbers."""

@@ -10,9 +10,11 @@ import sys
 import threading
 from fractions import Fraction
 from functools import lru_cache
+from types import MappingProxyType
 
 from fot.errors import FotError
 from fot.tasks.base import require_text
+from fot.tasks.checks import check_arithmetic, check_code
 
 # A number as models write it: thousands commas (only in groups of three), decimals, a simple fraction, a sign
 # only where it cannot be a binary minus ("10-5" gives 5, "-5" gives -5).
@@ -202,6 +204,7 @@ class MathTask:
     """GSM8K- and MATH-style problems: free-form reasoning with one final answer."""
 
     name = "math"
+    checks = MappingProxyType({"code": check_code, "arithmetic": check_arithmetic})
 
     def parse(self, problem: str) -> str:
         """Any non-empty text is a math problem."""
