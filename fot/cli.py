@@ -158,7 +158,10 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
                 f"{u.arithmetic_checks} statements recomputed, {u.arithmetic_repairs} repaired"
             )
         for r in sol.repairs:
-            print(f"    repaired ({r.kind}): {' '.join(r.source.split())[:60]} gives {r.actual}, not {r.claimed}")
+            if r.kind == "code":
+                print(f"    repaired: a code block prints {r.actual!r}, the answer claimed {r.claimed!r}")
+            else:
+                print(f"    repaired ({r.kind}): {' '.join(r.source.split())[:60]} = {r.actual}, not {r.claimed}")
         if sol.task == "game24":  # ToT's repairs: steps whose result was recomputed
             steps = [(n["corrected_from"], n["step"]) for t in sol.trees for n in t["nodes"] if "corrected_from" in n]
             for wrote, fixed in steps[:3]:

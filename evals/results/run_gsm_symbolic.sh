@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GSM-Symbolic (reasoning-gym's generator, 200 problems, data seed 0) with Qwen2.5-Coder-1.5B-Instruct, and the
-# program-aided checks' ablation: each method with and without them. Resumable (the run files are named by their
+# rule checks' ablation: each method without them, with the code check only, and with both (code and arithmetic),
+# and FoT with two of its four trees answering with a program. Resumable (the run files are named by their
 # settings; `--limit` only stops a run early, so LIMIT=100 now and the full run later continue the same file).
 #
 #   LIMIT=100 bash evals/results/run_gsm_symbolic.sh cot     # one chain: cot, sc, fot, rest, arithmetic
@@ -13,11 +14,17 @@ COMMON="$COMMON --concurrency ${CONCURRENCY:-16} --device ${DEVICE:-cpu} --dtype
 GSM="--n 200 --data-seed 0 --limit ${LIMIT:-200}"
 
 gsm() { $PY -m evals.gsm_symbolic $GSM $COMMON "$@"; }
-cot() { gsm --method cot --code-checks off; gsm --method cot --code-checks on; }
-sc() { gsm --method sc --trees 8 --code-checks off; gsm --method sc --trees 8 --code-checks on; gsm --method sc --trees 4; }
-fot() { gsm --method fot --trees 4 --code-checks off; gsm --method fot --trees 4; gsm --method fot --trees 8; }
-rest() { gsm --method mctsr; }
-arithmetic() { $PY -m evals.arithmetic --n 56 --levels 1,2,3,4 $COMMON --method fot --trees 4; }
+OFF="--code-checks off --arithmetic-checks off"
+CODE="--code-checks on --arithmetic-checks off"
+BOTH="--code-checks on --arithmetic-checks on"
+cot() { gsm --method cot $OFF; gsm --method cot $CODE; gsm --method cot $BOTH; }
+sc() { gsm --method sc --trees 8 $OFF; gsm --method sc --trees 8 $BOTH; gsm --method sc --trees 4 $OFF; }
+fot() {
+    gsm --method fot --trees 4 $OFF; gsm --method fot --trees 4 $CODE; gsm --method fot --trees 4 $BOTH
+    gsm --method fot --trees 4 $BOTH --program-trees 2; gsm --method fot --trees 8 $BOTH
+}
+rest() { gsm --method mctsr $BOTH; }
+arithmetic() { $PY -m evals.arithmetic --n 56 --levels 1,2,3,4 $COMMON --method fot --trees 4 $BOTH; }
 
 chains=("$@")
 [ ${#chains[@]} -gt 0 ] || chains=(cot sc fot rest arithmetic)
