@@ -89,6 +89,9 @@ NOT_ARITHMETIC = [
     "12 / 4 = 3/4",  # a fraction on the right
     "v1.2 + 1 = 3",
     "2 * 10^99999 = 5",  # beyond the interpreter's bounds: refused, not judged
+    "10^20 + 1 = 5",  # a result past 10^15: notation more often than arithmetic
+    "2 + 2 = " + "9" * 5000,  # no claim: past 4300 digits int() would refuse it
+    "3 + " + "4" * 5000 + " = 7",
     "The answer is 12.",
     "```python\nx = 3 + 4 = 8\n```",  # code is the code check's
 ]
@@ -226,3 +229,56 @@ def test_program_of_thought_asks_the_last_trees_for_code_never_tree_0():
                              config={"trees": 3, "program_trees": 1, "mctsr": {"rollouts": 0}}))  # fmt: skip
     answers = [a for a in asked if a.startswith("Solve the problem")]
     assert len(answers) == 3 and sum(PROGRAM in a for a in answers) == 1 and sol.answer == "4"
+
+
+def expressions():
+    """(text, value) of random arithmetic over small integers, the value computed alongside the text."""
+    from hypothesis import strategies as st
+
+    apply = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    written = {"+": ["+"], "-": ["-"], "*": ["*", "×", "x"]}
+
+    def combine(inner):
+        def make(t):
+            (a, va), op, (b, vb), how = t
+            return f"({a} {written[op][how % len(written[op])]} {b})", apply[op](va, vb)
+
+        return st.tuples(inner, st.sampled_from(sorted(apply)), inner, st.integers(0, 2)).map(make)
+
+    leaf = st.integers(0, 999).map(lambda n: (str(n), n))
+    return st.recursive(leaf, combine, max_leaves=5).map(lambda e: (e[0][1:-1], e[1]) if e[0].startswith("(") else e)
+
+
+def test_random_statements_are_accepted_when_right_and_repaired_when_wrong():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(expressions(), st.integers(1, 50), st.sampled_from(["So ", "Then ", "- ", "**", ""]))
+    def check(expression, off, lead):
+        expr, value = expression
+        if expr.isdigit() or abs(value) > 10**15:
+            return
+        right = check_arithmetic("", f"{lead}{expr} = {value} in all.")
+        assert right.checked == 1 and right.failure is None
+        wrong = check_arithmetic("", f"{lead}{expr} = {value + off} in all.").failure
+        assert wrong is not None and wrong.actual == str(value) and wrong.prefix == f"{lead}{expr} = {value}"
+
+    check()
+
+
+def test_any_text_is_read_without_error():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = st.sampled_from(list("0123456789 +-*/x=%$.,:()^\\{}abc\n`") + ["\\frac", "\\times", "**"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(alphabet, max_size=60).map("".join))
+    def check(text):
+        found = check_arithmetic("", text)
+        if found.failure is not None:
+            f = found.failure
+            assert text[: f.at] + f.actual == f.prefix and f.claimed in text
+
+    check()

@@ -141,6 +141,8 @@ _LABELS = {"step", "day", "week", "month", "year", "part", "case", "option", "me
 _GLUED = set(":.,/_'#@&\\")  # glued to the start of a run, these make it part of something else (2:30, v1.2)
 _OPERANDS = ("num", "frac", "open", "cur")
 _MAX_STATEMENTS = 100
+_MAX_DIGITS = 30  # a longer number is no arithmetic claim (and past 4300 digits int() refuses it)
+_MAX_VALUE = 10**15  # larger results are not judged: a claim that size is notation more often than arithmetic
 
 
 @dataclass(frozen=True)
@@ -220,14 +222,14 @@ def _near(toks: list[_Tok], i: int, step: int) -> _Tok | None:
 def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
     """The arithmetic just before the `=` at toks[eq], as tokens whose `python` joins into the expression; units
     after numbers are kept with an empty `python`. None when it is not plainly arithmetic."""
-    taken: list[_Tok] = []  # read backwards
+    taken: list[tuple[int, _Tok]] = []  # (index, token), read backwards
     k = eq - 1
     while k >= 0:
         t = toks[k]
         if t.kind == "space":
             k -= 1
             continue
-        before, after = _near(toks, k - 1, -1), taken[-1] if taken else None
+        before, after = _near(toks, k - 1, -1), taken[-1][1] if taken else None
         if t.kind == "word":
             w = t.text.lower()
             between = (
@@ -242,20 +244,27 @@ def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
                 break
         elif t.kind not in ("num", "frac", "op", "open", "close", "cur"):
             break
-        taken.append(t)
+        taken.append((k, t))
         k -= 1
     stop = _near(toks, k, -1)
-    run = taken[::-1]
-    while run and (run[0].kind == "op" and (run[0].python != "-" or run[1:2] and run[1].start > run[0].end)):
-        run = run[1:]  # "**3 + 4" (bold), "- 3 + 4" (a list item's dash)
-    while run and run[0].kind == "open" and sum(t.kind == "open" for t in run) > sum(t.kind == "close" for t in run):
-        run = run[1:]  # "(3 + 4 = 7)"
+    first = len(taken) - 1  # taken[first] is the run's first token
+    while first >= 0 and taken[first][1].kind in ("op", "open"):
+        t, nxt = taken[first][1], taken[first - 1][1] if first else None
+        dash = t.kind == "op" and (t.python != "-" or nxt is not None and nxt.start > t.end)  # "**3 + 4", "- 3 + 4"
+        unclosed = t.kind == "open" and sum(u.kind == "open" for _, u in taken[: first + 1]) > sum(
+            u.kind == "close" for _, u in taken[: first + 1]
+        )  # "(3 + 4 = 7)"
+        if not (dash or unclosed):
+            break
+        first -= 1
+    start = taken[first][0] if first >= 0 else eq
+    run = [t for _, t in taken[first::-1]] if first >= 0 else []
     if not run or not any(t.kind == "op" for t in run[1:]) or run[-1].kind in ("op", "open", "cur"):
         return None
     numbers = [t for t in run if t.kind == "num"]
     if any(t.pct for t in numbers) and not all(t.pct for t in numbers) and any(t.python in ("+", "-") for t in run[1:]):
         return None  # "$50 + 20%" means 50 * 1.2: not plainly arithmetic
-    glued = toks[toks.index(run[0]) - 1] if toks.index(run[0]) > 0 else None
+    glued = toks[start - 1] if start > 0 else None
     if glued is not None and (glued.kind == "word" or glued.kind == "other" and glued.text in _GLUED):
         return None  # "x2 + 3", "2:30 + 45", "v1.2 + 1"
     if stop is not None and stop.kind == "word" and stop.text.lower() in _LABELS and run[0].kind == "num":
@@ -278,7 +287,7 @@ def _claim(toks: list[_Tok], eq: int) -> _Claim | None:
         k += 1
     if k + 1 < len(toks) and toks[k].text == "-" and toks[k + 1].kind == "num" and toks[k + 1].start == toks[k].end:
         sign, k = toks[k], k + 1
-    if k >= len(toks) or toks[k].kind != "num":
+    if k >= len(toks) or toks[k].kind != "num" or len(toks[k].text) > _MAX_DIGITS:
         return None
     t = toks[k]
     glued, then = (toks[k + 1 : k + 3] + [None, None])[:2]
@@ -301,9 +310,9 @@ def _evaluate(left: list[_Tok]) -> Fraction | float | None:
     """The exact value of the left side, through the safe interpreter (bounds on steps and sizes included)."""
     result = run("from sympy import Rational\nresult = " + "".join(t.python for t in left))
     value = result.variables.get("result") if result.ok else None
-    if isinstance(value, int | Fraction) and not isinstance(value, bool):
+    if isinstance(value, int | Fraction) and not isinstance(value, bool) and abs(value) <= _MAX_VALUE:
         return Fraction(value)
-    return value if isinstance(value, float) and math.isfinite(value) else None
+    return value if isinstance(value, float) and math.isfinite(value) and abs(value) <= _MAX_VALUE else None
 
 
 def _decimals(written: str) -> int:
