@@ -120,6 +120,16 @@ def solution_html(s: Solution, k: int, details: dict[str, dict]) -> str:
     samples = ""
     if not s.trees:  # cot and sc search no trees: their samples are the answers
         samples = "<h2>Samples' answers</h2><p>" + ", ".join(e(str(a)) for a in s.tree_answers) + "</p>"
+    if s.repairs:  # what the rule checks repaired: the claim and the right value
+        samples += (
+            '<h2>Repairs</h2><table class="repairs"><tr><th>check</th><th>of</th><th>claimed</th><th>right</th></tr>'
+        )
+        samples += "".join(
+            f"<tr><td>{e(r.kind)}</td><td><code>{e(' '.join(r.source.split())[:80])}</code></td>"
+            f"<td>{e(r.claimed)}</td><td>{e(r.actual)}</td></tr>"
+            for r in s.repairs
+        )
+        samples += "</table>"
     trees = "".join(tree_html(s, k, i, details) for i in range(len(s.trees)))
     return (
         f'<section class="solution" data-solution="{k}"><h1>{e(s.problem)}</h1>'

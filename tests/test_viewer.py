@@ -61,6 +61,16 @@ def test_the_page_holds_every_node_and_escapes_model_text():
     assert "request failed" in page
 
 
+def test_the_page_lists_the_repairs_escaped():
+    from fot.forest import Repair
+
+    repairs = [Repair(kind="arithmetic", source="3 * 12", claimed="38", actual="36"),
+               Repair(kind="code", source=f"print({EVIL!r})", claimed=EVIL, actual="7")]  # fmt: skip
+    page = big_solution().model_copy(update={"repairs": repairs}).to_html()
+    assert "<h2>Repairs</h2>" in page and "<td>38</td><td>36</td>" in page and "<img src=x" not in page
+    assert "Repairs" not in big_solution().to_html()
+
+
 def test_cot_and_sc_pages_list_the_samples():
     s = big_solution().model_copy(update={"trees": [], "method": "sc", "tree_answers": ["3", "4"]})
     assert "Samples" in s.to_html() and s.to_html().count('class="node') == 0
