@@ -56,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> None:
-    from fot.speculative.kangaroo import train_adapter
+    from fot.speculative.adapter_training import train_adapter
 
     names = ("exit_layer", "prompts", "new_tokens", "epochs", "batch_size", "lr", "seed")
     options = {name: getattr(args, name) for name in names}

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError, ModelError
+from fot.speculative.adapter_training import train_adapter
 from fot.speculative.engine import Engine
-from fot.speculative.kangaroo import Adapter, load_adapter, model_fingerprint, save_adapter, train_adapter
+from fot.speculative.kangaroo import Adapter, load_adapter, model_fingerprint, save_adapter
 from fot.speculative.model import Transformer
 
 

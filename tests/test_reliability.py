@@ -126,7 +126,7 @@ def test_a_planted_training_checkpoint_runs_no_code(tmp_path):
     import torch
 
     from fot.errors import ModelError
-    from fot.speculative.kangaroo import load_checkpoint
+    from fot.speculative.adapter_training import load_checkpoint
 
     marker, ckpt = tmp_path / "ran", tmp_path / "checkpoint.pt"
     torch.save({"adapter": Planted(marker)}, ckpt)

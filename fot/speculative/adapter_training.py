@@ -1,0 +1,224 @@
+"""Training a Kangaroo adapter (`train_adapter`, `fot train-adapter`): distillation, soft cross-entropy between the
+adapter's draft distribution and the full model's next-token distribution (its top 64 probabilities), on text the
+model itself generates from prompts made here (no hub). Apart from fot.speculative.kangaroo, which the engine
+imports, so that training may use the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fot.errors import InvalidRequestError, ModelError
+from fot.models import cache_dir, resolve_model
+from fot.speculative.cache import KVCache, Step
+from fot.speculative.engine import Engine
+from fot.speculative.kangaroo import Adapter, draft_head, model_fingerprint, save_adapter
+from fot.speculative.model import Transformer
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, read with torch's weights-only unpickler: tensors, numbers, strings and containers
+    only, so a file planted in the work folder cannot run code. Anything else is a `ModelError`."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        raise ModelError(f"{path} is not a training checkpoint of ours (remove it to start over): {e}") from None
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+NAMES = ["Tom", "Ana", "Ravi", "Mia", "Omar", "Lena", "Kofi", "Yuki", "Sara", "Ben"]
+THINGS = ["apples", "books", "marbles", "pencils", "cookies", "stamps", "shells", "cards", "coins", "eggs"]
+
+
+def training_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Prompts like the search's: word problems to solve, answers to critique, refine and grade (made here)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        a, b, c = rng.randint(2, 12), rng.randint(3, 20), rng.randint(1, 9)
+        problem = f"{name} has {a} bags with {b} {thing} in each bag and gives away {c}. How many {thing} are left?"
+        answer = f"{name} has {a} * {b} = {a * b} {thing}. After giving away {c}: {a * b} - {c} = {a * b - c}."
+        kind = i % 4
+        if kind == 0:
+            text = f"Solve the problem step by step, then finish with 'The answer is X.'\n\nProblem: {problem}"
+        elif kind == 1:
+            text = f"Problem: {problem}\nAnswer: {answer}\n\nCritique this answer strictly."
+        elif kind == 2:
+            text = f"Problem: {problem}\nPrevious answer: {answer}\n\nWrite a better answer step by step."
+        else:
+            text = f"Problem: {problem}\nAnswer: {answer}\n\nGrade the answer from 0 to 100. Reply with 'Score: N'."
+        out.append([{"role": "user", "content": text}])
+    return out
+
+
+def teacher_batch(model: Transformer, seqs: list[list[int]], exit_layer: int, top: int) -> dict[str, Tensor]:
+    """One no-grad pass of the full model over whole sequences: the shallow hidden states (the adapter's input)
+    and the full model's top-`top` next-token probabilities (its distillation target) at every position."""
+    a = model.args
+    lengths = [len(s) for s in seqs]
+    cache = KVCache(a.n_layers, len(seqs), a.n_kv_heads, max(lengths), a.head_dim, model.dtype)
+    step = Step.build(list(range(len(seqs))), [0] * len(seqs), lengths)
+    tokens = torch.tensor([t for s in seqs for t in s])
+    with torch.no_grad():
+        h = model.run_layers(model.embed(tokens), step, cache, 0, exit_layer)
+        probs = torch.softmax(model.logits(model.run_layers(h, step, cache, exit_layer)), -1)
+        p, idx = probs.topk(top, -1)
+    return {"hidden": h, "p": p, "idx": idx, "lengths": torch.tensor(lengths)}
+
+
+def adapter_loss(model: Transformer, adapter: Adapter, batch: dict, vocab: Tensor | None) -> tuple[Tensor, float]:
+    """Soft cross-entropy of the draft distribution against the teacher's top-k probabilities (renormalised
+    over the draft vocabulary) at every position; and how often the draft's top-1 is the teacher's top-1 (the
+    greedy acceptance rate of a single draft token)."""
+    a = model.args
+    lengths = batch["lengths"].tolist()
+    step = Step.build(list(range(len(lengths))), [0] * len(lengths), lengths)
+    k = torch.zeros(len(lengths), a.n_kv_heads, max(lengths), a.head_dim, dtype=model.dtype)
+    v = torch.zeros_like(k)
+    out = adapter(batch["hidden"], step, model.rope, k, v)
+    logp = torch.log_softmax(F.linear(out, draft_head(model, vocab)).float(), -1)
+    idx, p = batch["idx"], batch["p"]
+    top1 = logp.argmax(-1) if vocab is None else vocab[logp.argmax(-1)]
+    agree = (top1 == idx[:, 0]).float().mean().item()
+    if vocab is not None:  # teacher tokens outside the draft vocabulary cannot be drafted: drop them
+        where = torch.full((a.vocab_size,), -1, dtype=torch.long)
+        where[vocab] = torch.arange(len(vocab))
+        idx = where[idx]
+        p = p * (idx >= 0)
+        idx = idx.clamp(min=0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-9)
+    return -(p * logp.gather(-1, idx)).sum(-1).mean(), agree
+
+
+def train_adapter(
+    model_name: str = "default",
+    out: str | Path | None = None,
+    *,
+    exit_layer: int = 4,
+    prompts: int = 160,
+    new_tokens: int = 128,
+    epochs: int = 8,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    draft_vocab: int | None = 8192,
+    top: int = 64,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Generate data with the model itself, then distil the adapter; checkpoints every epoch and resumes from the
+    last one. Writes `adapter.safetensors` and `adapter_config.json` (naming the base model and exit layer)."""
+    torch.manual_seed(seed)
+    # the teacher in fp32 (the adapter trains in fp32 and is cast to the model's dtype when loaded)
+    engine = Engine.from_pretrained(model_name, dtype="float32", max_batch=32, speculative="prompt_lookup", seed=seed)
+    model = engine.model
+    if not 1 <= exit_layer < model.args.n_layers:
+        raise InvalidRequestError(f"exit_layer must be in 1..{model.args.n_layers - 1}")
+    out = Path(out) if out else cache_dir() / "adapters" / Path(str(resolve_model(model_name))).name
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    data_file = work / f"data-{seed}-{prompts}-{new_tokens}.json"
+    if data_file.exists():
+        seqs = json.loads(data_file.read_text())
+    else:
+        chats = training_prompts(prompts, seed)
+        params = {"max_tokens": new_tokens, "temperature": 0.7, "seed": seed}
+        gens = engine.generate(chats, [dict(params, seed=seed + i) for i in range(len(chats))], progress=progress)
+        seqs = [engine.tokenize(c) + g.token_ids for c, g in zip(chats, gens, strict=True)]
+        data_file.write_text(json.dumps(seqs))
+    counts = torch.bincount(torch.tensor([t for s in seqs for t in s]), minlength=model.args.vocab_size)
+    vocab = None
+    if draft_vocab and draft_vocab < model.args.vocab_size:
+        vocab = torch.sort(counts.argsort(descending=True)[:draft_vocab]).values
+
+    adapter = Adapter(model.args)
+    with torch.no_grad():  # start from the exit layer's own attention and the final norm
+        layer = model.layers[exit_layer]
+        adapter.attention_norm.weight.copy_(layer.attention_norm.weight)
+        attention = layer.attention
+        adapter.attention.load_state_dict(
+            {
+                "wqkv.weight": attention.wqkv.rows(),
+                "wo.weight": attention.wo.rows(),
+                **{
+                    f"{n}.bias": getattr(attention, n).bias
+                    for n in ("wqkv", "wo")
+                    if getattr(attention, n).bias is not None
+                },
+            }
+        )
+        adapter.norm.weight.copy_(model.norm.weight)
+    adapter = adapter.float().train()
+    opt = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=0.0)
+    held = max(1, len(seqs) // 10)  # the last 10% of the sequences measure the adapter, never train it
+    order = list(range(len(seqs) - held))
+    batches_per_epoch = math.ceil(len(order) / batch_size)
+    total = epochs * batches_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    start_epoch, ckpt = 0, work / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        if state["exit_layer"] == exit_layer and state["seed"] == seed:
+            adapter.load_state_dict(state["adapter"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            start_epoch = state["epoch"] + 1
+    teacher = {}
+    bar = tqdm(total=total, initial=start_epoch * batches_per_epoch, desc="train adapter", disable=not progress)
+    losses = []
+    for epoch in range(start_epoch, epochs):
+        random.Random(seed + epoch).shuffle(order)
+        losses = []
+        for b in range(batches_per_epoch):
+            ids = tuple(sorted(order[b * batch_size : (b + 1) * batch_size]))
+            if ids not in teacher:
+                teacher[ids] = teacher_batch(model, [seqs[i] for i in ids], exit_layer, top)
+            loss, _ = adapter_loss(model, adapter, teacher[ids], vocab)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 0.5)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{sum(losses) / len(losses):.3f}")
+        state = {"adapter": adapter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+        torch.save({**state, "epoch": epoch, "exit_layer": exit_layer, "seed": seed}, ckpt)
+    bar.close()
+    with torch.no_grad():
+        holdout = teacher_batch(model, seqs[-held:], exit_layer, top)
+        held_loss, held_top1 = adapter_loss(model, adapter, holdout, vocab)
+    config = {
+        "base_model": model_name,
+        "base": model_fingerprint(model),
+        "exit_layer": exit_layer,
+        "draft_vocab": vocab.tolist() if vocab is not None else None,
+        "threshold": 0.4,
+        "max_steps": 6,
+        "training": {
+            "prompts": prompts,
+            "new_tokens": new_tokens,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "top": top,
+            "seed": seed,
+            "final_loss": round(sum(losses) / max(len(losses), 1), 4),
+            "holdout_loss": round(held_loss.item(), 4),
+            "holdout_top1_agreement": round(held_top1, 4),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+    }
+    save_adapter(out, adapter.eval(), config)
+    return out
