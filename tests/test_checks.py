@@ -81,11 +81,17 @@ NOT_ARITHMETIC = [
     "Day 3 - 1 = 2 weeks later",
     "x2 + 3 = 6",  # algebra
     "2x + 3x = 5x",
+    "So 10n + 9 + 26 = 10",  # a variable glued to its coefficient (seen in a model's answer)
+    "2H + 100 = 184",
+    "9 + 2n = 19",
+    "3 + 4 = 7n",
     "1 1/2 = 1.5",  # a mixed number
     "3 hundred + 5 = 305",  # a scale word
     "0.25 * 100 = 25%",  # a conversion to a percentage
     "$50 + 20% = $60",  # a markup, not 50.2
     "3 + 4 = 10 - 3",  # the right side is an expression
+    "199 \\times 60 = 15 \\times x",  # cross-multiplying (seen in a model's answer)
+    "Total time = 7 hours + 20 minutes = 7.30 hours.",  # different units (seen in a model's answer)
     "12 / 4 = 3/4",  # a fraction on the right
     "v1.2 + 1 = 3",
     "2 * 10^99999 = 5",  # beyond the interpreter's bounds: refused, not judged

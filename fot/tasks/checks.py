@@ -161,7 +161,7 @@ class _Claim:
     end: int
     text: str
     pct: bool
-    chained: bool  # an operator follows ("2 * 3 = 6 * 4 = 24"): checked only as "6"
+    chained: bool  # an operator follows: judged only where the claim agrees ("2 * 3 = 6 * 4 = 24": as 6)
 
 
 def check_arithmetic(problem: str, text: str) -> Finding:
@@ -238,8 +238,8 @@ def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
             )  # fmt: skip
             if w in _OP_WORDS and between or w == "of" and between and before.pct:
                 t = _Tok("op", t.text, t.start, t.end, _PYTHON_OP.get(w, "*"))
-            elif w in _NOT_PLAIN and before is not None and before.kind in ("num", "frac"):
-                return None
+            elif (w in _NOT_PLAIN or len(w) == 1) and before is not None and before.kind in ("num", "frac"):
+                return None  # a scale or a power ("3 hundred", "2 squared"), or a variable ("10n + 9", "2H")
             elif w in _STOP or before is None or not _after_number(toks, k):
                 break
         elif t.kind not in ("num", "frac", "op", "open", "close", "cur"):
@@ -261,6 +261,9 @@ def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
     run = [t for _, t in taken[first::-1]] if first >= 0 else []
     if not run or not any(t.kind == "op" for t in run[1:]) or run[-1].kind in ("op", "open", "cur"):
         return None
+    units = {t.text.lower().removesuffix("s") for t in run if t.kind == "word"}
+    if len(units) > 1 and any(t.python in ("+", "-") for t in run[1:]):
+        return None  # "7 hours + 20 minutes": a sum of different units is no plain sum
     numbers = [t for t in run if t.kind == "num"]
     if any(t.pct for t in numbers) and not all(t.pct for t in numbers) and any(t.python in ("+", "-") for t in run[1:]):
         return None  # "$50 + 20%" means 50 * 1.2: not plainly arithmetic
@@ -292,16 +295,19 @@ def _claim(toks: list[_Tok], eq: int) -> _Claim | None:
     t = toks[k]
     glued, then = (toks[k + 1 : k + 3] + [None, None])[:2]
     if glued is not None and (
-        glued.text in (":", "/") or glued.text in ".," and then is not None and then.kind == "num"
+        glued.text in (":", "/")
+        or glued.text in ".,"
+        and then is not None
+        and then.kind == "num"
+        or glued.kind == "word"
+        and len(glued.text) == 1
     ):
-        return None  # a time (3:15), a fraction or a rate (3/4, 60/h), a date (12.05.2024)
+        return None  # a time (3:15), a fraction or a rate (3/4, 60/h), a date (12.05.2024), a variable (7n)
     after = _near(toks, k + 1, 1)
     if after is not None and after.kind == "word" and after.text.lower() in _NOT_PLAIN:
         return None  # "= 3 hundred", "= 5x", "= 12th"
-    chained = False  # an operator and an operand follow
-    if after is not None and (after.kind == "op" and after.text != "**" or after.text.lower() in _OP_WORDS):
-        following = _near(toks, toks.index(after) + 1, 1)
-        chained = following is not None and following.kind in _OPERANDS
+    # an operator follows: the right side is an expression ("2 * 3 = 6 * 4 = 24", "199 * 60 = 15 * x")
+    chained = after is not None and (after.kind == "op" and after.text != "**" or after.text.lower() in _OP_WORDS)
     start = sign.start if sign is not None else t.start
     return _Claim(start, t.start + len(t.text), ("-" if sign else "") + t.text, t.pct, chained)
 
