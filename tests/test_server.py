@@ -76,6 +76,7 @@ def test_sync_client_gets_an_answer_with_usage_and_the_forest(server):
     assert done.usage.prompt_tokens == u["prompt_tokens"] > 0 and done.usage.completion_tokens == u["generated_tokens"]
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     assert forest["requests"] == u["requests"] >= 5  # first answers, grades, a rollout: many calls, one reply
+    assert forest["repairs"] == stored.json()["repairs"] and forest["arithmetic_repairs"] == u["arithmetic_repairs"]
     page = httpx.get(f"{server}{forest['view']}", headers={"Authorization": f"Bearer {KEY}"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text.count('class="node') == sum(len(t["nodes"]) for t in stored.json()["trees"])
