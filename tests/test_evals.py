@@ -398,3 +398,26 @@ def test_paired_comparison_and_mcnemar() -> None:
     assert {("fot-4 +code+arith", "fot-4 +code"), ("fot-4 +code+arith", "fot-4")} <= set(found)
     assert ("fot-4 +code", "fot-4 +code+arith") not in found  # fewer checks is no ablation of more
     assert not found[("fot-4 +code+arith", "sc-8")].budget_matched  # 200 tokens a problem against 150
+
+
+def test_the_tokens_plot_joins_budget_matched_pairs() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evals.report import Pair, Row, draw_tokens
+
+    def row(run, method, trees, acc, tokens):
+        return Row(benchmark="b", run=run, model="m", method=method, trees=trees, backend="native",
+                   speculative="prompt_lookup", n=10, total=10, correct=int(acc * 10), accuracy=acc, ci_low=0,
+                   ci_high=1, tokens=tokens, seconds=1, accept_rate=None, sd_speedup=None)  # fmt: skip
+
+    rows = [row("f", "fot", 4, 0.6, 100), row("s", "sc", 8, 0.5, 150)]
+    pair = Pair(benchmark="b", model="m", a="fot-4", b="sc-8", run_a="f", run_b="s", n=10, both=5, only_a=1,
+                only_b=0, neither=4, p_value=1.0, tokens_a=100, tokens_b=150)  # fmt: skip
+    fig, ax = plt.subplots()
+    draw_tokens(ax, rows, [pair])
+    [line] = [x for x in ax.lines if x.get_label() == "budget-matched"]
+    assert list(line.get_xdata()) == [100, 150] and list(line.get_ydata()) == [0.6, 0.5]
+    plt.close(fig)
