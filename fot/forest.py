@@ -418,13 +418,14 @@ class Forest:
         inputs = shipped_examples()(self.problem, n, self.rng) if fot else [(self.problem, "")]
         if fot and c.program_trees:
             inputs = program_of_thought(inputs, c.program_trees)
-        corrector, checks = None, c.correction.checks(self.task)
+        checks = c.correction.checks(self.task)
         if c.correction.enabled and (fot or checks):  # MCTSr alone takes the rule checks, FoT also the paper's kind
             threshold, seed = c.correction.logprob_threshold, c.seed * 1000 + 999
-            corrector = MathCorrector(self.task, threshold, self.usage, seed, c.mctsr.max_tokens, checks, refine=fot)
-            self.corrector = corrector
+            self.corrector = MathCorrector(
+                self.task, threshold, self.usage, seed, c.mctsr.max_tokens, checks, refine=fot
+            )
         return [
-            MCTSr(self.task, p, c.mctsr, example=ex, seed=s, corrector=corrector, name=f"tree{i}")
+            MCTSr(self.task, p, c.mctsr, example=ex, seed=s, corrector=self.corrector, name=f"tree{i}")
             for i, ((p, ex), s) in enumerate(zip(inputs, seeds, strict=True))
         ]
 
@@ -461,14 +462,20 @@ class Forest:
 
     async def baseline(self) -> Solution:
         c = self.config
-        corrector, checks = None, c.correction.checks(self.task)
+        checks = c.correction.checks(self.task)
         if c.correction.baselines and checks:  # only the rule checks
             seed = c.seed * 1000 + 999
-            corrector = MathCorrector(self.task, -math.inf, self.usage, seed, c.mctsr.max_tokens, checks, refine=False)
-            self.corrector = corrector
+            self.corrector = MathCorrector(
+                self.task, -math.inf, self.usage, seed, c.mctsr.max_tokens, checks, refine=False
+            )
         if c.method == "cot":
             answer, _ = await chain_of_thought(
-                self.single, self.task, self.problem, seed=c.seed, max_tokens=c.mctsr.max_tokens, corrector=corrector
+                self.single,
+                self.task,
+                self.problem,
+                seed=c.seed,
+                max_tokens=c.mctsr.max_tokens,
+                corrector=self.corrector,
             )
             answers = [answer]
         else:
@@ -480,7 +487,7 @@ class Forest:
                 temperature=c.sc_temperature,
                 seed=c.seed,
                 max_tokens=c.mctsr.max_tokens,
-                corrector=corrector,
+                corrector=self.corrector,
             )
         votes = Counter(a for a in answers if a is not None)
         return self.solution(answer, dict(votes), votes.get(answer, 0) / len(answers), "single", answers, [])
