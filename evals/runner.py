@@ -166,6 +166,8 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings |= {"n": args.n, "data_seed": args.data_seed}
     if program_trees(args):
         settings["program_trees"] = program_trees(args)
+    if args.method == "fot" and args.benchmark != "game24":  # math: the fallback runs the corrector (older runs: not)
+        settings["fallback"] = "corrected"
     for name, on in rule_checks(args).items():  # runs from before a check keep their names
         if on:
             settings[f"{name}_checks"] = True

@@ -4,7 +4,8 @@ majority  one answer holds more than half of the trees: take it (the forest may 
 plurality otherwise the single most common answer;
 expert    a tie at the top (or several candidates and no plurality): an expert model, the same backend or a
           stronger one, picks among the candidates;
-fallback  no tree has an answer, or the expert says "I don't know": a chain-of-thought answer.
+fallback  no tree has an answer, or the expert says "I don't know": a chain-of-thought answer, checked and repaired
+          by the forest's self-correction as the trees' answers are.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 from fot.decoding.base import Request
 from fot.tasks.base import Task, majority_key
 from fot.trees.cot import chain_of_thought
-from fot.trees.mctsr import Generate
+from fot.trees.mctsr import Corrector, Generate
 
 EXPERT = (
     "Problem: {problem}\n\nCandidate final answers:\n{candidates}\n\nWhich candidate is correct? Reply with its "
@@ -46,6 +47,7 @@ async def decide(
     expert: Generate | None = None,
     seed: int = 0,
     max_tokens: int = 384,
+    corrector: Corrector | None = None,
 ) -> Decision:
     ranked = majority_key(task, answers)
     votes = dict(ranked)
@@ -59,7 +61,7 @@ async def decide(
         pick = await ask_expert(expert or gen, problem, tied)
         if pick is not None:
             return Decision(answer=pick, votes=votes, method="expert", confidence=votes[pick] / n)
-    answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens)
+    answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens, corrector=corrector)
     return Decision(answer=answer, votes=votes, method="fallback", confidence=0.0)
 
 

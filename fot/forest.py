@@ -544,7 +544,10 @@ class Forest:
         graphs = [t.tree.to_dict() for t in trees]
         if len(trees) == 1:
             return self.solution(answers[0], {answers[0]: 1} if answers[0] else {}, 1.0, "single", answers, graphs)
-        d = await decide(self.task, self.problem, answers, self.single, seed=c.seed, max_tokens=c.mctsr.max_tokens)
+        d = await decide(
+            self.task, self.problem, answers, self.single, seed=c.seed, max_tokens=c.mctsr.max_tokens,
+            corrector=self.corrector,
+        )  # fmt: skip
         return self.solution(d.answer, d.votes, d.confidence, d.method, answers, graphs)
 
     def report(self, step: int, trees: list, live: list) -> None:

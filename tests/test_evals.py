@@ -218,11 +218,15 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
     """A native CPU run is named by the dtype it resolves to: fp32 keeps the name runs had before --dtype existed,
     bf16 ("auto" where the kernels run, "fast", "bfloat16") the name of the committed bf16 runs; another device is
     named apart."""
-    old = run_name(options("arithmetic", dtype="float32", code_checks="off", arithmetic_checks="off"))
-    assert old == "fot-t4-default-native-prompt_lookup-s0-a690c226"  # the search as it was before the rule checks
+    old = run_name(options("arithmetic", method="sc", dtype="float32", code_checks="off", arithmetic_checks="off"))
+    assert old == "sc-t4-default-native-prompt_lookup-s0-a690c226"  # the search as it was before the rule checks
+    unchecked = run_name(options("arithmetic", dtype="float32", code_checks="off", arithmetic_checks="off"))
+    assert unchecked != old.replace("sc-", "fot-")  # fot's fallback runs the corrector now: another search
     code_only = run_name(options("arithmetic", dtype="float32", arithmetic_checks="off"))
     fp32 = run_name(options("arithmetic", dtype="float32"))
-    assert len({old, code_only, fp32}) == 3  # fot runs both checks now: another search, another run
+    assert len({unchecked, code_only, fp32}) == 3  # fot runs both checks now: another search, another run
+    fot24, sc24 = (run_name(options("game24", method=m, dtype="float32")) for m in ("fot", "sc"))
+    assert fot24.rsplit("-", 1)[1] == sc24.rsplit("-", 1)[1]  # Game of 24's fallback is as it was: same runs
     assert run_name(options("arithmetic", method="sc", code_checks="on")) != run_name(
         options("arithmetic", method="sc")
     )

@@ -214,6 +214,17 @@ def test_cged_majority_plurality_expert_fallback():
     assert (d.answer, d.method) == ("9", "fallback")
 
 
+def test_fallback_chain_of_thought_runs_the_checks():
+    """No tree answered: the fallback's chain of thought goes through the forest's corrector, so its made-up
+    code output is repaired as the trees' would be."""
+    reply = "```python\nprint(6 * 7)\n```\n```output\n41\n```\nThe answer is 41."
+    backend = ScriptedBackend(lambda r, j: reply)
+    usage = SolveUsage()
+    corrector = MathCorrector(MATH, -math.inf, usage, 0, checks=MATH.checks, refine=False)
+    d = asyncio.run(decide(MATH, "p", [None, None], Batcher(backend, 1).generate, corrector=corrector))
+    assert (d.answer, d.method) == ("42", "fallback") and usage.code_repairs == 1
+
+
 def test_early_stop_on_a_majority():
     backend = ScriptedBackend(math_script())
     sol = solve("What is 40 + 2?", backend, trees=4, config={"mctsr": {"rollouts": 4}})
