@@ -47,7 +47,7 @@ def main() -> None:
             plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=16, speculative="prompt_lookup"
         ),
     }
-    kg = engines["kangaroo"].kangaroo
+    kg = engines["kangaroo"].proposer
     rng = random.Random(0)
     prompts = [refine_prompt(rng) for _ in range(max(batches))]
     report = {name: {} for name in (*engines, "plain_tok_s", "accept_len", "identical")}

@@ -64,12 +64,13 @@ class SpeculativeConfig(BaseModel):
 
     `method="kangaroo"` drafts with the model's own first layers + a trained adapter (fot.speculative.kangaroo):
     each sample drafts until the draft's top-1 probability drops below `confidence_threshold` or after
-    `num_speculative_tokens` tokens.
+    `num_speculative_tokens` tokens. `method="hybrid"` takes prompt lookup's draft where a sample's context has a
+    match and Kangaroo's otherwise (fot.speculative.hybrid).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["prompt_lookup", "kangaroo"] = "prompt_lookup"
+    method: Literal["prompt_lookup", "kangaroo", "hybrid"] = "prompt_lookup"
     num_speculative_tokens: int = Field(8, ge=1)
     adapter: str | None = None  # kangaroo: adapter folder; None = the one shipped for the embedded model
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)  # kangaroo's early exit; None = adapter's
@@ -84,8 +85,8 @@ class SpeculativeConfig(BaseModel):
     def _ngram_range(self) -> SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
-        if self.method == "kangaroo" and self.layout == "padded":
-            raise ValueError("kangaroo runs in the unpadded layout only")
+        if self.method != "prompt_lookup" and self.layout == "padded":
+            raise ValueError(f"{self.method} runs in the unpadded layout only")
         return self
 
     @classmethod

@@ -1,5 +1,6 @@
-"""Kangaroo: lossless whatever the adapter (untrained ones accept little and must still be exact), batched,
-with the sampling distribution kept; adapters name their base model; training runs, checkpoints and resumes."""
+"""Kangaroo and the hybrid (prompt lookup where it matches, Kangaroo elsewhere): lossless whatever the adapter
+(untrained ones accept little and must still be exact), batched, with the sampling distribution kept; adapters
+name their base model; training runs, checkpoints and resumes."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def engines(tiny_model_dir, tmp_path_factory):
     return plain, folders
 
 
-def kangaroo(plain: Engine, adapter, **spec) -> Engine:
-    config = {"method": "kangaroo", "adapter": str(adapter), "cost_aware": False, **spec}  # draft what it can
+def kangaroo(plain: Engine, adapter, method: str = "kangaroo", **spec) -> Engine:
+    config = {"method": method, "adapter": str(adapter), "cost_aware": False, **spec}  # draft what it can
     return Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=plain.max_batch, speculative=config)
 
 
@@ -54,6 +55,8 @@ def cases(draw):
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(1, 40))] for _ in range(batch)]
     if draw(st.booleans()):  # a shared start: prompts admitted later copy it from finished samples (prefix store)
         prompts = [list(range(100, 100 + rng.randint(16, 30))) + p for p in prompts]
+    if draw(st.booleans()):  # text that repeats itself: prompt lookup finds matches (the hybrid mixes its drafters)
+        prompts = [p + p[: rng.randint(1, len(p))] for p in prompts]
     params = [
         SamplingParams(max_tokens=rng.randint(1, 24), ignore_eos=True, logprobs=rng.random() < 0.3) for _ in prompts
     ]
@@ -66,39 +69,57 @@ def cases(draw):
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=cases())
-def test_greedy_kangaroo_equals_plain(engines, reference_model, case):
+@given(case=cases(), method=st.sampled_from(["kangaroo", "hybrid"]))
+def test_greedy_kangaroo_and_hybrid_equal_plain(engines, reference_model, case, method):
     plain, folders = engines
     prompts, params, max_batch, adapter, spec = case
     plain.max_batch = max_batch
     expected = plain.generate(prompts, params)
-    engine = kangaroo(plain, folders[adapter], **spec)
+    engine = kangaroo(plain, folders[adapter], method, **spec)
     got = engine.generate(prompts, params)
     for p, e, g in zip(prompts, expected, got, strict=True):
         assert g.accepted_tokens <= g.draft_tokens
         if assert_same_greedy(reference_model, p, e, g) and e.logprobs is not None:
             assert g.logprobs == pytest.approx(e.logprobs, abs=1e-4)
     s = engine.last_stats
-    assert s.accepted_tokens == sum(g.accepted_tokens for g in got)
-    assert s.draft_tokens == sum(g.draft_tokens for g in got)
+    assert s.accepted_tokens == sum(g.accepted_tokens for g in got) == sum(s.source_accepted.values())
+    assert s.draft_tokens == sum(g.draft_tokens for g in got) == sum(s.source_drafts.values())
+    assert set(s.source_drafts) <= ({"kangaroo", "lookup"} if method == "hybrid" else {"kangaroo"})
 
 
-def test_threshold_one_never_drafts_and_zero_always_does(engines):
+def test_hybrid_takes_lookup_where_it_matches_and_kangaroo_elsewhere(engines):
+    """One sample's prompt holds every token once, so lookup (down to 1-grams) always matches; the other's holds
+    three: per step, the first drafts from lookup and the second from the adapter, both verified in the same
+    forward, their counters apart."""
     plain, folders = engines
-    prompts, params = [[5, 6, 7], [9, 10]], SamplingParams(max_tokens=10, ignore_eos=True)
-    never = kangaroo(plain, folders["full"], confidence_threshold=1.0)
-    never.generate(prompts, params)
-    assert never.last_stats.draft_tokens == 0
-    always = kangaroo(plain, folders["full"], confidence_threshold=0.0, num_speculative_tokens=3)
-    outs = always.generate(prompts, params)
-    # each decode step drafts min(3, tokens still to go - 1): the cap is hit exactly
-    assert all(o.draft_tokens >= 3 for o in outs) and always.last_stats.draft_tokens > 0
+    plain.max_batch = 16  # both samples in every step (the hypothesis test leaves it anywhere in 1..16)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    prompts = [list(range(3, 384)), [40, 41, 42]]
+    spec = {"confidence_threshold": 0.0, "num_speculative_tokens": 4, "draft_threshold": 0.0, "prompt_lookup_min": 1}
+    engine = kangaroo(plain, folders["full"], "hybrid", **spec)
+    propose, seen = engine.proposer.propose, []
+
+    def watch(batch, cache):  # keep each step's proposal
+        seen.append(propose(batch, cache))
+        return seen[-1]
+
+    engine.proposer.propose = watch
+    got = engine.generate(prompts, params)
+    assert [g.token_ids for g in got] == [e.token_ids for e in plain.generate(prompts, params)]
+    first = got[0].token_ids[0]
+    assert seen[0].sources == ["lookup", "kangaroo"] and len(seen[0].drafts[1]) == 4
+    assert seen[0].drafts[0] == list(range(first + 1, first + 5))  # what followed the last token in the prompt
+    s = engine.last_stats
+    assert s.source_drafts["lookup"] > 0 and s.source_drafts["kangaroo"] > 0
+    assert 0 <= s.source_accepted.get("lookup", 0) <= s.source_drafts["lookup"]
 
 
+@pytest.mark.parametrize("method", ["kangaroo", "hybrid"])
 @pytest.mark.parametrize("params", [{"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.9, "top_k": 6}])
-def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params):
-    """The 2nd generated token on a 12-token vocabulary, sampled with Kangaroo drafts, fits the exact
-    distribution computed from the model (chi-square, p > 0.001)."""
+def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params, method):
+    """The 2nd generated token on a 12-token vocabulary, sampled with Kangaroo's (or the hybrid's) drafts, fits the
+    exact distribution computed from the model (chi-square, p > 0.001). The hybrid's first draft comes from lookup
+    where the first token is one of the prompt's (1-grams match) and from the adapter otherwise."""
     from transformers import AutoModelForCausalLM
 
     from fot.speculative.verify import probabilities
@@ -112,7 +133,8 @@ def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params):
         p2 = probabilities(hf(torch.tensor([[*prompt, a] for a in range(vocab)])).logits[:, -1], params)
     exact = (p1[:, None] * p2).sum(0)
     plain = Engine.from_pretrained(folder, dtype="float32", max_batch=256, seed=2)
-    engine = kangaroo(plain, random_adapter(tmp_path / "ad", plain.model, 1), confidence_threshold=0.0)
+    adapter = random_adapter(tmp_path / "ad", plain.model, 1)
+    engine = kangaroo(plain, adapter, method, confidence_threshold=0.0, prompt_lookup_min=1)
     outs = engine.generate([prompt] * n, params)
     counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
     big = exact * n >= 5
@@ -122,6 +144,7 @@ def test_sampled_kangaroo_follows_the_plain_distribution(tmp_path, params):
     chi2 = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     assert chi2 < 32.9
     assert 0 < engine.last_stats.accepted_tokens < engine.last_stats.draft_tokens
+    assert set(engine.last_stats.source_drafts) == ({"kangaroo", "lookup"} if method == "hybrid" else {"kangaroo"})
 
 
 def test_adapter_for_another_base_model_is_refused(tmp_path, tiny_llama_dir):

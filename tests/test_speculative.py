@@ -17,6 +17,7 @@ from fot.errors import InvalidRequestError
 from fot.speculative import kernels
 from fot.speculative.drafters import PromptLookup, draft_lengths
 from fot.speculative.engine import Engine
+from fot.speculative.proposer import TokenProposer
 from fot.speculative.verify import accept_greedy, accept_sampled, probabilities
 
 
@@ -150,8 +151,9 @@ def test_greedy_speculative_equals_plain(engines, reference_model, case, noise):
     plain.max_batch = spec.max_batch = max_batch
     spec.speculative = SpeculativeConfig(num_speculative_tokens=6, layout=layout)
     expected = plain.generate(prompts, params)
-    spec.drafter = OracleDrafter(
-        {tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed
+    spec.proposer = TokenProposer(
+        spec.model,
+        OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed),
     )
     got = spec.generate(prompts, params)
     for p, e, g in zip(prompts, expected, got, strict=True):
@@ -191,8 +193,9 @@ def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, 
     plain.max_batch = spec.max_batch = max_batch
     _, prompts, params, _, _ = seeded_case(seed, batch, max_batch, "unpadded", stem=seed % 2 == 0)
     expected = plain.generate(prompts, params)
-    spec.drafter = OracleDrafter(
-        {tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed
+    spec.proposer = TokenProposer(
+        spec.model,
+        OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed),
     )
     got = spec.generate(prompts, params)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
@@ -208,7 +211,9 @@ def test_good_drafts_save_forward_passes_and_are_counted(engines):
     prompts = [[5 + i, 40, 41, 42] for i in range(8)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     expected = plain.generate(prompts, params)
-    spec.drafter = OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, full=True)
+    spec.proposer = TokenProposer(
+        spec.model, OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, full=True)
+    )
     got = spec.generate(prompts, params)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
     for g in got:  # 1 token from the prefill, then 4 drafts + 1 per step: 1 + 5 + 5 + 5 + (4 drafts capped at 3 + 1)
@@ -225,7 +230,7 @@ def test_stops_inside_an_accepted_draft(engines):
     spec.speculative = SpeculativeConfig(num_speculative_tokens=8, draft_threshold=0, cost_aware=False)
     prompt = [[7, 8, 9, 10]]
     full = plain.generate(prompt, {"max_tokens": 12, "ignore_eos": True})[0].token_ids
-    spec.drafter = OracleDrafter({tuple(prompt[0]): full}, full=True)
+    spec.proposer = TokenProposer(spec.model, OracleDrafter({tuple(prompt[0]): full}, full=True))
     eos = full[5]
     for engine in (plain, spec):
         engine.eos_ids = {eos}
@@ -257,7 +262,7 @@ def test_forward_cost_averages_each_size_and_interpolates_between():
 
 def test_bad_drafters_and_configs_are_refused(engines):
     _, spec = engines
-    spec.drafter = TooLong()
+    spec.proposer = TokenProposer(spec.model, TooLong())
     with pytest.raises(InvalidRequestError, match="drafter proposed"):
         spec.generate([[5, 6, 7]], {"max_tokens": 5})
     with pytest.raises(InvalidRequestError, match="speculative"):

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -137,7 +137,7 @@ class NativeBackend(BaseBackend):
                 owners.update((id(seq), call) for seq in call.seqs)
             if engine.idle:
                 continue
-            before = replace(engine.stats)
+            before = engine.stats.snapshot()
             try:
                 finished = engine.step()
             except Exception as e:  # the engine dropped everything in flight: each caller hears why

@@ -6,16 +6,19 @@ frees its slot at once, so a long sample never holds a short one back.
 
 With a drafter this is EMS-SD (multi-sample speculative decoding without padding): each sample's last token and its
 drafts (any number, 0 allowed) are concatenated with every other sample's into one flat input, verified in one
-forward, and each sample keeps exactly the entries it accepted, at its own offset in its own cache slot.
+forward, and each sample keeps exactly the entries it accepted, at its own offset in its own cache slot. Every
+drafter (prompt lookup, Kangaroo, the hybrid of both, none) sits behind one interface,
+`fot.speculative.proposer.Proposer`: the engine asks it for the prompt forward, the drafts and the verification.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Literal
@@ -30,8 +33,10 @@ from fot.errors import InvalidRequestError
 from fot.speculative import kernels
 from fot.speculative.cache import KVCache, PrefixStore, common_prefix
 from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
-from fot.speculative.kangaroo import KangarooDrafter, default_adapter_dir, load_adapter
-from fot.speculative.model import Transformer, pack_linears
+from fot.speculative.hybrid import Hybrid
+from fot.speculative.kangaroo import default_adapter_dir, load_adapter
+from fot.speculative.model import Transformer
+from fot.speculative.proposer import Batch, Proposal, Proposer, TokenProposer
 from fot.speculative.verify import accept_greedy, accept_sampled
 from fot.tasks.base import check_unicode
 
@@ -82,6 +87,8 @@ class EngineStats:
     cancelled: int = 0  # samples dropped before they finished (their caller went away)
     prefill_seconds: float = 0.0  # wall time in prefill forwards, and in everything else (decode, draft, verify)
     decode_seconds: float = 0.0
+    source_drafts: dict[str, int] = field(default_factory=dict)  # draft tokens by the drafter that made them
+    source_accepted: dict[str, int] = field(default_factory=dict)  # (the hybrid has two: "lookup", "kangaroo")
 
     @property
     def accept_length(self) -> float:
@@ -92,9 +99,19 @@ class EngineStats:
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
+    def snapshot(self) -> EngineStats:
+        """A copy of the counters now, for `since` (the per-source counts copied too, not shared)."""
+        return copy.deepcopy(self)
+
     def since(self, earlier: EngineStats) -> EngineStats:
-        """What was counted after `earlier` (a copy of these counters taken then)."""
-        return EngineStats(**{name: getattr(self, name) - getattr(earlier, name) for name in vars(self)})
+        """What was counted after `earlier` (a `snapshot` taken then)."""
+
+        def minus(now, then):
+            if isinstance(now, dict):
+                return {k: v - then.get(k, 0) for k, v in now.items() if v != then.get(k, 0)}
+            return now - then
+
+        return EngineStats(**{name: minus(getattr(self, name), getattr(earlier, name)) for name in vars(self)})
 
 
 @dataclass
@@ -179,10 +196,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 class Engine:
     """Batched generation with the native model. `pack=True` (the default) runs the matmuls on oneDNN-packed
     weights on CPU. `speculative` (a `SpeculativeConfig`, a dict, or a method name such as "prompt_lookup")
-    switches on EMS-SD; `drafter` overrides the drafter the config would build. Prompts admitted together that
-    share at least `min_shared_prefix` leading tokens compute that prefix once, and finished samples' cache entries
-    are kept (`prefix_cache_mib` of memory, least recently used first) for later prompts that begin the same way
-    (`min_shared_prefix=0` switches both off)."""
+    switches on EMS-SD; `drafter` (a drafter of token ids) overrides the one the config would build. Prompts
+    admitted together that share at least `min_shared_prefix` leading tokens compute that prefix once, and finished
+    samples' cache entries are kept (`prefix_cache_mib` of memory, least recently used first) for later prompts that
+    begin the same way (`min_shared_prefix=0` switches both off)."""
 
     def __init__(
         self,
@@ -210,23 +227,13 @@ class Engine:
         self.cache: KVCache | None = None
         self.rng = torch.Generator(self.device).manual_seed(seed)
         self.speculative = spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
-        self.kangaroo: KangarooDrafter | None = None
-        if spec and spec.method == "kangaroo" and drafter is None:
-            options = {"max_steps": spec.num_speculative_tokens}
-            if spec.confidence_threshold is not None:
-                options["threshold"] = spec.confidence_threshold
-            self.kangaroo = load_adapter(spec.adapter or default_adapter_dir(), model, **options)
-        elif spec and drafter is None:
-            drafter = PromptLookup(spec.prompt_lookup_max, spec.prompt_lookup_min)
-        self.drafter = drafter
+        self.proposer = make_proposer(model, spec, drafter)
         self.forward_cost = ForwardCost()
         self.min_shared_prefix = min_shared_prefix
         self.prefix_store = PrefixStore(prefix_cache_mib << 20, min_new=max(min_shared_prefix, 1))
         if pack:
             model.pack_weights()
-            if self.kangaroo is not None:
-                pack_linears(self.kangaroo.adapter)
-                pack_linears(self.kangaroo.head)
+            self.proposer.pack()
 
     @classmethod
     def from_pretrained(
@@ -292,7 +299,7 @@ class Engine:
         """Generate a completion for every prompt (order preserved); `params` is one for all or one per prompt."""
         if not self.idle:
             raise InvalidRequestError("the engine is already running requests: drive it from one place")
-        start = replace(self.stats)
+        start = self.stats.snapshot()
         seqs = self.submit(prompts, params)
         bar = tqdm(total=len(seqs), desc="generate", unit="req", disable=not progress)
         while not self.idle:
@@ -374,7 +381,7 @@ class Engine:
         n_slots = min(self.max_batch, len(seqs))
         if self.cache is None:
             a = self.model.args
-            layers = a.n_layers + (self.kangaroo is not None)  # Kangaroo's adapter keeps its KV as one more layer
+            layers = a.n_layers + self.proposer.extra_layers  # Kangaroo's adapter keeps its KV as one more layer
             shape = (layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
             self.cache = KVCache(*shape, self.model.dtype, device=self.device, padded=self.padded)
         elif n_slots > self.cache.n_slots or max_len > self.cache.max_len:  # by half at least: copies are rare
@@ -426,56 +433,40 @@ class Engine:
         tokens = torch.tensor([t for s, k in zip(seqs, skip, strict=True) for t in s.prompt[k:]], device=self.device)
         last = torch.tensor(counts, device=self.device).cumsum(0) - 1
         slots = [s.slot for s in seqs]
-        step = cache.plan(slots, counts)
-        if self.kangaroo is None:
-            logits = self.model(tokens, step, cache, last)
-        else:  # the shallow hidden states also fill the adapter's KV cache
-            kg = self.kangaroo
-            h = kg.shallow(tokens, step, cache)
-            kg.adapt(h, step, cache)
-            h = self.model.run_layers(h, step, cache, kg.exit_layer)
-            logits = self.model.logits(h.index_select(0, last))
+        logits = self.proposer.prefill(tokens, cache.plan(slots, counts), cache, last)
         cache.advance(slots, counts)
-        self.accept(seqs, logits, [[] for _ in seqs], list(range(len(seqs))))
+        self.accept(seqs, logits, Proposal([[] for _ in seqs]), list(range(len(seqs))))
 
     def decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """One forward for the whole batch: each sample's last token plus its drafts (none without a drafter)."""
-        if self.kangaroo is not None:
-            return self.decode_kangaroo(seqs, cache)
-        drafts = self.draft(seqs) if self.drafter else [[] for _ in seqs]
-        inputs = [[s.out[-1], *d] for s, d in zip(seqs, drafts, strict=True)]
+        slots = [s.slot for s in seqs]
+        start = time.perf_counter()
+        proposal = self.proposer.propose(self.batch(seqs), cache)
+        inputs = [[s.out[-1], *d] for s, d in zip(seqs, proposal.drafts, strict=True)]
         if self.padded:  # the vanilla baseline: pad to the longest
             n = max(map(len, inputs))
             inputs = [x + x[-1:] * (n - len(x)) for x in inputs]
         counts = [len(x) for x in inputs]
         tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
-        start = time.perf_counter()
-        slots = [s.slot for s in seqs]
-        logits = self.model(tokens, cache.plan(slots, counts), cache)
-        self.forward_cost.record(len(tokens), self.clock() - start)
-        firsts = list(accumulate(counts, initial=0))[:-1]
-        gained = self.accept(seqs, logits, drafts, firsts)
+        logits = self.proposer.verify(tokens, cache.plan(slots, counts), cache, proposal)
+        self.forward_cost.record(len(tokens), self.clock() - start)  # drafting included: it is part of the cost
+        gained = self.accept(seqs, logits, proposal, list(accumulate(counts, initial=0))[:-1])
         # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
         cache.advance(slots, gained, grow=max(gained) if self.padded else None)
         self.stats.decode_steps += len(seqs)
 
-    def decode_kangaroo(self, seqs: list[_Sequence], cache: KVCache) -> None:
-        """Kangaroo in a batch: draft with the shallow layers + adapter, each sample until its own early exit (and
-        no further than pays on this machine, `affordable`), then verify every sample's drafts in one forward of
-        the remaining layers over the saved shallow states."""
-        kg, slots = self.kangaroo, [s.slot for s in seqs]
-        start = time.perf_counter()
-        caps = self.affordable(seqs, [min(kg.max_steps, s.params.max_tokens - len(s.out) - 1) for s in seqs])
-        starts = [cache.lengths[slot] for slot in slots]
-        drafts, hidden = kg.draft([[s.out[-1]] for s in seqs], slots, starts, caps, cache)
-        counts = [len(d) + 1 for d in drafts]
-        flat = torch.stack([row for rows in hidden for row in rows])
-        h = self.model.run_layers(flat, cache.plan(slots, counts), cache, kg.exit_layer)
-        logits = self.model.logits(h)
-        self.forward_cost.record(len(flat), self.clock() - start)  # drafting included: it is the cost
-        gained = self.accept(seqs, logits, drafts, list(accumulate(counts, initial=0))[:-1])
-        cache.advance(slots, gained)
-        self.stats.decode_steps += len(seqs)
+    def batch(self, seqs: list[_Sequence]) -> Batch:
+        """What the proposer needs to know of the batch this step: caps within each sample's max_tokens left."""
+        spec = self.speculative
+        most = spec.num_speculative_tokens if spec else 0
+        return Batch(
+            contexts=[s.prompt + s.out for s in seqs],
+            slots=[s.slot for s in seqs],
+            caps=[min(most, s.params.max_tokens - len(s.out) - 1) for s in seqs],
+            rates=self.acceptance_rates(seqs),
+            threshold=spec.draft_threshold if spec else 1.0,
+            afford=lambda lengths: self.affordable(seqs, lengths),
+        )
 
     def clock(self) -> float:
         """`time.perf_counter()` once the device has run its queued work: a GPU runs kernels asynchronously, so a
@@ -483,19 +474,6 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-    def draft(self, seqs: list[_Sequence]) -> list[list[int]]:
-        """Ask the drafter for as many tokens per sample as its recent acceptance rate justifies (`draft_lengths`),
-        within its remaining max_tokens, then keep what pays for its verification (`affordable`)."""
-        spec = self.speculative
-        caps = [min(spec.num_speculative_tokens, s.params.max_tokens - len(s.out) - 1) for s in seqs]
-        limits = draft_lengths(self.acceptance_rates(seqs), caps, spec.draft_threshold)
-        drafts = self.drafter.propose([s.prompt + s.out for s in seqs], limits)
-        for d, k in zip(drafts, limits, strict=True):
-            if len(d) > k:
-                raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
-        keep = self.affordable(seqs, [len(d) for d in drafts])
-        return [d[:k] for d, k in zip(drafts, keep, strict=True)]
 
     @staticmethod
     def acceptance_rates(seqs: list[_Sequence]) -> list[float]:
@@ -516,24 +494,29 @@ class Engine:
             cost = None
         return draft_lengths(self.acceptance_rates(seqs), lengths, 0.0, spec.max_draft_tokens_per_step, cost)
 
-    def accept(self, seqs: list[_Sequence], logits: Tensor, drafts: list[list[int]], firsts: list[int]) -> list[int]:
+    def accept(self, seqs: list[_Sequence], logits: Tensor, proposal: Proposal, firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
         Returns the tokens each sample gained (accepted drafts + 1), before any stop cut them short."""
+        st, sources = self.stats, proposal.sources or [""] * len(seqs)
         argmax = logits.argmax(-1).tolist() if any(s.params.temperature == 0 for s in seqs) else []
         logprobs = torch.log_softmax(logits, -1) if any(s.params.logprobs for s in seqs) else None
         gained = []
-        for seq, draft, first in zip(seqs, drafts, firsts, strict=True):
+        for seq, draft, first, source in zip(seqs, proposal.drafts, firsts, sources, strict=True):
             if seq.params.temperature == 0:
                 tokens = accept_greedy(argmax[first : first + len(draft) + 1], draft)
             else:
                 tokens = accept_sampled(logits[first : first + len(draft) + 1], draft, seq.params, seq.generator)
+            kept = len(tokens) - 1
             seq.forward_passes += 1
             seq.draft_tokens += len(draft)
-            self.stats.draft_tokens += len(draft)
-            seq.accepted_tokens += len(tokens) - 1
-            seq.hits = 0.8 * seq.hits + len(tokens) - 1
+            seq.accepted_tokens += kept
+            seq.hits = 0.8 * seq.hits + kept
             seq.trials = 0.8 * seq.trials + min(len(tokens), len(draft))
-            self.stats.accepted_tokens += len(tokens) - 1
+            st.draft_tokens += len(draft)
+            st.accepted_tokens += kept
+            if draft:
+                st.source_drafts[source] = st.source_drafts.get(source, 0) + len(draft)
+                st.source_accepted[source] = st.source_accepted.get(source, 0) + kept
             gained.append(len(tokens))
             for j, token in enumerate(tokens):
                 seq.out.append(token)
@@ -581,6 +564,20 @@ class Engine:
             accepted_tokens=seq.accepted_tokens,
             logprobs=seq.logprobs if seq.params.logprobs else None,
         )
+
+
+def make_proposer(model: Transformer, spec: SpeculativeConfig | None, drafter: Drafter | None) -> Proposer:
+    """The proposer a config asks for: a token drafter given, prompt lookup, Kangaroo, the hybrid, or none."""
+    if drafter is not None or spec is None:
+        return TokenProposer(model, drafter)
+    lookup = PromptLookup(spec.prompt_lookup_max, spec.prompt_lookup_min)
+    if spec.method == "prompt_lookup":
+        return TokenProposer(model, lookup, "lookup")
+    options = {"max_steps": spec.num_speculative_tokens}
+    if spec.confidence_threshold is not None:
+        options["threshold"] = spec.confidence_threshold
+    kangaroo = load_adapter(spec.adapter or default_adapter_dir(), model, **options)
+    return kangaroo if spec.method == "kangaroo" else Hybrid(kangaroo, lookup)
 
 
 def share_prefixes(

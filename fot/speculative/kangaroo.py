@@ -8,8 +8,9 @@ a draft step in a small model with a large vocabulary.
 Double early exit: (1) drafts come from the shallow layers; (2) a sample stops drafting as soon as its draft's
 top-1 probability falls below `threshold`, or after `max_steps`. In a batch every sample stops at its own step.
 Verification reuses the shallow work: the layer-1..k KV entries and hidden states computed while drafting are
-kept, and only layers k+1..L run on them (the engine's `decode`). The adapter's KV cache lives in the engine's
-cache as one extra layer, so it grows, drops rejected entries and compacts with everything else.
+kept, and only layers k+1..L run on them (`verify`). The adapter's KV cache lives in the engine's cache as one
+extra layer, so it grows, drops rejected entries and compacts with everything else. `KangarooDrafter` is a
+`fot.speculative.proposer.Proposer`: the engine calls its `prefill`, `propose` and `verify`.
 
 Training is fot.speculative.adapter_training (`fot train-adapter`).
 """
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 from fot.errors import ModelError
 from fot.models import read_json
 from fot.speculative.cache import KVCache, Step
-from fot.speculative.model import Attention, Linear, ModelArgs, RMSNorm, Transformer
+from fot.speculative.model import Attention, Linear, ModelArgs, RMSNorm, Transformer, pack_linears
+from fot.speculative.proposer import Batch, Proposal
 from fot.speculative.weights import Checkpoint
 
 ADAPTER_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
@@ -72,6 +74,41 @@ class KangarooDrafter:
             self.head.weight = nn.Parameter(weight, requires_grad=False)
         self.layer = self.model.args.n_layers  # the adapter's KV: one more layer after the model's own
 
+    extra_layers = 1
+
+    def pack(self) -> None:
+        """The adapter and the draft head on the CPU kernels' packed weights, as the model's."""
+        pack_linears(self.adapter)
+        pack_linears(self.head)
+
+    # ---- the engine's hooks -----------------------------------------------------------------------------------
+    def prefill(self, tokens: Tensor, step: Step, cache: KVCache, last: Tensor) -> Tensor:
+        """The prompt forward; its shallow hidden states also fill the adapter's KV cache."""
+        h = self.shallow(tokens, step, cache)
+        self.adapt(h, step, cache)
+        h = self.model.run_layers(h, step, cache, self.exit_layer)
+        return self.model.logits(h.index_select(0, last))
+
+    def propose(self, batch: Batch, cache: KVCache) -> Proposal:
+        """Each sample drafts until its own early exit, no further than pays on this machine (`batch.afford`)."""
+        caps = batch.afford([min(self.max_steps, c) for c in batch.caps])
+        return self.run(batch, cache, [[] for _ in batch.slots], caps)
+
+    def run(self, batch: Batch, cache: KVCache, given: list[list[int]], caps: list[int]) -> Proposal:
+        """Feed each sample's last token, and any draft `given` for it (made elsewhere: the hybrid's), through the
+        shallow layers and the adapter; then the samples with caps[i] > 0 draft on."""
+        new = [[ctx[-1], *g] for ctx, g in zip(batch.contexts, given, strict=True)]
+        starts = [cache.lengths[slot] for slot in batch.slots]
+        drafts, hidden = self.draft(new, batch.slots, starts, caps, cache)
+        drafts = [g + d for g, d in zip(given, drafts, strict=True)]
+        flat = torch.stack([row for rows in hidden for row in rows])
+        return Proposal(drafts, ["kangaroo"] * len(drafts), flat)
+
+    def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
+        """Layers k+1..L over the shallow states the drafting kept."""
+        return self.model.logits(self.model.run_layers(proposal.hidden, step, cache, self.exit_layer))
+
+    # ---- the algorithm ----------------------------------------------------------------------------------------
     def shallow(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
         """Layers 1..k on new tokens (their KV entries stay in the cache for verification); the hidden states."""
         return self.model.run_layers(self.model.embed(tokens), step, cache, 0, self.exit_layer)
@@ -103,7 +140,7 @@ class KangarooDrafter:
                 last.append(row - 1)
                 pos[j] += c
             want = [r for r, j in enumerate(live) if len(drafts[j]) < caps[j]]
-            tokens, conf = self.propose(a[[last[r] for r in want]]) if want else ([], [])
+            tokens, conf = self.greedy(a[[last[r] for r in want]]) if want else ([], [])
             going = []
             for r, token, c in zip(want, tokens, conf, strict=True):
                 if c >= self.threshold:  # the second early exit: stop when the draft is unsure
@@ -113,7 +150,7 @@ class KangarooDrafter:
             live = going
         return drafts, hidden
 
-    def propose(self, a: Tensor) -> tuple[list[int], list[float]]:
+    def greedy(self, a: Tensor) -> tuple[list[int], list[float]]:
         """Greedy draft token and its probability under the draft head, per row of adapter output."""
         probs = torch.softmax(self.head(a).float(), -1)
         conf, idx = probs.max(-1)

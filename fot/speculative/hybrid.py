@@ -1,0 +1,46 @@
+"""The hybrid drafter: for each sample at each step, prompt lookup's draft where the context has a match, and
+Kangaroo's otherwise.
+
+Where an answer copies its input (MCTSr's refine answers, a repaired answer's continuation), lookup proposes long
+runs that are nearly free to make; where it does not (first answers, critiques), the adapter still drafts. Both
+drafts are verified from layer k: a lookup draft goes through the shallow layers and the adapter with the sample's
+last token, in the same pass as the Kangaroo samples' first step, so the adapter's KV cache stays whole. The
+engine keeps their acceptance counters apart (`EngineStats.source_drafts` / `source_accepted`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fot.speculative.cache import KVCache, Step
+from fot.speculative.drafters import PromptLookup, draft_lengths
+from fot.speculative.kangaroo import KangarooDrafter
+from fot.speculative.proposer import Batch, Proposal
+
+
+class Hybrid:
+    """Prompt lookup first, Kangaroo where lookup finds nothing; prefill and verification are Kangaroo's."""
+
+    extra_layers = 1
+
+    def __init__(self, kangaroo: KangarooDrafter, lookup: PromptLookup):
+        self.kangaroo, self.lookup = kangaroo, lookup
+
+    def pack(self) -> None:
+        self.kangaroo.pack()
+
+    def prefill(self, tokens: Tensor, step: Step, cache: KVCache, last: Tensor) -> Tensor:
+        return self.kangaroo.prefill(tokens, step, cache, last)
+
+    def propose(self, batch: Batch, cache: KVCache) -> Proposal:
+        kg = self.kangaroo
+        looked = self.lookup.propose(batch.contexts, draft_lengths(batch.rates, batch.caps, batch.threshold))
+        wanted = [len(d) if d else min(kg.max_steps, c) for d, c in zip(looked, batch.caps, strict=True)]
+        keep = batch.afford(wanted)  # one budget over both kinds of draft
+        given = [d[:k] for d, k in zip(looked, keep, strict=True)]
+        proposal = kg.run(batch, cache, given, [0 if d else k for d, k in zip(looked, keep, strict=True)])
+        proposal.sources = ["lookup" if g else "kangaroo" for g in given]
+        return proposal
+
+    def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
+        return self.kangaroo.verify(tokens, step, cache, proposal)
