@@ -1,13 +1,15 @@
-"""Kangaroo self-speculative decoding in a batch, on the embedded model with the shipped adapter.
+"""Kangaroo self-speculative decoding in a batch, and the hybrid drafter, with the adapter shipped for the model.
 
-Plain decoding and Kangaroo (and, for reference, EMS-SD prompt lookup) run side by side in one process on the
-same MCTSr-style refine prompts (greedy, so the outputs must agree; the script counts it) at batch 1, 4 and 16.
-At batch 1, transformers' own assisted generation is timed on the same prompt: its early-exit self-drafting
-(`assistant_early_exit`, the model's first layers + its head, no adapter) and its prompt lookup. Speed is
-generated tokens per second of wall time, prefill included. Prints a table and, as its LAST line, one JSON object.
-`--quick` (batch 1 and 4, 32 tokens, no transformers) < 60 s.
+Plain decoding, Kangaroo, the hybrid (prompt lookup where the context has a match, Kangaroo otherwise) and EMS-SD
+prompt lookup run side by side in one process on the same MCTSr-style refine prompts (greedy, so the outputs must
+agree; the script counts, per drafter and batch, how many equal plain decoding's in this dtype) at batch 1, 2, 4,
+8 and 16. At batch 1, transformers' own assisted generation is timed on the same prompt: its early-exit
+self-drafting (`assistant_early_exit`, the model's first layers + its head, no adapter) and its prompt lookup.
+Speed is generated tokens per second of wall time, prefill included. Prints a table and, as its LAST line, one
+JSON object. `--quick` (32 tokens, no transformers) < 60 s on the embedded model, < 3 minutes on the 1.5B one.
 
     python benchmarks/kangaroo.py [--quick] [--new-tokens 96] [--adapter DIR] [--threshold 0.4] [--steps 6]
+        [--model qwen2.5-coder-1.5b]
 """
 
 from __future__ import annotations
@@ -27,42 +29,45 @@ from fot.speculative.engine import Engine
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 1 and 4, 32 tokens, no transformers (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="32 tokens, no transformers")
     ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one)")
+    ap.add_argument("--adapter", default=None, help="adapter folder (default: the one shipped for the model)")
     ap.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the adapter's)")
     ap.add_argument("--steps", type=int, default=6, help="max draft tokens per step")
     add_model_options(ap)
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 96)
-    batches = (1, 4) if args.quick else (1, 4, 16)
+    batches = (1, 2, 4, 8, 16)
 
     plain = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, max_batch=16)
-    spec = {"method": "kangaroo", "adapter": args.adapter, "num_speculative_tokens": args.steps}
+    spec = {"adapter": args.adapter, "num_speculative_tokens": args.steps}
     if args.threshold is not None:
         spec["confidence_threshold"] = args.threshold
+    configs = {"kangaroo": {**spec, "method": "kangaroo"}, "hybrid": {**spec, "method": "hybrid"}}
+    configs["prompt_lookup"] = "prompt_lookup"
     engines = {
-        "kangaroo": Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=16, speculative=spec),
-        "prompt_lookup": Engine(
-            plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=16, speculative="prompt_lookup"
-        ),
+        name: Engine(plain.model, plain.tokenizer, eos_ids=plain.eos_ids, max_batch=16, speculative=config)
+        for name, config in configs.items()
     }
     kg = engines["kangaroo"].proposer
     rng = random.Random(0)
     prompts = [refine_prompt(rng) for _ in range(max(batches))]
-    report = {name: {} for name in (*engines, "plain_tok_s", "accept_len", "identical")}
+    report = {key: {} for key in ("plain_tok_s", *engines, "accept_len", "identical", "hybrid_sources")}
     for batch in batches:
+        b = str(batch)
         base, _, want = timed(plain, prompts[:batch], new_tokens)
-        report["plain_tok_s"][str(batch)] = round(base, 1)
+        report["plain_tok_s"][b] = round(base, 1)
+        report["accept_len"][b], report["identical"][b] = {}, {}
         line = f"batch {batch:2d}: plain {base:6.1f} tok/s"
         for name, engine in engines.items():
             speed, _, got = timed(engine, prompts[:batch], new_tokens)
-            report[name][str(batch)] = round(speed / base, 2)
-            if name == "kangaroo":
-                report["accept_len"][str(batch)] = round(engine.last_stats.accept_length, 2)
-                report["identical"][str(batch)] = sum(a == b for a, b in zip(got, want, strict=True))
-            line += f", {name} {speed:6.1f} ({speed / base:.2f}x)"
-        print(line, f"accept length {report['accept_len'][str(batch)]}", flush=True)
+            report[name][b] = round(speed / base, 2)
+            report["accept_len"][b][name] = round(engine.last_stats.accept_length, 2)
+            report["identical"][b][name] = sum(x == y for x, y in zip(got, want, strict=True))
+            line += f", {name} {speed:6.1f} ({speed / base:.2f}x, accept length {report['accept_len'][b][name]})"
+        s = engines["hybrid"].last_stats  # which drafter the hybrid took, and how each fared
+        report["hybrid_sources"][b] = {k: [n, s.source_accepted.get(k, 0)] for k, n in s.source_drafts.items()}
+        print(line, flush=True)
 
     hf = {}
     if not args.quick:
@@ -79,15 +84,16 @@ def main() -> None:
         f"{'all' if kg.vocab is None else len(kg.vocab)}; {args.model}, greedy, {new_tokens} new tokens, "
         f"{args.device}, {torch.get_num_threads()} threads; speedup over plain decoding at the same batch size"
     )
-    print(
-        f"{'batch':>5} {'plain tok/s':>12} {'kangaroo':>9} {'prompt lookup':>14} {'accept len':>11} {'identical':>10}"
-    )
+    print(f"{'batch':>5} {'plain tok/s':>12}" + "".join(f" {name:>22}" for name in engines) + "  hybrid drafts")
     for batch in batches:
         b = str(batch)
-        print(
-            f"{batch:5d} {report['plain_tok_s'][b]:12.1f} {report['kangaroo'][b]:8.2f}x "
-            f"{report['prompt_lookup'][b]:13.2f}x {report['accept_len'][b]:11.2f} {report['identical'][b]:>7}/{batch}"
+        cells = "".join(
+            f" {report[n][b]:5.2f}x (acc {report['accept_len'][b][n]:4.2f}, {report['identical'][b][n]:2d}/{batch})"
+            for n in engines
         )
+        sources = ", ".join(f"{k} {a}/{n}" for k, (n, a) in report["hybrid_sources"][b].items())
+        print(f"{batch:5d} {report['plain_tok_s'][b]:12.1f}{cells}  {sources}")
+    print("(speedup, accept length, outputs equal to plain decoding; hybrid drafts: accepted/proposed by source)")
     if hf:
         ours = report["kangaroo"]["1"] * report["plain_tok_s"]["1"]
         print(
@@ -97,7 +103,9 @@ def main() -> None:
         )
     result = {
         "kangaroo": report["kangaroo"],
+        "hybrid": report["hybrid"],
         "accept_len": report["accept_len"],
+        "hybrid_sources": report["hybrid_sources"],
         "hf_early_exit_b1": round(hf["early_exit"], 1) if hf else None,
         "hf_prompt_lookup_b1": round(hf["prompt_lookup"], 1) if hf else None,
         "hf_plain_b1": round(hf["plain"], 1) if hf else None,

@@ -72,7 +72,7 @@ class SpeculativeConfig(BaseModel):
 
     method: Literal["prompt_lookup", "kangaroo", "hybrid"] = "prompt_lookup"
     num_speculative_tokens: int = Field(8, ge=1)
-    adapter: str | None = None  # kangaroo: adapter folder; None = the one shipped for the embedded model
+    adapter: str | None = None  # kangaroo, hybrid: adapter folder; None = the one shipped for this model
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)  # kangaroo's early exit; None = adapter's
     draft_threshold: float = Field(0.25, ge=0.0, le=1.0)
     max_draft_tokens_per_step: int | None = Field(None, ge=1)

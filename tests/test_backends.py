@@ -162,6 +162,35 @@ def test_native_caller_gets_its_result_while_another_still_runs(served_model_dir
     asyncio.run(backend.close())
 
 
+def test_native_drafter_switches_between_runs_and_not_during_one(served_model_dir):
+    """`set_speculative` swaps the drafter in the worker thread: the same greedy tokens with and without drafts,
+    the draft counters say which ran, and a switch while a request is in flight, or a bad config, is refused."""
+    backend = build("native", served_model_dir, None)
+    text = "one two three four five one two three four five one two three"
+    eager = {"prompt_lookup_min": 1, "draft_threshold": 0.0, "cost_aware": False}  # drafts wherever a token recurs
+
+    async def runs() -> None:
+        await backend.set_speculative(eager)
+        [drafted] = await backend.generate([greedy(text, 24)])
+        await backend.set_speculative(None)
+        [plain] = await backend.generate([greedy(text, 24)])
+        assert plain.token_ids == drafted.token_ids
+        assert drafted.draft_tokens > 0 and plain.draft_tokens == 0
+        busy = asyncio.ensure_future(backend.generate([greedy("Paris", 200)]))
+        await asyncio.sleep(0)  # its request is in the worker's inbox now, before the switch
+        with pytest.raises(InvalidRequestError, match="only while the engine runs nothing"):
+            await backend.set_speculative("prompt_lookup")
+        await busy
+        with pytest.raises(InvalidRequestError, match="speculative"):
+            await backend.set_speculative({"num_speculative_tokens": 0})
+        await backend.set_speculative(eager)
+        [again] = await backend.generate([greedy(text, 24)])
+        assert again.token_ids == drafted.token_ids and again.draft_tokens > 0
+
+    asyncio.run(runs())
+    asyncio.run(backend.close())
+
+
 @pytest.mark.parametrize("kind", ["native", "vllm"])
 def test_a_cancelled_caller_frees_the_engine(kind, served_model_dir):
     """A caller that goes away (a client disconnect in `fot serve`) takes its samples out of the engine: the engine

@@ -17,7 +17,6 @@ from fot.errors import InvalidRequestError
 from fot.speculative import kernels
 from fot.speculative.drafters import PromptLookup, draft_lengths
 from fot.speculative.engine import Engine
-from fot.speculative.proposer import TokenProposer
 from fot.speculative.verify import accept_greedy, accept_sampled, probabilities
 
 
@@ -149,10 +148,9 @@ def test_greedy_speculative_equals_plain(engines, reference_model, case, noise):
     plain, spec = engines
     seed, prompts, params, max_batch, layout = case
     plain.max_batch = spec.max_batch = max_batch
-    spec.speculative = SpeculativeConfig(num_speculative_tokens=6, layout=layout)
     expected = plain.generate(prompts, params)
-    spec.proposer = TokenProposer(
-        spec.model,
+    spec.set_speculative(
+        SpeculativeConfig(num_speculative_tokens=6, layout=layout),
         OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed),
     )
     got = spec.generate(prompts, params)
@@ -193,8 +191,8 @@ def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, 
     plain.max_batch = spec.max_batch = max_batch
     _, prompts, params, _, _ = seeded_case(seed, batch, max_batch, "unpadded", stem=seed % 2 == 0)
     expected = plain.generate(prompts, params)
-    spec.proposer = TokenProposer(
-        spec.model,
+    spec.set_speculative(
+        spec.speculative,
         OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, 384, noise, seed),
     )
     got = spec.generate(prompts, params)
@@ -204,15 +202,13 @@ def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, 
 
 def test_good_drafts_save_forward_passes_and_are_counted(engines):
     plain, spec = engines
-    spec.speculative, spec.max_batch = (
-        SpeculativeConfig(num_speculative_tokens=4, draft_threshold=0, cost_aware=False),
-        16,
-    )
+    spec.max_batch = 16
+    config = SpeculativeConfig(num_speculative_tokens=4, draft_threshold=0, cost_aware=False)
     prompts = [[5 + i, 40, 41, 42] for i in range(8)]
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     expected = plain.generate(prompts, params)
-    spec.proposer = TokenProposer(
-        spec.model, OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, full=True)
+    spec.set_speculative(
+        config, OracleDrafter({tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}, full=True)
     )
     got = spec.generate(prompts, params)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
@@ -227,10 +223,10 @@ def test_good_drafts_save_forward_passes_and_are_counted(engines):
 def test_stops_inside_an_accepted_draft(engines):
     """An EOS or a max_tokens limit in the middle of accepted drafts ends the sample there, as plain decoding does."""
     plain, spec = engines
-    spec.speculative = SpeculativeConfig(num_speculative_tokens=8, draft_threshold=0, cost_aware=False)
+    config = SpeculativeConfig(num_speculative_tokens=8, draft_threshold=0, cost_aware=False)
     prompt = [[7, 8, 9, 10]]
     full = plain.generate(prompt, {"max_tokens": 12, "ignore_eos": True})[0].token_ids
-    spec.proposer = TokenProposer(spec.model, OracleDrafter({tuple(prompt[0]): full}, full=True))
+    spec.set_speculative(config, OracleDrafter({tuple(prompt[0]): full}, full=True))
     eos = full[5]
     for engine in (plain, spec):
         engine.eos_ids = {eos}
@@ -262,7 +258,7 @@ def test_forward_cost_averages_each_size_and_interpolates_between():
 
 def test_bad_drafters_and_configs_are_refused(engines):
     _, spec = engines
-    spec.proposer = TokenProposer(spec.model, TooLong())
+    spec.set_speculative(spec.speculative, TooLong())
     with pytest.raises(InvalidRequestError, match="drafter proposed"):
         spec.generate([[5, 6, 7]], {"max_tokens": 5})
     with pytest.raises(InvalidRequestError, match="speculative"):

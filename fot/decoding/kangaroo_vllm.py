@@ -37,7 +37,7 @@ class KangarooProposer:
         spec, model_config = vllm_config.speculative_config, vllm_config.model_config
         dtype = model_config.dtype
         model = Transformer.from_pretrained(model_config.model, dtype)
-        folder = os.environ.get("FOT_KANGAROO_ADAPTER") or default_adapter_dir()
+        folder = os.environ.get("FOT_KANGAROO_ADAPTER") or default_adapter_dir(model)
         kg = load_adapter(folder, model, max_steps=spec.num_speculative_tokens)
         model.layers = model.layers[: kg.exit_layer]  # only the shallow layers ever run here
         pack_linears(model)

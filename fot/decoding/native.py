@@ -58,6 +58,13 @@ class NativeBackend(BaseBackend):
         self._thread.start()
         self.engine: Engine = ready.result()
 
+    async def set_speculative(self, speculative: SpeculativeConfig | dict | str | None) -> None:
+        """Switch the engine's drafter (None: plain decoding) between runs, in the worker thread that steps it;
+        refused while requests are in flight (`Engine.set_speculative`)."""
+        item = _Switch(speculative)
+        self._inbox.put(item)
+        await asyncio.wrap_future(item.done)
+
     def prepare(self, request: Request) -> list[int]:
         return self.engine.encode_request(request.prompt, request.params)
 
@@ -120,6 +127,13 @@ class NativeBackend(BaseBackend):
                 if item is None:
                     closing = True
                     continue
+                if isinstance(item, _Switch):
+                    try:
+                        engine.set_speculative(item.speculative)
+                        item.done.set_result(None)
+                    except Exception as e:  # busy, or a bad config: the caller hears it
+                        item.done.set_exception(e)
+                    continue
                 if isinstance(item, Drop):
                     calls = {id(call): call for call in owners.values() if call.future is item.what}
                     for call in calls.values():
@@ -160,6 +174,14 @@ class NativeBackend(BaseBackend):
         if self._thread.is_alive():
             self._inbox.put(None)
             await asyncio.to_thread(self._thread.join)
+
+
+@dataclass
+class _Switch:
+    """Tells the worker to change the engine's drafter; `done` says when it has, or why not."""
+
+    speculative: SpeculativeConfig | dict | str | None
+    done: Future = field(default_factory=Future)
 
 
 @dataclass

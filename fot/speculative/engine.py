@@ -226,14 +226,23 @@ class Engine:
         self.running: list[_Sequence] = []
         self.cache: KVCache | None = None
         self.rng = torch.Generator(self.device).manual_seed(seed)
-        self.speculative = spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
-        self.proposer = make_proposer(model, spec, drafter)
-        self.forward_cost = ForwardCost()
-        self.min_shared_prefix = min_shared_prefix
-        self.prefix_store = PrefixStore(prefix_cache_mib << 20, min_new=max(min_shared_prefix, 1))
+        self.min_shared_prefix, self.prefix_cache_mib, self.pack = min_shared_prefix, prefix_cache_mib, pack
         if pack:
             model.pack_weights()
+        self.set_speculative(speculative, drafter)
+
+    def set_speculative(self, speculative: SpeculativeConfig | dict | str | None, drafter: Drafter | None = None):
+        """Switch how the engine drafts (between runs: refused while requests are in flight). The prefix store and
+        the forward-cost measurements start afresh: a Kangaroo cache keeps one more layer than a plain one, and
+        what one drafter measured or cached must not speed up the next one's run."""
+        if not self.idle:
+            raise InvalidRequestError("the drafter can change only while the engine runs nothing")
+        self.speculative = spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
+        self.proposer = make_proposer(self.model, spec, drafter)
+        if self.pack:
             self.proposer.pack()
+        self.forward_cost = ForwardCost()
+        self.prefix_store = PrefixStore(self.prefix_cache_mib << 20, min_new=max(self.min_shared_prefix, 1))
 
     @classmethod
     def from_pretrained(
@@ -576,7 +585,7 @@ def make_proposer(model: Transformer, spec: SpeculativeConfig | None, drafter: D
     options = {"max_steps": spec.num_speculative_tokens}
     if spec.confidence_threshold is not None:
         options["threshold"] = spec.confidence_threshold
-    kangaroo = load_adapter(spec.adapter or default_adapter_dir(), model, **options)
+    kangaroo = load_adapter(spec.adapter or default_adapter_dir(model), model, **options)
     return kangaroo if spec.method == "kangaroo" else Hybrid(kangaroo, lookup)
 
 

@@ -217,6 +217,19 @@ def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooD
     return KangarooDrafter(model, adapter, exit_layer, vocab, **options)
 
 
-def default_adapter_dir() -> Path:
-    """The adapter shipped in the repository for the embedded default model."""
-    return Path(__file__).parent / "adapters" / "smollm2-135m"
+SHIPPED = Path(__file__).parent / "adapters"
+
+
+def default_adapter_dir(model: Transformer) -> Path:
+    """The adapter shipped in the repository for this base model (found by its fingerprint), or a `ModelError`
+    that says which models have one and how to train another."""
+    mine, shipped = model_fingerprint(model), {}
+    for config in sorted(SHIPPED.glob(f"*/{CONFIG_FILE}")):
+        base = read_json(config).get("base")
+        if base == mine:
+            return config.parent
+        shipped[config.parent.name] = base
+    raise ModelError(
+        f"no Kangaroo adapter is shipped for this model (shipped: {', '.join(shipped) or 'none'}); train one with "
+        "`fot train-adapter --model MODEL --out DIR` and pass it as the speculative config's `adapter`"
+    )
