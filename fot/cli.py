@@ -58,8 +58,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_train_adapter(args: argparse.Namespace) -> None:
     from fot.speculative.adapter_training import train_adapter
 
-    names = ("exit_layer", "prompts", "new_tokens", "epochs", "batch_size", "lr", "seed")
+    names = ("exit_layer", "prompts", "new_tokens", "epochs", "batch_size", "lr", "seed", "dtype")
     options = {name: getattr(args, name) for name in names}
+    if args.prompt_set == "search":
+        from fot.trees.workload import search_prompts
+
+        options["prompt_set"] = search_prompts
     out = train_adapter(
         args.model, args.out, draft_vocab=args.draft_vocab or None, resume=not args.no_resume, **options
     )
@@ -283,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the project cache)")
     p.add_argument("--exit-layer", type=int, default=4)
     p.add_argument("--prompts", type=int, default=160)
+    p.add_argument(
+        "--prompt-set", default="search", choices=["search", "simple"],
+        help="search: the search's own prompts (answers, critiques, refines, grades, Game of 24) over made-up "
+        "problems; simple: one word-problem template (the shipped 135M adapter's data)",
+    )  # fmt: skip
+    p.add_argument("--dtype", default="float32", help="the teacher's, which also generates the data (float32, fast)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)

@@ -181,6 +181,35 @@ def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_
     ]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [{"batch_size": 0}, {"lr": 0}, {"lr": -1e-3}, {"lr": float("nan")}, {"epochs": 0}, {"prompts": 5},
+     {"draft_vocab": -1}, {"exit_layer": 0}],
+)  # fmt: skip
+def test_bad_training_options_are_refused_before_any_work(bad):
+    """Refused before the model is even looked for: the model named here does not exist."""
+    with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+        train_adapter("no-such-model", progress=False, **bad)
+
+
+def test_train_on_the_search_prompts_with_a_bf16_teacher(tmp_path, tiny_llama_dir):
+    """The search's own prompts (fot.trees.workload) and a bf16 teacher: the data file says both, and the adapter
+    (trained in fp32) is lossless on the bf16 model it was made from."""
+    from fot.trees.workload import search_prompts
+
+    out = tmp_path / "adapter"
+    train_adapter(
+        str(tiny_llama_dir), out, exit_layer=1, prompts=14, prompt_set=search_prompts, new_tokens=8, epochs=1,
+        batch_size=4, draft_vocab=None, dtype="bfloat16", progress=False,
+    )  # fmt: skip
+    assert [f.name for f in (out / "work").glob("data-*")] == ["data-search_prompts-bfloat16-0-14-8.json"]
+    plain = Engine.from_pretrained(tiny_llama_dir, dtype="bfloat16", max_batch=8)
+    prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)
+    assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [
+        o.token_ids for o in plain.generate(prompts, params)
+    ]
+
+
 def test_adapter_fits_its_base_model_in_either_precision(tiny_llama_dir, tmp_path):
     """The base-model fingerprint is taken at bf16 precision: an adapter made on the fp32 model loads on the same
     model run in bf16 (the default on CPUs with native bf16), and still refuses another model."""

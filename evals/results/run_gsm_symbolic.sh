@@ -19,9 +19,9 @@ CODE="--code-checks on --arithmetic-checks off"
 BOTH="--code-checks on --arithmetic-checks on"
 cot() { gsm --method cot $OFF; gsm --method cot $CODE; gsm --method cot $BOTH; }
 sc() { gsm --method sc --trees 8 $OFF; gsm --method sc --trees 8 $BOTH; gsm --method sc --trees 4 $OFF; }
-fot() {
-    gsm --method fot --trees 4 $OFF; gsm --method fot --trees 4 $CODE; gsm --method fot --trees 4 $BOTH
-    gsm --method fot --trees 4 $BOTH --program-trees 2; gsm --method fot --trees 8 $BOTH
+fot() {  # fot's fallback runs the rule checks since b26fe07: these are new runs, apart from the earlier fot files
+    gsm --method fot --trees 4 $BOTH; gsm --method fot --trees 4 $OFF; gsm --method fot --trees 4 $CODE
+    gsm --method fot --trees 8 $BOTH; gsm --method fot --trees 4 $BOTH --program-trees 2
 }
 rest() { gsm --method mctsr $BOTH; }
 arithmetic() { $PY -m evals.arithmetic --n 56 --levels 1,2,3,4 $COMMON --method fot --trees 4 $BOTH; }
