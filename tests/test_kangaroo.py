@@ -202,12 +202,29 @@ def test_train_on_the_search_prompts_with_a_bf16_teacher(tmp_path, tiny_llama_di
         str(tiny_llama_dir), out, exit_layer=1, prompts=14, prompt_set=search_prompts, new_tokens=8, epochs=1,
         batch_size=4, draft_vocab=None, dtype="bfloat16", progress=False,
     )  # fmt: skip
-    assert [f.name for f in (out / "work").glob("data-*")] == ["data-search_prompts-bfloat16-0-14-8.json"]
+    assert [f.name for f in (out / "work").glob("data-*")] == ["data-search_prompts-bfloat16-0-14-8.jsonl"]
     plain = Engine.from_pretrained(tiny_llama_dir, dtype="bfloat16", max_batch=8)
     prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)
     assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [
         o.token_ids for o in plain.generate(prompts, params)
     ]
+
+
+def test_training_data_is_generated_in_chunks_and_resumes(tmp_path, tiny_llama_dir):
+    """A run stopped mid-way (here: a torn last line and a partial chunk) keeps its whole chunks and generates only
+    the rest again; the result equals one uninterrupted run."""
+    from fot.speculative.adapter_training import generate_data, training_prompts
+
+    engine = Engine.from_pretrained(tiny_llama_dir, dtype="float32", max_batch=8)
+    chats, path = training_prompts(10), tmp_path / "data.jsonl"
+    whole = generate_data(engine, chats, path, 6, 0, False, chunk=4)
+    assert len(whole) == 10 and path.read_text().count("\n") == 10
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:6]) + "\n" + lines[6][:5])  # 6 whole lines (a chunk and a half), one torn
+    before = engine.stats.requests
+    assert generate_data(engine, chats, path, 6, 0, False, chunk=4) == whole
+    assert engine.stats.requests - before == 6  # chunks 2 and 3 again, not chunk 1
+    assert generate_data(engine, chats, path, 6, 0, False, chunk=4) == whole and engine.stats.requests - before == 6
 
 
 def test_adapter_fits_its_base_model_in_either_precision(tiny_llama_dir, tmp_path):

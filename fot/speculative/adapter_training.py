@@ -101,6 +101,40 @@ def adapter_loss(model: Transformer, adapter: Adapter, batch: dict, vocab: Tenso
     return -(p * logp.gather(-1, idx)).sum(-1).mean(), agree
 
 
+def generate_data(
+    engine: Engine, chats: list[Prompt], path: Path, new_tokens: int, seed: int, progress: bool, chunk: int = 64
+) -> list[list[int]]:
+    """The model's own answers to `chats` (prompt + answer token ids each), generated `chunk` prompts at a time
+    and appended to `path` (one JSON list per line) as each chunk finishes, so that a stopped run resumes where it
+    was: hours of generation for a large model are not lost to an interruption."""
+    seqs: list[list[int]] = []
+    if path.exists():
+        text = path.read_text()
+        lines = text.splitlines()[: None if text.endswith("\n") else -1]  # a torn last line is dropped
+        seqs = [json.loads(line) for line in lines][: len(chats)]
+        if len(seqs) < len(chats):  # only whole chunks are kept: the last one is generated again
+            seqs = seqs[: len(seqs) // chunk * chunk]
+        if len(seqs) != len(lines):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(s) + "\n" for s in seqs))
+            tmp.replace(path)
+    bar = tqdm(total=len(chats), initial=len(seqs), desc="generate data", unit="answer", disable=not progress)
+    with path.open("a") as f:
+        for start in range(len(seqs), len(chats), chunk):
+            part = chats[start : start + chunk]
+            params = [
+                {"max_tokens": new_tokens, "temperature": 0.7, "seed": seed + start + i} for i in range(len(part))
+            ]
+            gens = engine.generate(part, params)
+            new = [engine.tokenize(c) + g.token_ids for c, g in zip(part, gens, strict=True)]
+            f.writelines(json.dumps(s) + "\n" for s in new)
+            f.flush()
+            seqs += new
+            bar.update(len(part))
+    bar.close()
+    return seqs
+
+
 def check_options(**options: float | None) -> None:
     """Bad training options are refused before any model loads or any data is generated."""
     least = {"prompts": 10, "new_tokens": 1, "epochs": 1, "batch_size": 1, "top": 1, "exit_layer": 1}
@@ -154,15 +188,9 @@ def train_adapter(
     work.mkdir(parents=True, exist_ok=True)
     kind = "" if prompt_set is None else f"{prompt_set.__name__}-"
     precision = "" if model.dtype == torch.float32 else f"{str(model.dtype).removeprefix('torch.')}-"
-    data_file = work / f"data-{kind}{precision}{seed}-{prompts}-{new_tokens}.json"
-    if data_file.exists():
-        seqs = json.loads(data_file.read_text())
-    else:
-        chats = (prompt_set or training_prompts)(prompts, seed)
-        params = {"max_tokens": new_tokens, "temperature": 0.7, "seed": seed}
-        gens = engine.generate(chats, [dict(params, seed=seed + i) for i in range(len(chats))], progress=progress)
-        seqs = [engine.tokenize(c) + g.token_ids for c, g in zip(chats, gens, strict=True)]
-        data_file.write_text(json.dumps(seqs))
+    data_file = work / f"data-{kind}{precision}{seed}-{prompts}-{new_tokens}.jsonl"
+    chats = (prompt_set or training_prompts)(prompts, seed)
+    seqs = generate_data(engine, chats, data_file, new_tokens, seed, progress)
     counts = torch.bincount(torch.tensor([t for s in seqs for t in s]), minlength=model.args.vocab_size)
     vocab = None
     if draft_vocab and draft_vocab < model.args.vocab_size:
