@@ -111,9 +111,8 @@ def test_rejection_sampling_keeps_the_target_distribution(draft):
     torch.manual_seed(0)
     logits = torch.randn(len(draft) + 1, 5) * 1.5
     params = SamplingParams(temperature=1.0)
-    gen = torch.Generator().manual_seed(1)
     n = 20000
-    firsts = Counter(accept_sampled(logits, draft, params, gen)[0] for _ in range(n))
+    firsts = Counter(accept_sampled(logits, draft, params, seed, 0)[0] for seed in range(n))
     p = probabilities(logits[0], params)
     for token in range(5):
         assert abs(firsts[token] / n - float(p[token])) < 0.015
@@ -198,6 +197,37 @@ def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, 
     got = spec.generate(prompts, params)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
     assert [g.logprobs for g in got] == [e.logprobs for e in expected]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**16),
+    batch=st.integers(1, 16),
+    max_batch=st.integers(1, 16),
+    noise=st.sampled_from([0.0, 0.2, 1.0]),
+)
+def test_sampled_speculative_equals_sampled_plain_token_for_token(bf16_engines, seed, batch, max_batch, noise):
+    """A sampled token is a function of the request's seed and its position (verify.uniform): with partly wrong
+    drafts, other batch sizes and other company in the batch, seeded sampling gives plain decoding's tokens, and a
+    request's output does not depend on what ran beside it."""
+    if kernels.load() is None:
+        return
+    plain, spec = bf16_engines
+    plain.max_batch, spec.max_batch = 16, max_batch
+    _, prompts, params, _, _ = seeded_case(seed, batch, max_batch, "unpadded", stem=seed % 2 == 0)
+    r = random.Random(seed)
+    params = [p.model_copy(update={"temperature": r.choice([0.7, 1.0]), "top_p": r.choice([1.0, 0.9]),
+                                   "seed": r.randrange(2**31)}) for p in params]  # fmt: skip
+    expected = plain.generate(prompts, params)
+    alone = plain.generate(prompts[:1], params[:1])  # the first request with no company
+    assert alone[0].token_ids == expected[0].token_ids
+    continuations = {tuple(p): e.token_ids for p, e in zip(prompts, expected, strict=True)}
+    eager = {"layout": "unpadded", "cost_aware": False, "draft_threshold": 0.0}  # the drafts are all verified
+    spec.set_speculative(eager, OracleDrafter(continuations, 384, noise, seed, full=True))
+    got = spec.generate(prompts, params)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    long = sum(len(e.token_ids) > 1 for e in expected)
+    assert (spec.last_stats.draft_tokens > 0) == (long > 0)  # drafts were there to keep or reject
 
 
 def test_good_drafts_save_forward_passes_and_are_counted(engines):

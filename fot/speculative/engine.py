@@ -121,7 +121,7 @@ class _Sequence:
     index: int
     prompt: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int  # its sampled tokens are a function of this seed and their positions (verify.uniform)
     slot: int = -1
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -225,7 +225,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self.cache: KVCache | None = None
-        self.rng = torch.Generator(self.device).manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed)  # draws the seeds of requests that bring none
         self.min_shared_prefix, self.prefix_cache_mib, self.pack = min_shared_prefix, prefix_cache_mib, pack
         if pack:
             model.pack_weights()
@@ -292,8 +292,8 @@ class Engine:
             if p.n != 1:
                 raise InvalidRequestError(f"prompt {i}: the engine takes n=1; fot.decoding.NativeBackend serves n > 1")
             ids = self.encode_request(prompt, p, name=f"prompt {i}")
-            gen = torch.Generator(self.device).manual_seed(p.seed) if p.seed is not None else self.rng
-            seqs.append(_Sequence(index=i, prompt=ids, params=p, generator=gen))
+            seed = p.seed if p.seed is not None else int(torch.randint(2**62, (), generator=self.rng))
+            seqs.append(_Sequence(index=i, prompt=ids, params=p, seed=seed))
         return seqs
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -514,7 +514,8 @@ class Engine:
             if seq.params.temperature == 0:
                 tokens = accept_greedy(argmax[first : first + len(draft) + 1], draft)
             else:
-                tokens = accept_sampled(logits[first : first + len(draft) + 1], draft, seq.params, seq.generator)
+                rows = logits[first : first + len(draft) + 1]
+                tokens = accept_sampled(rows, draft, seq.params, seq.seed, len(seq.out))
             kept = len(tokens) - 1
             seq.forward_passes += 1
             seq.draft_tokens += len(draft)
