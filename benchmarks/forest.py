@@ -34,7 +34,7 @@ PROBLEMS = [
     "A shop sells pens at 4 dollars each. Ana buys 6 pens and pays with a 50 dollar bill. What is her change?",
     "A train travels 80 km per hour for 3 hours. How many km does it travel?",
     "Mia reads 12 pages a day. How many pages does she read in 2 weeks?",
-    "A baker makes 39 cookies per tray and bakes 6 trays. He sells 241 cookies. How many cookies are left?",
+    "A baker makes 39 cookies per tray and bakes 7 trays. He sells 241 cookies. How many cookies are left?",
     "Ravi saves 15 dollars a week for 8 weeks, then spends 47 dollars on a game. How much money does he have?",
     "A farm has 23 cows and 4 times as many chickens. How many animals does the farm have in total?",
     "Lena buys 3 notebooks at 7 dollars each and 2 pens at 4 dollars each. How much does she spend?",

@@ -172,13 +172,20 @@ def bf16_engines(tiny_model_dir):
     return plain, spec
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    seed=st.integers(0, 2**16),
-    batch=st.integers(1, 16),
-    max_batch=st.integers(1, 16),
-    noise=st.sampled_from([0.0, 0.2, 1.0]),
-)
+def bf16_cases(test):
+    """Hypothesis over a seed, a batch of 1..16 prompts, max_batch 1..16 and drafts with 0/20/100% wrong tokens."""
+    cases = given(
+        seed=st.integers(0, 2**16),
+        batch=st.integers(1, 16),
+        max_batch=st.integers(1, 16),
+        noise=st.sampled_from([0.0, 0.2, 1.0]),
+    )
+    return settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])(
+        cases(test)
+    )
+
+
+@bf16_cases
 def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, max_batch, noise):
     """Where the CPU kernels run, every op rounds a token alike whatever else the step holds (batch-invariant
     matmul, per-token attention, row-wise norms), so in bf16 too greedy speculative output is plain output token
@@ -199,13 +206,7 @@ def test_greedy_speculative_equals_plain_in_bf16_too(bf16_engines, seed, batch, 
     assert [g.logprobs for g in got] == [e.logprobs for e in expected]
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    seed=st.integers(0, 2**16),
-    batch=st.integers(1, 16),
-    max_batch=st.integers(1, 16),
-    noise=st.sampled_from([0.0, 0.2, 1.0]),
-)
+@bf16_cases
 def test_sampled_speculative_equals_sampled_plain_token_for_token(bf16_engines, seed, batch, max_batch, noise):
     """A sampled token is a function of the request's seed and its position (verify.uniform): with partly wrong
     drafts, other batch sizes and other company in the batch, seeded sampling gives plain decoding's tokens, and a
