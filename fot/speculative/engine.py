@@ -128,8 +128,10 @@ class _Sequence:
     forward_passes: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
-    hits: float = 0.0  # decayed counts of accepted drafts and of draft positions tried: the acceptance-rate estimate
-    trials: float = 0.0
+    # per drafter ("lookup", "kangaroo", ...): decayed counts of accepted drafts and of draft positions tried, the
+    # acceptance-rate estimate (the hybrid's two drafters each have their own)
+    hits: dict[str, float] = field(default_factory=dict)
+    trials: dict[str, float] = field(default_factory=dict)
     finish: Literal["stop", "length"] | None = None
     text: str | None = None
 
@@ -472,9 +474,9 @@ class Engine:
             contexts=[s.prompt + s.out for s in seqs],
             slots=[s.slot for s in seqs],
             caps=[min(most, s.params.max_tokens - len(s.out) - 1) for s in seqs],
-            rates=self.acceptance_rates(seqs),
+            rates=lambda source: self.acceptance_rates(seqs, source),
             threshold=spec.draft_threshold if spec else 1.0,
-            afford=lambda lengths: self.affordable(seqs, lengths),
+            afford=lambda lengths, rates: self.affordable(seqs, lengths, rates),
         )
 
     def clock(self) -> float:
@@ -485,13 +487,14 @@ class Engine:
         return time.perf_counter()
 
     @staticmethod
-    def acceptance_rates(seqs: list[_Sequence]) -> list[float]:
-        """Each sample's recent draft acceptance rate: a Beta(1, 1)-like prior; the decay lets a sample whose drafts
-        stopped being accepted try again later."""
-        return [(s.hits + 1) / (s.trials + 2) for s in seqs]
+    def acceptance_rates(seqs: list[_Sequence], source: str) -> list[float]:
+        """Each sample's recent acceptance rate of `source`'s drafts: a Beta(1, 1)-like prior; the decay lets a
+        sample whose drafts stopped being accepted try again later."""
+        return [(s.hits.get(source, 0.0) + 1) / (s.trials.get(source, 0.0) + 2) for s in seqs]
 
-    def affordable(self, seqs: list[_Sequence], lengths: list[int]) -> list[int]:
-        """Of lengths[i] possible draft tokens of sample i, how many to verify: within the batch's per-step budget,
+    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float]) -> list[int]:
+        """Of lengths[i] possible draft tokens of sample i, each kept with probability about rates[i] ** j, how many
+        to verify: within the batch's per-step budget,
         and with `cost_aware` the count that maximises the expected tokens per second on this machine. The cost of
         a step without drafts is measured first (one such step per batch size), then at least one other token
         count (a step with every draft) before the cost model decides."""
@@ -501,7 +504,7 @@ class Engine:
             return [0] * len(seqs)
         if cost is not None and len(cost.seconds) < 2:
             cost = None
-        return draft_lengths(self.acceptance_rates(seqs), lengths, 0.0, spec.max_draft_tokens_per_step, cost)
+        return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step, cost)
 
     def accept(self, seqs: list[_Sequence], logits: Tensor, proposal: Proposal, firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
@@ -520,8 +523,11 @@ class Engine:
             seq.forward_passes += 1
             seq.draft_tokens += len(draft)
             seq.accepted_tokens += kept
-            seq.hits = 0.8 * seq.hits + kept
-            seq.trials = 0.8 * seq.trials + min(len(tokens), len(draft))
+            for name in seq.hits:  # every drafter's counts decay each step, so an idle one gets tried again
+                seq.hits[name], seq.trials[name] = 0.8 * seq.hits[name], 0.8 * seq.trials[name]
+            if draft:
+                seq.hits[source] = seq.hits.get(source, 0.0) + kept
+                seq.trials[source] = seq.trials.get(source, 0.0) + min(len(tokens), len(draft))
             st.draft_tokens += len(draft)
             st.accepted_tokens += kept
             if draft:

@@ -5,7 +5,8 @@ Where an answer copies its input (MCTSr's refine answers, a repaired answer's co
 runs that are nearly free to make; where it does not (first answers, critiques), the adapter still drafts. Both
 drafts are verified from layer k: a lookup draft goes through the shallow layers and the adapter with the sample's
 last token, in the same pass as the Kangaroo samples' first step, so the adapter's KV cache stays whole. The
-engine keeps their acceptance counters apart (`EngineStats.source_drafts` / `source_accepted`).
+engine keeps their acceptance counters apart (`EngineStats.source_drafts` / `source_accepted`), and each sample's
+acceptance rate of each: lookup's drafts are sized by how often lookup's drafts were kept, not Kangaroo's.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ class Hybrid:
         return self.kangaroo.prefill(tokens, step, cache, last)
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
-        kg = self.kangaroo
-        looked = self.lookup.propose(batch.contexts, draft_lengths(batch.rates, batch.caps, batch.threshold))
+        kg, lookup_rates, kangaroo_rates = self.kangaroo, batch.rates("lookup"), batch.rates("kangaroo")
+        looked = self.lookup.propose(batch.contexts, draft_lengths(lookup_rates, batch.caps, batch.threshold))
         wanted = [len(d) if d else min(kg.max_steps, c) for d, c in zip(looked, batch.caps, strict=True)]
-        keep = batch.afford(wanted)  # one budget over both kinds of draft
+        rates = [lr if d else kr for d, lr, kr in zip(looked, lookup_rates, kangaroo_rates, strict=True)]
+        keep = batch.afford(wanted, rates)  # one budget over both kinds of draft, each at its own acceptance rate
         given = [d[:k] for d, k in zip(looked, keep, strict=True)]
         proposal = kg.run(batch, cache, given, [0 if d else k for d, k in zip(looked, keep, strict=True)])
         proposal.sources = ["lookup" if g else "kangaroo" for g in given]

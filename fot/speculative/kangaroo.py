@@ -91,7 +91,7 @@ class KangarooDrafter:
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
         """Each sample drafts until its own early exit, no further than pays on this machine (`batch.afford`)."""
-        caps = batch.afford([min(self.max_steps, c) for c in batch.caps])
+        caps = batch.afford([min(self.max_steps, c) for c in batch.caps], batch.rates("kangaroo"))
         return self.run(batch, cache, [[] for _ in batch.slots], caps)
 
     def run(self, batch: Batch, cache: KVCache, given: list[list[int]], caps: list[int]) -> Proposal:

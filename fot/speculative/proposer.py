@@ -32,9 +32,10 @@ class Batch:
     contexts: list[list[int]]  # prompt + generated tokens; the last one is the token this step feeds
     slots: list[int]  # cache slots
     caps: list[int]  # at most this many draft tokens (num_speculative_tokens, and the sample's max_tokens left)
-    rates: list[float]  # recent draft acceptance rates
+    rates: Callable[[str], list[float]]  # a drafter's recent acceptance rate in each sample (by drafter name)
     threshold: float  # a token drafter drafts token j only while rate ** j >= threshold
-    afford: Callable[[list[int]], list[int]]  # of n[i] possible draft tokens, how many pay for their verification
+    # of n[i] possible draft tokens, each kept with probability about rate[i] ** j, how many pay for their verification
+    afford: Callable[[list[int], list[float]], list[int]]
 
 
 @dataclass
@@ -82,12 +83,13 @@ class TokenProposer:
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
         if self.drafter is None:
             return Proposal([[] for _ in batch.slots])
-        limits = draft_lengths(batch.rates, batch.caps, batch.threshold)
+        rates = batch.rates(self.name)
+        limits = draft_lengths(rates, batch.caps, batch.threshold)
         drafts = self.drafter.propose(batch.contexts, limits)
         for d, k in zip(drafts, limits, strict=True):
             if len(d) > k:
                 raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
-        keep = batch.afford([len(d) for d in drafts])
+        keep = batch.afford([len(d) for d in drafts], rates)
         return Proposal([d[:k] for d, k in zip(drafts, keep, strict=True)], [self.name] * len(drafts))
 
     def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
