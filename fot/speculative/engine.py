@@ -13,12 +13,11 @@ drafter (prompt lookup, Kangaroo, the hybrid of both, none) sits behind one inte
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from pathlib import Path
 from typing import Literal
@@ -101,7 +100,7 @@ class EngineStats:
 
     def snapshot(self) -> EngineStats:
         """A copy of the counters now, for `since` (the per-source counts copied too, not shared)."""
-        return copy.deepcopy(self)
+        return replace(self, source_drafts=dict(self.source_drafts), source_accepted=dict(self.source_accepted))
 
     def since(self, earlier: EngineStats) -> EngineStats:
         """What was counted after `earlier` (a `snapshot` taken then)."""
@@ -471,7 +470,7 @@ class Engine:
         spec = self.speculative
         most = spec.num_speculative_tokens if spec else 0
         return Batch(
-            contexts=[s.prompt + s.out for s in seqs],
+            read_contexts=lambda: [s.prompt + s.out for s in seqs],
             slots=[s.slot for s in seqs],
             caps=[min(most, s.params.max_tokens - len(s.out) - 1) for s in seqs],
             rates=lambda source: self.acceptance_rates(seqs, source),

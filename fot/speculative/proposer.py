@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 from torch import Tensor
@@ -27,15 +28,20 @@ from fot.speculative.model import Transformer
 
 @dataclass
 class Batch:
-    """What a proposer knows of the batch at one decode step, sample by sample."""
+    """What a proposer knows of the batch at one decode step, sample by sample. The contexts are built only when a
+    drafter reads them: plain decoding never copies them."""
 
-    contexts: list[list[int]]  # prompt + generated tokens; the last one is the token this step feeds
+    read_contexts: Callable[[], list[list[int]]]  # prompt + generated tokens; the last one is the token fed now
     slots: list[int]  # cache slots
     caps: list[int]  # at most this many draft tokens (num_speculative_tokens, and the sample's max_tokens left)
     rates: Callable[[str], list[float]]  # a drafter's recent acceptance rate in each sample (by drafter name)
     threshold: float  # a token drafter drafts token j only while rate ** j >= threshold
     # of n[i] possible draft tokens, each kept with probability about rate[i] ** j, how many pay for their verification
     afford: Callable[[list[int], list[float]], list[int]]
+
+    @cached_property
+    def contexts(self) -> list[list[int]]:
+        return self.read_contexts()
 
 
 @dataclass
