@@ -227,7 +227,7 @@ def test_sampled_speculative_equals_sampled_plain_token_for_token(bf16_engines, 
     spec.set_speculative(eager, OracleDrafter(continuations, 384, noise, seed, full=True))
     got = spec.generate(prompts, params)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
-    long = sum(len(e.token_ids) > 1 for e in expected)
+    long = sum(len(e.token_ids) > 2 for e in expected)  # a decode step with room for a draft: 3 tokens or more
     assert (spec.last_stats.draft_tokens > 0) == (long > 0)  # drafts were there to keep or reject
 
 
