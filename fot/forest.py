@@ -444,8 +444,7 @@ class Forest:
         try:
             solution = await (self.baseline() if c.method in ("cot", "sc") else self.search())
         except asyncio.CancelledError:  # the caller gave up: the batches in flight are cancelled, not left running
-            for b in self.batchers:
-                b.cancel()
+            await asyncio.gather(*(b.cancel() for b in self.batchers))
             raise
         after = self.backend.usage
         self.usage.forward_passes = after.forward_passes - before.forward_passes

@@ -38,6 +38,7 @@ from fot.errors import FotError, InvalidRequestError, SearchError
 from fot.forest import MAX_TREES, ForestConfig, Method, Progress, Solution, asolve, make_config, validate
 
 try:
+    import anyio
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -466,9 +467,11 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         metrics.completion.inc(result.usage.generated_tokens)
 
     async def abandon(solving: asyncio.Future) -> None:
-        """Cancel a search whose client went away, and wait until its requests have left the backend."""
+        """Cancel a search whose client went away, and wait until its requests have left the backend. The wait is
+        shielded: a streaming response whose client hung up runs in a cancelled anyio scope, which would cut every
+        await short and free the search's slot while its batches still ran."""
         solving.cancel()
-        with contextlib.suppress(BaseException):
+        with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
             await solving
         metrics.cancelled.inc()
 

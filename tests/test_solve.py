@@ -40,6 +40,28 @@ def test_solve_on_the_tiny_model(served_model_dir):
         check_solution(s, 2)
 
 
+def test_a_cancelled_solve_leaves_no_work_in_the_engine(served_model_dir):
+    """Once the cancellation of a search ends (a client hung up on `fot serve`), the batches its trees had in
+    flight are out of the engine: nothing runs on for it, and its slots are free."""
+    backend = make_backend("native", model=str(served_model_dir), speculative=None)
+    long = {"mctsr": {"rollouts": 4, "max_tokens": 64}}
+
+    async def cancel_midway() -> None:
+        task = asyncio.ensure_future(fot.asolve("What is 12 + 30?", backend=backend, trees=4, config=long))
+        while backend.usage.forward_passes < 5 and not task.done():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert backend.engine.idle and backend.engine.stats.cancelled > 0
+        passes = backend.usage.forward_passes
+        await asyncio.sleep(0.3)
+        assert backend.usage.forward_passes == passes
+
+    asyncio.run(cancel_midway())
+    asyncio.run(backend.close())
+
+
 @pytest.fixture(scope="module")
 def native_embedded():
     b = make_backend("native", model="default")

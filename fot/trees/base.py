@@ -41,10 +41,13 @@ class Batcher:
         self.participants -= 1
         self._maybe_flush()
 
-    def cancel(self) -> None:
-        """Cancel the batches in flight (their search was cancelled): the backend drops their requests."""
-        for task in self.tasks:
+    async def cancel(self) -> None:
+        """Cancel the batches in flight (their search was cancelled) and wait until the backend has dropped their
+        requests, so that a cancelled search has no work left in the engine once its cancellation ends."""
+        tasks = list(self.tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _maybe_flush(self) -> None:
         if self.waiting and len(self.waiting) >= self.participants:
