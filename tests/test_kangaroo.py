@@ -227,6 +227,30 @@ def test_training_data_is_generated_in_chunks_and_resumes(tmp_path, tiny_llama_d
     assert generate_data(engine, chats, path, 6, 0, False, chunk=4) == whole and engine.stats.requests - before == 6
 
 
+def test_the_teacher_runs_once_per_sequence_and_resumes_from_its_files(tmp_path, tiny_llama_dir):
+    """The teacher's view of each sequence equals a pass over that sequence alone; it is saved chunk by chunk, and a
+    second run reads the files without the model."""
+    from fot.speculative.adapter_training import collate, teacher_batch, teacher_data
+
+    model = Transformer.from_pretrained(tiny_llama_dir)
+    seqs = [[5 + i + j for j in range(4 + 3 * i)] for i in range(7)]
+    data = teacher_data(model, seqs, 1, 8, tmp_path / "t", False, chunk=3, batch=2)
+    assert sorted(f.name for f in (tmp_path / "t").iterdir()) == [
+        "0-3.safetensors",
+        "3-3.safetensors",
+        "6-1.safetensors",
+    ]
+    for seq, got in zip(seqs, data, strict=True):
+        alone = teacher_batch(model, [seq], 1, 8)
+        assert torch.allclose(got["hidden"], alone["hidden"], atol=1e-5) and torch.equal(
+            got["idx"].long(), alone["idx"]
+        )
+    again = teacher_data(None, seqs, 1, 8, tmp_path / "t", False, chunk=3, batch=2)  # type: ignore[arg-type]
+    batch = collate(again[2:5])
+    assert batch["lengths"].tolist() == [10, 13, 16] and batch["idx"].dtype == torch.long
+    assert torch.equal(batch["hidden"], torch.cat([d["hidden"] for d in data[2:5]]))
+
+
 def test_adapter_fits_its_base_model_in_either_precision(tiny_llama_dir, tmp_path):
     """The base-model fingerprint is taken at bf16 precision: an adapter made on the fp32 model loads on the same
     model run in bf16 (the default on CPUs with native bf16), and still refuses another model."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -75,6 +76,50 @@ def teacher_batch(model: Transformer, seqs: list[list[int]], exit_layer: int, to
         probs = torch.softmax(model.logits(model.run_layers(h, step, cache, exit_layer)), -1)
         p, idx = probs.topk(top, -1)
     return {"hidden": h, "p": p, "idx": idx, "lengths": torch.tensor(lengths)}
+
+
+def teacher_data(
+    model: Transformer,
+    seqs: list[list[int]],
+    exit_layer: int,
+    top: int,
+    folder: Path,
+    progress: bool,
+    chunk: int = 64,
+    batch: int = 8,
+) -> list[dict[str, Tensor]]:
+    """`teacher_batch` over every sequence once, kept per sequence: an epoch's shuffled batches reuse it instead
+    of running the teacher again. Saved `chunk` sequences to a safetensors file as they finish, so that a stopped
+    run resumes without redoing them (the pass takes a large model tens of minutes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Tensor]] = []
+    bar = tqdm(total=len(seqs), desc="teacher pass", unit="answer", disable=not progress)
+    for start in range(0, len(seqs), chunk):
+        part = seqs[start : start + chunk]
+        file = folder / f"{start}-{len(part)}.safetensors"
+        if file.exists():
+            t = load_file(file)
+        else:
+            pieces = [teacher_batch(model, part[i : i + batch], exit_layer, top) for i in range(0, len(part), batch)]
+            t = {k: torch.cat([q[k] for q in pieces]) for k in pieces[0]}
+            t["idx"] = t["idx"].int()  # a vocabulary index fits 32 bits: half the memory
+            tmp = file.with_suffix(".tmp")
+            save_file(t, tmp)
+            tmp.replace(file)
+        lengths = t["lengths"].tolist()
+        rows = zip(*(t[k].split(lengths) for k in ("hidden", "p", "idx")), strict=True)
+        out += [{"hidden": h, "p": p, "idx": i} for h, p, i in rows]
+        bar.update(len(part))
+    bar.close()
+    return out
+
+
+def collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Sequences of `teacher_data` as one ragged batch, the layout `adapter_loss` reads."""
+    batch = {k: torch.cat([it[k] for it in items]) for k in ("hidden", "p", "idx")}
+    batch["idx"] = batch["idx"].long()
+    batch["lengths"] = torch.tensor([len(it["idx"]) for it in items])
+    return batch
 
 
 def adapter_loss(model: Transformer, adapter: Adapter, batch: dict, vocab: Tensor | None) -> tuple[Tensor, float]:
@@ -230,17 +275,17 @@ def train_adapter(
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
             start_epoch = state["epoch"] + 1
-    teacher = {}
+    teacher = teacher_data(
+        model, seqs, exit_layer, top, work / f"teacher-{data_file.stem}-{exit_layer}-{top}", progress
+    )
     bar = tqdm(total=total, initial=start_epoch * batches_per_epoch, desc="train adapter", disable=not progress)
     losses = []
     for epoch in range(start_epoch, epochs):
         random.Random(seed + epoch).shuffle(order)
         losses = []
         for b in range(batches_per_epoch):
-            ids = tuple(sorted(order[b * batch_size : (b + 1) * batch_size]))
-            if ids not in teacher:
-                teacher[ids] = teacher_batch(model, [seqs[i] for i in ids], exit_layer, top)
-            loss, _ = adapter_loss(model, adapter, teacher[ids], vocab)
+            ids = order[b * batch_size : (b + 1) * batch_size]
+            loss, _ = adapter_loss(model, adapter, collate([teacher[i] for i in ids]), vocab)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 0.5)
@@ -252,9 +297,13 @@ def train_adapter(
         state = {"adapter": adapter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
         torch.save({**state, "epoch": epoch, "exit_layer": exit_layer, "seed": seed}, ckpt)
     bar.close()
-    with torch.no_grad():
-        holdout = teacher_batch(model, seqs[-held:], exit_layer, top)
-        held_loss, held_top1 = adapter_loss(model, adapter, holdout, vocab)
+    held_loss = held_top1 = positions = 0.0
+    with torch.no_grad():  # batch by batch, weighted by positions: all of the held-out logits at once are GBs
+        for b in range(len(seqs) - held, len(seqs), batch_size):
+            part = collate(teacher[b : min(b + batch_size, len(seqs))])
+            n = len(part["idx"])
+            loss, agree = adapter_loss(model, adapter, part, vocab)
+            held_loss, held_top1, positions = held_loss + loss.item() * n, held_top1 + agree * n, positions + n
     config = {
         "base_model": model_name,
         "base": model_fingerprint(model),
@@ -271,8 +320,8 @@ def train_adapter(
             "top": top,
             "seed": seed,
             "final_loss": round(sum(losses) / max(len(losses), 1), 4),
-            "holdout_loss": round(held_loss.item(), 4),
-            "holdout_top1_agreement": round(held_top1, 4),
+            "holdout_loss": round(held_loss / positions, 4),
+            "holdout_top1_agreement": round(held_top1 / positions, 4),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     }
