@@ -12,6 +12,7 @@ import torch
 from conftest import assert_same_greedy, save_tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError, ModelError
@@ -203,6 +204,7 @@ def test_train_on_the_search_prompts_with_a_bf16_teacher(tmp_path, tiny_llama_di
         batch_size=4, draft_vocab=None, dtype="bfloat16", progress=False,
     )  # fmt: skip
     assert [f.name for f in (out / "work").glob("data-*")] == ["data-search_prompts-bfloat16-0-14-8.jsonl"]
+    assert {t.dtype for t in load_file(out / "adapter.safetensors").values()} == {torch.bfloat16}  # half the file
     plain = Engine.from_pretrained(tiny_llama_dir, dtype="bfloat16", max_batch=8)
     prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)
     assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [

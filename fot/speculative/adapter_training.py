@@ -218,7 +218,8 @@ def train_adapter(
     """Generate data with the model itself, then distil the adapter; checkpoints every epoch and resumes from the
     last one. Writes `adapter.safetensors` and `adapter_config.json` (naming the base model and exit layer).
     `prompt_set(n, seed)` makes the prompts (default: `training_prompts`); `dtype` is the teacher's, which also
-    generates the data (bf16 is ~3x faster on CPUs with native bf16; the adapter always trains in fp32)."""
+    generates the data (bf16 is ~3x faster on CPUs with native bf16; the adapter always trains in fp32, and is
+    stored in the teacher's precision)."""
     check_options(
         prompts=prompts, new_tokens=new_tokens, epochs=epochs, batch_size=batch_size, top=top, lr=lr,
         draft_vocab=draft_vocab, exit_layer=exit_layer,
@@ -325,5 +326,5 @@ def train_adapter(
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
     }
-    save_adapter(out, adapter.eval(), config)
+    save_adapter(out, adapter.eval(), config, model.dtype)
     return out
