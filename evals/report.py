@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, computed_field
 
-from evals.runner import Record, read_records
+from evals.records import Record, read_records
 from fot.models import ALIASES
 
 

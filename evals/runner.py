@@ -15,15 +15,12 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel
 from tqdm import tqdm
 
 from evals.data import (
@@ -36,9 +33,16 @@ from evals.data import (
     load_gsm_symbolic,
     load_math500,
 )
-from fot.cli import add_math_options, checks_on, search_config
+from evals.records import Record, append, check_records, read_records, writer_lock
 from fot.errors import FotError
-from fot.files import locked
+from fot.options import (
+    add_backend_options,
+    add_budget_options,
+    add_math_options,
+    checks_on,
+    make_cli_backend,
+    search_config,
+)
 from fot.tasks import get_task
 from fot.tasks.game24 import check_expression, parse_numbers
 
@@ -64,58 +68,6 @@ BENCHMARKS = {
     "arithmetic": Benchmark("arithmetic", "math", lambda a: load_arithmetic(a.n, _levels(a.levels), a.data_seed)),
     "gsm_symbolic": Benchmark("gsm_symbolic", "math", lambda a: load_gsm_symbolic(a.n, a.data_seed)),
 }
-# What each --speculative choice means per backend (the openai backend's servers decide for themselves).
-DRAFTERS = {
-    "native": {"none": None, "prompt_lookup": "prompt_lookup", "kangaroo": {"method": "kangaroo"}},
-    "vllm": {
-        "none": None,
-        "ngram": {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 3, "prompt_lookup_min": 2},
-        "kangaroo": "kangaroo",
-    },
-    "openai": {"none": None},
-}
-
-
-class Record(BaseModel):
-    """One problem's result. Counters are the solve's own, except forward passes and drafts, which are the
-    backend's while the problem was in flight (shared with the other problems in flight when concurrency > 1)."""
-
-    id: str
-    benchmark: str
-    run: str
-    method: str
-    trees: int
-    model: str
-    backend: str
-    device: str = "cpu"  # of the native backend (records written before this field was added ran on the CPU)
-    dtype: str = "auto"
-    speculative: str
-    seed: int
-    level: str | None
-    answer: str | None
-    gold: str
-    correct: bool
-    votes: dict[str, int]
-    decision: str
-    tokens: int
-    prompt_tokens: int
-    requests: int
-    forward_passes: int
-    draft_tokens: int
-    accepted_tokens: int
-    tokens_saved: int
-    corrections: int
-    seconds: float
-    concurrency: int
-    total: int | None = None  # problems the run was asked for (absent from records written before this field)
-    code_checks_on: bool = False  # the search ran the answers' code (records from before the checks: it did not)
-    code_checks: int = 0  # code blocks run by the program-aided checks
-    code_repairs: int = 0
-    arithmetic_checks_on: bool = False  # the search recomputed the prose's arithmetic statements
-    arithmetic_checks: int = 0  # statements recomputed
-    arithmetic_repairs: int = 0
-    program_trees: int = 0  # trees asked to answer with a program
-    gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
 
 
 def score(problem: Problem, answer: str | None) -> bool:
@@ -174,91 +126,6 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = Path(args.model).name if args.model else "default"
     return f"{args.method}-t{args.trees}-{model}-{args.backend}-{args.speculative}-s{args.seed}-{digest}"
-
-
-def read_records(path: Path) -> list[Record]:
-    """The finished records of a run file, one per problem (a duplicate, from a line written twice, is dropped
-    and said so). A torn last line (a crash mid-write) is cut off; any other bad line is an error, since it means
-    the file is not ours."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        cut = raw.rfind(b"\n") + 1
-        print(f"evals: {path.name}: dropping a torn last line (an interrupted write)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(cut)
-        raw = raw[:cut]
-    records: dict[str, Record] = {}
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not a results file of ours (not UTF-8: {e})") from None
-    duplicates = 0
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            record = Record.model_validate_json(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{number} is not a result record: {str(e)[:200]}") from None
-        duplicates += record.id in records
-        records.setdefault(record.id, record)
-    if duplicates:
-        print(f"evals: {path.name}: {duplicates} duplicate records ignored (the first of each kept)", file=sys.stderr)
-    return list(records.values())
-
-
-@contextmanager
-def writer_lock(path: Path):
-    """The right to append to run file `path`: one process at a time (`fot.files.locked`, refused at once)."""
-    lock = path.with_name(path.name + ".lock")
-    try:
-        with locked(lock):
-            yield
-    except TimeoutError:
-        raise FotError(f"another process is running {path.name} (it holds {lock}); wait for it") from None
-
-
-def check_records(path: Path, records: list[Record], problems: list[Problem]) -> None:
-    """Records whose problem is in the data must have that problem's gold answer: else the data changed under
-    the run, and its records are not results of this data."""
-    gold = {p.id: p.gold for p in problems}
-    for r in records:
-        if r.id in gold and r.gold != gold[r.id]:
-            raise DataError(
-                f"{path}: the record of {r.id} has gold {r.gold!r} where the data says {gold[r.id]!r}: "
-                "the data changed under this run; use another --out or remove the file"
-            )
-
-
-def append(path: Path, record: Record) -> None:
-    with open(path, "a") as f:
-        f.write(record.model_dump_json() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def make_backend(args: argparse.Namespace):
-    from fot.decoding import make_backend as make
-
-    drafters = DRAFTERS[args.backend]
-    if args.speculative not in drafters:
-        raise FotError(
-            f"--speculative {args.speculative} is not available on the {args.backend} backend: {[*drafters]}"
-        )
-    spec = drafters[args.speculative]
-    if args.backend == "native":
-        return make(
-            "native", model=args.model, device=args.device, dtype=args.dtype, speculative=spec, max_batch=args.max_batch
-        )
-    if args.backend == "vllm":
-        if spec == "kangaroo":
-            from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
-
-            spec = KANGAROO_VLLM
-        return make("vllm", model=args.model, speculative_config=spec, max_num_seqs=args.max_batch)
-    from fot.cli import make_cli_backend
-
-    return make_cli_backend(args)  # openai: the servers decide how they decode
 
 
 async def solve_all(
@@ -353,18 +220,19 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     )
     if benchmark is None:
         p.add_argument("benchmark", choices=sorted(BENCHMARKS))
-    p.add_argument("--model", default="default", help="model name or folder (for openai: the served name)")
-    p.add_argument("--backend", default="native", choices=["native", "vllm", "openai"])
     p.add_argument("--method", default="fot", choices=["cot", "sc", "tot", "mctsr", "fot"])
-    p.add_argument("--trees", type=int, default=4, help="trees per problem (samples for sc)")
+    add_budget_options(p)
+    add_backend_options(p)
     p.add_argument("--limit", type=int, help="only the first N problems")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--out", default="evals/results", help="results folder")
     p.add_argument("--data", help="local data file or folder (jsonl/json/parquet; Game of 24: the 24.csv)")
-    p.add_argument("--rollouts", type=int, default=4, help="MCTSr rollouts per tree")
-    p.add_argument("--max-tokens", type=int, default=384, help="per answer")
     add_math_options(p)
-    p.add_argument("--speculative", default="prompt_lookup", help="drafter: none|prompt_lookup|kangaroo (vllm: ngram)")
+    p.add_argument(
+        "--speculative",
+        default="prompt_lookup",
+        help="none|prompt_lookup|kangaroo|hybrid (vllm: none|ngram|kangaroo)",
+    )
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")
     p.add_argument("--device", default="cpu", help="native backend: the torch device (cpu, cuda, cuda:1, ...)")
@@ -373,8 +241,6 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
         default="auto",
         help="native backend: auto (bf16 where our CPU kernels run, else fp32), fast, float32, bfloat16",
     )
-    p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint (repeat for several)")
-    p.add_argument("--timeout", type=float, help="openai: seconds for each request, retries included (default 900)")
     p.add_argument("--ranks", default="901-1000", help="Game of 24: puzzle ranks")
     p.add_argument("--n", type=int, default=100, help="arithmetic, gsm_symbolic: problems generated")
     p.add_argument("--levels", default="1,2,3,4", help="arithmetic: operations per problem")
@@ -418,7 +284,7 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         if todo:
             t0 = time.perf_counter()
             if backend is None:
-                async with make_backend(args) as own:
+                async with make_cli_backend(args) as own:
                     right, failed = await solve_all(todo, args, path, own, len(problems))
             else:
                 right, failed = await solve_all(todo, args, path, backend, len(problems))

@@ -8,6 +8,7 @@ import sys
 import time
 
 from fot.errors import FotError
+from fot.options import add_backend_options, add_budget_options, add_math_options, make_cli_backend, search_config
 
 DEMO_MODEL = "qwen2.5-coder-1.5b"  # the reasoning model; `--model default` is the fast embedded 135M one
 DEMO_PROBLEMS = [
@@ -69,61 +70,6 @@ def cmd_train_adapter(args: argparse.Namespace) -> None:
     )
     print(f"adapter written to {out}")
     print((out / "adapter_config.json").read_text().split('"draft_vocab"')[0] + "...")
-
-
-def make_cli_backend(args: argparse.Namespace):
-    from fot.decoding import make_backend
-
-    timeout = getattr(args, "timeout", None)
-    if timeout is not None and timeout <= 0:
-        raise FotError(f"--timeout must be > 0 seconds, got {timeout}")
-    if args.backend == "openai":
-        if not args.base_url:
-            raise FotError("--backend openai needs --base-url (one per endpoint)")
-        model = None if args.model == "default" else args.model
-        deadline = {"deadline": timeout} if timeout is not None else {}
-        return make_backend("openai", base_urls=args.base_url, model=model, **deadline)
-    if timeout is not None:
-        raise FotError("--timeout bounds the requests of the openai backend; the in-process backends have none")
-    return make_backend(args.backend, model=args.model)
-
-
-RULE_CHECKS = ("code", "arithmetic")
-
-
-def search_config(args: argparse.Namespace) -> dict:
-    """The search options that `fot solve`'s and `fot eval`'s command lines set."""
-    config: dict = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
-    if getattr(args, "program_trees", None) is not None:
-        config["program_trees"] = args.program_trees
-    if any(getattr(args, f"{name}_checks", "auto") != "auto" for name in RULE_CHECKS):
-        on = checks_on(args)  # on: also for cot and sc; off: not even for fot
-        config["correction"] = on | {"baselines": any(on.values())}
-    return config
-
-
-def checks_on(args: argparse.Namespace) -> dict[str, bool]:
-    """Which rule checks a math search with these options runs (auto: on for fot and mctsr, off for cot and sc)."""
-    method = getattr(args, "method", "fot")
-    return {
-        name: (v := getattr(args, f"{name}_checks", "auto")) == "on" or v == "auto" and method in ("fot", "mctsr")
-        for name in RULE_CHECKS
-    }
-
-
-def add_math_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--code-checks", default="auto", choices=["auto", "on", "off"],
-        help="math: run the answers' Python safely and repair made-up outputs (auto: fot and mctsr only)",
-    )  # fmt: skip
-    p.add_argument(
-        "--arithmetic-checks", default="auto", choices=["auto", "on", "off"],
-        help="math: recompute the answers' 'a op b = c' statements and repair the first wrong one (auto: fot, mctsr)",
-    )  # fmt: skip
-    p.add_argument(
-        "--program-trees", type=int, default=None,
-        help="math, fot: how many trees are asked to answer with a Python program (program of thought)",
-    )  # fmt: skip
 
 
 def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
@@ -204,19 +150,6 @@ def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens
     add_math_options(p)
     add_budget_options(p, rollouts, max_tokens)
     add_backend_options(p)
-
-
-def add_budget_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
-    p.add_argument("--trees", type=int, default=4, help="trees per problem (samples for sc)")
-    p.add_argument("--rollouts", type=int, default=rollouts, help="MCTSr rollouts per tree")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="per MCTSr answer")
-
-
-def add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="native", choices=["native", "vllm", "openai"])
-    p.add_argument("--model", default="default", help="model name or folder (for openai: the served name)")
-    p.add_argument("--base-url", action="append", help="an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
-    p.add_argument("--timeout", type=float, help="openai: seconds for each request, retries included (default 900)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

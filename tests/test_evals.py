@@ -21,8 +21,9 @@ from evals.data import (
     load_gsm8k,
     load_math500,
 )
+from evals.records import Record, read_records
 from evals.report import PLOTS, markdown, summarise, wilson, write_report
-from evals.runner import Record, arun, options, read_records, run_name, score
+from evals.runner import arun, options, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
 from fot.speculative.engine import cpu_has_fast_bf16, resolve_dtype

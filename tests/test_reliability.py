@@ -272,8 +272,8 @@ def test_an_api_key_sent_in_clear_text_off_this_machine_is_warned_about(monkeypa
 def test_timeout_option_is_checked_before_any_work():
     import argparse
 
-    from fot.cli import make_cli_backend
     from fot.errors import FotError
+    from fot.options import make_cli_backend
 
     args = argparse.Namespace(backend="native", model="default", base_url=None, timeout=5.0)
     with pytest.raises(FotError, match="openai backend"):
@@ -480,7 +480,7 @@ def test_another_data_file_is_another_run(tmp_path):
 
 def test_records_whose_problem_changed_are_an_error(tmp_path):
     from evals.data import DataError
-    from evals.runner import read_records
+    from evals.records import read_records
 
     data = write_gsm(tmp_path / "a", GSM)
     (path, _), _ = gsm_run(tmp_path, data)
@@ -493,7 +493,7 @@ def test_records_whose_problem_changed_are_an_error(tmp_path):
 
 def test_a_duplicated_record_is_counted_once_and_said(tmp_path, capsys):
     """Two concurrent runs, or a line written twice, gave "accuracy on 4 problems" for 2."""
-    from evals.runner import read_records
+    from evals.records import read_records
 
     data = write_gsm(tmp_path / "a", GSM)
     (path, _), _ = gsm_run(tmp_path, data)
@@ -505,11 +505,11 @@ def test_a_duplicated_record_is_counted_once_and_said(tmp_path, capsys):
 
 
 def test_two_writers_of_one_run_are_refused(tmp_path):
-    from evals.runner import writer_lock
+    from evals.records import writer_lock
     from fot.errors import FotError
 
     path = tmp_path / "run.jsonl"
-    with held_elsewhere("from evals.runner import writer_lock", "writer_lock", path):
+    with held_elsewhere("from evals.records import writer_lock", "writer_lock", path):
         with pytest.raises(FotError, match="another process is running run.jsonl"):
             with writer_lock(path):
                 pass
@@ -519,7 +519,7 @@ def test_two_writers_of_one_run_are_refused(tmp_path):
 
 def test_a_records_file_that_is_not_utf8_is_a_data_error(tmp_path):
     from evals.data import DataError
-    from evals.runner import read_records
+    from evals.records import read_records
 
     path = tmp_path / "r.jsonl"
     path.write_bytes(b'{"id": "\xff"}\n')

@@ -131,7 +131,8 @@ def test_cli_demo_prints_answers_votes_repairs_and_wall_time(capsys):
     ],
 )  # fmt: skip
 def test_the_check_options_resolve_per_method(argv, code, arithmetic, correction):
-    from fot.cli import build_parser, checks_on, search_config
+    from fot.cli import build_parser
+    from fot.options import checks_on, search_config
 
     args = build_parser().parse_args(["solve", "p", *argv])
     assert checks_on(args) == {"code": code, "arithmetic": arithmetic}

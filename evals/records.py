@@ -1,0 +1,118 @@
+"""A run's results file: one `Record` per problem, one JSON line each, appended and fsynced as each problem finishes;
+read back by the runner (to resume) and by the report."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from evals.data import DataError, Problem
+from fot.errors import FotError
+from fot.files import locked
+
+
+class Record(BaseModel):
+    """One problem's result. Counters are the solve's own, except forward passes and drafts, which are the
+    backend's while the problem was in flight (shared with the other problems in flight when concurrency > 1)."""
+
+    id: str
+    benchmark: str
+    run: str
+    method: str
+    trees: int
+    model: str
+    backend: str
+    device: str = "cpu"  # of the native backend (records written before this field was added ran on the CPU)
+    dtype: str = "auto"
+    speculative: str
+    seed: int
+    level: str | None
+    answer: str | None
+    gold: str
+    correct: bool
+    votes: dict[str, int]
+    decision: str
+    tokens: int
+    prompt_tokens: int
+    requests: int
+    forward_passes: int
+    draft_tokens: int
+    accepted_tokens: int
+    tokens_saved: int
+    corrections: int
+    seconds: float
+    concurrency: int
+    total: int | None = None  # problems the run was asked for (absent from records written before this field)
+    code_checks_on: bool = False  # the search ran the answers' code (records from before the checks: it did not)
+    code_checks: int = 0  # code blocks run by the program-aided checks
+    code_repairs: int = 0
+    arithmetic_checks_on: bool = False  # the search recomputed the prose's arithmetic statements
+    arithmetic_checks: int = 0  # statements recomputed
+    arithmetic_repairs: int = 0
+    program_trees: int = 0  # trees asked to answer with a program
+    gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
+
+
+def read_records(path: Path) -> list[Record]:
+    """The finished records of a run file, one per problem (a duplicate, from a line written twice, is dropped
+    and said so). A torn last line (a crash mid-write) is cut off; any other bad line is an error, since it means
+    the file is not ours."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        cut = raw.rfind(b"\n") + 1
+        print(f"evals: {path.name}: dropping a torn last line (an interrupted write)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        raw = raw[:cut]
+    records: dict[str, Record] = {}
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not a results file of ours (not UTF-8: {e})") from None
+    duplicates = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            record = Record.model_validate_json(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{number} is not a result record: {str(e)[:200]}") from None
+        duplicates += record.id in records
+        records.setdefault(record.id, record)
+    if duplicates:
+        print(f"evals: {path.name}: {duplicates} duplicate records ignored (the first of each kept)", file=sys.stderr)
+    return list(records.values())
+
+
+@contextmanager
+def writer_lock(path: Path):
+    """The right to append to run file `path`: one process at a time (`fot.files.locked`, refused at once)."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        with locked(lock):
+            yield
+    except TimeoutError:
+        raise FotError(f"another process is running {path.name} (it holds {lock}); wait for it") from None
+
+
+def check_records(path: Path, records: list[Record], problems: list[Problem]) -> None:
+    """Records whose problem is in the data must have that problem's gold answer: else the data changed under
+    the run, and its records are not results of this data."""
+    gold = {p.id: p.gold for p in problems}
+    for r in records:
+        if r.id in gold and r.gold != gold[r.id]:
+            raise DataError(
+                f"{path}: the record of {r.id} has gold {r.gold!r} where the data says {gold[r.id]!r}: "
+                "the data changed under this run; use another --out or remove the file"
+            )
+
+
+def append(path: Path, record: Record) -> None:
+    with open(path, "a") as f:
+        f.write(record.model_dump_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
