@@ -128,7 +128,7 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         from fot.viewer import page
 
         with open(html, "w", encoding="utf-8") as f:
-            f.write(page([s for s in solutions if not isinstance(s, BaseException)]))
+            f.write(page([s.model_dump() for s in solutions if not isinstance(s, BaseException)]))
         print(f"forest viewer written to {html}", file=sys.stderr)
     if failed:
         raise FotError(f"{failed} of {len(problems)} searches failed (see above)")

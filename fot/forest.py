@@ -166,7 +166,7 @@ class Solution(BaseModel):
         """One self-contained HTML page (no network needed) that draws every tree, the votes and the usage."""
         from fot.viewer import page
 
-        return page([self])
+        return page([self.model_dump()])
 
 
 # ---- input augmentation -------------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from fot.forest import Solution
+import networkx as nx
 
 PREVIEW = 90  # characters of a node's text on its line
 
@@ -76,8 +75,9 @@ if (target) { show(target); target.scrollIntoView({block: "center"}); }
 """
 
 
-def page(solutions: Sequence[Solution], title: str = "fot: forest viewer") -> str:
-    """The page for one or more solutions."""
+def page(solutions: Sequence[dict[str, Any]], title: str = "fot: forest viewer") -> str:
+    """The page for one or more solutions, each as `Solution.model_dump()` gives it: the viewer reads data only,
+    so it sits below the search and imports nothing of it."""
     details: dict[str, dict] = {}
     body = "\n".join(solution_html(s, k, details) for k, s in enumerate(solutions))
     data = json.dumps(details).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -90,58 +90,60 @@ def page(solutions: Sequence[Solution], title: str = "fot: forest viewer") -> st
     )
 
 
-def solution_html(s: Solution, k: int, details: dict[str, dict]) -> str:
+def solution_html(s: dict[str, Any], k: int, details: dict[str, dict]) -> str:
     e = html.escape
-    total = max(sum(s.votes.values()), 1)
+    total = max(sum(s["votes"].values()), 1)
     votes = "".join(
         f'<tr><td>{e(a)}</td><td>{n}</td><td><span class="bar" style="width:{round(120 * n / total)}px"></span></td>'
         "</tr>"
-        for a, n in sorted(s.votes.items(), key=lambda kv: -kv[1])
+        for a, n in sorted(s["votes"].items(), key=lambda kv: -kv[1])
     )
-    u = s.usage
+    u = s["usage"]
     usage = {
-        "requests": u.requests,
-        "prompt tokens": u.prompt_tokens,
-        "generated tokens": u.generated_tokens,
-        "backend calls (batches)": u.backend_calls,
-        "forward passes": u.forward_passes,
-        "drafts accepted": f"{u.accepted_tokens} / {u.draft_tokens}",
-        "tree-steps skipped (sparse activation)": u.tree_steps_skipped,
-        "tokens saved (estimated)": u.tokens_saved,
-        "self-corrections": u.corrections,
-        "code blocks checked / made-up outputs / repaired": f"{u.code_checks} / {u.code_failures} / {u.code_repairs}",
-        "statements recomputed / wrong / repaired": (
-            f"{u.arithmetic_checks} / {u.arithmetic_failures} / {u.arithmetic_repairs}"
+        "requests": u["requests"],
+        "prompt tokens": u["prompt_tokens"],
+        "generated tokens": u["generated_tokens"],
+        "backend calls (batches)": u["backend_calls"],
+        "forward passes": u["forward_passes"],
+        "drafts accepted": f"{u['accepted_tokens']} / {u['draft_tokens']}",
+        "tree-steps skipped (sparse activation)": u["tree_steps_skipped"],
+        "tokens saved (estimated)": u["tokens_saved"],
+        "self-corrections": u["corrections"],
+        "code blocks checked / made-up outputs / repaired": (
+            f"{u['code_checks']} / {u['code_failures']} / {u['code_repairs']}"
         ),
-        "seconds": f"{u.seconds:.2f}",
+        "statements recomputed / wrong / repaired": (
+            f"{u['arithmetic_checks']} / {u['arithmetic_failures']} / {u['arithmetic_repairs']}"
+        ),
+        "seconds": f"{u['seconds']:.2f}",
     }
     rows = "".join(f"<tr><th>{e(name)}</th><td>{e(str(v))}</td></tr>" for name, v in usage.items())
-    answer = e(s.answer) if s.answer is not None else '<span class="muted">no answer</span>'
+    answer = e(s["answer"]) if s["answer"] is not None else '<span class="muted">no answer</span>'
     samples = ""
-    if not s.trees:  # cot and sc search no trees: their samples are the answers
-        samples = "<h2>Samples' answers</h2><p>" + ", ".join(e(str(a)) for a in s.tree_answers) + "</p>"
-    if s.repairs:  # what the rule checks repaired: the claim and the right value
+    if not s["trees"]:  # cot and sc search no trees: their samples are the answers
+        samples = "<h2>Samples' answers</h2><p>" + ", ".join(e(str(a)) for a in s["tree_answers"]) + "</p>"
+    if s["repairs"]:  # what the rule checks repaired: the claim and the right value
         samples += (
             '<h2>Repairs</h2><table class="repairs"><tr><th>check</th><th>of</th><th>claimed</th><th>right</th></tr>'
         )
         samples += "".join(
-            f"<tr><td>{e(r.kind)}</td><td><code>{e(' '.join(r.source.split())[:80])}</code></td>"
-            f"<td>{e(r.claimed)}</td><td>{e(r.actual)}</td></tr>"
-            for r in s.repairs
+            f"<tr><td>{e(r['kind'])}</td><td><code>{e(' '.join(r['source'].split())[:80])}</code></td>"
+            f"<td>{e(r['claimed'])}</td><td>{e(r['actual'])}</td></tr>"
+            for r in s["repairs"]
         )
         samples += "</table>"
-    trees = "".join(tree_html(s, k, i, details) for i in range(len(s.trees)))
+    trees = "".join(tree_html(s, k, i, details) for i in range(len(s["trees"])))
     return (
-        f'<section class="solution" data-solution="{k}"><h1>{e(s.problem)}</h1>'
+        f'<section class="solution" data-solution="{k}"><h1>{e(s["problem"])}</h1>'
         f'<div class="answer">{answer}</div>'
-        f'<p class="muted">{e(s.task)} · {e(s.method)} · decided by <b>{e(s.decision)}</b> · confidence '
-        f"{s.confidence:.2f}</p><h2>Votes</h2><table>{votes}</table><h2>Usage</h2><table>{rows}</table>"
+        f'<p class="muted">{e(s["task"])} · {e(s["method"])} · decided by <b>{e(s["decision"])}</b> · confidence '
+        f"{s['confidence']:.2f}</p><h2>Votes</h2><table>{votes}</table><h2>Usage</h2><table>{rows}</table>"
         f"{samples}{trees}</section>"
     )
 
 
-def tree_html(s: Solution, k: int, i: int, details: dict[str, dict]) -> str:
-    g = s.graph(i)
+def tree_html(s: dict[str, Any], k: int, i: int, details: dict[str, dict]) -> str:
+    g = nx.node_link_graph(s["trees"][i], edges="edges")
     meta = g.graph
     chosen: set[int] = set()
     node = meta.get("answer_node")
@@ -149,7 +151,7 @@ def tree_html(s: Solution, k: int, i: int, details: dict[str, dict]) -> str:
         chosen.add(node)
         node = next(iter(g.predecessors(node)), None)
     pruned = meta.get("pruned_at_step")
-    head = f"tree {i}: answer {html.escape(str(s.tree_answers[i]))}"
+    head = f"tree {i}: answer {html.escape(str(s['tree_answers'][i]))}"
     if pruned is not None:
         head += f" · pruned by sparse activation before step {pruned}"
     roots = [n for n in g.nodes if g.in_degree(n) == 0]
