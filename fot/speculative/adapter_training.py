@@ -79,15 +79,9 @@ def teacher_batch(model: Transformer, seqs: list[list[int]], exit_layer: int, to
 
 
 def teacher_data(
-    model: Transformer,
-    seqs: list[list[int]],
-    exit_layer: int,
-    top: int,
-    folder: Path,
-    progress: bool,
-    chunk: int = 64,
-    batch: int = 8,
-) -> list[dict[str, Tensor]]:
+    model: Transformer, seqs: list[list[int]], exit_layer: int, top: int, folder: Path, progress: bool,
+    chunk: int = 64, batch: int = 8,
+) -> list[dict[str, Tensor]]:  # fmt: skip
     """`teacher_batch` over every sequence once, kept per sequence: an epoch's shuffled batches reuse it instead
     of running the teacher again. Saved `chunk` sequences to a safetensors file as they finish, so that a stopped
     run resumes without redoing them (the pass takes a large model tens of minutes)."""
