@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fot.data import NAMES, THINGS
 from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
 from fot.speculative.cache import KVCache, Step
@@ -37,8 +38,6 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
-NAMES = ["Tom", "Ana", "Ravi", "Mia", "Omar", "Lena", "Kofi", "Yuki", "Sara", "Ben"]
-THINGS = ["apples", "books", "marbles", "pencils", "cookies", "stamps", "shells", "cards", "coins", "eggs"]
 
 
 def training_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:

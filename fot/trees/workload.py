@@ -10,13 +10,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from fot.data import NAMES, THINGS
 from fot.trees.cot import GAME24
 from fot.trees.mctsr import ANSWER, CRITIQUE, REFINE, REWARD
 from fot.trees.tot import PROPOSE, VALUE
 
 Prompt = str | list[dict[str, str]]
-NAMES = ["Tom", "Ana", "Ravi", "Mia", "Omar", "Lena", "Kofi", "Yuki", "Sara", "Ben"]
-THINGS = ["apples", "books", "marbles", "pencils", "cookies", "stamps", "shells", "cards", "coins", "eggs"]
 
 
 def _bags(r: random.Random) -> tuple[str, str, int]:
