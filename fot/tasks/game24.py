@@ -280,10 +280,18 @@ def solvable(numbers: Sequence[int | Fraction]) -> bool:
     return next(_search(_items(numbers)), None) is not None
 
 
+def join_last(x: tuple[Fraction, str], y: tuple[Fraction, str]) -> str | None:
+    """The last step of a search: 'ex op ey' for the first op that makes the two values x and y 24 (each given with
+    the expression it stands for), or None."""
+    node = next(_last(x, y), None)
+    return None if node is None else f"{_render(node[1])} {node[0]} {_render(node[2])}"
+
+
 def solve_last(a: int | Fraction, b: int | Fraction) -> str | None:
     """For a final two-number state, an expression of a and b equal to 24, e.g. '(4 * 6)', or None."""
-    node = next(_last((Fraction(a), _operand(Fraction(a))), (Fraction(b), _operand(Fraction(b)))), None)
-    return None if node is None else _render(node)
+    a, b = Fraction(a), Fraction(b)
+    expr = join_last((a, _operand(a)), (b, _operand(b)))
+    return None if expr is None else f"({expr})"
 
 
 class Game24Task:

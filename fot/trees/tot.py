@@ -18,7 +18,16 @@ from fractions import Fraction
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.decoding.base import Request
-from fot.tasks.game24 import Game24Task, apply_step, check_expression, correct_step, parse_numbers, parse_step
+from fot.tasks.game24 import (
+    Game24Task,
+    apply_step,
+    check_expression,
+    correct_step,
+    fmt,
+    join_last,
+    parse_numbers,
+    parse_step,
+)
 from fot.trees.base import TreeGraph
 from fot.trees.mctsr import Generate
 
@@ -66,10 +75,6 @@ class ToTConfig(BaseModel):
     temperature: float = Field(0.7, ge=0)
 
 
-def fmt(x: Fraction) -> str:
-    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
-
-
 def parse_value(text: str) -> float:
     """The verdict on the last line that has one; no verdict counts as 'impossible'."""
     for line in reversed(text.strip().lower().splitlines()):
@@ -77,15 +82,6 @@ def parse_value(text: str) -> float:
             if word in line:
                 return value
     return VALUES["impossible"]
-
-
-def finish(numbers: tuple[Fraction, ...], exprs: tuple[str, ...]) -> str | None:
-    """The exact last step: an expression of the two remaining numbers that makes 24, if any."""
-    (a, b), (ea, eb) = numbers, exprs
-    options = [(a + b, f"{ea} + {eb}"), (a * b, f"{ea} * {eb}"), (a - b, f"{ea} - {eb}"), (b - a, f"{eb} - {ea}")]
-    options += [(a / b, f"{ea} / {eb}")] if b else []
-    options += [(b / a, f"{eb} / {ea}")] if a else []
-    return next((e for v, e in options if v == 24), None)
 
 
 class ToT:
@@ -152,7 +148,7 @@ class ToT:
             self.tree[child]["value"] = sum(parse_value(t) for t in comp.texts) if comp.ok else 0.0
         for child in children:
             if len(self.tree[child]["numbers"]) == 2:
-                expr = finish(*self.state(child))
+                expr = join_last(*zip(*self.state(child), strict=True))
                 self.tree[child]["value"] = VALUES["sure"] * c.value_samples if expr else 0.0
                 if expr and check_expression([int(x) for x in self.numbers], expr):
                     self.tree[child]["answer"] = expr
