@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fot.errors import InvalidRequestError
-from fot.speculative.cache import KVCache, PrefixStore, Step, common_prefix
+from fot.speculative.cache import KVCache, Layout, PrefixStore, common_prefix
 
 
 @st.composite
@@ -22,7 +22,7 @@ def ragged_steps(draw):
 @given(ragged_steps())
 def test_each_query_sees_its_own_prefix(case):
     slots, starts, counts = case
-    step = Step.build(slots, starts, counts)
+    step = Layout.build(slots, starts, counts)
     rows, _, n, kv_len = step.mask.shape
     assert kv_len == max(s + c for s, c in zip(starts, counts, strict=False))
     assert step.pos.tolist() == [s + i for s, c in zip(starts, counts, strict=False) for i in range(c)]

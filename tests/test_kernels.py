@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from fot.speculative import kernels
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.model import Attention, FeedForward, Linear, ModelArgs, Transformer, rope_tables
 
 built = kernels.load()
@@ -202,7 +202,7 @@ def test_attend_matches_the_model_s_pytorch_attention(heads, samples, bf16, seed
     attention, rope, ref_cache = attention_case(heads, dtype, seed)
     _, _, cache = attention_case(heads, dtype, seed)
     slots = sorted(torch.randperm(6, generator=torch.Generator().manual_seed(seed))[: len(samples)].tolist())
-    step = Step.build(slots, [s for s, _ in samples], [c for _, c in samples])
+    step = Layout.build(slots, [s for s, _ in samples], [c for _, c in samples])
     x = torch.randn(int(step.pos.numel()), 64, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     ref = attention(x, step, rope, ref_cache.k[0], ref_cache.v[0])
     heads = (attention.n_heads, attention.n_kv_heads)
@@ -224,11 +224,11 @@ def test_attend_gives_a_token_the_same_bits_whatever_else_is_in_the_step():
     _, rope, cache = attention_case((9, 3, 64), torch.float32, 0)
     qkv = torch.randn(7, 15 * 64, generator=torch.Generator().manual_seed(1))
 
-    def attend(rows: slice, step: Step) -> Tensor:
+    def attend(rows: slice, step: Layout) -> Tensor:
         return built.attend(qkv[rows], *rope, step.pos, step.slot, step.index, cache.k[0], cache.v[0], 9, 3)
 
-    together = attend(slice(0, 7), Step.build([0, 3], [10, 40], [3, 4]))
-    alone = attend(slice(4, 5), Step.build([3], [41], [1]))
+    together = attend(slice(0, 7), Layout.build([0, 3], [10, 40], [3, 4]))
+    alone = attend(slice(4, 5), Layout.build([3], [41], [1]))
     assert torch.equal(together[4], alone[0])
 
 

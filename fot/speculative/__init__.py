@@ -1,6 +1,6 @@
 """The native PyTorch engine: model, per-sample KV cache, batched generation and EMS-SD speculative decoding."""
 
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.drafters import Drafter, PromptLookup
 from fot.speculative.engine import Engine, EngineStats, Generation
 from fot.speculative.model import ModelArgs, Transformer
@@ -13,6 +13,6 @@ __all__ = [
     "KVCache",
     "ModelArgs",
     "PromptLookup",
-    "Step",
+    "Layout",
     "Transformer",
 ]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fot.data import NAMES, THINGS
 from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.engine import Engine, Prompt
 from fot.speculative.kangaroo import Adapter, draft_head, model_fingerprint, save_adapter
 from fot.speculative.model import Transformer
@@ -68,7 +68,7 @@ def teacher_batch(model: Transformer, seqs: list[list[int]], exit_layer: int, to
     a = model.args
     lengths = [len(s) for s in seqs]
     cache = KVCache(a.n_layers, len(seqs), a.n_kv_heads, max(lengths), a.head_dim, model.dtype)
-    step = Step.build(list(range(len(seqs))), [0] * len(seqs), lengths)
+    step = Layout.build(list(range(len(seqs))), [0] * len(seqs), lengths)
     tokens = torch.tensor([t for s in seqs for t in s])
     with torch.no_grad():
         h = model.run_layers(model.embed(tokens), step, cache, 0, exit_layer)
@@ -121,7 +121,7 @@ def adapter_loss(model: Transformer, adapter: Adapter, batch: dict, vocab: Tenso
     greedy acceptance rate of a single draft token). The adapter runs in fp32 whatever the teacher's dtype."""
     a = model.args
     lengths = batch["lengths"].tolist()
-    step = Step.build(list(range(len(lengths))), [0] * len(lengths), lengths)
+    step = Layout.build(list(range(len(lengths))), [0] * len(lengths), lengths)
     k = torch.zeros(len(lengths), a.n_kv_heads, max(lengths), a.head_dim)
     v = torch.zeros_like(k)
     out = adapter(batch["hidden"].float(), step, model.rope, k, v)

@@ -129,17 +129,17 @@ class KVCache:
             self._free = sorted(set(range(self.n_slots)) - kept)  # a sorted list is a valid heap
         return moves
 
-    def plan(self, slots: list[int], counts: list[int]) -> Step:
+    def plan(self, slots: list[int], counts: list[int]) -> Layout:
         """Lay out one forward in which sample i (in `slots[i]`) appends `counts[i]` new tokens after its cache."""
         starts = [self.lengths[s] for s in slots]
         if max(s + c for s, c in zip(starts, counts, strict=True)) > self.max_len:
             raise InvalidRequestError("a sample would grow past the cache's max_len")
         if self.valid is None:
-            return Step.build(slots, starts, counts).to(self.k.device)
+            return Layout.build(slots, starts, counts).to(self.k.device)
         for s, start, c in zip(slots, starts, counts, strict=True):
             self.valid[s, start : start + c] = True
         positions = [self.positions[s] for s in slots]
-        return Step.build(slots, starts, counts, positions, self.valid).to(self.k.device)
+        return Layout.build(slots, starts, counts, positions, self.valid).to(self.k.device)
 
     def advance(self, slots: list[int], counts: list[int], grow: int | None = None) -> None:
         """Record that these samples keep `counts` more entries (accepted tokens only). Padded: every cache grows by
@@ -154,7 +154,7 @@ class KVCache:
 
 
 @dataclass
-class Step:
+class Layout:
     """The attention layout of one forward over a flat ragged token sequence (EMS-SD's "unpad input tokens").
 
     The new tokens of all samples are one flat sequence [T]; matmuls run over it as is. Attention either runs on
@@ -181,7 +181,7 @@ class Step:
         counts: list[int],
         positions: list[int] | None = None,
         valid: Tensor | None = None,
-    ) -> Step:
+    ) -> Layout:
         """Sample i appends counts[i] entries at index starts[i] of slot slots[i]; its tokens sit at positions
         positions[i].. (default: the indices). `valid` [slots, max_len] masks out pad entries (padded baseline)."""
         if not slots or min(counts) < 1:
@@ -239,12 +239,12 @@ class Step:
             self.memo[key] = (cos[self.pos].to(dtype).unsqueeze(1), sin[self.pos].to(dtype).unsqueeze(1))
         return self.memo[key]
 
-    def to(self, device: torch.device) -> Step:
+    def to(self, device: torch.device) -> Layout:
         if device.type == "cpu":
             return self
         fields = ("pos", "index", "slot", "dest", "qindex", "valid")
         move = {name: None if getattr(self, name) is None else getattr(self, name).to(device) for name in fields}
-        return Step(**move, kv_len=self.kv_len)
+        return Layout(**move, kv_len=self.kv_len)
 
 
 class PrefixStore:

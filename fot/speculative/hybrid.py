@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.drafters import PromptLookup, draft_lengths
 from fot.speculative.kangaroo import KangarooDrafter
 from fot.speculative.proposer import Batch, Proposal
@@ -30,7 +30,7 @@ class Hybrid:
     def pack(self) -> None:
         self.kangaroo.pack()
 
-    def prefill(self, tokens: Tensor, step: Step, cache: KVCache, last: Tensor) -> Tensor:
+    def prefill(self, tokens: Tensor, step: Layout, cache: KVCache, last: Tensor) -> Tensor:
         return self.kangaroo.prefill(tokens, step, cache, last)
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
@@ -44,5 +44,5 @@ class Hybrid:
         proposal.sources = ["lookup" if g else "kangaroo" for g in given]
         return proposal
 
-    def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
+    def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
         return self.kangaroo.verify(tokens, step, cache, proposal)

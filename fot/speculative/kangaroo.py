@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from fot.errors import ModelError
 from fot.models import read_json
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.model import Attention, Linear, ModelArgs, RMSNorm, Transformer, pack_linears
 from fot.speculative.proposer import Batch, Proposal
 from fot.speculative.weights import Checkpoint
@@ -44,7 +44,7 @@ class Adapter(nn.Module):
         self.attention = Attention(args)
         self.norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, h: Tensor, step: Step, rope: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, h: Tensor, step: Layout, rope: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> Tensor:
         """Arguments as in the model's `Block` (rope: `Transformer.rope`)."""
         return self.norm(h + self.attention(self.attention_norm(h), step, rope, k, v))
 
@@ -82,7 +82,7 @@ class KangarooDrafter:
         pack_linears(self.head)
 
     # ---- the engine's hooks -----------------------------------------------------------------------------------
-    def prefill(self, tokens: Tensor, step: Step, cache: KVCache, last: Tensor) -> Tensor:
+    def prefill(self, tokens: Tensor, step: Layout, cache: KVCache, last: Tensor) -> Tensor:
         """The prompt forward; its shallow hidden states also fill the adapter's KV cache."""
         h = self.shallow(tokens, step, cache)
         self.adapt(h, step, cache)
@@ -104,16 +104,16 @@ class KangarooDrafter:
         flat = torch.stack([row for rows in hidden for row in rows])
         return Proposal(drafts, ["kangaroo"] * len(drafts), flat)
 
-    def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
+    def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
         """Layers k+1..L over the shallow states the drafting kept."""
         return self.model.logits(self.model.run_layers(proposal.hidden, step, cache, self.exit_layer))
 
     # ---- the algorithm ----------------------------------------------------------------------------------------
-    def shallow(self, tokens: Tensor, step: Step, cache: KVCache) -> Tensor:
+    def shallow(self, tokens: Tensor, step: Layout, cache: KVCache) -> Tensor:
         """Layers 1..k on new tokens (their KV entries stay in the cache for verification); the hidden states."""
         return self.model.run_layers(self.model.embed(tokens), step, cache, 0, self.exit_layer)
 
-    def adapt(self, h: Tensor, step: Step, cache: KVCache) -> Tensor:
+    def adapt(self, h: Tensor, step: Layout, cache: KVCache) -> Tensor:
         """The adapter on shallow hidden states, writing its own KV entries at the same positions."""
         return self.adapter(h, step, self.model.rope, cache.k[self.layer], cache.v[self.layer])
 
@@ -130,7 +130,7 @@ class KangarooDrafter:
         feed, pos, live = [list(x) for x in new], list(starts), list(range(len(new)))
         while live:
             counts = [len(feed[j]) for j in live]
-            step = Step.build([slots[j] for j in live], [pos[j] for j in live], counts).to(device)
+            step = Layout.build([slots[j] for j in live], [pos[j] for j in live], counts).to(device)
             h = self.shallow(torch.tensor([t for j in live for t in feed[j]], device=device), step, cache)
             a = self.adapt(h, step, cache)  # the adapter's own KV entries, drafting or not
             row, last = 0, []

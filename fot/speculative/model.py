@@ -1,7 +1,7 @@
 """A Llama/Qwen2-family transformer in plain PyTorch, run over a flat ragged batch of tokens.
 
 The new tokens of all samples in a step are one flat sequence `[T]` (no padding), so every weight matmul runs over
-exactly the tokens that exist; only attention regroups them by sample (see `cache.Step`). Layers can be run in
+exactly the tokens that exist; only attention regroups them by sample (see `cache.Layout`). Layers can be run in
 any range and the hidden state returned at any layer: Kangaroo drafts from layer k and verifies with layers k..L.
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from fot.errors import ModelError
 from fot.models import read_json
 from fot.speculative import kernels
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.weights import Checkpoint
 
 
@@ -220,7 +220,7 @@ class Attention(nn.Module):
         self.wqkv = Linear(args.dim, q + 2 * kv, bias=args.attention_bias)
         self.wo = Linear(q, args.dim, bias=args.o_bias)
 
-    def forward(self, x: Tensor, step: Step, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    def forward(self, x: Tensor, step: Layout, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """rope: the model's fp32 cos and sin tables over all positions; k_cache/v_cache: this layer's cache."""
         T = x.shape[0]
         qkv = self.wqkv(x)
@@ -275,7 +275,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: Tensor, step: Step, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    def forward(self, x: Tensor, step: Layout, rope: tuple[Tensor, Tensor], k_cache: Tensor, v_cache: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), step, rope, k_cache, v_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -332,7 +332,7 @@ class Transformer(nn.Module):
             self.cos, self.sin = cos.to(self.cos.device), sin.to(self.sin.device)
         return self.cos, self.sin
 
-    def run_layers(self, h: Tensor, step: Step, cache: KVCache, start: int = 0, end: int | None = None) -> Tensor:
+    def run_layers(self, h: Tensor, step: Layout, cache: KVCache, start: int = 0, end: int | None = None) -> Tensor:
         """Run layers [start, end) on hidden states h: [T, dim]; cache entries go to the cache's own layer slots."""
         for i in range(start, self.args.n_layers if end is None else end):
             layer_cache = i - cache.first_layer
@@ -342,7 +342,7 @@ class Transformer(nn.Module):
     def logits(self, h: Tensor) -> Tensor:
         return self.output(self.norm(h)).float()
 
-    def forward(self, tokens: Tensor, step: Step, cache: KVCache, logits_rows: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, step: Layout, cache: KVCache, logits_rows: Tensor | None = None) -> Tensor:
         """All layers over the flat tokens; logits (fp32) only for `logits_rows` (all rows when None)."""
         h = self.run_layers(self.embed(tokens), step, cache)
         if logits_rows is not None:

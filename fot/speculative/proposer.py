@@ -21,7 +21,7 @@ from typing import Protocol
 from torch import Tensor
 
 from fot.errors import InvalidRequestError
-from fot.speculative.cache import KVCache, Step
+from fot.speculative.cache import KVCache, Layout
 from fot.speculative.drafters import Drafter, draft_lengths
 from fot.speculative.model import Transformer
 
@@ -61,13 +61,13 @@ class Proposer(Protocol):
         """Put the proposer's own weights on the CPU kernels' packed layout (the engine packs the model's)."""
         ...
 
-    def prefill(self, tokens: Tensor, step: Step, cache: KVCache, last: Tensor) -> Tensor:
+    def prefill(self, tokens: Tensor, step: Layout, cache: KVCache, last: Tensor) -> Tensor:
         """The logits at rows `last` of a forward over new prompt tokens."""
         ...
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal: ...
 
-    def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
+    def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
         """The logits of every fed token (`tokens`: each sample's last token and its draft, flat)."""
         ...
 
@@ -83,7 +83,7 @@ class TokenProposer:
     def pack(self) -> None:
         """Nothing of its own to pack."""
 
-    def prefill(self, tokens: Tensor, step: Step, cache: KVCache, last: Tensor) -> Tensor:
+    def prefill(self, tokens: Tensor, step: Layout, cache: KVCache, last: Tensor) -> Tensor:
         return self.model(tokens, step, cache, last)
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
@@ -98,5 +98,5 @@ class TokenProposer:
         keep = batch.afford([len(d) for d in drafts], rates)
         return Proposal([d[:k] for d, k in zip(drafts, keep, strict=True)], [self.name] * len(drafts))
 
-    def verify(self, tokens: Tensor, step: Step, cache: KVCache, proposal: Proposal) -> Tensor:
+    def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
         return self.model(tokens, step, cache)
