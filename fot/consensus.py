@@ -17,8 +17,9 @@ from pydantic import BaseModel
 
 from fot.decoding.base import Request
 from fot.tasks.base import Task, majority_key
+from fot.trees.base import Generate
 from fot.trees.cot import chain_of_thought
-from fot.trees.mctsr import Corrector, Generate
+from fot.trees.mctsr import Corrector
 
 EXPERT = (
     "Problem: {problem}\n\nCandidate final answers:\n{candidates}\n\nWhich candidate is correct? Reply with its "

@@ -41,9 +41,9 @@ from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task, check_unicode, majority_key
 from fot.tasks.checks import Check, Failure, last_number, number
-from fot.trees.base import Batcher, run_step
+from fot.trees.base import Batcher, Generate, Tree, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
-from fot.trees.mctsr import REFINE, Generate, MCTSr, MCTSrConfig
+from fot.trees.mctsr import REFINE, MCTSr, MCTSrConfig
 from fot.trees.tot import ToT, ToTConfig
 
 Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
@@ -404,7 +404,7 @@ class Forest:
     async def single(self, requests: list[Request]) -> list[Completion]:
         return await self.batcher(1).generate(requests)
 
-    def build_trees(self) -> list[MCTSr | ToT]:
+    def build_trees(self) -> list[Tree]:
         c, n = self.config, self.config.trees if self.config.method == "fot" else 1
         fot = c.method == "fot"
         seeds = [c.seed * 1000 + 100 * i for i in range(n)]
@@ -533,10 +533,10 @@ class Forest:
             batch = self.batcher(len(chosen))
             await run_step(batch, [t.step(batch.generate) for t in chosen])
             step_tokens.append((self.usage.generated_tokens - before) / max(len(chosen), 1))
-            self.usage.tree_steps_skipped += sum(self.remaining_steps(t) for t in skipped)
+            self.usage.tree_steps_skipped += sum(t.remaining_steps() for t in skipped)
         mean = sum(step_tokens) / len(step_tokens) if step_tokens else 0.0
         self.usage.tokens_saved = round(self.usage.tree_steps_skipped * mean)
-        self.usage.corrections += sum(getattr(t, "corrections", 0) for t in trees)
+        self.usage.corrections += sum(t.corrections for t in trees)
         answers = [t.answer() for t in trees]
         for t in trees:  # what the viewer highlights: the path to each tree's answer
             t.tree.graph.graph["answer_node"] = t.answer_node()
@@ -562,12 +562,6 @@ class Forest:
                 seconds=time.perf_counter() - self.t0,
             )
         )
-
-    def remaining_steps(self, t: MCTSr | ToT) -> int:
-        """Steps a pruned tree would still have run (its rollouts or BFS levels left)."""
-        if isinstance(t, MCTSr):
-            return self.config.mctsr.rollouts - t.rollouts_done
-        return max(len(t.tree[t.frontier[0]]["numbers"]) - 2, 0) if t.frontier else 0
 
     def solution(self, answer, votes, confidence, decision, answers, graphs) -> Solution:
         return Solution(

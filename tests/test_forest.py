@@ -13,7 +13,7 @@ from fot.decoding.scripted import ScriptedBackend
 from fot.errors import InvalidRequestError, SearchError
 from fot.forest import ExampleRetriever, Forest, ForestConfig, MathCorrector, SolveUsage, asolve, shuffle_numbers
 from fot.tasks import Game24Task, MathTask
-from fot.trees.base import Batcher, run_step
+from fot.trees.base import Batcher, Tree, run_step
 from fot.trees.mctsr import MCTSr, MCTSrConfig, parse_reward
 from fot.trees.tot import ToT, parse_value
 
@@ -136,6 +136,15 @@ def test_same_seed_same_solution():
 
 
 # ---- sparse activation --------------------------------------------------------------------------------------------
+def test_both_kinds_of_tree_are_trees_and_say_what_pruning_saves():
+    """The forest reaches into no tree: MCTSr and ToT are `Tree`s, and each says how many steps it has left."""
+    mctsr = MCTSr(MathTask(), "What is 40 + 2?", MCTSrConfig(rollouts=3))
+    tot = ToT(Game24Task(), "4 6 1 10")
+    assert isinstance(mctsr, Tree) and isinstance(tot, Tree)
+    assert mctsr.remaining_steps() == 3 and mctsr.corrections == 0
+    assert tot.remaining_steps() == 2  # four numbers: two steps before the last two
+
+
 def test_sparse_activation_prunes_trees_and_counts_saved_tokens():
     scores = iter([f"Score: {s}" for s in [90, 10, 80, 10, 20, 10, 60, 10]] + ["Score: 50"] * 100)
 

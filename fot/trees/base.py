@@ -9,11 +9,42 @@ sees one large batch per phase of a step, deterministically, whatever the timing
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import networkx as nx
 
 from fot.decoding.base import Backend, Completion, Request
+
+Generate = Callable[[list[Request]], Awaitable[list[Completion]]]
+
+
+@runtime_checkable
+class Tree(Protocol):
+    """What the forest asks of a tree, whatever its search (MCTSr on math, ToT on Game of 24): a new kind of tree
+    plugs in by being one."""
+
+    tree: TreeGraph
+    corrections: int  # steps the tree repaired by its own checks (the forest's corrector counts its own)
+
+    @property
+    def done(self) -> bool: ...
+
+    async def start(self, gen: Generate) -> None: ...
+
+    async def step(self, gen: Generate) -> None: ...
+
+    def score(self) -> float:
+        """How promising the tree is: sparse activation expands the best."""
+        ...
+
+    def answer(self) -> str | None: ...
+
+    def answer_node(self) -> int | None: ...
+
+    def remaining_steps(self) -> int:
+        """Steps the tree would still run: what pruning it saves."""
+        ...
 
 
 class Batcher:

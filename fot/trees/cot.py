@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from fot.decoding.base import Completion, Request
 from fot.tasks.base import Task, majority_key
-from fot.trees.mctsr import ANSWER, Corrector, Generate
+from fot.trees.base import Generate
+from fot.trees.mctsr import ANSWER, Corrector
 
 GAME24 = """Use each of the four numbers exactly once with + - * / and parentheses to make 24.
 Input: 2 9 10 12

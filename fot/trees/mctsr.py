@@ -22,9 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fot.decoding.base import Completion, Request
 from fot.tasks.base import Task
-from fot.trees.base import TreeGraph
+from fot.trees.base import Generate, TreeGraph
 
-Generate = Callable[[list[Request]], Awaitable[list[Completion]]]
 # dynamic self-correction hook: (gen, problem, the answers' requests and completions) -> (text to keep, text it
 # replaced or None) for each
 Corrector = Callable[[Generate, str, list[Request], list[Completion]], Awaitable[list[tuple[str | None, str | None]]]]
@@ -74,6 +73,7 @@ class MCTSr:
     """One MCTSr tree over one (possibly augmented) problem statement. Call `start`, then `step` per rollout."""
 
     kind = "mctsr"
+    corrections = 0  # its repairs are the forest's corrector's, counted there
 
     def __init__(
         self,
@@ -210,3 +210,6 @@ class MCTSr:
     def answer(self) -> str | None:
         node = self.answer_node()
         return None if node is None else self.tree[node]["answer"]
+
+    def remaining_steps(self) -> int:
+        return self.config.rollouts - self.rollouts_done

@@ -28,8 +28,7 @@ from fot.tasks.game24 import (
     parse_numbers,
     parse_step,
 )
-from fot.trees.base import TreeGraph
-from fot.trees.mctsr import Generate
+from fot.trees.base import Generate, TreeGraph
 
 PROPOSE = """Use two of the numbers and one of + - * / to make a new number. List possible next steps, one per line.
 Input: 2 8 8 14
@@ -208,3 +207,7 @@ class ToT:
     def answer(self) -> str | None:
         node = self.answer_node()
         return None if node is None else self.tree[node]["answer"]
+
+    def remaining_steps(self) -> int:
+        """BFS levels left: a state of n numbers has n - 2 steps before its last two."""
+        return max(len(self.tree[self.frontier[0]]["numbers"]) - 2, 0) if self.frontier else 0
