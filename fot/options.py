@@ -97,12 +97,14 @@ def make_cli_backend(args: argparse.Namespace):
     if args.backend == "native":
         options |= {k: getattr(args, k) for k in ("device", "dtype", "max_batch") if getattr(args, k, None) is not None}
         return make_backend("native", model=args.model, **options)
-    if options.get("speculative") == "kangaroo":
-        from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
-
-        options["speculative"] = KANGAROO_VLLM
+    vllm: dict = {}  # the same options under vLLM's names
     if "speculative" in options:
-        options["speculative_config"] = options.pop("speculative")
+        spec = options["speculative"]
+        if spec == "kangaroo":
+            from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
+
+            spec = KANGAROO_VLLM
+        vllm["speculative_config"] = spec
     if getattr(args, "max_batch", None) is not None:
-        options["max_num_seqs"] = args.max_batch
-    return make_backend("vllm", model=args.model, **options)
+        vllm["max_num_seqs"] = args.max_batch
+    return make_backend("vllm", model=args.model, **vllm)

@@ -294,7 +294,7 @@ def train_adapter(
     held_loss = held_top1 = positions = 0.0
     with torch.no_grad():  # batch by batch, weighted by positions: all of the held-out logits at once are GBs
         for b in range(len(seqs) - held, len(seqs), batch_size):
-            part = collate(teacher[b : min(b + batch_size, len(seqs))])
+            part = collate(teacher[b : b + batch_size])
             n = len(part["idx"])
             loss, agree = adapter_loss(model, adapter, part, vocab)
             held_loss, held_top1, positions = held_loss + loss.item() * n, held_top1 + agree * n, positions + n

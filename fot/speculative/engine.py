@@ -493,10 +493,9 @@ class Engine:
 
     def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float]) -> list[int]:
         """Of lengths[i] possible draft tokens of sample i, each kept with probability about rates[i] ** j, how many
-        to verify: within the batch's per-step budget,
-        and with `cost_aware` the count that maximises the expected tokens per second on this machine. The cost of
-        a step without drafts is measured first (one such step per batch size), then at least one other token
-        count (a step with every draft) before the cost model decides."""
+        to verify: within the batch's per-step budget, and with `cost_aware` the count that maximises the expected
+        tokens per second on this machine. The cost of a step without drafts is measured first (one such step per
+        batch size), then at least one other token count (a step with every draft) before the cost model decides."""
         spec = self.speculative
         cost = self.forward_cost if spec.cost_aware else None
         if cost is not None and not cost.known(len(seqs)):
