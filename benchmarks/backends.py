@@ -2,12 +2,12 @@
 
 64 MCTSr-style refine requests of 128 new tokens (greedy) are sent as 64 separate `generate` calls at once through
 the Backend contract, to: the native engine (plain, EMS-SD prompt lookup, Kangaroo with the shipped adapter) and
-vLLM in process (plain, with our Kangaroo proposer, with its own ngram speculator). All on the embedded model, in
-one process, one after the other (native first: vLLM pins its threads when it starts). Prints requests/s and
-tokens/s, ratios, whether the outputs agree, and as its LAST line one JSON object. `--quick` (8 requests of 16
-tokens, no speculative vLLM) < 60 s.
+vLLM in process (plain, with our Kangaroo proposer, with its own ngram speculator). On the embedded model
+(`--model`: another with a shipped adapter), in one process, one after the other (native first: vLLM pins its
+threads when it starts). Prints requests/s and tokens/s, ratios, whether the outputs agree, and as its LAST line
+one JSON object. `--quick` (8 requests of 16 tokens, no speculative vLLM) < 60 s.
 
-    python benchmarks/backends.py [--quick] [--requests 64] [--new-tokens 128]
+    python benchmarks/backends.py [--quick] [--requests 64] [--new-tokens 128] [--model qwen2.5-coder-1.5b]
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def main() -> None:
 
     same, same_sd = agree("native", "vllm"), agree("native", "native+prompt_lookup")
     same_kg = agree("native", "native+kangaroo")
+    same_vkg = agree("vllm", "vllm+kangaroo") if "vllm+kangaroo" in outputs else None  # both verified by vLLM
     best_native = max(results["native"]["tok_s"], results["native+prompt_lookup"]["tok_s"])
     print(f"\n{n} concurrent requests x {new_tokens} tokens, {args.model}, greedy, {torch.get_num_threads()} threads")
     print(f"{'backend':22} {'req/s':>7} {'tok/s':>8} {'vs vllm':>8} {'accept rate':>12}")
@@ -93,9 +94,10 @@ def main() -> None:
         print(f"{name:22} {r['req_s']:7.2f} {r['tok_s']:8.1f} {ratio:7.2f}x {r['accept_rate']:12.3f}")
     print(
         f"identical outputs: native+prompt_lookup vs native {same_sd}/{n}, native+kangaroo vs native "
-        f"{same_kg}/{n}, vLLM vs native {same}/{n} (fp32 "
-        "everywhere; a forward's shape changes its float sums, so near-tied argmaxes can flip; the engine's "
-        "losslessness is proven by the tests on fixed inputs)"
+        f"{same_kg}/{n}, vLLM vs native {same}/{n}"
+        + (f", vllm+kangaroo vs vllm {same_vkg}/{n}" if same_vkg is not None else "")
+        + " (a forward's shape changes its float sums, so near-tied argmaxes can flip between engines; the "
+        "engine's losslessness is proven by the tests on fixed inputs)"
     )
     print(f"native+prompt_lookup/vllm = {results['native+prompt_lookup']['tok_s'] / results['vllm']['tok_s']:.2f}x")
     print(
@@ -107,6 +109,8 @@ def main() -> None:
                 "identical_native_vllm": same,
                 "identical_native_sd": same_sd,
                 "identical_native_kangaroo": same_kg,
+                "identical_vllm_kangaroo": same_vkg,
+                "model": args.model,
                 "requests": n,
                 "new_tokens": new_tokens,
             }

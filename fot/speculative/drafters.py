@@ -49,12 +49,16 @@ def draft_lengths(
     threshold: float,
     budget: int | None = None,
     cost: Callable[[int], float] | None = None,
+    draft_cost: Callable[[int], float] | None = None,
+    sequential: Sequence[bool] | None = None,
 ) -> list[int]:
     """How many tokens each sample drafts this step. Draft token j of sample i survives verification with
     probability about v = rates[i] ** j; tokens with v < `threshold` are not drafted, and at most `budget` of the
     likeliest are. Verifying a token costs compute even when it is rejected (much, once a batch is compute-bound,
-    as on CPU), so with `cost` (seconds of a forward over T tokens) the likeliest n tokens are kept, n chosen to
-    maximise the expected throughput (B + sum of their v) / cost(B + n) of a batch of B samples."""
+    as on CPU), so with `cost` (seconds of a verification forward over T tokens) the likeliest n tokens are kept, n
+    chosen to maximise the expected throughput (B + sum of their v) / step time of a batch of B samples. A drafter
+    that runs one forward per draft token (Kangaroo: the samples flagged `sequential`) also costs `draft_cost(p)`,
+    the seconds of drafting p tokens deep, p being the longest such draft: the step time is the sum of the two."""
     wanted = []
     for i, (rate, cap) in enumerate(zip(rates, caps, strict=True)):
         value = 1.0
@@ -67,11 +71,15 @@ def draft_lengths(
     if budget is not None:
         wanted = wanted[:budget]
     if cost is not None:
-        batch = len(caps)
-        best, gain, best_rate = 0, float(batch), batch / cost(batch)
-        for n, (value, _) in enumerate(wanted, 1):
+        batch, deep = len(caps), sequential or [False] * len(caps)
+        drafting = draft_cost or (lambda passes: 0.0)
+        depth, longest = [0] * batch, 0
+        best, gain, best_rate = 0, float(batch), batch / (cost(batch) + drafting(0))
+        for n, (value, i) in enumerate(wanted, 1):
             gain += value
-            rate = gain / cost(batch + n)
+            depth[i] += 1
+            longest = max(longest, depth[i]) if deep[i] else longest
+            rate = gain / (cost(batch + n) + drafting(longest))
             if rate > best_rate:
                 best, best_rate = n, rate
         wanted = wanted[:best]

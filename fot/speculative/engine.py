@@ -135,11 +135,11 @@ class _Sequence:
     text: str | None = None
 
 
-class ForwardCost:
-    """Decode-forward time by token count T on this machine: a moving average per count seen, and linear
-    interpolation between counts (extrapolation past them), so that drafting can weigh a draft token's chance
-    against what verifying it costs here. No straight line fits: while a forward reads its weights once, a few
-    tokens cost about what one does, and past that each token adds its compute."""
+class CostCurve:
+    """Seconds by count on this machine (a verification forward by its token count, drafting by its depth): a
+    moving average per count seen, and linear interpolation between counts (extrapolation past them), so that
+    drafting can weigh a draft token's chance against what it costs here. No straight line fits: while a forward
+    reads its weights once, a few tokens cost about what one does, and past that each token adds its compute."""
 
     def __init__(self, decay: float = 0.8):
         self.decay = decay
@@ -153,12 +153,12 @@ class ForwardCost:
         return tokens in self.seconds
 
     def __call__(self, tokens: int) -> float:
-        """Estimated seconds of a forward over `tokens` tokens (needs two counts seen)."""
+        """Estimated seconds at count `tokens` (needs two counts seen)."""
         if tokens in self.seconds:
             return self.seconds[tokens]
         counts = sorted(self.seconds)
         if len(counts) < 2:
-            raise ValueError("the cost of a forward needs two token counts measured")
+            raise ValueError("a cost curve needs two counts measured")
         right = next((i for i, c in enumerate(counts) if c > tokens), len(counts) - 1)
         lo, hi = counts[max(right - 1, 0)], counts[max(right, 1)]
         slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
@@ -234,7 +234,7 @@ class Engine:
 
     def set_speculative(self, speculative: SpeculativeConfig | dict | str | None, drafter: Drafter | None = None):
         """Switch how the engine drafts (between runs: refused while requests are in flight). The prefix store and
-        the forward-cost measurements start afresh: a Kangaroo cache keeps one more layer than a plain one, and
+        the cost measurements start afresh: a Kangaroo cache keeps one more layer than a plain one, and
         what one drafter measured or cached must not speed up the next one's run."""
         if not self.idle:
             raise InvalidRequestError("the drafter can change only while the engine runs nothing")
@@ -242,7 +242,8 @@ class Engine:
         self.proposer = make_proposer(self.model, spec, drafter)
         if self.pack:
             self.proposer.pack()
-        self.forward_cost = ForwardCost()
+        self.verify_cost = CostCurve()  # a verification forward, by its token count
+        self.draft_cost: dict[int, CostCurve] = {}  # by batch size: drafting, by its depth (`Proposal.passes`)
         self.prefix_store = PrefixStore(self.prefix_cache_mib << 20, min_new=max(self.min_shared_prefix, 1))
 
     @classmethod
@@ -452,6 +453,8 @@ class Engine:
         slots = [s.slot for s in seqs]
         start = time.perf_counter()
         proposal = self.proposer.propose(self.batch(seqs), cache)
+        drafted = self.clock()
+        self.draft_cost.setdefault(len(seqs), CostCurve()).record(proposal.passes, drafted - start)
         inputs = [[s.out[-1], *d] for s, d in zip(seqs, proposal.drafts, strict=True)]
         if self.padded:  # the vanilla baseline: pad to the longest
             n = max(map(len, inputs))
@@ -459,7 +462,7 @@ class Engine:
         counts = [len(x) for x in inputs]
         tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
         logits = self.proposer.verify(tokens, cache.plan(slots, counts), cache, proposal)
-        self.forward_cost.record(len(tokens), self.clock() - start)  # drafting included: it is part of the cost
+        self.verify_cost.record(len(tokens), self.clock() - drafted)
         gained = self.accept(seqs, logits, proposal, list(accumulate(counts, initial=0))[:-1])
         # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
         cache.advance(slots, gained, grow=max(gained) if self.padded else None)
@@ -475,7 +478,7 @@ class Engine:
             caps=[min(most, s.params.max_tokens - len(s.out) - 1) for s in seqs],
             rates=lambda source: self.acceptance_rates(seqs, source),
             threshold=spec.draft_threshold if spec else 1.0,
-            afford=lambda lengths, rates: self.affordable(seqs, lengths, rates),
+            afford=lambda lengths, rates, deep: self.affordable(seqs, lengths, rates, deep),
         )
 
     def clock(self) -> float:
@@ -491,18 +494,30 @@ class Engine:
         sample whose drafts stopped being accepted try again later."""
         return [(s.hits.get(source, 0.0) + 1) / (s.trials.get(source, 0.0) + 2) for s in seqs]
 
-    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float]) -> list[int]:
+    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float], deep: list[bool]) -> list[int]:
         """Of lengths[i] possible draft tokens of sample i, each kept with probability about rates[i] ** j, how many
         to verify: within the batch's per-step budget, and with `cost_aware` the count that maximises the expected
-        tokens per second on this machine. The cost of a step without drafts is measured first (one such step per
-        batch size), then at least one other token count (a step with every draft) before the cost model decides."""
-        spec = self.speculative
-        cost = self.forward_cost if spec.cost_aware else None
-        if cost is not None and not cost.known(len(seqs)):
-            return [0] * len(seqs)
-        if cost is not None and len(cost.seconds) < 2:
-            cost = None
-        return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step, cost)
+        tokens per second on this machine. `deep[i]`: sample i's drafter runs a forward per draft token. Verifying
+        and drafting are timed apart: a step without drafts is measured first (one per batch size), then a step
+        with every draft, so that each cost has two counts before the cost model decides."""
+        spec, batch = self.speculative, len(seqs)
+        if not spec.cost_aware:
+            return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step)
+        drafting = self.draft_cost.get(batch)
+        if drafting is None or not self.verify_cost.known(batch):
+            return [0] * batch
+        sequential = any(d and n for d, n in zip(deep, lengths, strict=True))
+        if len(self.verify_cost.seconds) < 2 or (sequential and len(drafting.seconds) < 2):
+            return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step)
+        return draft_lengths(
+            rates,
+            lengths,
+            0.0,
+            spec.max_draft_tokens_per_step,
+            self.verify_cost,
+            drafting,
+            deep if sequential else None,
+        )
 
     def accept(self, seqs: list[_Sequence], logits: Tensor, proposal: Proposal, firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
