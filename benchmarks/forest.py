@@ -4,6 +4,9 @@
             answer length; early stop and sparse activation off, so the forest does 4x the work): all trees'
             expansions of a step go to the engine as one batch, so the goal is <= 1.5x, not 4x;
   sparse    generated tokens of the 4-tree forest with sparse activation (top 2 trees keep expanding) vs without;
+  barrier   the same 4-tree solve and solve_many with the lock-step barrier (every phase of a step waits for all
+            trees and goes to the backend as one batch) and without it (`lockstep=False`: each tree's call at
+            once, merged by the backend's continuous batching), greedy, in interleaved turns;
   drafters  one `fot.solve` (4 trees) on a GSM-style problem and one `fot.solve_many` over 8 problems, with no
             drafter, prompt lookup, Kangaroo and the hybrid (the last two need an adapter for the model: where
             none is shipped or given, the script says so and leaves them out), in interleaved turns: wall time
@@ -14,7 +17,7 @@ temperature with fixed seeds. Prints tables and, as its LAST line, one JSON obje
 embedded model, < 3 minutes on qwen2.5-coder-1.5b.
 
     python benchmarks/forest.py [--quick] [--problems 2] [--rollouts 2] [--max-tokens 96] [--turns 1]
-        [--model qwen2.5-coder-1.5b] [--adapter DIR]
+        [--model qwen2.5-coder-1.5b] [--adapter DIR] [--parts batching,barrier,drafters]
 """
 
 from __future__ import annotations
@@ -93,6 +96,30 @@ def drafting(backend, args, config: dict) -> dict:
     return report
 
 
+def barrier(backend, args, config: dict) -> dict:
+    """One 4-tree solve and the 8-problem solve_many with and without the lock-step barrier, interleaved turns."""
+    runs = {mode: {"solve": [], "solve_many": []} for mode in ("lockstep", "direct")}
+    for _ in range(args.turns):
+        for mode in runs:
+            cfg = {**config, "lockstep": mode == "lockstep"}
+            t = time.perf_counter()
+            one = asyncio.run(asolve(PROBLEMS[4], backend=backend, trees=4, config=cfg, seed=0))
+            mid = time.perf_counter()
+            many = asyncio.run(asolve_many(PROBLEMS, backend=backend, trees=4, config=cfg, seed=0))
+            runs[mode]["solve"].append((mid - t, [one.answer]))
+            runs[mode]["solve_many"].append((time.perf_counter() - mid, [s.answer for s in many]))
+    report = {
+        mode: {part: {"seconds": round(statistics.median(t[0] for t in turns), 1), "answers": turns[-1][1]}
+               for part, turns in parts.items()}
+        for mode, parts in runs.items()
+    }  # fmt: skip
+    for part in ("solve", "solve_many"):
+        lock, direct = report["lockstep"][part], report["direct"][part]
+        direct["speedup"] = round(lock["seconds"] / direct["seconds"], 2)
+        direct["same_answers"] = sum(x == y for x, y in zip(lock["answers"], direct["answers"], strict=True))
+    return report
+
+
 def sum_usage(solutions) -> dict:
     """Token and draft counts of a solve_many (draft counters are the backend's, shared by the problems)."""
     return {
@@ -112,6 +139,7 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--adapter", default=None, help="Kangaroo adapter folder (default: the one shipped for the model)")
     ap.add_argument("--device", default="cpu", help="torch device of the native engine")
+    ap.add_argument("--parts", default="batching,barrier,drafters", help="which comparisons to run")
     args = ap.parse_args()
     if args.turns < 1:
         raise SystemExit("--turns must be >= 1")
@@ -122,15 +150,22 @@ def main() -> None:
     dense = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": False}}
     sparse = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": True, "top_k": 2}}
 
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"batching", "barrier", "drafters"}:
+        raise SystemExit("--parts: a comma-separated choice of batching, barrier, drafters")
     backend = NativeBackend(model=args.model, device=args.device)
     run(backend, problems[:1], 1, {**dense, "mctsr": {**mctsr, "rollouts": 0, "max_tokens": 8}})  # warm-up
-    one_s, one_tok, _ = run(backend, problems, 1, dense)
-    four_s, four_tok, _ = run(backend, problems, 4, dense)
-    sp_s, sp_tok, sp_saved = run(backend, problems, 4, sparse)
-    drafters = drafting(backend, args, {"mctsr": {**mctsr, "temperature": 0.0}})
+    one_s = one_tok = four_s = four_tok = sp_s = sp_tok = sp_saved = 0
+    if "batching" in parts:
+        one_s, one_tok, _ = run(backend, problems, 1, dense)
+        four_s, four_tok, _ = run(backend, problems, 4, dense)
+        sp_s, sp_tok, sp_saved = run(backend, problems, 4, sparse)
+    greedy = {"mctsr": {**mctsr, "temperature": 0.0}}
+    barriers = barrier(backend, args, greedy) if "barrier" in parts else {}
+    drafters = drafting(backend, args, greedy) if "drafters" in parts else {}
     asyncio.run(backend.close())
 
-    ratio = four_s / one_s
+    ratio = four_s / one_s if one_s else 0.0
     print(
         f"\n{len(problems)} problems, MCTSr {rollouts} rollouts, {max_tokens}-token answers, {args.model}, "
         f"native+SD, {args.device}"
@@ -143,7 +178,17 @@ def main() -> None:
     ]:
         print(f"{name:28} {s:8.1f} {tok:8d} {tok / s:7.1f}")
     print(f"4 trees / 1 tree wall time = {ratio:.2f}x for {four_tok / max(one_tok, 1):.2f}x the tokens (goal <= 1.5x)")
-    print(f"sparse activation: {sp_tok} tokens vs {four_tok} dense ({sp_tok / four_tok:.2f}x); est. saved {sp_saved}")
+    dense_share = sp_tok / max(four_tok, 1)
+    print(f"sparse activation: {sp_tok} tokens vs {four_tok} dense ({dense_share:.2f}x); est. saved {sp_saved}")
+    if barriers:
+        print(f"\nbarrier ({args.turns} turns, median seconds, greedy): one 4-tree solve; solve_many over 8 problems")
+        for mode, r in barriers.items():
+            one, many = r["solve"], r["solve_many"]
+            print(
+                f"{mode:10} solve {one['seconds']:7.1f} s {one.get('speedup', 1.0):5.2f}x  solve_many "
+                f"{many['seconds']:7.1f} s {many.get('speedup', 1.0):5.2f}x  same answers "
+                f"{one.get('same_answers', 1) + many.get('same_answers', len(PROBLEMS))}/{1 + len(PROBLEMS)}"
+            )
     print(
         f"\ndrafters ({args.turns} turns, median seconds): one 4-tree solve; solve_many over {len(PROBLEMS)} problems"
     )
@@ -169,7 +214,7 @@ def main() -> None:
                 "four_over_one_tokens": round(four_tok / max(one_tok, 1), 2),
                 "seconds": {"one": round(one_s, 1), "four": round(four_s, 1), "four_sparse": round(sp_s, 1)},
                 "tokens": {"one": one_tok, "four": four_tok, "four_sparse": sp_tok},
-                "sparse_over_dense_tokens": round(sp_tok / four_tok, 2),
+                "sparse_over_dense_tokens": round(dense_share, 2),
                 "tokens_saved_estimate": sp_saved,
                 "problems": len(problems),
                 "rollouts": rollouts,
@@ -177,6 +222,7 @@ def main() -> None:
                 "device": args.device,
                 "model": args.model,
                 "drafters": drafters,
+                "barrier": barriers,
             }
         )
     )
