@@ -24,7 +24,7 @@ from decode import read_bandwidth, weight_bytes
 from fot.models import resolve_model
 from fot.speculative import kernels
 from fot.speculative.cache import KVCache
-from fot.speculative.engine import resolve_dtype
+from fot.speculative.kernels import resolve_dtype
 from fot.speculative.model import Transformer
 
 SPLITS = [(1, 1), (1, 2), (2, 1), (1, 4), (2, 2), (4, 1), (1, 8), (2, 4), (4, 2), (8, 1)]

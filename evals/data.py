@@ -54,7 +54,7 @@ def load_records(hub: str, config: str | None, split: str, data: str | Path | No
         except Exception as e:  # offline, unknown name, ... : say what to do instead
             raise DataError(
                 f"could not load {hub!r} from the Hugging Face hub ({type(e).__name__}: {str(e)[:200]}). Offline "
-                f"(fot sets HF_HUB_OFFLINE=1 unless you set it to 0)? Pass a local copy with --data FILE_OR_FOLDER"
+                f"(the evals set HF_HUB_OFFLINE=1 unless you set it to 0)? Pass a local copy with --data FILE_OR_FOLDER"
             ) from None
     path = Path(data).expanduser()
     files = sorted(p for p in path.rglob("*") if p.suffix in FORMATS) if path.is_dir() else [path]

@@ -35,10 +35,12 @@ from evals.data import (
 )
 from evals.records import Record, append, check_records, read_records, writer_lock
 from fot.errors import FotError
+from fot.models import configure_caches
 from fot.options import (
     add_backend_options,
     add_budget_options,
     add_math_options,
+    add_method_options,
     checks_on,
     make_cli_backend,
     search_config,
@@ -106,7 +108,7 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
     if args.device == "cpu" and args.backend == "native":  # named by what it resolves to
         import torch
 
-        from fot.speculative.engine import resolve_dtype
+        from fot.speculative.kernels import resolve_dtype
 
         if resolve_dtype(args.dtype, "cpu") == torch.bfloat16:  # fp32 is unnamed, as the "auto" of earlier runs
             settings["dtype"] = "fast"  # the name the committed bf16 runs have
@@ -220,11 +222,10 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     )
     if benchmark is None:
         p.add_argument("benchmark", choices=sorted(BENCHMARKS))
-    p.add_argument("--method", default="fot", choices=["cot", "sc", "tot", "mctsr", "fot"])
+    add_method_options(p)
     add_budget_options(p)
     add_backend_options(p)
     p.add_argument("--limit", type=int, help="only the first N problems")
-    p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--out", default="evals/results", help="results folder")
     p.add_argument("--data", help="local data file or folder (jsonl/json/parquet; Game of 24: the 24.csv)")
     add_math_options(p)
@@ -305,6 +306,7 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
 
 
 def main(argv: list[str] | None = None, benchmark: str | None = None) -> None:
+    configure_caches()
     args = parser(benchmark).parse_args(argv)
     if benchmark:
         args.benchmark = benchmark

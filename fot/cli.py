@@ -6,9 +6,18 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from fot.errors import FotError
-from fot.options import add_backend_options, add_budget_options, add_math_options, make_cli_backend, search_config
+from fot.models import configure_caches
+from fot.options import (
+    add_backend_options,
+    add_budget_options,
+    add_math_options,
+    add_method_options,
+    make_cli_backend,
+    search_config,
+)
 
 DEMO_MODEL = "qwen2.5-coder-1.5b"  # the reasoning model; `--model default` is the fast embedded 135M one
 DEMO_PROBLEMS = [
@@ -145,8 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
     p.add_argument("--task", default="auto", choices=["auto", "math", "game24"])
-    p.add_argument("--method", default="fot", choices=["fot", "mctsr", "tot", "cot", "sc"])
-    p.add_argument("--seed", type=int, default=0)
+    add_method_options(p)
     add_math_options(p)
     add_budget_options(p, rollouts, max_tokens)
     add_backend_options(p)
@@ -174,6 +182,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    """The evaluations live in the checkout beside fot/ (evals/), not in an installed package of that name."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "evals" / "runner.py").exists():
+        raise FotError(f"`fot eval` runs the evaluations of a checkout of the repository; {root} has no evals/")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         from evals.runner import main as eval_main
     except ImportError as e:
@@ -238,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    configure_caches()
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # the evals parser takes the rest, its -h included

@@ -6,45 +6,46 @@
 
 The four parts, as the paper names them:
   input augmentation   tree i > 0 sees a different input: the i-th most similar worked example (TF-IDF over an
-                       example pool) for math, a shuffled order of the numbers for Game of 24 (pluggable);
+                       example pool) for math, a shuffled order of the numbers for Game of 24 (fot.augment);
   sparse activation    after each step only the top-k trees (and those above `min_score`) keep expanding; the
                        others stop for good, and the tokens they would have spent are counted as saved;
-  self-correction      math: an answer whose mean token log-prob is below the threshold, or that fails the task's
-                       check, is regenerated with a refine prompt and the better one kept; Game of 24: every step is
+  self-correction      math (fot.correction): the rule checks repair an answer's first wrong claim, and an answer
+                       whose mean token log-prob is below the threshold, or that fails the task's check, is
+                       regenerated with a refine prompt and the better one kept; Game of 24: every step is
                        recomputed exactly and repaired or dropped (in fot.trees.tot);
   CGED                 majority / plurality / expert / chain-of-thought fallback (fot.consensus); the search stops
                        early once one answer holds more than half of the trees.
-At every step all expansions of all activated trees reach the backend as ONE batch (fot.trees.base.Batcher).
+At every step all expansions of all activated trees reach the backend as ONE batch (fot.trees.base.Batcher;
+`lockstep=False`: each tree's call at once, merged by the backend's continuous batching).
 The search never sees a gold answer: nothing here can stop on a correct one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
-import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from functools import cache
-from importlib import resources
-from typing import Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field
 
+from fot.augment import program_of_thought, shipped_examples, shuffle_numbers
 from fot.consensus import decide, majority
-from fot.decoding.base import Backend, Completion, Request, Usage
+from fot.correction import CorrectionUsage, MathCorrector, Repair
+from fot.decoding.base import Backend, Completion, Request
 from fot.errors import InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task, check_unicode, majority_key
-from fot.tasks.checks import Check, Failure, last_number, number
-from fot.trees.base import Batcher, Generate, Tree, run_step
+from fot.tasks.checks import Check
+from fot.trees.base import Batcher, Tree, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import REFINE, MCTSr, MCTSrConfig
 from fot.trees.tot import ToT, ToTConfig
+from fot.viewer import page, tree_graph
 
 Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
 MAX_TREES = 64  # trees (or sc samples) per problem: each is a request per step, batched together
@@ -94,24 +95,18 @@ class ForestConfig(BaseModel):
     correction: CorrectionConfig = CorrectionConfig()
     program_trees: int = Field(0, ge=0, le=MAX_TREES)  # math: the last trees (never tree 0) answer with a program
     early_stop: bool = True
+    lockstep: bool = True  # each phase of a step waits for every tree, and goes to the backend as one batch
     sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=2**63)
 
 
-class SolveUsage(Usage):
+class SolveUsage(CorrectionUsage):
     """What one solve cost. Token counts are this solve's own; forward passes and draft counters are the
     backend's during the solve (shared with any solve running at the same time)."""
 
     backend_calls: int = 0
     tree_steps_skipped: int = 0  # by sparse activation
     tokens_saved: int = 0  # estimated: skipped tree-steps x the mean tokens of a tree-step so far
-    corrections: int = 0  # answers regenerated or steps repaired by self-correction
-    code_checks: int = 0  # code blocks in answers run and compared with the output the answer claimed
-    code_failures: int = 0  # answers whose code does not print what they claimed
-    code_repairs: int = 0  # of those, answers repaired with the real output
-    arithmetic_checks: int = 0  # `a op b = c` statements in answers recomputed
-    arithmetic_failures: int = 0  # answers with a wrong statement (the first wrong claim of an answer was one)
-    arithmetic_repairs: int = 0  # of those, answers continued from the corrected statement
     seconds: float = 0.0
 
 
@@ -128,15 +123,6 @@ class Progress(BaseModel):
 
 
 ProgressHook = Callable[[Progress], None]
-
-
-class Repair(BaseModel):
-    """One wrong claim a rule check found and self-correction repaired: what the answer said and the right value."""
-
-    kind: str  # the check: "code" (a made-up output) or "arithmetic" (a wrong `a op b = c`)
-    source: str  # the code, or the statement's left side
-    claimed: str
-    actual: str
 
 
 class Solution(BaseModel):
@@ -160,215 +146,11 @@ class Solution(BaseModel):
             )
         if not 0 <= i < len(self.trees):
             raise InvalidRequestError(f"tree {i} does not exist: this solution has trees 0..{len(self.trees) - 1}")
-        return nx.node_link_graph(self.trees[i], edges="edges")
+        return tree_graph(self.trees[i])
 
     def to_html(self) -> str:
         """One self-contained HTML page (no network needed) that draws every tree, the votes and the usage."""
-        from fot.viewer import page
-
         return page([self.model_dump()])
-
-
-# ---- input augmentation -------------------------------------------------------------------------------------------
-class Augmenter(Protocol):
-    def __call__(self, problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
-        """(problem text, worked example or "") for each tree; tree 0 sees the problem as given."""
-        ...
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+|\d+", text.lower())
-
-
-class ExampleRetriever:
-    """Math augmentation: tree i > 0 gets the i-th most similar worked example of the pool (TF-IDF cosine)."""
-
-    def __init__(self, examples: Sequence[dict] | None = None):
-        if examples is None:
-            lines = resources.files("fot.data").joinpath("math_examples.jsonl").read_text().splitlines()
-            examples = [json.loads(line) for line in lines if line.strip()]
-        self.examples = list(examples)
-        docs = [Counter(_words(e["problem"])) for e in self.examples]
-        df = Counter(w for d in docs for w in d)
-        self.idf = {w: math.log((1 + len(docs)) / (1 + c)) + 1 for w, c in df.items()}
-        self.vectors = [self.vector(d) for d in docs]
-
-    def vector(self, counts: Counter) -> dict[str, float]:
-        v = {w: c * self.idf.get(w, 0.0) for w, c in counts.items()}
-        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
-        return {w: x / norm for w, x in v.items()}
-
-    def ranked(self, problem: str) -> list[dict]:
-        q = self.vector(Counter(_words(problem)))
-        sims = [sum(q.get(w, 0.0) * x for w, x in v.items()) for v in self.vectors]
-        order = sorted(range(len(sims)), key=lambda i: (-sims[i], i))
-        return [self.examples[i] for i in order]
-
-    def __call__(self, problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
-        ranked = self.ranked(problem)
-        out = [(problem, "")]
-        for i in range(1, trees):
-            e = ranked[(i - 1) % len(ranked)]
-            out.append((problem, f"Example problem: {e['problem']}\nExample answer: {e['solution']}\n\n"))
-        return out
-
-
-@cache
-def shipped_examples() -> ExampleRetriever:
-    """The retriever over the shipped example pool, read and indexed once per process, not once per problem."""
-    return ExampleRetriever()
-
-
-PROGRAM = (
-    "\n\nWrite a short Python program that computes the answer, show what it prints in an ```output block, then "
-    "finish with 'The answer is X.'"
-)
-
-
-def program_of_thought(inputs: list[tuple[str, str]], k: int) -> list[tuple[str, str]]:
-    """Program-of-thought augmentation: the last `k` trees (never tree 0) are asked to answer with code, which the
-    code check then runs, so that their arithmetic is the interpreter's."""
-    first = max(len(inputs) - k, 1)
-    return [(p + PROGRAM, ex) if i >= first else (p, ex) for i, (p, ex) in enumerate(inputs)]
-
-
-def shuffle_numbers(problem: str, trees: int, rng: random.Random) -> list[tuple[str, str]]:
-    """Game-of-24 augmentation: tree i > 0 sees the four numbers in a shuffled order."""
-    numbers = problem.split()
-    out = [(problem, "")]
-    for _ in range(1, trees):
-        order = numbers[:]
-        rng.shuffle(order)
-        out.append((" ".join(order), ""))
-    return out
-
-
-# ---- dynamic self-correction (math) ------------------------------------------------------------------------------
-Kept = tuple[str | None, str | None]  # (the answer text kept, the text it replaced or None)
-
-
-class MathCorrector:
-    """Dynamic self-correction of math answers, in one batch per call.
-
-    Rule-based first: the task's rule checks (fot.tasks.checks) find an answer's first wrong claim, a made-up code
-    output or a wrong `a op b = c`, and the right value is written in its place. Where the answer only restated a
-    made-up output, the real one becomes the answer; otherwise the model continues from the corrected prefix.
-    Then the paper's kind: answers that are unsure (mean log-prob below the threshold) or fail the task's check are
-    regenerated with a refine prompt, and the better of the two is kept: one that passes the check, then the higher
-    mean log-prob."""
-
-    def __init__(
-        self,
-        task: Task,
-        threshold: float,
-        usage: SolveUsage,
-        seed: int,
-        max_tokens: int = 384,
-        checks: Mapping[str, Check] | None = None,
-        refine: bool = True,
-    ):
-        self.task, self.threshold, self.usage, self.seed = task, threshold, usage, seed
-        self.max_tokens, self.refine = max_tokens, refine
-        self.checks = dict(task.checks if checks is None else checks)
-        self.repairs: list[Repair] = []
-
-    def needs(self, problem: str, c: Completion) -> bool:
-        if not c.ok or not self.refine:
-            return False
-        lp = c.mean_logprob
-        return (lp is not None and lp < self.threshold) or bool(self.task.check(problem, c.text))
-
-    def next_seed(self) -> int:
-        self.seed += 1
-        return self.seed
-
-    def failure(self, problem: str, c: Completion) -> Failure | None:
-        """The earliest wrong claim any check finds in the answer (each check counted in the usage)."""
-        if not c.ok:
-            return None
-        first = None
-        for name, check in self.checks.items():
-            found = check(problem, c.text)
-            self.count(name, "checks", found.checked)
-            if found.failure is not None and (first is None or found.failure.at < first.at):
-                first = found.failure
-        if first is not None:
-            self.count(first.kind, "failures", 1)
-        return first
-
-    def count(self, kind: str, what: str, n: int) -> None:
-        field = f"{kind}_{what}"
-        if field in SolveUsage.model_fields:
-            setattr(self.usage, field, getattr(self.usage, field) + n)
-
-    def repaired(self, f: Failure) -> None:
-        self.repairs.append(Repair(kind=f.kind, source=f.source.strip(), claimed=f.claimed, actual=f.actual))
-        self.count(f.kind, "repairs", 1)
-        self.usage.corrections += 1
-
-    async def __call__(
-        self, gen: Generate, problem: str, requests: list[Request], done: list[Completion]
-    ) -> list[Kept]:
-        """(the text to keep, the text it replaced or None) for each answer."""
-        texts = [c.text if c.ok else None for c in done]
-        before: list[str | None] = [None] * len(done)
-        failures = {i: f for i, c in enumerate(done) if (f := self.failure(problem, c)) is not None}
-        for i, f in list(failures.items()):
-            restated = self.restated(f) if f.kind == "code" else None
-            if restated is not None:  # no continuation needed: the executed result is the answer
-                before[i], texts[i] = texts[i], restated
-                self.repaired(f)
-                del failures[i]
-        redo = [i for i, c in enumerate(done) if i not in failures and before[i] is None and self.needs(problem, c)]
-        critique = "The answer may be wrong or unclear. Check every step and the final answer."
-        reqs = [self.continuation(requests[i], failures[i]) for i in failures]
-        for i in redo:
-            content = REFINE.format(problem=problem, answer=done[i].text, critique=critique)
-            reqs.append(
-                Request.make(
-                    [{"role": "user", "content": content}],
-                    max_tokens=self.max_tokens,
-                    logprobs=True,
-                    seed=self.next_seed(),
-                )
-            )
-        answers = await gen(reqs)  # with no requests, it still takes part in this phase, so the batch goes on
-        for i, again in zip(failures, answers[: len(failures)], strict=True):
-            if again.ok:
-                before[i], texts[i] = texts[i], failures[i].prefix + again.text
-                self.repaired(failures[i])
-        for i, again in zip(redo, answers[len(failures) :], strict=True):
-            self.usage.corrections += 1
-            if again.ok and self.better(problem, again, done[i]):
-                before[i], texts[i] = texts[i], again.text
-        return list(zip(texts, before, strict=True))
-
-    def restated(self, f: Failure) -> str | None:
-        """The repaired answer when all the answer did after the made-up output was to restate it, else None."""
-        claimed, actual = last_number(f.claimed), last_number(f.actual)
-        said = self.task.extract(f.rest)
-        if claimed is None or actual is None or said is None or not self.task.equivalent(said, claimed):
-            return None
-        value = number(actual)
-        shown = actual if value is None or "." not in actual else f"{value:.10g}"  # 78.94999999999999 -> 78.95
-        return f"{f.prefix}The answer is {shown}."
-
-    def continuation(self, request: Request, f: Failure) -> Request:
-        """Go on from the corrected prefix: the same question, the answer so far as the assistant's message."""
-        messages = request.prompt if isinstance(request.prompt, list) else [{"role": "user", "content": request.prompt}]
-        left = max(self.max_tokens // 2, 32)
-        return Request.make(
-            [*messages, {"role": "assistant", "content": f.prefix}],
-            max_tokens=left,
-            logprobs=True,
-            seed=self.next_seed(),
-        )
-
-    def better(self, problem: str, new: Completion, old: Completion) -> bool:
-        def rank(c: Completion) -> tuple[bool, float]:
-            return (not self.task.check(problem, c.text), c.mean_logprob if c.mean_logprob is not None else -1e9)
-
-        return rank(new) > rank(old)
 
 
 # ---- the search ---------------------------------------------------------------------------------------------------
@@ -388,7 +170,7 @@ class Forest:
         self.t0 = time.perf_counter()
 
     def batcher(self, participants: int) -> Batcher:
-        b = Batcher(self.backend, participants, meter=self.meter)
+        b = Batcher(self.backend, participants, meter=self.meter, lockstep=self.config.lockstep)
         self.batchers.append(b)
         return b
 
@@ -405,17 +187,21 @@ class Forest:
         return await self.batcher(1).generate(requests)
 
     def build_trees(self) -> list[Tree]:
+        """One tree per (augmented) input, of the kind the task names (`Task.tree`)."""
         c, n = self.config, self.config.trees if self.config.method == "fot" else 1
-        fot = c.method == "fot"
         seeds = [c.seed * 1000 + 100 * i for i in range(n)]
-        if self.task.name == "game24":
-            inputs = shuffle_numbers(self.problem, n, self.rng) if fot else [(self.problem, "")]
-            correct = fot and c.correction.enabled
-            return [
-                ToT(self.task, p, c.tot, seed=s, correct=correct, name=f"tree{i}")
-                for i, ((p, _), s) in enumerate(zip(inputs, seeds, strict=True))
-            ]
-        inputs = shipped_examples()(self.problem, n, self.rng) if fot else [(self.problem, "")]
+        return {"tot": self.tot_trees, "mctsr": self.mctsr_trees}[self.task.tree](c, c.method == "fot", seeds)
+
+    def tot_trees(self, c: ForestConfig, fot: bool, seeds: list[int]) -> list[Tree]:
+        inputs = shuffle_numbers(self.problem, len(seeds), self.rng) if fot else [(self.problem, "")]
+        correct = fot and c.correction.enabled
+        return [
+            ToT(self.task, p, c.tot, seed=s, correct=correct, name=f"tree{i}")
+            for i, ((p, _), s) in enumerate(zip(inputs, seeds, strict=True))
+        ]
+
+    def mctsr_trees(self, c: ForestConfig, fot: bool, seeds: list[int]) -> list[Tree]:
+        inputs = shipped_examples()(self.problem, len(seeds), self.rng) if fot else [(self.problem, "")]
         if fot and c.program_trees:
             inputs = program_of_thought(inputs, c.program_trees)
         checks = c.correction.checks(self.task)
@@ -637,8 +423,8 @@ def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Tas
 
 
 def check_method(task: str, method: str) -> None:
-    """ToT trees play Game of 24 only and MCTSr trees do math only; the other methods fit both tasks."""
-    if method == "tot" and task != "game24" or method == "mctsr" and task != "math":
+    """The tree methods fit the tasks whose tree they are (ToT: Game of 24, MCTSr: math); the others fit all."""
+    if method in ("tot", "mctsr") and get_task(task).tree != method:
         raise InvalidRequestError(f"method {method!r} does not fit the {task} task")
 
 

@@ -35,7 +35,8 @@ def cache_dir() -> Path:
 
 
 def configure_caches() -> None:
-    """Point Hugging Face's caches into the project cache and keep it off the hub (no internet at run time)."""
+    """For the command lines (`fot`, `python -m evals.X`): Hugging Face's caches in the project cache, and off the
+    hub (no internet at run time). The library sets nothing in its users' processes: it reads local folders."""
     root = cache_dir()
     os.environ.setdefault("HF_HOME", str(root / "hf"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -267,7 +268,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"fot: converting {gguf.name} (de-quantizing to fp32: ~20 s for 135M, ~2 min for 1.5B)", file=sys.stderr)
-    kw = {"gguf_file": gguf.name}
+    kw = {"gguf_file": gguf.name, "local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     out.mkdir(parents=True)

@@ -37,6 +37,11 @@ def add_math_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="fot", choices=["cot", "sc", "tot", "mctsr", "fot"])
+    p.add_argument("--seed", type=int, default=0, help="search seed")
+
+
 def add_budget_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
     p.add_argument("--trees", type=int, default=4, help="trees per problem (samples for sc)")
     p.add_argument("--rollouts", type=int, default=rollouts, help="MCTSr rollouts per tree")

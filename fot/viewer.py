@@ -142,8 +142,13 @@ def solution_html(s: dict[str, Any], k: int, details: dict[str, dict]) -> str:
     )
 
 
+def tree_graph(data: dict[str, Any]) -> nx.DiGraph:
+    """A tree of a solution, stored as networkx node-link data (a tree's `to_dict`), as a DiGraph again."""
+    return nx.node_link_graph(data, edges="edges")
+
+
 def tree_html(s: dict[str, Any], k: int, i: int, details: dict[str, dict]) -> str:
-    g = nx.node_link_graph(s["trees"][i], edges="edges")
+    g = tree_graph(s["trees"][i])
     meta = g.graph
     chosen: set[int] = set()
     node = meta.get("answer_node")

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fot.errors import InvalidRequestError
-from fot.speculative.cache import KVCache, Layout, PrefixStore, common_prefix
+from fot.speculative.cache import KVCache, Layout, PaddedKVCache, PrefixStore, common_prefix
 
 
 @st.composite
@@ -44,7 +44,7 @@ def test_slots_are_reused_lowest_first():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_compact_moves_samples_into_the_lowest_free_slots(padded):
-    cache = KVCache(2, 5, 1, 8, 4, padded=padded)
+    cache = (PaddedKVCache if padded else KVCache)(2, 5, 1, 8, 4)
     slots = [cache.allocate() for _ in range(5)]
     for s in slots:
         cache.plan([s], [s + 1])
@@ -102,7 +102,7 @@ def test_common_prefix_across_slice_boundaries():
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_grow_keeps_what_is_held_and_frees_the_new_slots(padded):
-    cache = KVCache(2, 2, 1, 4, 4, padded=padded)
+    cache = (PaddedKVCache if padded else KVCache)(2, 2, 1, 4, 4)
     a, b = cache.allocate(), cache.allocate()
     cache.plan([a, b], [3, 2])
     cache.k[:, a, :, :3], cache.v[:, b, :, :2] = 1.0, 2.0

@@ -8,9 +8,10 @@ from types import MappingProxyType
 
 import pytest
 
+from fot.correction import MathCorrector
 from fot.decoding.base import Completion, Output, Request
 from fot.decoding.scripted import ScriptedBackend
-from fot.forest import MathCorrector, SolveUsage, asolve
+from fot.forest import SolveUsage, asolve
 from fot.tasks import MathTask
 from fot.tasks.checks import Failure, Finding, check_arithmetic, check_code
 from fot.trees.base import Batcher
@@ -220,7 +221,7 @@ def test_mctsr_runs_the_checks_by_default_and_the_baselines_only_when_asked(meth
 
 
 def test_program_of_thought_asks_the_last_trees_for_code_never_tree_0():
-    from fot.forest import PROGRAM, program_of_thought
+    from fot.augment import PROGRAM, program_of_thought
 
     inputs = [("p", ""), ("p", "ex1"), ("p", "ex2"), ("p", "ex3")]
     assert program_of_thought(inputs, 2) == [("p", ""), ("p", "ex1"), ("p" + PROGRAM, "ex2"), ("p" + PROGRAM, "ex3")]

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 from fot.config import SamplingParams
 from fot.errors import InvalidRequestError
 from fot.speculative import kernels
-from fot.speculative.engine import Engine, cpu_has_fast_bf16, resolve_dtype
+from fot.speculative.engine import Engine
+from fot.speculative.kernels import cpu_has_fast_bf16, resolve_dtype
 
 PROMPTS = [
     "The quick brown fox",
@@ -178,7 +179,7 @@ def test_prompts_sharing_a_prefix_compute_it_once_and_decode_as_transformers(tin
 
 
 def test_share_prefixes_picks_the_longest_earlier_leader():
-    from fot.speculative.engine import share_prefixes
+    from fot.speculative.cache import share_prefixes
 
     a, b = [1] * 20 + [2] * 10, [1] * 20 + [3] * 10
     leaders, followers = share_prefixes([a, b, a + [4], b[:25] + [5], [9] * 30], min_shared=16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from evals.report import PLOTS, markdown, summarise, wilson, write_report
 from evals.runner import arun, options, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
-from fot.speculative.engine import cpu_has_fast_bf16, resolve_dtype
+from fot.speculative.kernels import cpu_has_fast_bf16, resolve_dtype
 from fot.tasks import MathTask
 from fot.tasks.game24 import check_expression, parse_numbers
 
@@ -426,3 +427,19 @@ def test_the_tokens_plot_joins_budget_matched_pairs() -> None:
     [line] = [x for x in ax.lines if x.get_label() == "budget-matched"]
     assert list(line.get_xdata()) == [100, 150] and list(line.get_ydata()) == [0.6, 0.5]
     plt.close(fig)
+
+
+def test_fot_eval_runs_the_checkouts_evals_with_no_package_named_evals_installed(tmp_path):
+    """evals/ is not installed (another project's `evals` could be): `fot eval` finds the checkout's, from any
+    folder, and `python -m evals.X` runs from the checkout."""
+    code = (
+        "import importlib.util, sys; assert importlib.util.find_spec('evals') is None, 'evals is installed'; "
+        "from fot.cli import main; main(['eval', '--help'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--method" in out.stdout and "gsm_symbolic" in out.stdout
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "evals.arithmetic", "--help"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0 and "--levels" in out.stdout, out.stderr[-2000:]

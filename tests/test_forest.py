@@ -7,11 +7,13 @@ import math
 
 import pytest
 
+from fot.augment import ExampleRetriever, shuffle_numbers
 from fot.consensus import decide
+from fot.correction import MathCorrector
 from fot.decoding.base import Output, Request
 from fot.decoding.scripted import ScriptedBackend
 from fot.errors import InvalidRequestError, SearchError
-from fot.forest import ExampleRetriever, Forest, ForestConfig, MathCorrector, SolveUsage, asolve, shuffle_numbers
+from fot.forest import Forest, ForestConfig, SolveUsage, asolve
 from fot.tasks import Game24Task, MathTask
 from fot.trees.base import Batcher, Tree, run_step
 from fot.trees.mctsr import MCTSr, MCTSrConfig, parse_reward
@@ -108,6 +110,20 @@ def test_each_phase_of_a_step_is_one_backend_batch():
     # start: 4 first answers, then 4 x 2 rewards (answer + dummy); one rollout: 4 critiques, 4 refines, 4 rewards
     assert sizes[:2] == [4, 8] and sizes[2:5] == [4, 4, 4]
     assert sol.usage.backend_calls == len(backend.batches)
+
+
+def test_without_lockstep_each_trees_call_goes_to_the_backend_at_once():
+    """lockstep=False: no barrier, every tree's call is its own backend call (the backend merges them), and the
+    search is the same: same answer, same requests."""
+    cfg = {"mctsr": {"rollouts": 1}, "early_stop": False, "sparse": {"enabled": False}}
+    together, apart = ScriptedBackend(math_script()), ScriptedBackend(math_script())
+    a = solve("What is 40 + 2?", together, trees=4, config=cfg)
+    b = solve("What is 40 + 2?", apart, trees=4, config={**cfg, "lockstep": False})
+    assert max(len(x) for x in apart.batches) <= 2 < max(len(x) for x in together.batches)  # a reward: 2 requests
+    assert sorted(str(r.prompt) for x in apart.batches for r in x) == sorted(
+        str(r.prompt) for x in together.batches for r in x
+    )
+    assert a.answer == b.answer == "42" and b.usage.backend_calls == len(apart.batches)
 
 
 def test_augmentation_per_tree():

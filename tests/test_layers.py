@@ -7,8 +7,10 @@ Bottom to top:
   engine    fot.speculative.*: the model, the per-sample cache, drafters, the generate loop
   backends  fot.decoding.*: native, vLLM, OpenAI-compatible servers behind one contract
   trees     fot.trees.*: MCTSr, ToT, chain of thought
-  search    fot.consensus, fot.forest: the forest, sparse activation, self-correction, the decision
-  fronts    fot.server, fot.options: the HTTP endpoint, the options and backend factory of the command lines
+  search    fot.augment, fot.correction, fot.consensus, fot.forest: input augmentation, self-correction, the
+            decision, the forest and its sparse activation
+  fronts    fot.chat, fot.server, fot.options: the chat-completions format, the HTTP endpoint, the options and
+            backend factory of the command lines
   evals     evals.*
   cli       fot.cli (`fot eval` hands its arguments to the evals)
 """
@@ -27,8 +29,8 @@ LAYERS = [
     ("engine", ["fot.speculative"]),
     ("backends", ["fot.decoding"]),
     ("trees", ["fot.trees"]),
-    ("search", ["fot.consensus", "fot.forest"]),
-    ("fronts", ["fot.server", "fot.options"]),
+    ("search", ["fot.augment", "fot.correction", "fot.consensus", "fot.forest"]),
+    ("fronts", ["fot.chat", "fot.server", "fot.options"]),
     ("evals", ["evals"]),
     ("cli", ["fot.cli"]),
 ]

@@ -3,7 +3,10 @@ and the default one (converted by `make model`) answers sensibly."""
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -48,6 +51,17 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path
     with pytest.raises(ModelError, match="fot prepare-model smollm2-135m"):
         resolve_model("default", prepare=False)
+
+
+def test_the_library_leaves_its_users_environment_alone():
+    """`import fot` and a solve's imports set no variables in the user's process (the command lines do: they keep
+    Hugging Face off the hub)."""
+    code = (
+        "import os, sys; before = dict(os.environ); import fot, fot.forest, fot.decoding, fot.speculative.engine; "
+        "sys.exit(sorted(set(os.environ.items()) ^ set(before.items())) != [])"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "TORCHINDUCTOR_"))}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
 
 
 def test_embedded_model_answers_a_chat_prompt():

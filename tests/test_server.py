@@ -273,7 +273,7 @@ def test_a_backend_that_is_down_gets_503(tmp_path):
 
 
 def test_request_options_merge_into_the_server_defaults():
-    from fot.server import ChatRequest, make_job
+    from fot.chat import ChatRequest, make_job
 
     defaults = {"trees": 4, "mctsr": {"rollouts": 1, "max_tokens": 24}}
     body = ChatRequest(

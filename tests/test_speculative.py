@@ -99,22 +99,6 @@ def test_cost_aware_drafting_looks_past_a_jump_in_cost():
     assert draft_lengths([0.9], [3], 0.0, cost=cost) == [3]  # 1 + 3 tokens: free
 
 
-def test_cost_aware_drafting_counts_a_forward_per_kangaroo_draft_token():
-    """Verification is flat up to 16 tokens (the weights are read once), and a Kangaroo draft pass costs half of
-    it: lookup's free drafts at rate 0.6 go three deep, Kangaroo's stop at one."""
-
-    def cost(tokens: int) -> float:
-        return 0.100 if tokens <= 16 else 0.100 + 0.010 * (tokens - 16)
-
-    def passes(depth: int) -> float:
-        return 0.050 * (1 + depth)
-
-    assert draft_lengths([0.6] * 4, [6] * 4, 0.0, cost=cost) == [3] * 4
-    assert draft_lengths([0.6] * 4, [6] * 4, 0.0, cost=cost, draft_cost=passes, sequential=[False] * 4) == [3] * 4
-    assert draft_lengths([0.6] * 4, [6] * 4, 0.0, cost=cost, draft_cost=passes, sequential=[True] * 4) == [1] * 4
-    assert draft_lengths([0.3] * 4, [6] * 4, 0.0, cost=cost, draft_cost=passes, sequential=[True] * 4) == [0] * 4
-
-
 def test_accept_greedy():
     assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == [4, 5, 6, 7]
     assert accept_greedy([4, 9, 6, 7], [4, 5, 6]) == [4, 9]
@@ -285,10 +269,10 @@ def test_stops_inside_an_accepted_draft(engines):
     assert got.token_ids == want.token_ids == full[: full.index(eos) + 1] and got.finish_reason == "stop"
 
 
-def test_cost_curve_averages_each_count_and_interpolates_between():
-    from fot.speculative.engine import CostCurve
+def test_forward_cost_averages_each_size_and_interpolates_between():
+    from fot.speculative.drafters import ForwardCost
 
-    cost = CostCurve(decay=0.5)
+    cost = ForwardCost(decay=0.5)
     cost.record(4, 0.010)
     assert cost.known(4) and not cost.known(5)
     with pytest.raises(ValueError):

@@ -62,7 +62,7 @@ def test_the_page_holds_every_node_and_escapes_model_text():
 
 
 def test_the_page_lists_the_repairs_escaped():
-    from fot.forest import Repair
+    from fot.correction import Repair
 
     repairs = [Repair(kind="arithmetic", source="3 * 12", claimed="38", actual="36"),
                Repair(kind="code", source=f"print({EVIL!r})", claimed=EVIL, actual="7")]  # fmt: skip

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -226,14 +226,63 @@ class Drop:
     done: Future = field(default_factory=Future)
 
 
-async def drop(inbox: queue.SimpleQueue, what: Any, worker: threading.Thread, wait_s: float = 30.0) -> None:
-    """Called by a cancelled caller: hand the worker a Drop and wait until it has acted, so that when the
-    cancellation ends the engine no longer runs the caller's work and its slots are free."""
-    item = Drop(what)
-    inbox.put(item)
-    if worker.is_alive():
-        with contextlib.suppress(BaseException):  # a second cancel, or a worker that stopped: stop waiting
-            await asyncio.wait_for(asyncio.wrap_future(item.done), wait_s)
+class WorkerBackend(BaseBackend):
+    """A backend whose engine is built in one worker thread and stepped there, so that the event loop stays
+    responsive. Built there, not in the caller's thread: GNU OpenMP gives every thread that runs parallel work its
+    own team of threads, and once the teams outnumber the cores their threads stop spin-waiting, which slows every
+    step. Callers hand work to the worker through `inbox`; it answers through `settle`. Subclasses implement
+    `serve(engine)`, the worker's loop, which returns when it takes None (`close`) from the inbox."""
+
+    def start_worker(self, build: Callable[[], Any], name: str) -> Any:
+        """Build the engine in a new worker thread that then serves it; returns the engine, or raises what building
+        it raised."""
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        ready: Future = Future()
+
+        def run() -> None:
+            try:
+                engine = build()
+            except Exception as e:
+                ready.set_exception(e)
+                return
+            ready.set_result(engine)
+            self.serve(engine)
+
+        self.worker = threading.Thread(target=run, name=name, daemon=True)
+        self.worker.start()
+        return ready.result()
+
+    def serve(self, engine: Any) -> None:
+        raise NotImplementedError
+
+    async def drop(self, what: Any, wait_s: float = 30.0) -> None:
+        """Called by a cancelled caller: hand the worker a Drop and wait until it has acted, so that when the
+        cancellation ends the engine no longer runs the caller's work and its slots are free."""
+        item = Drop(what)
+        self.inbox.put(item)
+        if self.worker.is_alive():
+            with contextlib.suppress(BaseException):  # a second cancel, or a worker that stopped: stop waiting
+                await asyncio.wait_for(asyncio.wrap_future(item.done), wait_s)
+
+    async def close(self) -> None:
+        """Finish what is in flight, then stop the worker."""
+        if self.worker.is_alive():
+            self.inbox.put(None)
+            await asyncio.to_thread(self.worker.join)
+
+
+def settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any) -> None:
+    """From the worker thread: give an awaiting caller its result (an exception is raised in the caller)."""
+
+    def done() -> None:
+        if future.done():  # the caller may have been cancelled meanwhile
+            return
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    loop.call_soon_threadsafe(done)
 
 
 def run_sync(coro):

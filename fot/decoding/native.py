@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams, SpeculativeConfig
-from fot.decoding.base import BaseBackend, Completion, Drop, Output, Request, Usage, drop
+from fot.decoding.base import Completion, Drop, Output, Request, Usage, WorkerBackend, settle
 from fot.speculative.engine import Engine
 
 
@@ -39,30 +38,29 @@ class NativeConfig(BaseModel):
     seed: int = 0
 
 
-class NativeBackend(BaseBackend):
+class NativeBackend(WorkerBackend):
     """The native engine behind the Backend contract. Pass `engine=` to serve an engine you built, for example one
     sharing its model with another; on a CPU with few cores prefer letting the backend build it (from `config`),
-    since an engine whose weights were loaded in another thread than the one stepping it ran ~2x slower here."""
+    since an engine whose weights were loaded in another thread than the one stepping it runs much slower."""
 
     name = "native"
 
     def __init__(self, config: NativeConfig | dict | None = None, *, engine: Engine | None = None, **options):
         super().__init__()
-        self.config = self.parse_config(NativeConfig, config, options)
-        # All of the engine's torch work, loading included, runs in one worker thread: GNU OpenMP gives every thread
-        # that runs parallel work its own team of threads, and once the teams outnumber the cores their threads
-        # stop spin-waiting; a model loaded in the caller's thread made every decoding step ~2x slower (measured).
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        ready: Future = Future()
-        self._thread = threading.Thread(target=self._run, args=(engine, ready), name="fot-native", daemon=True)
-        self._thread.start()
-        self.engine: Engine = ready.result()
+        self.config = c = self.parse_config(NativeConfig, config, options)
+
+        def build() -> Engine:
+            return engine or Engine.from_pretrained(
+                c.model, dtype=c.dtype, device=c.device, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative
+            )
+
+        self.engine: Engine = self.start_worker(build, "fot-native")  # all of its torch work, loading included
 
     async def set_speculative(self, speculative: SpeculativeConfig | dict | str | None) -> None:
         """Switch the engine's drafter (None: plain decoding) between runs, in the worker thread that steps it;
         refused while requests are in flight (`Engine.set_speculative`)."""
         item = _Switch(speculative)
-        self._inbox.put(item)
+        self.inbox.put(item)
         await asyncio.wrap_future(item.done)
 
     def prepare(self, request: Request) -> list[int]:
@@ -79,11 +77,11 @@ class NativeBackend(BaseBackend):
                 owner.append(i)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._inbox.put((prompts, params, future, loop))
+        self.inbox.put((prompts, params, future, loop))
         try:
             gens = await future
         except asyncio.CancelledError:  # the caller went away: its samples leave the engine, their slots free
-            await drop(self._inbox, future, self._thread)
+            await self.drop(future)
             raise
         except Exception as e:  # the engine failed: every request in flight fails alone, with the cause
             return [Completion(error=f"native engine failed: {type(e).__name__}: {e}") for _ in requests]
@@ -98,31 +96,22 @@ class NativeBackend(BaseBackend):
             c.accepted_tokens += g.accepted_tokens
         return done
 
-    def _run(self, engine: Engine | None, ready: Future) -> None:
-        """The worker thread: build the engine, then take new requests into it, step it, and hand each caller its
-        generations once all of its samples are done; block while there is nothing to run."""
-        c = self.config
-        try:
-            engine = engine or Engine.from_pretrained(
-                c.model, dtype=c.dtype, device=c.device, max_batch=c.max_batch, seed=c.seed, speculative=c.speculative
-            )
-        except Exception as e:
-            ready.set_exception(e)
-            return
-        ready.set_result(engine)
+    def serve(self, engine: Engine) -> None:
+        """The worker's loop: take new requests into the engine, step it, and hand each caller its generations
+        once all of its samples are done; block while there is nothing to run."""
         owners: dict[int, _Call] = {}  # id(sample) -> the call it belongs to
         closing = False
         while not (closing and engine.idle):
             items = []
             if not closing:
                 try:
-                    items.append(self._inbox.get(block=engine.idle))
+                    items.append(self.inbox.get(block=engine.idle))
                     if engine.idle:
-                        time.sleep(c.window)  # company for the first request
+                        time.sleep(self.config.window)  # company for the first request
                 except queue.Empty:
                     pass
-                while not self._inbox.empty():
-                    items.append(self._inbox.get())
+                while not self.inbox.empty():
+                    items.append(self.inbox.get())
             for item in items:
                 if item is None:
                     closing = True
@@ -146,7 +135,7 @@ class NativeBackend(BaseBackend):
                 try:
                     call = _Call(engine.submit(prompts, params), future, loop)
                 except Exception as e:  # refused (the backend checked the requests: should not happen)
-                    loop.call_soon_threadsafe(_settle, future, e)
+                    settle(loop, future, e)
                     continue
                 owners.update((id(seq), call) for seq in call.seqs)
             if engine.idle:
@@ -156,7 +145,7 @@ class NativeBackend(BaseBackend):
                 finished = engine.step()
             except Exception as e:  # the engine dropped everything in flight: each caller hears why
                 for call in {id(call): call for call in owners.values()}.values():
-                    call.loop.call_soon_threadsafe(_settle, call.future, e)
+                    settle(call.loop, call.future, e)
                 owners.clear()
                 continue
             d = engine.stats.since(before)
@@ -167,13 +156,7 @@ class NativeBackend(BaseBackend):
                 call = owners.pop(id(seq))
                 call.left -= 1
                 if call.left == 0:
-                    call.loop.call_soon_threadsafe(_settle, call.future, [engine.result(q) for q in call.seqs])
-
-    async def close(self) -> None:
-        """Finish what is in flight, then stop the worker."""
-        if self._thread.is_alive():
-            self._inbox.put(None)
-            await asyncio.to_thread(self._thread.join)
+                    settle(call.loop, call.future, [engine.result(q) for q in call.seqs])
 
 
 @dataclass
@@ -195,12 +178,3 @@ class _Call:
 
     def __post_init__(self) -> None:
         self.left = len(self.seqs)
-
-
-def _settle(future: asyncio.Future, result: list | Exception) -> None:
-    if future.done():  # the caller may have been cancelled meanwhile
-        return
-    if isinstance(result, Exception):
-        future.set_exception(result)
-    else:
-        future.set_result(result)

@@ -14,15 +14,12 @@ import asyncio
 import itertools
 import os
 import queue
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fot.decoding.base import BaseBackend, Completion, Drop, Output, Request, Usage, drop
+from fot.decoding.base import Completion, Drop, Output, Request, Usage, WorkerBackend, settle
 from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
 
@@ -82,7 +79,7 @@ class _UsageLogger:
         pass
 
 
-class VLLMBackend(BaseBackend):
+class VLLMBackend(WorkerBackend):
     name = "vllm"
 
     def __init__(self, config: VLLMConfig | dict | None = None, **options):
@@ -99,9 +96,9 @@ class VLLMBackend(BaseBackend):
             raise ModelError(f"the vLLM backend needs vLLM (`pip install 'fot[vllm]'`): {e}") from None
         from transformers import AutoTokenizer
 
-        from fot.speculative.engine import resolve_dtype
+        from fot.speculative.kernels import resolve_dtype
 
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         dtype = str(resolve_dtype(c.dtype, "cpu")).removeprefix("torch.")
         args = EngineArgs(
             model=str(folder),
@@ -116,23 +113,18 @@ class VLLMBackend(BaseBackend):
             **c.engine_kwargs,
         )
         self._ids = itertools.count()
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        # The engine is built in the thread that steps it (see fot.decoding.native: one OpenMP team, not two).
-        ready: Future = Future()
 
         def build() -> Any:
             return LLMEngine.from_engine_args(args, stat_loggers=[lambda cfg, idx=0: _UsageLogger(self.usage)])
 
-        self._thread = threading.Thread(target=self._run, args=(build, ready), name="fot-vllm", daemon=True)
-        self._thread.start()
         try:
-            self.engine = ready.result()
+            self.engine = self.start_worker(build, "fot-vllm")
         except Exception as e:
             raise ModelError(f"vLLM could not start on {folder}: {type(e).__name__}: {e}") from e
         self.context = self.engine.model_config.max_model_len
 
     def prepare(self, request: Request) -> list[int]:
-        from fot.speculative.engine import encode_prompt
+        from fot.speculative.prompts import encode_prompt
 
         ids = encode_prompt(self.tokenizer, request.prompt)
         n = len(ids) + request.params.max_tokens
@@ -163,30 +155,23 @@ class VLLMBackend(BaseBackend):
         futures, rids = [], []
         for r, ids in zip(requests, prompt_ids, strict=True):
             fut, rid = loop.create_future(), f"fot-{next(self._ids)}"
-            self._inbox.put((rid, ids, self.sampling_params(r), fut, loop))
+            self.inbox.put((rid, ids, self.sampling_params(r), fut, loop))
             futures.append(fut)
             rids.append(rid)
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:  # the caller went away: vLLM drops its requests and frees their blocks
-            await drop(self._inbox, rids, self._thread)
+            await self.drop(rids)
             raise
 
-    def _run(self, build: Callable[[], Any], ready: Future) -> None:
-        """The worker thread: build the engine, then add what arrived, step the engine, hand finished requests
-        back; block when idle."""
+    def serve(self, engine: Any) -> None:
+        """The worker's loop: add what arrived, step the engine, hand finished requests back; block when idle."""
         from vllm.inputs import TokensPrompt
 
-        try:
-            engine = build()
-        except Exception as e:
-            ready.set_exception(e)
-            return
-        ready.set_result(engine)
         waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
         while True:
             try:
-                item = self._inbox.get(block=not engine.has_unfinished_requests())
+                item = self.inbox.get(block=not engine.has_unfinished_requests())
             except queue.Empty:
                 item = ()
             while item is not None:
@@ -199,9 +184,9 @@ class VLLMBackend(BaseBackend):
                         engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
                         waiting[rid] = (fut, loop)
                     except Exception as e:  # vLLM refused this request: it fails alone
-                        loop.call_soon_threadsafe(_settle, fut, Completion(error=f"vLLM refused it: {e}"))
+                        settle(loop, fut, Completion(error=f"vLLM refused it: {e}"))
                 try:
-                    item = self._inbox.get_nowait()
+                    item = self.inbox.get_nowait()
                 except queue.Empty:
                     break
             if item is None:  # close()
@@ -212,18 +197,16 @@ class VLLMBackend(BaseBackend):
                 outputs = engine.step()
             except Exception as e:  # the engine broke: everything in flight fails with the cause
                 for fut, loop in waiting.values():
-                    loop.call_soon_threadsafe(_settle, fut, Completion(error=f"vLLM failed: {type(e).__name__}: {e}"))
+                    settle(loop, fut, Completion(error=f"vLLM failed: {type(e).__name__}: {e}"))
                 waiting.clear()
                 continue
             for out in outputs:
                 if out.finished and out.request_id in waiting:
                     fut, loop = waiting.pop(out.request_id)
-                    loop.call_soon_threadsafe(_settle, fut, _completion(out))
+                    settle(loop, fut, _completion(out))
 
     async def close(self) -> None:
-        if self._thread.is_alive():
-            self._inbox.put(None)
-            await asyncio.to_thread(self._thread.join)
+        await super().close()
         self.engine = None
 
 
@@ -234,8 +217,3 @@ def _completion(out) -> Completion:
         finish = "length" if o.finish_reason == "length" else "stop"
         outputs.append(Output(text=o.text, token_ids=list(o.token_ids), finish_reason=finish, logprobs=logprobs))
     return Completion(prompt_tokens=len(out.prompt_token_ids), outputs=outputs)
-
-
-def _settle(fut: asyncio.Future, completion: Completion) -> None:
-    if not fut.done():  # the caller may have been cancelled meanwhile
-        fut.set_result(completion)

@@ -2,8 +2,9 @@
 
 from fot.speculative.cache import KVCache, Layout
 from fot.speculative.drafters import Drafter, PromptLookup
-from fot.speculative.engine import Engine, EngineStats, Generation
+from fot.speculative.engine import Engine
 from fot.speculative.model import ModelArgs, Transformer
+from fot.speculative.outputs import EngineStats, Generation
 
 __all__ = [
     "Drafter",

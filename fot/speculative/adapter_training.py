@@ -23,9 +23,10 @@ from fot.data import NAMES, THINGS
 from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
 from fot.speculative.cache import KVCache, Layout
-from fot.speculative.engine import Engine, Prompt
+from fot.speculative.engine import Engine
 from fot.speculative.kangaroo import Adapter, draft_head, model_fingerprint, save_adapter
 from fot.speculative.model import Transformer
+from fot.speculative.prompts import Prompt
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -211,7 +212,7 @@ def train_adapter(
     """Generate data with the model itself, then distil the adapter; checkpoints every epoch and resumes from the
     last one. Writes `adapter.safetensors` and `adapter_config.json` (naming the base model and exit layer).
     `prompt_set(n, seed)` makes the prompts (default: `training_prompts`); `dtype` is the teacher's, which also
-    generates the data (bf16 is ~3x faster on CPUs with native bf16; the adapter always trains in fp32, and is
+    generates the data (bf16 is much faster on CPUs with native bf16; the adapter always trains in fp32, and is
     stored in the teacher's precision)."""
     check_options(
         prompts=prompts, new_tokens=new_tokens, epochs=epochs, batch_size=batch_size, top=top, lr=lr,

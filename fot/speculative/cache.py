@@ -5,7 +5,7 @@ that accepted 5 draft tokens and one that accepted 0 both write exactly what the
 Rejected entries are dropped by not advancing over them (they are overwritten later and never attended, because a
 query at position p only sees keys 0..p). A finished sample frees its slot for the next request.
 
-`padded=True` is the paper's "vanilla" baseline, kept only to measure against: every sample's cache grows by the
+`PaddedKVCache` is the paper's "vanilla" baseline, kept only to measure against: every sample's cache grows by the
 batch's largest step and the entries it did not keep stay behind as masked pads, so a cache index is no longer a
 token position (`positions` holds those) and a `valid` mask says which entries are real.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,6 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         first_layer: int = 0,
         device: torch.device | str = "cpu",
-        padded: bool = False,
     ):
         shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -44,8 +44,7 @@ class KVCache:
         self.first_layer = first_layer
         self.max_len = max_len
         self.lengths = [0] * n_slots  # entries held (the next write index)
-        self.positions = [0] * n_slots if padded else self.lengths  # the position of the next token
-        self.valid = torch.zeros(n_slots, max_len, dtype=torch.bool) if padded else None
+        self.positions = self.lengths  # the position of the next token: the same list, unpadded
         self._free = list(range(n_slots))  # a heap: the lowest free slot first keeps attention rows dense
 
     @property
@@ -60,17 +59,11 @@ class KVCache:
         if not self._free:
             raise InvalidRequestError("no free cache slot")
         slot = heapq.heappop(self._free)
-        self.lengths[slot] = self.positions[slot] = 0
-        if self.valid is not None:
-            self.valid[slot] = False
+        self.lengths[slot] = 0
         return slot
 
     def release(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
-
-    @property
-    def padded(self) -> bool:
-        return self.valid is not None
 
     def grow(self, n_slots: int, max_len: int) -> None:
         """Make room for more samples or longer ones (requests that arrived while others run): new tensors,
@@ -84,26 +77,21 @@ class KVCache:
             bigger[:, :old_slots, :, :old_len] = held
             setattr(self, name, bigger)
         self.max_len = max_len
-        self.lengths += [0] * (n_slots - old_slots)  # in place: unpadded, `positions` is this same list
-        if self.valid is not None:
-            self.positions += [0] * (n_slots - old_slots)
-            valid = torch.zeros(n_slots, max_len, dtype=torch.bool)
-            valid[:old_slots, :old_len] = self.valid
-            self.valid = valid
+        self.lengths += [0] * (n_slots - old_slots)
         for slot in range(old_slots, n_slots):
             heapq.heappush(self._free, slot)
 
     def copy_prefix(self, source: int, dest: int, n: int) -> None:
         """Give the (new, empty) sample in slot `dest` the first n entries of slot `source`, of every layer: the
-        cache of a shared prompt prefix, computed once. Unpadded caches only."""
+        cache of a shared prompt prefix, computed once."""
         if not 0 <= n <= self.lengths[source]:
             raise InvalidRequestError("copy_prefix: at most the source's entries")
         self.load_prefix(dest, self.k[:, source], self.v[:, source], n)
 
     def load_prefix(self, dest: int, k: Tensor, v: Tensor, n: int) -> None:
         """Fill the empty slot `dest` with the first n entries of k/v ([layers, kv_heads, >= n, head_dim])."""
-        if self.valid is not None or self.lengths[dest] != 0:
-            raise InvalidRequestError("a prefix goes into an empty slot of an unpadded cache")
+        if self.lengths[dest] != 0:
+            raise InvalidRequestError("a prefix goes into an empty slot")
         self.k[:, dest, :, :n] = k[:, :, :n]
         self.v[:, dest, :, :n] = v[:, :, :n]
         self.lengths[dest] = n
@@ -117,40 +105,101 @@ class KVCache:
             if not occupied or occupied[0] < new:
                 break
             old = occupied.pop(0)
-            end = self.lengths[old]
-            self.k[:, new, :, :end] = self.k[:, old, :, :end]
-            self.v[:, new, :, :end] = self.v[:, old, :, :end]
-            self.lengths[new], self.positions[new] = end, self.positions[old]
-            if self.valid is not None:
-                self.valid[new] = self.valid[old]
+            self.move(old, new)
             moves[old] = new
         if moves:
             kept = (set(slots) - set(moves)) | set(moves.values())
             self._free = sorted(set(range(self.n_slots)) - kept)  # a sorted list is a valid heap
         return moves
 
-    def plan(self, slots: list[int], counts: list[int]) -> Layout:
-        """Lay out one forward in which sample i (in `slots[i]`) appends `counts[i]` new tokens after its cache."""
+    def move(self, old: int, new: int) -> None:
+        """Sample `old`'s entries into the free slot `new`."""
+        end = self.lengths[old]
+        self.k[:, new, :, :end] = self.k[:, old, :, :end]
+        self.v[:, new, :, :end] = self.v[:, old, :, :end]
+        self.lengths[new] = end
+
+    def starts(self, slots: list[int], counts: list[int]) -> list[int]:
+        """Where each sample's new entries go; refused past max_len."""
         starts = [self.lengths[s] for s in slots]
         if max(s + c for s, c in zip(starts, counts, strict=True)) > self.max_len:
             raise InvalidRequestError("a sample would grow past the cache's max_len")
-        if self.valid is None:
-            return Layout.build(slots, starts, counts).to(self.k.device)
+        return starts
+
+    def plan(self, slots: list[int], counts: list[int]) -> Layout:
+        """Lay out one forward in which sample i (in `slots[i]`) appends `counts[i]` new tokens after its cache."""
+        return Layout.build(slots, self.starts(slots, counts), counts).to(self.k.device)
+
+    def pad(self, inputs: list[list[int]]) -> list[list[int]]:
+        """The tokens each sample feeds in one forward: its own, unpadded."""
+        return inputs
+
+    def advance(self, slots: list[int], counts: list[int]) -> None:
+        """Record that these samples keep `counts` more entries (accepted tokens only)."""
+        for s, c in zip(slots, counts, strict=True):
+            self.lengths[s] += c
+
+    def keep(self, slots: list[int], gained: list[int]) -> None:
+        """After a decode step: each sample keeps its input token and its accepted drafts."""
+        self.advance(slots, gained)
+
+
+class PaddedKVCache(KVCache):
+    """The vanilla layout EMS-SD is measured against: a step feeds every sample as many tokens as the longest
+    input, and every cache grows by the batch's largest gain, the entries a sample did not keep staying behind
+    as masked pads. No prefix is ever copied in (`Engine` shares prefixes only unpadded)."""
+
+    def __init__(self, n_layers: int, n_slots: int, *args, **kwargs):
+        super().__init__(n_layers, n_slots, *args, **kwargs)
+        self.positions = [0] * n_slots  # the position of the next token; a cache index is not one
+        self.valid = torch.zeros(n_slots, self.max_len, dtype=torch.bool)
+
+    def allocate(self) -> int:
+        slot = super().allocate()
+        self.positions[slot] = 0
+        self.valid[slot] = False
+        return slot
+
+    def grow(self, n_slots: int, max_len: int) -> None:
+        old_slots, old_len = self.n_slots, self.max_len
+        super().grow(n_slots, max_len)
+        self.positions += [0] * (n_slots - old_slots)
+        valid = torch.zeros(n_slots, max_len, dtype=torch.bool)
+        valid[:old_slots, :old_len] = self.valid
+        self.valid = valid
+
+    def load_prefix(self, dest: int, k: Tensor, v: Tensor, n: int) -> None:
+        raise InvalidRequestError("a padded cache takes no prefix")
+
+    def move(self, old: int, new: int) -> None:
+        super().move(old, new)
+        self.positions[new] = self.positions[old]
+        self.valid[new] = self.valid[old]
+
+    def plan(self, slots: list[int], counts: list[int]) -> Layout:
+        starts = self.starts(slots, counts)
         for s, start, c in zip(slots, starts, counts, strict=True):
             self.valid[s, start : start + c] = True
         positions = [self.positions[s] for s in slots]
         return Layout.build(slots, starts, counts, positions, self.valid).to(self.k.device)
 
-    def advance(self, slots: list[int], counts: list[int], grow: int | None = None) -> None:
-        """Record that these samples keep `counts` more entries (accepted tokens only). Padded: every cache grows by
-        `grow` (the batch's largest count) and the entries past a sample's own count become masked pads."""
+    def pad(self, inputs: list[list[int]]) -> list[list[int]]:
+        """Every sample's input padded to the longest with its own last token."""
+        n = max(map(len, inputs))
+        return [x + x[-1:] * (n - len(x)) for x in inputs]
+
+    def advance(self, slots: list[int], counts: list[int]) -> None:
         for s, c in zip(slots, counts, strict=True):
-            if self.valid is not None:
-                self.positions[s] += c
-                if grow is not None:
-                    self.valid[s, self.lengths[s] + c : self.lengths[s] + grow] = False
-                    c = grow
-            self.lengths[s] += c
+            self.positions[s] += c
+        super().advance(slots, counts)
+
+    def keep(self, slots: list[int], gained: list[int]) -> None:
+        """Every cache grows by the batch's largest gain; past a sample's own gain the entries are masked pads."""
+        grow = max(gained)
+        for s, c in zip(slots, gained, strict=True):
+            self.positions[s] += c
+            self.valid[s, self.lengths[s] + c : self.lengths[s] + grow] = False
+            self.lengths[s] += grow
 
 
 @dataclass
@@ -317,3 +366,27 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     while n < end and a[n] == b[n]:
         n += 1
     return n
+
+
+def share_prefixes(
+    prompts: list[list[int]], min_shared: int, known: Sequence[int] | None = None
+) -> tuple[list[int], dict[int, tuple[int, int]]]:
+    """Which prompts compute their own prefix (leaders) and which copy a shared prefix from a leader: {follower:
+    (leader, shared tokens)}, each prompt taking the earlier leader it shares most with, if at least `min_shared`
+    tokens and more than the `known[i]` tokens it can have elsewhere (the prefix store); a follower keeps at least
+    its last token to compute. None when `min_shared` is 0."""
+    if min_shared <= 0:
+        return list(range(len(prompts))), {}
+    leaders: list[int] = []
+    followers: dict[int, tuple[int, int]] = {}
+    for i, prompt in enumerate(prompts):
+        best, shared = -1, 0
+        for j in leaders:
+            n = common_prefix(prompt, prompts[j], len(prompt) - 1)
+            if n > shared:
+                best, shared = j, n
+        if shared >= min_shared and shared > (known[i] if known else 0):
+            followers[i] = (best, shared)
+        else:
+            leaders.append(i)
+    return leaders, followers

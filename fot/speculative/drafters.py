@@ -49,16 +49,12 @@ def draft_lengths(
     threshold: float,
     budget: int | None = None,
     cost: Callable[[int], float] | None = None,
-    draft_cost: Callable[[int], float] | None = None,
-    sequential: Sequence[bool] | None = None,
 ) -> list[int]:
     """How many tokens each sample drafts this step. Draft token j of sample i survives verification with
     probability about v = rates[i] ** j; tokens with v < `threshold` are not drafted, and at most `budget` of the
     likeliest are. Verifying a token costs compute even when it is rejected (much, once a batch is compute-bound,
-    as on CPU), so with `cost` (seconds of a verification forward over T tokens) the likeliest n tokens are kept, n
-    chosen to maximise the expected throughput (B + sum of their v) / step time of a batch of B samples. A drafter
-    that runs one forward per draft token (Kangaroo: the samples flagged `sequential`) also costs `draft_cost(p)`,
-    the seconds of drafting p tokens deep, p being the longest such draft: the step time is the sum of the two."""
+    as on CPU), so with `cost` (seconds of a forward over T tokens) the likeliest n tokens are kept, n chosen to
+    maximise the expected throughput (B + sum of their v) / cost(B + n) of a batch of B samples."""
     wanted = []
     for i, (rate, cap) in enumerate(zip(rates, caps, strict=True)):
         value = 1.0
@@ -71,15 +67,11 @@ def draft_lengths(
     if budget is not None:
         wanted = wanted[:budget]
     if cost is not None:
-        batch, deep = len(caps), sequential or [False] * len(caps)
-        drafting = draft_cost or (lambda passes: 0.0)
-        depth, longest = [0] * batch, 0
-        best, gain, best_rate = 0, float(batch), batch / (cost(batch) + drafting(0))
-        for n, (value, i) in enumerate(wanted, 1):
+        batch = len(caps)
+        best, gain, best_rate = 0, float(batch), batch / cost(batch)
+        for n, (value, _) in enumerate(wanted, 1):
             gain += value
-            depth[i] += 1
-            longest = max(longest, depth[i]) if deep[i] else longest
-            rate = gain / (cost(batch + n) + drafting(longest))
+            rate = gain / cost(batch + n)
             if rate > best_rate:
                 best, best_rate = n, rate
         wanted = wanted[:best]
@@ -87,3 +79,33 @@ def draft_lengths(
     for _, i in wanted:
         lengths[i] += 1
     return lengths
+
+
+class ForwardCost:
+    """Decode-forward time by token count T on this machine: a moving average per count seen, and linear
+    interpolation between counts (extrapolation past them), so that drafting can weigh a draft token's chance
+    against what verifying it costs here. No straight line fits: while a forward reads its weights once, a few
+    tokens cost about what one does, and past that each token adds its compute."""
+
+    def __init__(self, decay: float = 0.8):
+        self.decay = decay
+        self.seconds: dict[int, float] = {}
+
+    def record(self, tokens: int, seconds: float) -> None:
+        old = self.seconds.get(tokens)
+        self.seconds[tokens] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def known(self, tokens: int) -> bool:
+        return tokens in self.seconds
+
+    def __call__(self, tokens: int) -> float:
+        """Estimated seconds of a forward over `tokens` tokens (needs two counts seen)."""
+        if tokens in self.seconds:
+            return self.seconds[tokens]
+        counts = sorted(self.seconds)
+        if len(counts) < 2:
+            raise ValueError("the cost of a forward needs two token counts measured")
+        right = next((i for i, c in enumerate(counts) if c > tokens), len(counts) - 1)
+        lo, hi = counts[max(right - 1, 0)], counts[max(right, 1)]
+        slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
+        return max(self.seconds[lo] + slope * (tokens - lo), 0.0)

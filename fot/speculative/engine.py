@@ -13,104 +13,30 @@ drafter (prompt lookup, Kangaroo, the hybrid of both, none) sits behind one inte
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
-from fot.speculative import kernels
-from fot.speculative.cache import KVCache, PrefixStore, common_prefix
-from fot.speculative.drafters import Drafter, PromptLookup, draft_lengths
+from fot.speculative.cache import KVCache, PaddedKVCache, PrefixStore, share_prefixes
+from fot.speculative.drafters import Drafter, ForwardCost, PromptLookup, draft_lengths
 from fot.speculative.hybrid import Hybrid
 from fot.speculative.kangaroo import default_adapter_dir, load_adapter
+from fot.speculative.kernels import resolve_dtype
 from fot.speculative.model import Transformer
+from fot.speculative.outputs import EngineStats, Generation
+from fot.speculative.prompts import Prompt, encode_prompt, read_eos
 from fot.speculative.proposer import Batch, Proposal, Proposer, TokenProposer
 from fot.speculative.verify import accept_greedy, accept_sampled
-from fot.tasks.base import check_unicode
-
-ChatMessage = dict[str, str]
-Prompt = str | list[ChatMessage] | list[int]
-
-
-class Generation(BaseModel):
-    """One finished request."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    forward_passes: int  # that this request took part in (its prefill included)
-    draft_tokens: int = 0  # proposed by the drafter
-    accepted_tokens: int = 0  # drafts that verification kept
-    logprobs: list[float] | None = None  # of each generated token, under the model's unscaled distribution
-
-    @property
-    def generated_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def accept_length(self) -> float:
-        """Tokens gained per decoding step after the prefill (1.0 without speculation)."""
-        steps = self.forward_passes - 1
-        return 1.0 + self.accepted_tokens / steps if steps else 1.0
-
-    @property
-    def mean_logprob(self) -> float | None:
-        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else None
-
-
-@dataclass
-class EngineStats:
-    """Usage counters (every backend reports the same ones): `Engine.stats` over the engine's lifetime,
-    `Engine.last_stats` for the last `generate` call (one batch)."""
-
-    requests: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    forward_passes: int = 0
-    decode_steps: int = 0  # (sample, decode forward) pairs: how often some sample was advanced after its prefill
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    reused_prompt_tokens: int = 0  # prompt tokens whose cache entries were copied (an earlier prompt, the store)
-    cancelled: int = 0  # samples dropped before they finished (their caller went away)
-    prefill_seconds: float = 0.0  # wall time in prefill forwards, and in everything else (decode, draft, verify)
-    decode_seconds: float = 0.0
-    source_drafts: dict[str, int] = field(default_factory=dict)  # draft tokens by the drafter that made them
-    source_accepted: dict[str, int] = field(default_factory=dict)  # (the hybrid has two: "lookup", "kangaroo")
-
-    @property
-    def accept_length(self) -> float:
-        """Mean tokens gained per sample per decoding step (EMS-SD's and Kangaroo's "accepted length")."""
-        return 1.0 + self.accepted_tokens / self.decode_steps if self.decode_steps else 1.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-    def snapshot(self) -> EngineStats:
-        """A copy of the counters now, for `since` (the per-source counts copied too, not shared)."""
-        return replace(self, source_drafts=dict(self.source_drafts), source_accepted=dict(self.source_accepted))
-
-    def since(self, earlier: EngineStats) -> EngineStats:
-        """What was counted after `earlier` (a `snapshot` taken then)."""
-
-        def minus(now, then):
-            if isinstance(now, dict):
-                return {k: v - then.get(k, 0) for k, v in now.items() if v != then.get(k, 0)}
-            return now - then
-
-        return EngineStats(**{name: minus(getattr(self, name), getattr(earlier, name)) for name in vars(self)})
 
 
 @dataclass
@@ -133,65 +59,6 @@ class _Sequence:
     trials: dict[str, float] = field(default_factory=dict)
     finish: Literal["stop", "length"] | None = None
     text: str | None = None
-
-
-class CostCurve:
-    """Seconds by count on this machine (a verification forward by its token count, drafting by its depth): a
-    moving average per count seen, and linear interpolation between counts (extrapolation past them), so that
-    drafting can weigh a draft token's chance against what it costs here. No straight line fits: while a forward
-    reads its weights once, a few tokens cost about what one does, and past that each token adds its compute."""
-
-    def __init__(self, decay: float = 0.8):
-        self.decay = decay
-        self.seconds: dict[int, float] = {}
-
-    def record(self, tokens: int, seconds: float) -> None:
-        old = self.seconds.get(tokens)
-        self.seconds[tokens] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
-
-    def known(self, tokens: int) -> bool:
-        return tokens in self.seconds
-
-    def __call__(self, tokens: int) -> float:
-        """Estimated seconds at count `tokens` (needs two counts seen)."""
-        if tokens in self.seconds:
-            return self.seconds[tokens]
-        counts = sorted(self.seconds)
-        if len(counts) < 2:
-            raise ValueError("a cost curve needs two counts measured")
-        right = next((i for i, c in enumerate(counts) if c > tokens), len(counts) - 1)
-        lo, hi = counts[max(right - 1, 0)], counts[max(right, 1)]
-        slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
-        return max(self.seconds[lo] + slope * (tokens - lo), 0.0)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls only pay off with native instructions (AVX512-BF16 or AMX); on AVX2 they are emulated and slow."""
-    return bool({"avx512_bf16", "amx_bf16"} & kernels.cpu_flags())
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """dtype "auto": bf16 on an accelerator, and on a CPU where our kernels run (AVX512-BF16): there every decoding
-    and verification op is batch-invariant, so greedy speculative output is plain output token for token in bf16
-    too, at half the weight bytes of fp32. Elsewhere on CPU fp32, the only dtype in which oneDNN's and SDPA's
-    rounding cannot part a verification forward from a one-token forward. "fast": bf16 wherever bf16 is fast
-    (an accelerator, or a CPU with AVX512-BF16/AMX), kernels or not. The embedded checkpoints are fp32
-    de-quantizations of their GGUF: "float32" runs them exactly as they are."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device != "cpu" or kernels.load() is not None else torch.float32
-    if dtype == "fast":
-        return torch.bfloat16 if device != "cpu" or cpu_has_fast_bf16() else torch.float32
-    named = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if dtype not in named:
-        raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, fast, float32 or bfloat16")
-    return named[dtype]
 
 
 class Engine:
@@ -234,7 +101,7 @@ class Engine:
 
     def set_speculative(self, speculative: SpeculativeConfig | dict | str | None, drafter: Drafter | None = None):
         """Switch how the engine drafts (between runs: refused while requests are in flight). The prefix store and
-        the cost measurements start afresh: a Kangaroo cache keeps one more layer than a plain one, and
+        the forward-cost measurements start afresh: a Kangaroo cache keeps one more layer than a plain one, and
         what one drafter measured or cached must not speed up the next one's run."""
         if not self.idle:
             raise InvalidRequestError("the drafter can change only while the engine runs nothing")
@@ -242,8 +109,7 @@ class Engine:
         self.proposer = make_proposer(self.model, spec, drafter)
         if self.pack:
             self.proposer.pack()
-        self.verify_cost = CostCurve()  # a verification forward, by its token count
-        self.draft_cost: dict[int, CostCurve] = {}  # by batch size: drafting, by its depth (`Proposal.passes`)
+        self.forward_cost = ForwardCost()
         self.prefix_store = PrefixStore(self.prefix_cache_mib << 20, min_new=max(self.min_shared_prefix, 1))
 
     @classmethod
@@ -258,7 +124,8 @@ class Engine:
         pack = kw.get("pack", True) and device == "cpu"  # then each weight is read straight into its packed layout
         net = Transformer.from_pretrained(folder, resolve_dtype(dtype, device), pack=pack)
         net = net if pack else net.to(device)  # a packed model stays on the CPU
-        return cls(net, AutoTokenizer.from_pretrained(folder), eos_ids=read_eos(folder), **kw)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return cls(net, tokenizer, eos_ids=read_eos(folder), **kw)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def tokenize(self, prompt: Prompt) -> list[int]:
@@ -394,7 +261,7 @@ class Engine:
             a = self.model.args
             layers = a.n_layers + self.proposer.extra_layers  # Kangaroo's adapter keeps its KV as one more layer
             shape = (layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
-            self.cache = KVCache(*shape, self.model.dtype, device=self.device, padded=self.padded)
+            self.cache = (PaddedKVCache if self.padded else KVCache)(*shape, self.model.dtype, device=self.device)
         elif n_slots > self.cache.n_slots or max_len > self.cache.max_len:  # by half at least: copies are rare
             c = self.cache
             c.grow(max(n_slots, min(self.max_batch, c.n_slots * 3 // 2)), max(max_len, c.max_len * 3 // 2))
@@ -453,19 +320,13 @@ class Engine:
         slots = [s.slot for s in seqs]
         start = time.perf_counter()
         proposal = self.proposer.propose(self.batch(seqs), cache)
-        drafted = self.clock()
-        self.draft_cost.setdefault(len(seqs), CostCurve()).record(proposal.passes, drafted - start)
-        inputs = [[s.out[-1], *d] for s, d in zip(seqs, proposal.drafts, strict=True)]
-        if self.padded:  # the vanilla baseline: pad to the longest
-            n = max(map(len, inputs))
-            inputs = [x + x[-1:] * (n - len(x)) for x in inputs]
+        inputs = cache.pad([[s.out[-1], *d] for s, d in zip(seqs, proposal.drafts, strict=True)])
         counts = [len(x) for x in inputs]
         tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
         logits = self.proposer.verify(tokens, cache.plan(slots, counts), cache, proposal)
-        self.verify_cost.record(len(tokens), self.clock() - drafted)
+        self.forward_cost.record(len(tokens), self.clock() - start)  # drafting included: it is part of the cost
         gained = self.accept(seqs, logits, proposal, list(accumulate(counts, initial=0))[:-1])
-        # each cache keeps its input token plus the accepted drafts (padded: all grow by the batch's most)
-        cache.advance(slots, gained, grow=max(gained) if self.padded else None)
+        cache.keep(slots, gained)
         self.stats.decode_steps += len(seqs)
 
     def batch(self, seqs: list[_Sequence]) -> Batch:
@@ -478,7 +339,7 @@ class Engine:
             caps=[min(most, s.params.max_tokens - len(s.out) - 1) for s in seqs],
             rates=lambda source: self.acceptance_rates(seqs, source),
             threshold=spec.draft_threshold if spec else 1.0,
-            afford=lambda lengths, rates, deep: self.affordable(seqs, lengths, rates, deep),
+            afford=lambda lengths, rates: self.affordable(seqs, lengths, rates),
         )
 
     def clock(self) -> float:
@@ -494,30 +355,18 @@ class Engine:
         sample whose drafts stopped being accepted try again later."""
         return [(s.hits.get(source, 0.0) + 1) / (s.trials.get(source, 0.0) + 2) for s in seqs]
 
-    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float], deep: list[bool]) -> list[int]:
+    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float]) -> list[int]:
         """Of lengths[i] possible draft tokens of sample i, each kept with probability about rates[i] ** j, how many
         to verify: within the batch's per-step budget, and with `cost_aware` the count that maximises the expected
-        tokens per second on this machine. `deep[i]`: sample i's drafter runs a forward per draft token. Verifying
-        and drafting are timed apart: a step without drafts is measured first (one per batch size), then a step
-        with every draft, so that each cost has two counts before the cost model decides."""
-        spec, batch = self.speculative, len(seqs)
-        if not spec.cost_aware:
-            return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step)
-        drafting = self.draft_cost.get(batch)
-        if drafting is None or not self.verify_cost.known(batch):
-            return [0] * batch
-        sequential = any(d and n for d, n in zip(deep, lengths, strict=True))
-        if len(self.verify_cost.seconds) < 2 or (sequential and len(drafting.seconds) < 2):
-            return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step)
-        return draft_lengths(
-            rates,
-            lengths,
-            0.0,
-            spec.max_draft_tokens_per_step,
-            self.verify_cost,
-            drafting,
-            deep if sequential else None,
-        )
+        tokens per second on this machine. The cost of a step without drafts is measured first (one such step per
+        batch size), then at least one other token count (a step with every draft) before the cost model decides."""
+        spec = self.speculative
+        cost = self.forward_cost if spec.cost_aware else None
+        if cost is not None and not cost.known(len(seqs)):
+            return [0] * len(seqs)
+        if cost is not None and len(cost.seconds) < 2:
+            cost = None
+        return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step, cost)
 
     def accept(self, seqs: list[_Sequence], logits: Tensor, proposal: Proposal, firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.
@@ -607,57 +456,3 @@ def make_proposer(model: Transformer, spec: SpeculativeConfig | None, drafter: D
         options["threshold"] = spec.confidence_threshold
     kangaroo = load_adapter(spec.adapter or default_adapter_dir(model), model, **options)
     return kangaroo if spec.method == "kangaroo" else Hybrid(kangaroo, lookup)
-
-
-def share_prefixes(
-    prompts: list[list[int]], min_shared: int, known: Sequence[int] | None = None
-) -> tuple[list[int], dict[int, tuple[int, int]]]:
-    """Which prompts compute their own prefix (leaders) and which copy a shared prefix from a leader: {follower:
-    (leader, shared tokens)}, each prompt taking the earlier leader it shares most with, if at least `min_shared`
-    tokens and more than the `known[i]` tokens it can have elsewhere (the prefix store); a follower keeps at least
-    its last token to compute. None when `min_shared` is 0."""
-    if min_shared <= 0:
-        return list(range(len(prompts))), {}
-    leaders: list[int] = []
-    followers: dict[int, tuple[int, int]] = {}
-    for i, prompt in enumerate(prompts):
-        best, shared = -1, 0
-        for j in leaders:
-            n = common_prefix(prompt, prompts[j], len(prompt) - 1)
-            if n > shared:
-                best, shared = j, n
-        if shared >= min_shared and shared > (known[i] if known else 0):
-            followers[i] = (best, shared)
-        else:
-            leaders.append(i)
-    return leaders, followers
-
-
-def encode_prompt(tokenizer, prompt: str | list[ChatMessage]) -> list[int]:
-    """Token ids of a text prompt, or of chat messages rendered with the model's chat template (ending in an
-    assistant message: that message is continued). Every backend that tokenizes locally uses this, so the same
-    request means the same tokens everywhere."""
-    if isinstance(prompt, str):
-        check_unicode(prompt, "the prompt")
-        return tokenizer(prompt)["input_ids"]
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-        for m in prompt:
-            check_unicode(str(m.get("content", "")), "a chat message")
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError("chat messages given but the tokenizer has no chat template")
-        # a last assistant message is a prefix to continue (a repaired answer), not a finished turn
-        go_on = prompt[-1].get("role") == "assistant"
-        text = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=not go_on, continue_final_message=go_on, tokenize=False
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    raise InvalidRequestError(f"a prompt must be text, chat messages or in-vocabulary token ids, got {prompt!r:.80}")
-
-
-def read_eos(folder: Path) -> list[int]:
-    """End-of-sequence ids from generation_config.json (an int or a list), if present."""
-    path = folder / "generation_config.json"
-    if not path.exists():
-        return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

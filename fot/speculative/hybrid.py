@@ -38,8 +38,7 @@ class Hybrid:
         looked = self.lookup.propose(batch.contexts, draft_lengths(lookup_rates, batch.caps, batch.threshold))
         wanted = [len(d) if d else min(kg.max_steps, c) for d, c in zip(looked, batch.caps, strict=True)]
         rates = [lr if d else kr for d, lr, kr in zip(looked, lookup_rates, kangaroo_rates, strict=True)]
-        # one budget over both kinds of draft, each at its own acceptance rate; Kangaroo's drafts cost a forward each
-        keep = batch.afford(wanted, rates, [not d for d in looked])
+        keep = batch.afford(wanted, rates)  # one budget over both kinds of draft, each at its own acceptance rate
         given = [d[:k] for d, k in zip(looked, keep, strict=True)]
         proposal = kg.run(batch, cache, given, [0 if d else k for d, k in zip(looked, keep, strict=True)])
         proposal.sources = ["lookup" if g else "kangaroo" for g in given]

@@ -91,9 +91,7 @@ class KangarooDrafter:
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
         """Each sample drafts until its own early exit, no further than pays on this machine (`batch.afford`)."""
-        caps = batch.afford(
-            [min(self.max_steps, c) for c in batch.caps], batch.rates("kangaroo"), [True] * len(batch.caps)
-        )
+        caps = batch.afford([min(self.max_steps, c) for c in batch.caps], batch.rates("kangaroo"))
         return self.run(batch, cache, [[] for _ in batch.slots], caps)
 
     def run(self, batch: Batch, cache: KVCache, given: list[list[int]], caps: list[int]) -> Proposal:
@@ -102,10 +100,9 @@ class KangarooDrafter:
         new = [[ctx[-1], *g] for ctx, g in zip(batch.contexts, given, strict=True)]
         starts = [cache.lengths[slot] for slot in batch.slots]
         drafts, hidden = self.draft(new, batch.slots, starts, caps, cache)
-        passes = max(map(len, drafts), default=0)  # one shallow forward per draft token, after the first
         drafts = [g + d for g, d in zip(given, drafts, strict=True)]
         flat = torch.stack([row for rows in hidden for row in rows])
-        return Proposal(drafts, ["kangaroo"] * len(drafts), flat, passes)
+        return Proposal(drafts, ["kangaroo"] * len(drafts), flat)
 
     def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
         """Layers k+1..L over the shallow states the drafting kept."""

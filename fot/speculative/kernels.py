@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fot.errors import KernelBuildError
+from fot.errors import InvalidRequestError, KernelBuildError
 from fot.files import locked, sha256
 
 COLUMNS = 64  # kernels.cpp's kColumns: output columns (weight rows) per block of `pack`'s layout
@@ -147,3 +147,32 @@ def load():
     except Exception as e:  # no compiler, no ninja, ...: the engine still runs, on oneDNN only
         warnings.warn(f"fot: the CPU decoding kernels could not be built, using oneDNN only: {e}", stacklevel=2)
         return None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls only pay off with native instructions (AVX512-BF16 or AMX); on AVX2 they are emulated and slow."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """dtype "auto": bf16 on an accelerator, and on a CPU where our kernels run (AVX512-BF16): there every decoding
+    and verification op is batch-invariant, so greedy speculative output is plain output token for token in bf16
+    too, at half the weight bytes of fp32. Elsewhere on CPU fp32, the only dtype in which oneDNN's and SDPA's
+    rounding cannot part a verification forward from a one-token forward. "fast": bf16 wherever bf16 is fast
+    (an accelerator, or a CPU with AVX512-BF16/AMX), kernels or not. The embedded checkpoints are fp32
+    de-quantizations of their GGUF: "float32" runs them exactly as they are."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device != "cpu" or load() is not None else torch.float32
+    if dtype == "fast":
+        return torch.bfloat16 if device != "cpu" or cpu_has_fast_bf16() else torch.float32
+    named = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in named:
+        raise InvalidRequestError(f"unknown dtype {dtype!r}; use auto, fast, float32 or bfloat16")
+    return named[dtype]

@@ -121,7 +121,7 @@ class Linear(nn.Linear):
     """nn.Linear that runs on one packed copy of its weight once packed. Where this CPU runs our kernels, that copy
     is `kernels.pack`'s layout, read by `kernels.matmul` for any number of rows: the plain weight is then dropped
     (a meta tensor keeps its shape and dtype; `rows` reads it back). Elsewhere it is oneDNN's prepacked copy (on
-    CPU about 2x faster than eager for more than one row, with no compilation), beside the plain weight."""
+    CPU faster than eager for more than one row, with no compilation), beside the plain weight."""
 
     blocked: Tensor | None = None  # `kernels.pack(weight)`, the only copy, read by `matmul`
     matmul = None

@@ -36,9 +36,8 @@ class Batch:
     caps: list[int]  # at most this many draft tokens (num_speculative_tokens, and the sample's max_tokens left)
     rates: Callable[[str], list[float]]  # a drafter's recent acceptance rate in each sample (by drafter name)
     threshold: float  # a token drafter drafts token j only while rate ** j >= threshold
-    # of n[i] possible draft tokens, each kept with probability about rate[i] ** j, how many pay for what they cost;
-    # the third argument flags the samples whose drafter runs a forward per draft token (Kangaroo)
-    afford: Callable[[list[int], list[float], list[bool]], list[int]]
+    # of n[i] possible draft tokens, each kept with probability about rate[i] ** j, how many pay for their verification
+    afford: Callable[[list[int], list[float]], list[int]]
 
     @cached_property
     def contexts(self) -> list[list[int]]:
@@ -48,13 +47,11 @@ class Batch:
 @dataclass
 class Proposal:
     """Each sample's draft; `hidden` holds the layer-k states of every token to verify (the fed token, then the
-    draft, sample after sample) when verification starts there; `sources` names each sample's drafter; `passes`
-    counts the drafting forwards made one after another (the longest draft of a drafter that runs one per token)."""
+    draft, sample after sample) when verification starts there; `sources` names each sample's drafter."""
 
     drafts: list[list[int]]
     sources: list[str] = field(default_factory=list)
     hidden: Tensor | None = None
-    passes: int = 0
 
 
 class Proposer(Protocol):
@@ -98,7 +95,7 @@ class TokenProposer:
         for d, k in zip(drafts, limits, strict=True):
             if len(d) > k:
                 raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
-        keep = batch.afford([len(d) for d in drafts], rates, [False] * len(drafts))
+        keep = batch.afford([len(d) for d in drafts], rates)
         return Proposal([d[:k] for d, k in zip(drafts, keep, strict=True)], [self.name] * len(drafts))
 
     def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:

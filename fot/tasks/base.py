@@ -14,6 +14,7 @@ class Task(Protocol):
     """One kind of problem. Pure Python and thread-safe: the search calls tasks from worker threads."""
 
     name: str
+    tree: str  # the kind of reasoning tree that searches it in a forest: "mctsr" (free-form answers) or "tot"
     # rule checks that recompute an answer's claims and say where to repair it (fot.tasks.checks), by name;
     # "code" and "arithmetic" are switched by CorrectionConfig, and their counts are in SolveUsage
     checks: Mapping[str, Check]

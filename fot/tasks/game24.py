@@ -298,6 +298,7 @@ class Game24Task:
     """Game of 24 puzzles; answers are expressions like '(10 - 4) * (1 + 3)'."""
 
     name = "game24"
+    tree = "tot"  # a step is one arithmetic operation, each checked exactly
     checks = MappingProxyType({})  # its rule, exact recomputation of every step, is `check`, run by ToT per step
 
     def parse(self, problem: str) -> str:

@@ -204,6 +204,7 @@ class MathTask:
     """GSM8K- and MATH-style problems: free-form reasoning with one final answer."""
 
     name = "math"
+    tree = "mctsr"
     checks = MappingProxyType({"code": check_code, "arithmetic": check_arithmetic})
 
     def parse(self, problem: str) -> str:

@@ -49,15 +49,18 @@ class Tree(Protocol):
 
 class Batcher:
     """A barrier in front of a backend: `generate` calls from `participants` coroutines are sent as one batch once
-    all of those still running are waiting. A coroutine that finishes its step must `leave()`."""
+    all of those still running are waiting. A coroutine that finishes its step must `leave()`. With `lockstep`
+    False each call goes to the backend at once: a tree whose answer was short moves on without waiting for the
+    others, and the backend's own continuous batching merges what arrives together."""
 
     def __init__(
         self,
         backend: Backend,
         participants: int,
         meter: Callable[[list[Request], list[Completion]], None] | None = None,
+        lockstep: bool = True,
     ):
-        self.backend, self.participants, self.meter = backend, participants, meter
+        self.backend, self.participants, self.meter, self.lockstep = backend, participants, meter, lockstep
         self.waiting: list[tuple[list[Request], asyncio.Future]] = []
         self.calls = 0  # backend calls made: one per phase of a step
         self.tasks: set[asyncio.Task] = set()
@@ -81,7 +84,7 @@ class Batcher:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _maybe_flush(self) -> None:
-        if self.waiting and len(self.waiting) >= self.participants:
+        if self.waiting and (not self.lockstep or len(self.waiting) >= self.participants):
             batch, self.waiting = self.waiting, []
             task = asyncio.ensure_future(self._flush(batch))
             self.tasks.add(task)

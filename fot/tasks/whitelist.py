@@ -1,0 +1,82 @@
+"""What the safe interpreter (fot.tasks.interpreter) may run: the whitelist of statements, expressions, names,
+modules and methods, checked over a program's whole `ast` before any of it runs."""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Iterator
+from fractions import Fraction
+
+MATH = {
+    name: getattr(math, name)
+    for name in (
+        "sqrt", "floor", "ceil", "trunc", "fabs", "gcd", "lcm", "log", "log2", "log10", "exp", "sin", "cos",
+        "tan", "asin", "acos", "atan", "atan2", "hypot", "degrees", "radians", "isclose", "pi", "e", "tau", "inf",
+        "isqrt", "fsum", "copysign", "fmod", "modf", "pow",
+    )
+}  # fmt: skip
+SYMPY = {"Rational": Fraction, "Integer": int}  # what `import sympy` binds: exact fractions print as sympy's do
+COUNTING = {"factorial": math.factorial, "comb": math.comb, "perm": math.perm}  # bounded arguments: see counting
+MODULES = {"math": MATH | COUNTING, "sympy": SYMPY}
+METHODS = {
+    list: {"append", "extend", "pop", "insert", "index", "count", "sort", "reverse", "copy"},
+    dict: {"items", "keys", "values", "get", "copy", "pop", "update"},
+    str: {"upper", "lower", "strip", "split", "join", "startswith", "endswith", "count"},
+    int: {"is_integer"},
+    float: {"is_integer"},
+}
+STATEMENTS = (
+    ast.Module, ast.Expr, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.If, ast.For, ast.While, ast.Break,
+    ast.Continue, ast.Pass, ast.FunctionDef, ast.Return, ast.Import, ast.ImportFrom,
+)  # fmt: skip
+EXPRESSIONS = (
+    ast.Constant, ast.Name, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.List, ast.Tuple,
+    ast.Dict, ast.Subscript, ast.Slice, ast.Call, ast.Attribute, ast.ListComp, ast.GeneratorExp, ast.comprehension,
+    ast.JoinedStr, ast.FormattedValue, ast.keyword, ast.arguments, ast.arg, ast.alias,
+)  # fmt: skip
+CONTEXTS_AND_OPERATORS = (
+    ast.Load, ast.Store, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
+    ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn,
+)  # fmt: skip
+FORBIDDEN_NAMES = {"eval", "exec", "open", "getattr", "setattr", "delattr", "globals", "locals", "vars", "compile",
+                   "input", "breakpoint", "help", "type", "object", "super", "memoryview", "dir"}  # fmt: skip
+
+
+ITERABLE = (list, tuple, dict, str, range, Iterator, type({}.items()), type({}.keys()), type({}.values()))
+
+
+class NotCheckable(Exception):
+    """The code uses something outside the whitelist: it is not run at all."""
+
+
+def check_whitelist(tree: ast.AST) -> None:
+    """Raise NotCheckable at the first node or name outside the whitelist."""
+    allowed = STATEMENTS + EXPRESSIONS + CONTEXTS_AND_OPERATORS
+    for node in ast.walk(tree):
+        if not isinstance(node, allowed):
+            raise NotCheckable(f"{type(node).__name__} is not allowed")
+        if isinstance(node, ast.Name) and (node.id.startswith("_") and node.id != "_" or node.id in FORBIDDEN_NAMES):
+            raise NotCheckable(f"the name {node.id!r} is not allowed")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise NotCheckable(f"the attribute {node.attr!r} is not allowed")
+        if isinstance(node, ast.arg | ast.FunctionDef) and (
+            node.arg if isinstance(node, ast.arg) else node.name
+        ).startswith("_"):
+            raise NotCheckable("names beginning with '_' are not allowed")
+        if isinstance(node, ast.Import) and any(a.name not in MODULES for a in node.names):
+            raise NotCheckable("only `import math` and `import sympy` are allowed")
+        if isinstance(node, ast.ImportFrom) and (
+            node.module not in MODULES or any(a.name not in MODULES[node.module] for a in node.names)
+        ):
+            raise NotCheckable("only the allowed names of math and sympy may be imported")
+        if isinstance(node, ast.FunctionDef):
+            a = node.args
+            if node.decorator_list or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
+                raise NotCheckable("only plain functions with positional parameters are allowed")
+        if isinstance(node, ast.comprehension) and (node.is_async or not isinstance(node.target, ast.Name | ast.Tuple)):
+            raise NotCheckable("only simple comprehensions are allowed")
+        if isinstance(node, ast.ListComp | ast.GeneratorExp) and len(node.generators) != 1:
+            raise NotCheckable("a comprehension may have one `for` only")
+        if isinstance(node, ast.FormattedValue) and node.conversion not in (-1, ord("s"), ord("r")):
+            raise NotCheckable("unknown f-string conversion")
