@@ -102,6 +102,7 @@ def barrier(backend, args, config: dict) -> dict:
     for _ in range(args.turns):
         for mode in runs:
             cfg = {**config, "lockstep": mode == "lockstep"}
+            asyncio.run(backend.set_speculative(backend.engine.speculative))  # an empty prefix store for each run
             t = time.perf_counter()
             one = asyncio.run(asolve(PROBLEMS[4], backend=backend, trees=4, config=cfg, seed=0))
             mid = time.perf_counter()
@@ -170,16 +171,19 @@ def main() -> None:
         f"\n{len(problems)} problems, MCTSr {rollouts} rollouts, {max_tokens}-token answers, {args.model}, "
         f"native+SD, {args.device}"
     )
-    print(f"{'forest':28} {'seconds':>8} {'tokens':>8} {'tok/s':>7}")
-    for name, s, tok in [
-        ("1 tree", one_s, one_tok),
-        ("4 trees, dense", four_s, four_tok),
-        ("4 trees, sparse (top 2)", sp_s, sp_tok),
-    ]:
-        print(f"{name:28} {s:8.1f} {tok:8d} {tok / s:7.1f}")
-    print(f"4 trees / 1 tree wall time = {ratio:.2f}x for {four_tok / max(one_tok, 1):.2f}x the tokens (goal <= 1.5x)")
     dense_share = sp_tok / max(four_tok, 1)
-    print(f"sparse activation: {sp_tok} tokens vs {four_tok} dense ({dense_share:.2f}x); est. saved {sp_saved}")
+    if "batching" in parts:
+        print(f"{'forest':28} {'seconds':>8} {'tokens':>8} {'tok/s':>7}")
+        for name, s, tok in [
+            ("1 tree", one_s, one_tok),
+            ("4 trees, dense", four_s, four_tok),
+            ("4 trees, sparse (top 2)", sp_s, sp_tok),
+        ]:
+            print(f"{name:28} {s:8.1f} {tok:8d} {tok / s:7.1f}")
+        print(
+            f"4 trees / 1 tree wall time = {ratio:.2f}x for {four_tok / max(one_tok, 1):.2f}x the tokens (goal <= 1.5x)"
+        )
+        print(f"sparse activation: {sp_tok} tokens vs {four_tok} dense ({dense_share:.2f}x); est. saved {sp_saved}")
     if barriers:
         print(f"\nbarrier ({args.turns} turns, median seconds, greedy): one 4-tree solve; solve_many over 8 problems")
         for mode, r in barriers.items():
@@ -189,13 +193,12 @@ def main() -> None:
                 f"{many['seconds']:7.1f} s {many.get('speedup', 1.0):5.2f}x  same answers "
                 f"{one.get('same_answers', 1) + many.get('same_answers', len(PROBLEMS))}/{1 + len(PROBLEMS)}"
             )
-    print(
-        f"\ndrafters ({args.turns} turns, median seconds): one 4-tree solve; solve_many over {len(PROBLEMS)} problems"
-    )
-    print(
-        f"{'drafter':14} {'solve s':>8} {'x':>6} {'tokens':>7} {'many s':>8} {'x':>6} {'tokens':>7} {'accept':>7}"
-        "  same  answers"
-    )
+    if drafters:
+        print(f"\ndrafters ({args.turns} turns, median seconds): one 4-tree solve; solve_many over 8 problems")
+        print(
+            f"{'drafter':14} {'solve s':>8} {'x':>6} {'tokens':>7} {'many s':>8} {'x':>6} {'tokens':>7} {'accept':>7}"
+            "  same  answers"
+        )
     for name, r in drafters.items():
         if "unavailable" in r:
             print(f"{name:14} not run: {r['unavailable']}")

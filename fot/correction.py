@@ -60,7 +60,7 @@ class MathCorrector:
         checks: Mapping[str, Check] | None = None,
         refine: bool = True,
     ):
-        self.task, self.threshold, self.usage, self.seed = task, threshold, usage, seed
+        self.task, self.threshold, self.usage, self.base, self.seed = task, threshold, usage, seed, seed
         self.max_tokens, self.refine = max_tokens, refine
         self.checks = dict(task.checks if checks is None else checks)
         self.repairs: list[Repair] = []
@@ -71,9 +71,14 @@ class MathCorrector:
         lp = c.mean_logprob
         return (lp is not None and lp < self.threshold) or bool(self.task.check(problem, c.text))
 
-    def next_seed(self) -> int:
-        self.seed += 1
-        return self.seed
+    def seed_for(self, request: Request, i: int, kind: int) -> int:
+        """The seed of a correction of answer i to `request`: a function of that request's own seed, so the same
+        whatever order the trees' answers arrive in (without the lock-step barrier, the order they finish in)."""
+        own = request.params.seed
+        if own is None:  # a request without a seed: counted, in the order of the calls
+            self.seed += 1
+            return self.seed
+        return (self.base * 1_000_003 + own * 257 + i * 4 + kind) % 2**63
 
     def failure(self, problem: str, c: Completion) -> Failure | None:
         """The earliest wrong claim any check finds in the answer (each check counted in the usage)."""
@@ -114,7 +119,7 @@ class MathCorrector:
                 del failures[i]
         redo = [i for i, c in enumerate(done) if i not in failures and before[i] is None and self.needs(problem, c)]
         critique = "The answer may be wrong or unclear. Check every step and the final answer."
-        reqs = [self.continuation(requests[i], failures[i]) for i in failures]
+        reqs = [self.continuation(requests[i], failures[i], self.seed_for(requests[i], i, 1)) for i in failures]
         for i in redo:
             content = REFINE.format(problem=problem, answer=done[i].text, critique=critique)
             reqs.append(
@@ -122,7 +127,7 @@ class MathCorrector:
                     [{"role": "user", "content": content}],
                     max_tokens=self.max_tokens,
                     logprobs=True,
-                    seed=self.next_seed(),
+                    seed=self.seed_for(requests[i], i, 2),
                 )
             )
         answers = await gen(reqs)  # with no requests, it still takes part in this phase, so the batch goes on
@@ -146,7 +151,7 @@ class MathCorrector:
         shown = actual if value is None or "." not in actual else f"{value:.10g}"  # 78.94999999999999 -> 78.95
         return f"{f.prefix}The answer is {shown}."
 
-    def continuation(self, request: Request, f: Failure) -> Request:
+    def continuation(self, request: Request, f: Failure, seed: int) -> Request:
         """Go on from the corrected prefix: the same question, the answer so far as the assistant's message."""
         messages = request.prompt if isinstance(request.prompt, list) else [{"role": "user", "content": request.prompt}]
         left = max(self.max_tokens // 2, 32)
@@ -154,7 +159,7 @@ class MathCorrector:
             [*messages, {"role": "assistant", "content": f.prefix}],
             max_tokens=left,
             logprobs=True,
-            seed=self.next_seed(),
+            seed=seed,
         )
 
     def better(self, problem: str, new: Completion, old: Completion) -> bool:

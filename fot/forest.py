@@ -15,8 +15,10 @@ The four parts, as the paper names them:
                        recomputed exactly and repaired or dropped (in fot.trees.tot);
   CGED                 majority / plurality / expert / chain-of-thought fallback (fot.consensus); the search stops
                        early once one answer holds more than half of the trees.
-At every step all expansions of all activated trees reach the backend as ONE batch (fot.trees.base.Batcher;
-`lockstep=False`: each tree's call at once, merged by the backend's continuous batching).
+Steps are in step: every tree ends a step before sparse activation picks who takes the next. Within a step each
+tree's call goes to the backend at once, where continuous batching merges what arrives together; with
+`lockstep=True` each phase of a step waits for every tree and reaches the backend as ONE batch
+(fot.trees.base.Batcher).
 The search never sees a gold answer: nothing here can stop on a correct one.
 """
 
@@ -95,7 +97,9 @@ class ForestConfig(BaseModel):
     correction: CorrectionConfig = CorrectionConfig()
     program_trees: int = Field(0, ge=0, le=MAX_TREES)  # math: the last trees (never tree 0) answer with a program
     early_stop: bool = True
-    lockstep: bool = True  # each phase of a step waits for every tree, and goes to the backend as one batch
+    # True: each phase of a step waits for every tree and goes to the backend as one batch; False: each tree's call
+    # goes at once, and the backend's continuous batching merges them (a short answer does not wait for the longest)
+    lockstep: bool = False
     sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=2**63)
 

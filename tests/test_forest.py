@@ -102,9 +102,9 @@ def test_a_failed_node_is_marked_the_search_goes_on_and_the_solve_fails():
 
 
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------
-def test_each_phase_of_a_step_is_one_backend_batch():
+def test_with_lockstep_each_phase_of_a_step_is_one_backend_batch():
     backend = ScriptedBackend(math_script())
-    cfg = {"mctsr": {"rollouts": 1}, "early_stop": False, "sparse": {"enabled": False}}
+    cfg = {"mctsr": {"rollouts": 1}, "early_stop": False, "sparse": {"enabled": False}, "lockstep": True}
     sol = solve("What is 40 + 2?", backend, trees=4, config=cfg)
     sizes = [len(b) for b in backend.batches]
     # start: 4 first answers, then 4 x 2 rewards (answer + dummy); one rollout: 4 critiques, 4 refines, 4 rewards
@@ -113,12 +113,12 @@ def test_each_phase_of_a_step_is_one_backend_batch():
 
 
 def test_without_lockstep_each_trees_call_goes_to_the_backend_at_once():
-    """lockstep=False: no barrier, every tree's call is its own backend call (the backend merges them), and the
-    search is the same: same answer, same requests."""
+    """lockstep=False (the default): no barrier, every tree's call is its own backend call (the backend merges
+    them), and the search is the same: same answer, same requests."""
     cfg = {"mctsr": {"rollouts": 1}, "early_stop": False, "sparse": {"enabled": False}}
     together, apart = ScriptedBackend(math_script()), ScriptedBackend(math_script())
-    a = solve("What is 40 + 2?", together, trees=4, config=cfg)
-    b = solve("What is 40 + 2?", apart, trees=4, config={**cfg, "lockstep": False})
+    a = solve("What is 40 + 2?", together, trees=4, config={**cfg, "lockstep": True})
+    b = solve("What is 40 + 2?", apart, trees=4, config=cfg)
     assert max(len(x) for x in apart.batches) <= 2 < max(len(x) for x in together.batches)  # a reward: 2 requests
     assert sorted(str(r.prompt) for x in apart.batches for r in x) == sorted(
         str(r.prompt) for x in together.batches for r in x
@@ -168,7 +168,8 @@ def test_sparse_activation_prunes_trees_and_counts_saved_tokens():
         return next(scores) if "Grade" in content(r) else math_script()(r, j)
 
     backend = ScriptedBackend(respond)
-    cfg = {"mctsr": {"rollouts": 2, "reward_samples": 1}, "early_stop": False, "sparse": {"top_k": 2}}
+    # lock-step, so that the grades are handed out in a fixed order and the batches show who expands
+    cfg = {"mctsr": {"rollouts": 2, "reward_samples": 1}, "early_stop": False, "sparse": {"top_k": 2}, "lockstep": True}
     sol = solve("What is 40 + 2?", backend, trees=4, config=cfg)
     critiques = [sum("Critique this answer" in content(r) for r in b) for b in backend.batches]
     assert max(critiques) == 2  # only the top 2 trees expand

@@ -40,6 +40,21 @@ def test_solve_on_the_tiny_model(served_model_dir):
         check_solution(s, 2)
 
 
+def test_a_seeded_solve_is_the_same_search_with_or_without_the_lockstep_barrier(served_model_dir):
+    """Without the barrier the trees' calls reach the engine in the order they finish, in other batches; sampling is
+    a function of each request's seed and a token's position, and self-correction seeds from the corrected request,
+    so the search is the same."""
+    backend = make_backend("native", model=str(served_model_dir))
+    config = {**SMALL, "mctsr": {**SMALL["mctsr"], "temperature": 0.8}}
+    a, b = (
+        fot.solve("What is 12 + 30?", backend=backend, trees=3, seed=5, config={**config, "lockstep": lockstep})
+        for lockstep in (True, False)
+    )
+    assert a.tree_answers == b.tree_answers and a.trees == b.trees
+    assert a.usage.generated_tokens == b.usage.generated_tokens and a.usage.backend_calls < b.usage.backend_calls
+    asyncio.run(backend.close())
+
+
 def test_a_cancelled_solve_leaves_no_work_in_the_engine(served_model_dir):
     """Once the cancellation of a search ends (a client hung up on `fot serve`), the batches its trees had in
     flight are out of the engine: nothing runs on for it, and its slots are free."""
