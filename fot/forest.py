@@ -192,11 +192,12 @@ class Forest:
 
     def build_trees(self) -> list[Tree]:
         """One tree per (augmented) input, of the kind the task names (`Task.tree`)."""
-        c, n = self.config, self.config.trees if self.config.method == "fot" else 1
-        seeds = [c.seed * 1000 + 100 * i for i in range(n)]
-        return {"tot": self.tot_trees, "mctsr": self.mctsr_trees}[self.task.tree](c, c.method == "fot", seeds)
+        c = self.config
+        seeds = [c.seed * 1000 + 100 * i for i in range(c.trees if c.method == "fot" else 1)]
+        return {"tot": self.tot_trees, "mctsr": self.mctsr_trees}[self.task.tree](seeds)
 
-    def tot_trees(self, c: ForestConfig, fot: bool, seeds: list[int]) -> list[Tree]:
+    def tot_trees(self, seeds: list[int]) -> list[Tree]:
+        c, fot = self.config, self.config.method == "fot"
         inputs = shuffle_numbers(self.problem, len(seeds), self.rng) if fot else [(self.problem, "")]
         correct = fot and c.correction.enabled
         return [
@@ -204,7 +205,8 @@ class Forest:
             for i, ((p, _), s) in enumerate(zip(inputs, seeds, strict=True))
         ]
 
-    def mctsr_trees(self, c: ForestConfig, fot: bool, seeds: list[int]) -> list[Tree]:
+    def mctsr_trees(self, seeds: list[int]) -> list[Tree]:
+        c, fot = self.config, self.config.method == "fot"
         inputs = shipped_examples()(self.problem, len(seeds), self.rng) if fot else [(self.problem, "")]
         if fot and c.program_trees:
             inputs = program_of_thought(inputs, c.program_trees)
