@@ -61,13 +61,27 @@ def drafting(backend, args, config: dict) -> dict:
         spec = method if method in (None, "prompt_lookup") else {"method": method, "adapter": args.adapter}
         try:
             asyncio.run(backend.set_speculative(spec))
-            usable[name] = spec
+            usable[name] = (spec, config)
         except FotError as e:  # Kangaroo without an adapter for this model: said, not hidden
             report[name] = {"unavailable": str(e)}
             print(f"{name}: not run: {e}")
-    runs = {name: {"solve": [], "solve_many": []} for name in usable}
+    return {**report, **compare(backend, args, usable)}
+
+
+def barrier(backend, args, config: dict) -> dict:
+    """One 4-tree solve and the 8-problem solve_many with and without the lock-step barrier, interleaved turns."""
+    spec = backend.engine.speculative
+    setups = {mode: (spec, {**config, "lockstep": mode == "lockstep"}) for mode in ("lockstep", "direct")}
+    return compare(backend, args, setups)
+
+
+def compare(backend, args, setups: dict[str, tuple]) -> dict:
+    """One 4-tree solve and the 8-problem solve_many per setup (a drafter and a search config), each run from an
+    empty prefix store (`set_speculative` empties it), in `args.turns` interleaved turns: median seconds, tokens,
+    acceptance, answers, and the speedup and equal answers against the first setup."""
+    runs = {name: {"solve": [], "solve_many": []} for name in setups}
     for _ in range(args.turns):
-        for name, spec in usable.items():
+        for name, (spec, config) in setups.items():
             asyncio.run(backend.set_speculative(spec))
             t = time.perf_counter()
             one = asyncio.run(asolve(PROBLEMS[4], backend=backend, trees=4, config=config, seed=0))
@@ -76,6 +90,7 @@ def drafting(backend, args, config: dict) -> dict:
             end = time.perf_counter()
             runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer]))
             runs[name]["solve_many"].append((end - mid, sum_usage(many), [s.answer for s in many]))
+    report = {}
     for name, parts in runs.items():
         report[name] = {}
         for part, turns in parts.items():
@@ -86,38 +101,12 @@ def drafting(backend, args, config: dict) -> dict:
                 "accept_rate": round(usage["accepted_tokens"] / max(usage["draft_tokens"], 1), 2),
                 "answers": answers,
             }
-    base = report.get("none", {})
+    base = report[next(iter(report))] if report else {}
     for name in runs:
         for part in ("solve", "solve_many"):
-            if "solve" in base:
-                r, b = report[name][part], base[part]
-                r["speedup"] = round(b["seconds"] / r["seconds"], 2)
-                r["same_answers"] = sum(x == y for x, y in zip(r["answers"], b["answers"], strict=True))
-    return report
-
-
-def barrier(backend, args, config: dict) -> dict:
-    """One 4-tree solve and the 8-problem solve_many with and without the lock-step barrier, interleaved turns."""
-    runs = {mode: {"solve": [], "solve_many": []} for mode in ("lockstep", "direct")}
-    for _ in range(args.turns):
-        for mode in runs:
-            cfg = {**config, "lockstep": mode == "lockstep"}
-            asyncio.run(backend.set_speculative(backend.engine.speculative))  # an empty prefix store for each run
-            t = time.perf_counter()
-            one = asyncio.run(asolve(PROBLEMS[4], backend=backend, trees=4, config=cfg, seed=0))
-            mid = time.perf_counter()
-            many = asyncio.run(asolve_many(PROBLEMS, backend=backend, trees=4, config=cfg, seed=0))
-            runs[mode]["solve"].append((mid - t, [one.answer]))
-            runs[mode]["solve_many"].append((time.perf_counter() - mid, [s.answer for s in many]))
-    report = {
-        mode: {part: {"seconds": round(statistics.median(t[0] for t in turns), 1), "answers": turns[-1][1]}
-               for part, turns in parts.items()}
-        for mode, parts in runs.items()
-    }  # fmt: skip
-    for part in ("solve", "solve_many"):
-        lock, direct = report["lockstep"][part], report["direct"][part]
-        direct["speedup"] = round(lock["seconds"] / direct["seconds"], 2)
-        direct["same_answers"] = sum(x == y for x, y in zip(lock["answers"], direct["answers"], strict=True))
+            r, b = report[name][part], base[part]
+            r["speedup"] = round(b["seconds"] / r["seconds"], 2)
+            r["same_answers"] = sum(x == y for x, y in zip(r["answers"], b["answers"], strict=True))
     return report
 
 
@@ -156,23 +145,16 @@ def main() -> None:
         raise SystemExit("--parts: a comma-separated choice of batching, barrier, drafters")
     backend = NativeBackend(model=args.model, device=args.device)
     run(backend, problems[:1], 1, {**dense, "mctsr": {**mctsr, "rollouts": 0, "max_tokens": 8}})  # warm-up
-    one_s = one_tok = four_s = four_tok = sp_s = sp_tok = sp_saved = 0
-    if "batching" in parts:
-        one_s, one_tok, _ = run(backend, problems, 1, dense)
-        four_s, four_tok, _ = run(backend, problems, 4, dense)
-        sp_s, sp_tok, sp_saved = run(backend, problems, 4, sparse)
-    greedy = {"mctsr": {**mctsr, "temperature": 0.0}}
-    barriers = barrier(backend, args, greedy) if "barrier" in parts else {}
-    drafters = drafting(backend, args, greedy) if "drafters" in parts else {}
-    asyncio.run(backend.close())
-
-    ratio = four_s / one_s if one_s else 0.0
     print(
         f"\n{len(problems)} problems, MCTSr {rollouts} rollouts, {max_tokens}-token answers, {args.model}, "
         f"native+SD, {args.device}"
     )
-    dense_share = sp_tok / max(four_tok, 1)
+    batching = {}
     if "batching" in parts:
+        one_s, one_tok, _ = run(backend, problems, 1, dense)
+        four_s, four_tok, _ = run(backend, problems, 4, dense)
+        sp_s, sp_tok, sp_saved = run(backend, problems, 4, sparse)
+        ratio, tokens, dense_share = four_s / one_s, four_tok / max(one_tok, 1), sp_tok / max(four_tok, 1)
         print(f"{'forest':28} {'seconds':>8} {'tokens':>8} {'tok/s':>7}")
         for name, s, tok in [
             ("1 tree", one_s, one_tok),
@@ -180,10 +162,21 @@ def main() -> None:
             ("4 trees, sparse (top 2)", sp_s, sp_tok),
         ]:
             print(f"{name:28} {s:8.1f} {tok:8d} {tok / s:7.1f}")
-        print(
-            f"4 trees / 1 tree wall time = {ratio:.2f}x for {four_tok / max(one_tok, 1):.2f}x the tokens (goal <= 1.5x)"
-        )
+        print(f"4 trees / 1 tree wall time = {ratio:.2f}x for {tokens:.2f}x the tokens (goal <= 1.5x)")
         print(f"sparse activation: {sp_tok} tokens vs {four_tok} dense ({dense_share:.2f}x); est. saved {sp_saved}")
+        batching = {
+            "four_over_one_wall": round(ratio, 2),
+            "four_over_one_tokens": round(tokens, 2),
+            "seconds": {"one": round(one_s, 1), "four": round(four_s, 1), "four_sparse": round(sp_s, 1)},
+            "tokens": {"one": one_tok, "four": four_tok, "four_sparse": sp_tok},
+            "sparse_over_dense_tokens": round(dense_share, 2),
+            "tokens_saved_estimate": sp_saved,
+        }
+    greedy = {"mctsr": {**mctsr, "temperature": 0.0}}
+    barriers = barrier(backend, args, greedy) if "barrier" in parts else {}
+    drafters = drafting(backend, args, greedy) if "drafters" in parts else {}
+    asyncio.run(backend.close())
+
     if barriers:
         print(f"\nbarrier ({args.turns} turns, median seconds, greedy): one 4-tree solve; solve_many over 8 problems")
         for mode, r in barriers.items():
@@ -213,12 +206,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "four_over_one_wall": round(ratio, 2),
-                "four_over_one_tokens": round(four_tok / max(one_tok, 1), 2),
-                "seconds": {"one": round(one_s, 1), "four": round(four_s, 1), "four_sparse": round(sp_s, 1)},
-                "tokens": {"one": one_tok, "four": four_tok, "four_sparse": sp_tok},
-                "sparse_over_dense_tokens": round(dense_share, 2),
-                "tokens_saved_estimate": sp_saved,
+                **batching,
                 "problems": len(problems),
                 "rollouts": rollouts,
                 "max_tokens": max_tokens,
