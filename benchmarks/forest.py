@@ -7,16 +7,16 @@
   barrier   the same 4-tree solve and solve_many with the lock-step barrier (every phase of a step waits for all
             trees and goes to the backend as one batch) and without it (`lockstep=False`: each tree's call at
             once, merged by the backend's continuous batching), greedy, in interleaved turns;
-  drafters  one `fot.solve` (4 trees) on a GSM-style problem and one `fot.solve_many` over 8 problems, with no
+  drafters  one `fot.solve` (4 trees) on a GSM-style problem and one `fot.solve_many` over 8 (`--many`), with no
             drafter, prompt lookup, Kangaroo and the hybrid (the last two need an adapter for the model: where
             none is shipped or given, the script says so and leaves them out), in interleaved turns: wall time
             (median), tokens, and each run's answers. The trees decode greedily here, so that every drafter, all
             lossless, does the same search: the script counts the answers that agree with the run without one.
 GSM-style problems written here; native backend; the batching and sparse parts sample at the search's default
-temperature with fixed seeds. Prints tables and, as its LAST line, one JSON object. `--quick` < 60 s on the
-embedded model, < 3 minutes on qwen2.5-coder-1.5b.
+temperature with fixed seeds. Prints tables and, as its LAST line, one JSON object. `--quick` (solve_many over 2
+problems) takes about a minute on the embedded model.
 
-    python benchmarks/forest.py [--quick] [--problems 2] [--rollouts 2] [--max-tokens 96] [--turns 1]
+    python benchmarks/forest.py [--quick] [--problems 2] [--rollouts 2] [--max-tokens 96] [--turns 1] [--many 8]
         [--model qwen2.5-coder-1.5b] [--adapter DIR] [--parts batching,barrier,drafters]
 """
 
@@ -55,7 +55,7 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
 
 
 def drafting(backend, args, config: dict) -> dict:
-    """Each drafter's one 4-tree solve and 8-problem solve_many, in `args.turns` interleaved turns."""
+    """Each drafter's one 4-tree solve and solve_many (`--many` problems), in `args.turns` interleaved turns."""
     usable, report = {}, {}
     for name, method in DRAFTERS.items():
         spec = method if method in (None, "prompt_lookup") else {"method": method, "adapter": args.adapter}
@@ -69,14 +69,14 @@ def drafting(backend, args, config: dict) -> dict:
 
 
 def barrier(backend, args, config: dict) -> dict:
-    """One 4-tree solve and the 8-problem solve_many with and without the lock-step barrier, interleaved turns."""
+    """One 4-tree solve and solve_many with and without the lock-step barrier, interleaved turns."""
     spec = backend.engine.speculative
     setups = {mode: (spec, {**config, "lockstep": mode == "lockstep"}) for mode in ("lockstep", "direct")}
     return compare(backend, args, setups)
 
 
 def compare(backend, args, setups: dict[str, tuple]) -> dict:
-    """One 4-tree solve and the 8-problem solve_many per setup (a drafter and a search config), each run from an
+    """One 4-tree solve and solve_many (`--many` problems) per setup (a drafter and a search config), each run from an
     empty prefix store (`set_speculative` empties it), in `args.turns` interleaved turns: median seconds, tokens,
     acceptance, answers, and the speedup and equal answers against the first setup."""
     runs = {name: {"solve": [], "solve_many": []} for name in setups}
@@ -86,7 +86,7 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
             t = time.perf_counter()
             one = asyncio.run(asolve(PROBLEMS[4], backend=backend, trees=4, config=config, seed=0))
             mid = time.perf_counter()
-            many = asyncio.run(asolve_many(PROBLEMS, backend=backend, trees=4, config=config, seed=0))
+            many = asyncio.run(asolve_many(PROBLEMS[: args.many], backend=backend, trees=4, config=config, seed=0))
             end = time.perf_counter()
             runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer]))
             runs[name]["solve_many"].append((end - mid, sum_usage(many), [s.answer for s in many]))
@@ -121,10 +121,11 @@ def sum_usage(solutions) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 16-token answers (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 16-token answers, --many 2")
     ap.add_argument("--problems", type=int, default=None)
     ap.add_argument("--rollouts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--many", type=int, default=None, help="barrier, drafters: solve_many's problems (8; quick 2)")
     ap.add_argument("--turns", type=int, default=1, help="drafters: interleaved turns (the median time is reported)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--adapter", default=None, help="Kangaroo adapter folder (default: the one shipped for the model)")
@@ -133,6 +134,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.turns < 1:
         raise SystemExit("--turns must be >= 1")
+    if args.many is not None and not 1 <= args.many <= len(PROBLEMS):
+        raise SystemExit(f"--many must be 1..{len(PROBLEMS)}")
+    args.many = args.many or (2 if args.quick else len(PROBLEMS))
     problems = PROBLEMS[: args.problems or (1 if args.quick else 2)]
     rollouts = args.rollouts if args.rollouts is not None else (1 if args.quick else 2)
     max_tokens = args.max_tokens or (16 if args.quick else 96)
@@ -178,16 +182,20 @@ def main() -> None:
     asyncio.run(backend.close())
 
     if barriers:
-        print(f"\nbarrier ({args.turns} turns, median seconds, greedy): one 4-tree solve; solve_many over 8 problems")
+        print(
+            f"\nbarrier ({args.turns} turns, median s, greedy): one 4-tree solve; solve_many over {args.many} problems"
+        )
         for mode, r in barriers.items():
             one, many = r["solve"], r["solve_many"]
             print(
                 f"{mode:10} solve {one['seconds']:7.1f} s {one.get('speedup', 1.0):5.2f}x  solve_many "
                 f"{many['seconds']:7.1f} s {many.get('speedup', 1.0):5.2f}x  same answers "
-                f"{one.get('same_answers', 1) + many.get('same_answers', len(PROBLEMS))}/{1 + len(PROBLEMS)}"
+                f"{one.get('same_answers', 1) + many.get('same_answers', args.many)}/{1 + args.many}"
             )
     if drafters:
-        print(f"\ndrafters ({args.turns} turns, median seconds): one 4-tree solve; solve_many over 8 problems")
+        print(
+            f"\ndrafters ({args.turns} turns, median seconds): one 4-tree solve; solve_many over {args.many} problems"
+        )
         print(
             f"{'drafter':14} {'solve s':>8} {'x':>6} {'tokens':>7} {'many s':>8} {'x':>6} {'tokens':>7} {'accept':>7}"
             "  same  answers"
@@ -200,7 +208,7 @@ def main() -> None:
         print(
             f"{name:14} {one['seconds']:8.1f} {one.get('speedup', 1.0):5.2f}x {one['tokens']:7d} "
             f"{many['seconds']:8.1f} {many.get('speedup', 1.0):5.2f}x {many['tokens']:7d} {many['accept_rate']:7.2f}  "
-            f"{one.get('same_answers', 0) + many.get('same_answers', 0):2d}/{1 + len(PROBLEMS)}  "
+            f"{one.get('same_answers', 0) + many.get('same_answers', 0):2d}/{1 + args.many}  "
             f"{one['answers'][0]} | {' '.join(str(a) for a in many['answers'])}"
         )
     print(
@@ -210,6 +218,7 @@ def main() -> None:
                 "problems": len(problems),
                 "rollouts": rollouts,
                 "max_tokens": max_tokens,
+                "many": args.many,
                 "device": args.device,
                 "model": args.model,
                 "drafters": drafters,

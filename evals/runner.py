@@ -37,6 +37,7 @@ from evals.records import Record, append, check_records, read_records, writer_lo
 from fot.errors import FotError
 from fot.models import configure_caches
 from fot.options import (
+    DEFAULT_DRAFTER,
     add_backend_options,
     add_budget_options,
     add_math_options,
@@ -97,6 +98,11 @@ def program_trees(args: argparse.Namespace) -> int:
     return (getattr(args, "program_trees", None) or 0) if args.method == "fot" and args.benchmark != "game24" else 0
 
 
+def drafter(args: argparse.Namespace) -> str:
+    """The --speculative a run uses: as given, else the backend's default (the engine's own when left unsaid)."""
+    return args.speculative or DEFAULT_DRAFTER[args.backend]
+
+
 def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) -> str:
     """The file name of a run: readable settings plus a hash of everything else that changes results. With
     `--data`, the data's own hash (`data_digest` of `problems`) is part of it: another file is another run."""
@@ -127,7 +133,7 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
             settings[f"{name}_checks"] = True
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     model = Path(args.model).name if args.model else "default"
-    return f"{args.method}-t{args.trees}-{model}-{args.backend}-{args.speculative}-s{args.seed}-{digest}"
+    return f"{args.method}-t{args.trees}-{model}-{args.backend}-{drafter(args)}-s{args.seed}-{digest}"
 
 
 async def solve_all(
@@ -171,7 +177,7 @@ async def solve_all(
             backend=args.backend,
             device=args.device,
             dtype=args.dtype,
-            speculative=args.speculative,
+            speculative=drafter(args),
             seed=args.seed,
             level=problem.level,
             answer=sol.answer,
@@ -231,8 +237,8 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
     add_math_options(p)
     p.add_argument(
         "--speculative",
-        default="prompt_lookup",
-        help="none|prompt_lookup|kangaroo|hybrid (vllm: none|ngram|kangaroo)",
+        help="native: none|prompt_lookup|kangaroo|hybrid (default prompt_lookup); vllm: none|ngram|kangaroo "
+        "(default none); openai: none",
     )
     p.add_argument("--concurrency", type=int, default=1, help="problems in flight (their steps share batches)")
     p.add_argument("--max-batch", type=int, default=64, help="the backend's batch size limit")

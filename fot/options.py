@@ -20,6 +20,7 @@ DRAFTERS: dict[str, dict[str, object]] = {
     },
     "openai": {"none": None},
 }  # fmt: skip
+DEFAULT_DRAFTER = {"native": "prompt_lookup", "vllm": "none", "openai": "none"}  # what --speculative means unsaid
 
 
 def add_math_options(p: argparse.ArgumentParser) -> None:

@@ -7,8 +7,8 @@ renamed option, a removed choice or a moved function breaks `make test`, not a n
 - `vllm serve ... --speculative-config JSON` and `curl ... -d JSON`: the JSON parses, and names a class that
   exists / is a valid chat request for `fot serve`;
 - Python blocks: they compile, and every `from X import Y` / `import X` / `X.attr` of a project module resolves.
-What the commands do is tested where it is built (test_solve, test_evals, test_server, ...); the benchmarks time
-things, so they are not run here, and the reasoning model's commands stay out of `make test`.
+This part reads; `tests/test_docs_run.py` runs every command and snippet as well (on the embedded model, with
+capped budgets).
 """
 
 from __future__ import annotations

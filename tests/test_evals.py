@@ -443,3 +443,14 @@ def test_fot_eval_runs_the_checkouts_evals_with_no_package_named_evals_installed
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-m", "evals.arithmetic", "--help"], cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and "--levels" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_drafter_left_unsaid_is_the_backends_default() -> None:
+    """`--speculative` unsaid: prompt lookup on the native engine, none on vLLM and the OpenAI backend (which have
+    no prompt lookup), so `fot eval math --backend vllm` runs as documented; the run is named by what it used."""
+    from evals.runner import drafter
+
+    for backend, want in (("native", "prompt_lookup"), ("vllm", "none"), ("openai", "none")):
+        args = options("gsm8k", backend=backend)
+        assert drafter(args) == want and f"-{backend}-{want}-" in run_name(args)
+    assert drafter(options("gsm8k", backend="vllm", speculative="ngram")) == "ngram"
