@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from fot.tasks.whitelist import COUNTING, ITERABLE, METHODS, MODULES, NotCheckable, check_whitelist
+from fot.tasks.whitelist import BINARY, COMPARE, COUNTING, ITERABLE, METHODS, MODULES, NotCheckable, check_whitelist
 
 
 class Bound(Exception):
@@ -110,18 +110,6 @@ class _Return(Exception):
 @dataclass
 class _Function:
     node: ast.FunctionDef
-
-
-BINARY: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
-    ast.Pow: lambda a, b: a**b,
-}  # fmt: skip
-COMPARE: dict[type, Callable[[Any, Any], bool]] = {
-    ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
-    ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
-    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
-}  # fmt: skip
 
 
 class _Machine:

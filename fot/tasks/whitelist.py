@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ast
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
+from typing import Any
 
 MATH = {
     name: getattr(math, name)
@@ -35,9 +36,19 @@ EXPRESSIONS = (
     ast.Dict, ast.Subscript, ast.Slice, ast.Call, ast.Attribute, ast.ListComp, ast.GeneratorExp, ast.comprehension,
     ast.JoinedStr, ast.FormattedValue, ast.keyword, ast.arguments, ast.arg, ast.alias,
 )  # fmt: skip
+# the operators, each with what it computes: the interpreter's only arithmetic
+BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b,
+    ast.Pow: lambda a, b: a**b,
+}  # fmt: skip
+COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.Lt: lambda a, b: a < b,
+    ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b, ast.GtE: lambda a, b: a >= b,
+    ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
+}  # fmt: skip
 CONTEXTS_AND_OPERATORS = (
-    ast.Load, ast.Store, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd,
-    ast.Not, ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn,
+    ast.Load, ast.Store, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or, *BINARY, *COMPARE,
 )  # fmt: skip
 FORBIDDEN_NAMES = {"eval", "exec", "open", "getattr", "setattr", "delattr", "globals", "locals", "vars", "compile",
                    "input", "breakpoint", "help", "type", "object", "super", "memoryview", "dir"}  # fmt: skip
