@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -215,3 +216,17 @@ def test_loops_with_else_break_and_continue_match_cpython():
         "while True:\n    n -= 1\n    if n < 5:\n        break\nelse:\n    print('never')\nprint(n)\n"
     )
     assert run(code).output == cpython(code)[0]
+
+
+def test_deep_nesting_is_refused_whatever_the_recursion_limit() -> None:
+    """Under a raised recursion limit (libraries loaded earlier in the suite raise it) a 3000-deep sum parsed, and
+    its evaluation stopped on a bound instead: nesting is now refused before anything runs, at any limit."""
+    old = sys.getrecursionlimit()
+    try:
+        for limit in (1000, 100_000):
+            sys.setrecursionlimit(limit)
+            r = run("x = 1" + " + 1" * 3000)
+            assert (r.status, r.reason[:9]) in (("not_checkable", "nested de"), ("not_checkable", "does not ")), r
+        assert run("x = 1" + " + 1" * 150 + "\nprint(x)").output == "151\n"
+    finally:
+        sys.setrecursionlimit(old)

@@ -61,10 +61,13 @@ class NotCheckable(Exception):
     """The code uses something outside the whitelist: it is not run at all."""
 
 
+MAX_NESTING = 200  # node depth: deeper code is refused here, so how deep it runs never hangs on the recursion limit
+
+
 def check_whitelist(tree: ast.AST) -> None:
-    """Raise NotCheckable at the first node or name outside the whitelist."""
+    """Raise NotCheckable at the first node or name outside the whitelist, or nested deeper than MAX_NESTING."""
     allowed = STATEMENTS + EXPRESSIONS + CONTEXTS_AND_OPERATORS
-    for node in ast.walk(tree):
+    for node in nodes(tree):
         if not isinstance(node, allowed):
             raise NotCheckable(f"{type(node).__name__} is not allowed")
         if isinstance(node, ast.Name) and (node.id.startswith("_") and node.id != "_" or node.id in FORBIDDEN_NAMES):
@@ -91,3 +94,14 @@ def check_whitelist(tree: ast.AST) -> None:
             raise NotCheckable("a comprehension may have one `for` only")
         if isinstance(node, ast.FormattedValue) and node.conversion not in (-1, ord("s"), ord("r")):
             raise NotCheckable("unknown f-string conversion")
+
+
+def nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of the tree (as `ast.walk`, without recursion), refusing any deeper than MAX_NESTING."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise NotCheckable(f"nested deeper than {MAX_NESTING}")
+        yield node
+        stack += [(child, depth + 1) for child in ast.iter_child_nodes(node)]
