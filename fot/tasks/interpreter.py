@@ -1,24 +1,16 @@
 """A safe, bounded interpreter for the arithmetic programs models write in their answers (program-aided checks).
 
 Model text is untrusted: it is never given to `exec` or `eval`. The code is parsed with `ast`, every node is
-checked against a whitelist (fot.tasks.whitelist) before anything runs, and the tree is then walked by this module:
+checked against the whitelist of fot.tasks.whitelist before anything runs, and the tree is then walked here.
+Allowed: assignment, `if`, `for`/`while` with `break`/`continue`, plain functions, arithmetic, comparisons,
+lists/tuples/dicts, indexing, one-generator comprehensions, f-strings, a few builtins and list/dict/str methods,
+and `math` (and sympy's `Rational`/`Integer`) bound to the whitelist's own tables: nothing is imported. Never:
+other attributes, names beginning with `_`, `eval`/`exec`/`open`/`getattr`, classes, lambdas, `with`, `try`.
 
-  statements   assignment (names, tuples, subscripts), augmented assignment, `if`, `for`, `while`, `break`,
-               `continue`, `pass`, simple functions (`def f(a, b): ... return x`), `import math` / `from math
-               import ...` (which bind this module's own table of math functions; nothing is imported), and of
-               sympy only `Rational` and `Integer` (exact fractions, printed as sympy prints them);
-  expressions  literals, names, arithmetic, comparison, `and`/`or`/`not`, `x if c else y`, lists, tuples, dicts,
-               indexing and slices, one-generator comprehensions, f-strings, a few builtins (`print`, `round`,
-               `int`, `float`, `abs`, `min`, `max`, `sum`, `len`, `range`, `str`, `bool`, `list`, `tuple`,
-               `sorted`, `enumerate`, `zip`) and list/dict/str methods (`append`, `items`, `split`, ...);
-  never        attributes other than `math.*` and those methods, names beginning with `_`, `eval`, `exec`,
-               `open`, `getattr`, imports of anything but math, classes, lambdas, `with`, `try`, `global`.
-
-Bounds: `max_steps` evaluation steps (a loop that never ends stops there), integers up to `max_bits` bits (a huge
-power is refused before it is computed), sequences and strings up to `max_items`, `max_alloc` items and characters
-created over the run (the memory bound), printed output up to `max_output` characters, call depth up to
-`max_depth`. Code outside the whitelist is "not checkable" and never
-runs; code that breaks a bound or raises is reported as such. Either way, nothing is claimed about its output.
+Bounds (`Limits`): evaluation steps (a loop that never ends stops there), integer bits (a huge power is refused
+before it is computed), sequence and string sizes, items created over the run (the memory bound), printed
+output, call depth and source length. Code outside the whitelist is "not checkable" and never runs; code that
+breaks a bound or raises is reported as such. Either way, nothing is claimed about its output.
 """
 
 from __future__ import annotations
