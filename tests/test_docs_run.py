@@ -38,6 +38,11 @@ TIMEOUT = 600
 CLOSED = "http://127.0.0.1:9/v1"  # the discard port: closed on loopback, so a request there is refused at once
 
 
+def capped(*flags: str) -> list[str]:
+    """The budget options a command does not show, at their caps."""
+    return [w for flag in flags for w in (flag, CAPS[flag])]
+
+
 def env() -> dict[str, str]:
     """This checkout's fot and evals, whatever the folder the command runs in."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
@@ -96,7 +101,7 @@ def run_eval(argv: list[str], tmp: Path) -> None:
         (tmp / data / "test.jsonl").write_text(json.dumps({"problem": "What is 2+3?", "answer": "5"}) + "\n")
     elif data:  # a GSM8K file
         (tmp / data).write_text(json.dumps({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}) + "\n")
-    argv = [*argv, "--limit", "1", "--max-tokens", "16", "--rollouts", "1", "--out", str(tmp / "out"), "--no-report"]
+    argv = [*argv, *capped("--limit", "--max-tokens", "--rollouts"), "--out", str(tmp / "out"), "--no-report"]
     run(python(argv), tmp)
     records = [json.loads(line) for f in (tmp / "out").rglob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(records) == 1 and records[0]["decision"], records
@@ -113,10 +118,10 @@ def run_report(argv: list[str], tmp: Path) -> None:
     assert json.loads((tmp / results / "summary.json").read_text())
 
 
-def serving(argv: list[str], tmp: Path, key: str | None = None) -> tuple[Process, str]:
+def serving(argv: list[str], tmp: Path) -> tuple[Process, str]:
     """`fot serve ...` on a free loopback port, its default search capped; ready when /health answers."""
     port = free_port()
-    cmd = python([*argv, "--port", str(port), "--max-tokens", "16", "--rollouts", "1"])
+    cmd = python([*argv, "--port", str(port), *capped("--max-tokens", "--rollouts")])
     server = Process(cmd, tmp / "serve.log", env())
     server.wait_ready(f"http://127.0.0.1:{port}/health", timeout=180)
     return server, f"http://127.0.0.1:{port}"
@@ -184,7 +189,7 @@ def run_command(argv: list[str], tmp: Path) -> None:
     elif head == "fot" and sub == "serve":
         run_serve(argv, tmp)
     elif head == "fot" and sub == "solve":
-        out = run(python([*argv, "--max-tokens", "16"]), tmp)
+        out = run(python([*argv, *capped("--max-tokens")]), tmp)
         assert "answer" in out, out
         page = option(argv, "--html")
         assert page is None or "<html" in (tmp / page).read_text().lower()
@@ -192,7 +197,7 @@ def run_command(argv: list[str], tmp: Path) -> None:
         assert run(python([*argv, "--max-tokens", "8"]), tmp).strip()
     elif head == "fot" and sub == "train-adapter":
         out = tmp / "adapter"
-        run(python([*argv, "--prompts", "10", "--epochs", "1", "--new-tokens", "16", "--out", str(out)]), tmp)
+        run(python([*argv, "--prompts", "10", "--epochs", "1", *capped("--new-tokens"), "--out", str(out)]), tmp)
         assert (out / "adapter.safetensors").is_file() and (out / "adapter_config.json").is_file()
     elif head == "fot" and sub == "prepare-model":
         assert Path(run(python(argv), tmp).strip().splitlines()[-1]).is_dir()
@@ -280,11 +285,9 @@ def snippets() -> dict[str, list[str]]:
 def test_every_documented_snippet_runs(code: str, tmp_path: Path) -> None:
     """Each distinct snippet runs as shown, in a fresh interpreter; a client snippet talks to a `fot serve` started
     for it."""
-    server = None
-    if "127.0.0.1:8000" in code:
-        server, url = serving(["fot", "serve"], tmp_path)
+    server, url = serving(["fot", "serve"], tmp_path) if "127.0.0.1:8000" in code else (None, None)
     try:
-        (tmp_path / "snippet.py").write_text(snippet(code, url if server else None))
+        (tmp_path / "snippet.py").write_text(snippet(code, url))
         run([sys.executable, "snippet.py"], tmp_path)
     except (AssertionError, subprocess.TimeoutExpired) as e:
         pytest.fail(f"{', '.join(snippets()[code])}: the snippet failed: {e}")
