@@ -99,7 +99,8 @@ def program_trees(args: argparse.Namespace) -> int:
 
 
 def drafter(args: argparse.Namespace) -> str:
-    """The --speculative a run uses: as given, else the backend's default (the engine's own when left unsaid)."""
+    """The --speculative a run uses: as given, else the backend's default. Its backend is built with it and its
+    records name it, so the two are one."""
     return args.speculative or DEFAULT_DRAFTER[args.backend]
 
 
@@ -291,7 +292,7 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         if todo:
             t0 = time.perf_counter()
             if backend is None:
-                async with make_cli_backend(args) as own:
+                async with make_cli_backend(argparse.Namespace(**{**vars(args), "speculative": drafter(args)})) as own:
                     right, failed = await solve_all(todo, args, path, own, len(problems))
             else:
                 right, failed = await solve_all(todo, args, path, backend, len(problems))
