@@ -99,6 +99,29 @@ def test_cost_aware_drafting_looks_past_a_jump_in_cost():
     assert draft_lengths([0.9], [3], 0.0, cost=cost) == [3]  # 1 + 3 tokens: free
 
 
+def test_draft_passes_are_paid_by_the_samples_that_run_them():
+    """Verification is free up to 8 tokens (10 ms); a draft pass costs what a verification does. A batch-1 Kangaroo
+    draft (a pass per token) stops where the next pass costs more than its token is likely to bring; prompt lookup's
+    draft (no passes) goes to its cap."""
+    from fot.speculative.drafters import PassCost
+
+    def cost(tokens: int) -> float:
+        return 0.010 if tokens <= 8 else 0.010 + 0.002 * (tokens - 8)
+
+    deep = PassCost(cost, [True])
+    assert draft_lengths([0.9], [6], 0.0, cost=cost) == [6]
+    assert draft_lengths([0.9], [6], 0.0, cost=cost, passes=deep) == [3]  # 3.44 tokens / 50 ms beats 4.10 / 60
+    assert draft_lengths([0.9], [6], 0.0, cost=cost, passes=PassCost(cost, [False])) == [6]
+    assert draft_lengths([0.5], [6], 0.0, cost=cost, passes=deep) == [0]  # 1.5 / 30 ms loses to 1 / 20 ms
+    # four samples: a depth they share is one pass over all of them, so they draft as deep as one sample alone,
+    assert (
+        draft_lengths([0.9] * 4, [6] * 4, 0.0, cost=lambda t: 0.010, passes=PassCost(lambda r: 0.010, [True] * 4))
+        == [3] * 4
+    )
+    # until verifying past 8 tokens costs too
+    assert draft_lengths([0.9] * 4, [6] * 4, 0.0, cost=cost, passes=PassCost(cost, [True] * 4)) == [1] * 4
+
+
 def test_accept_greedy():
     assert accept_greedy([4, 5, 6, 7], [4, 5, 6]) == [4, 5, 6, 7]
     assert accept_greedy([4, 9, 6, 7], [4, 5, 6]) == [4, 9]
@@ -277,14 +300,14 @@ def test_forward_cost_averages_each_size_and_interpolates_between():
     assert cost.known(4) and not cost.known(5)
     with pytest.raises(ValueError):
         cost(5)  # one size seen: nothing to interpolate with
+    assert cost(3) == 0.010  # but fewer tokens cost what the smallest count did
     cost.record(4, 0.020)
     cost.record(12, 0.030)
     cost.record(20, 0.050)
     assert cost(4) == pytest.approx(0.015)  # the moving average of the two
     assert cost(8) == pytest.approx(0.0225)  # halfway from 4 to 12
     assert cost(30) == pytest.approx(0.075)  # the slope of the last two, carried on
-    assert cost(1) == pytest.approx(0.009375)  # below the smallest: the slope from 4 to 12, carried down
-    assert cost(-100) == 0.0  # but never negative
+    assert cost(1) == cost(-100) == pytest.approx(0.015)  # below the smallest: its cost (the weights are read)
 
 
 def test_bad_drafters_and_configs_are_refused(engines):

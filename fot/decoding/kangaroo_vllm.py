@@ -76,7 +76,7 @@ class KangarooProposer:
         drafts_out: list[list[int]] = [[] for _ in sampled_token_ids]
         if not rows:
             return drafts_out
-        drafts, _ = self.kangaroo.draft(new, rows, starts, caps, self.cache)
+        drafts, _, _ = self.kangaroo.draft(new, rows, starts, caps, self.cache)
         for row, d in zip(rows, drafts, strict=True):
             drafts_out[row] = d
             self.seen[row] = self.seen[row] + d

@@ -7,7 +7,9 @@ sample's context (prompt + generated tokens) and how many tokens it may propose 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -49,12 +51,15 @@ def draft_lengths(
     threshold: float,
     budget: int | None = None,
     cost: Callable[[int], float] | None = None,
+    passes: PassCost | None = None,
 ) -> list[int]:
     """How many tokens each sample drafts this step. Draft token j of sample i survives verification with
     probability about v = rates[i] ** j; tokens with v < `threshold` are not drafted, and at most `budget` of the
     likeliest are. Verifying a token costs compute even when it is rejected (much, once a batch is compute-bound,
-    as on CPU), so with `cost` (seconds of a forward over T tokens) the likeliest n tokens are kept, n chosen to
-    maximise the expected throughput (B + sum of their v) / cost(B + n) of a batch of B samples."""
+    as on CPU), so with `cost` (seconds of a verification forward over T tokens) the likeliest n tokens are kept,
+    n chosen to maximise the expected throughput (B + sum of their v) / step time of a batch of B samples. The step
+    time is cost(B + n), plus, with `passes`, the draft passes of the samples it flags: one pass per draft depth
+    over the samples drafting that deep (Kangaroo's shallow layers), and the pass over all B that every step runs."""
     wanted = []
     for i, (rate, cap) in enumerate(zip(rates, caps, strict=True)):
         value = 1.0
@@ -68,10 +73,18 @@ def draft_lengths(
         wanted = wanted[:budget]
     if cost is not None:
         batch = len(caps)
-        best, gain, best_rate = 0, float(batch), batch / cost(batch)
-        for n, (value, _) in enumerate(wanted, 1):
+        deep = passes.samples if passes is not None else [False] * batch
+        pass_cost = passes.seconds if passes is not None else (lambda rows: 0.0)
+        depth, rows = [0] * batch, Counter[int]()  # rows[d]: the flagged samples drafting at least d tokens
+        drafting = pass_cost(batch) if passes is not None else 0.0
+        best, gain, best_rate = 0, float(batch), batch / (cost(batch) + drafting)
+        for n, (value, i) in enumerate(wanted, 1):
             gain += value
-            rate = gain / cost(batch + n)
+            depth[i] += 1
+            if deep[i]:
+                r = rows[depth[i]] = rows[depth[i]] + 1
+                drafting += pass_cost(r) - (pass_cost(r - 1) if r > 1 else 0.0)
+            rate = gain / (cost(batch + n) + drafting)
             if rate > best_rate:
                 best, best_rate = n, rate
         wanted = wanted[:best]
@@ -81,11 +94,20 @@ def draft_lengths(
     return lengths
 
 
+@dataclass
+class PassCost:
+    """What a drafter that runs the model's layers per draft token (Kangaroo) adds to a step: `seconds(rows)` of
+    one draft pass over that many samples, and which samples draft that way (`samples`, a flag each)."""
+
+    seconds: Callable[[int], float]
+    samples: Sequence[bool]
+
+
 class ForwardCost:
-    """Decode-forward time by token count T on this machine: a moving average per count seen, and linear
-    interpolation between counts (extrapolation past them), so that drafting can weigh a draft token's chance
-    against what verifying it costs here. No straight line fits: while a forward reads its weights once, a few
-    tokens cost about what one does, and past that each token adds its compute."""
+    """Verification-forward time by token count T on this machine: a moving average per count seen, and linear
+    interpolation between counts (extrapolation past them; below the smallest, its cost), so that drafting can
+    weigh a draft token's chance against what verifying it costs here. No straight line fits: while a forward reads
+    its weights once, a few tokens cost about what one does, and past that each token adds its compute."""
 
     def __init__(self, decay: float = 0.8):
         self.decay = decay
@@ -99,13 +121,15 @@ class ForwardCost:
         return tokens in self.seconds
 
     def __call__(self, tokens: int) -> float:
-        """Estimated seconds of a forward over `tokens` tokens (needs two counts seen)."""
+        """Estimated seconds of a forward over `tokens` tokens (past the smallest count seen, needs two)."""
         if tokens in self.seconds:
             return self.seconds[tokens]
         counts = sorted(self.seconds)
+        if counts and tokens < counts[0]:  # fewer tokens still read every weight
+            return self.seconds[counts[0]]
         if len(counts) < 2:
-            raise ValueError("the cost of a forward needs two token counts measured")
+            raise ValueError("the cost of a forward past the smallest count needs two token counts measured")
         right = next((i for i, c in enumerate(counts) if c > tokens), len(counts) - 1)
-        lo, hi = counts[max(right - 1, 0)], counts[max(right, 1)]
+        lo, hi = counts[right - 1], counts[right]
         slope = max((self.seconds[hi] - self.seconds[lo]) / (hi - lo), 0.0)
-        return max(self.seconds[lo] + slope * (tokens - lo), 0.0)
+        return self.seconds[lo] + slope * (tokens - lo)

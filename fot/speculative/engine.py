@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError
 from fot.speculative.cache import KVCache, PaddedKVCache, PrefixStore, share_prefixes
-from fot.speculative.drafters import Drafter, ForwardCost, PromptLookup, draft_lengths
+from fot.speculative.drafters import Drafter, ForwardCost, PassCost, PromptLookup, draft_lengths
 from fot.speculative.hybrid import Hybrid
 from fot.speculative.kangaroo import default_adapter_dir, load_adapter
 from fot.speculative.kernels import resolve_dtype
@@ -109,7 +109,8 @@ class Engine:
         self.proposer = make_proposer(self.model, spec, drafter)
         if self.pack:
             self.proposer.pack()
-        self.forward_cost = ForwardCost()
+        self.forward_cost = ForwardCost()  # a verification forward, by its token count
+        self.pass_share: float | None = None  # a draft pass's time over a verification forward's of as many tokens
         self.prefix_store = PrefixStore(self.prefix_cache_mib << 20, min_new=max(self.min_shared_prefix, 1))
 
     @classmethod
@@ -318,13 +319,16 @@ class Engine:
     def decode(self, seqs: list[_Sequence], cache: KVCache) -> None:
         """One forward for the whole batch: each sample's last token plus its drafts (none without a drafter)."""
         slots = [s.slot for s in seqs]
-        start = time.perf_counter()
+        start = self.clock()
         proposal = self.proposer.propose(self.batch(seqs), cache)
+        drafted = self.clock()
         inputs = cache.pad([[s.out[-1], *d] for s, d in zip(seqs, proposal.drafts, strict=True)])
         counts = [len(x) for x in inputs]
         tokens = torch.tensor([t for x in inputs for t in x], device=self.device)
         logits = self.proposer.verify(tokens, cache.plan(slots, counts), cache, proposal)
-        self.forward_cost.record(len(tokens), self.clock() - start)  # drafting included: it is part of the cost
+        self.forward_cost.record(len(tokens), self.clock() - drafted)
+        if proposal.passes:
+            self.record_passes(proposal.passes, drafted - start)
         gained = self.accept(seqs, logits, proposal, list(accumulate(counts, initial=0))[:-1])
         cache.keep(slots, gained)
         self.stats.decode_steps += len(seqs)
@@ -339,7 +343,7 @@ class Engine:
             caps=[min(most, s.params.max_tokens - len(s.out) - 1) for s in seqs],
             rates=lambda source: self.acceptance_rates(seqs, source),
             threshold=spec.draft_threshold if spec else 1.0,
-            afford=lambda lengths, rates: self.affordable(seqs, lengths, rates),
+            afford=lambda lengths, rates, deep: self.affordable(seqs, lengths, rates, deep),
         )
 
     def clock(self) -> float:
@@ -355,18 +359,29 @@ class Engine:
         sample whose drafts stopped being accepted try again later."""
         return [(s.hits.get(source, 0.0) + 1) / (s.trials.get(source, 0.0) + 2) for s in seqs]
 
-    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float]) -> list[int]:
+    def record_passes(self, passes: list[int], seconds: float) -> None:
+        """Time a step's draft passes as a share of verification forwards over as many tokens: one number for every
+        batch size, so a drafter that runs layers per token is weighed at sizes it has not drafted at yet."""
+        share, old, decay = seconds / sum(self.forward_cost(rows) for rows in passes), self.pass_share, 0.8
+        self.pass_share = share if old is None else decay * old + (1 - decay) * share
+
+    def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float], deep: list[bool]) -> list[int]:
         """Of lengths[i] possible draft tokens of sample i, each kept with probability about rates[i] ** j, how many
         to verify: within the batch's per-step budget, and with `cost_aware` the count that maximises the expected
-        tokens per second on this machine. The cost of a step without drafts is measured first (one such step per
-        batch size), then at least one other token count (a step with every draft) before the cost model decides."""
+        tokens per second on this machine, where the samples flagged `deep` also pay a draft pass per token. A step
+        without drafts is measured first (one per batch size), then at least one other token count (a step with
+        every draft) before the cost model decides."""
         spec = self.speculative
         cost = self.forward_cost if spec.cost_aware else None
         if cost is not None and not cost.known(len(seqs)):
             return [0] * len(seqs)
         if cost is not None and len(cost.seconds) < 2:
             cost = None
-        return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step, cost)
+        passes = None
+        if cost is not None and self.pass_share is not None and any(deep):
+            share = self.pass_share
+            passes = PassCost(lambda rows: share * cost(rows), deep)
+        return draft_lengths(rates, lengths, 0.0, spec.max_draft_tokens_per_step, cost, passes)
 
     def accept(self, seqs: list[_Sequence], logits: Tensor, proposal: Proposal, firsts: list[int]) -> list[int]:
         """Verify every sample's drafts against its rows of logits (firsts[i] onward) and append what it gains.

@@ -38,7 +38,8 @@ class Hybrid:
         looked = self.lookup.propose(batch.contexts, draft_lengths(lookup_rates, batch.caps, batch.threshold))
         wanted = [len(d) if d else min(kg.max_steps, c) for d, c in zip(looked, batch.caps, strict=True)]
         rates = [lr if d else kr for d, lr, kr in zip(looked, lookup_rates, kangaroo_rates, strict=True)]
-        keep = batch.afford(wanted, rates)  # one budget over both kinds of draft, each at its own acceptance rate
+        # one budget over both kinds of draft, each at its own acceptance rate; Kangaroo's cost a pass per token
+        keep = batch.afford(wanted, rates, [not d for d in looked])
         given = [d[:k] for d, k in zip(looked, keep, strict=True)]
         proposal = kg.run(batch, cache, given, [0 if d else k for d, k in zip(looked, keep, strict=True)])
         proposal.sources = ["lookup" if g else "kangaroo" for g in given]

@@ -91,7 +91,8 @@ class KangarooDrafter:
 
     def propose(self, batch: Batch, cache: KVCache) -> Proposal:
         """Each sample drafts until its own early exit, no further than pays on this machine (`batch.afford`)."""
-        caps = batch.afford([min(self.max_steps, c) for c in batch.caps], batch.rates("kangaroo"))
+        caps = [min(self.max_steps, c) for c in batch.caps]
+        caps = batch.afford(caps, batch.rates("kangaroo"), [True] * len(caps))
         return self.run(batch, cache, [[] for _ in batch.slots], caps)
 
     def run(self, batch: Batch, cache: KVCache, given: list[list[int]], caps: list[int]) -> Proposal:
@@ -99,10 +100,10 @@ class KangarooDrafter:
         shallow layers and the adapter; then the samples with caps[i] > 0 draft on."""
         new = [[ctx[-1], *g] for ctx, g in zip(batch.contexts, given, strict=True)]
         starts = [cache.lengths[slot] for slot in batch.slots]
-        drafts, hidden = self.draft(new, batch.slots, starts, caps, cache)
+        drafts, hidden, passes = self.draft(new, batch.slots, starts, caps, cache)
         drafts = [g + d for g, d in zip(given, drafts, strict=True)]
         flat = torch.stack([row for rows in hidden for row in rows])
-        return Proposal(drafts, ["kangaroo"] * len(drafts), flat)
+        return Proposal(drafts, ["kangaroo"] * len(drafts), flat, passes)
 
     def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
         """Layers k+1..L over the shallow states the drafting kept."""
@@ -119,16 +120,19 @@ class KangarooDrafter:
 
     def draft(
         self, new: list[list[int]], slots: list[int], starts: list[int], caps: list[int], cache: KVCache
-    ) -> tuple[list[list[int]], list[list[Tensor]]]:
+    ) -> tuple[list[list[int]], list[list[Tensor]], list[int]]:
         """Double early exit for a batch. Sample i feeds its `new` tokens (at positions starts[i]..) through the
         shallow layers and the adapter, then drafts one token at a time until its draft's top-1 probability falls
-        below `threshold` or it has `caps[i]` drafts; each sample stops at its own step. Returns the drafts and the
-        shallow hidden state of every token fed (the new ones and every draft kept), for verification."""
+        below `threshold` or it has `caps[i]` drafts; each sample stops at its own step. Returns the drafts, the
+        shallow hidden state of every token fed (the new ones and every draft kept), for verification, and the rows
+        of each pass."""
         device = cache.k.device
         drafts: list[list[int]] = [[] for _ in new]
         hidden: list[list[Tensor]] = [[] for _ in new]
         feed, pos, live = [list(x) for x in new], list(starts), list(range(len(new)))
+        passes = []
         while live:
+            passes.append(len(live))
             counts = [len(feed[j]) for j in live]
             step = Layout.build([slots[j] for j in live], [pos[j] for j in live], counts).to(device)
             h = self.shallow(torch.tensor([t for j in live for t in feed[j]], device=device), step, cache)
@@ -148,7 +152,7 @@ class KangarooDrafter:
                     feed[live[r]] = [token]
                     going.append(live[r])
             live = going
-        return drafts, hidden
+        return drafts, hidden, passes
 
     def greedy(self, a: Tensor) -> tuple[list[int], list[float]]:
         """Greedy draft token and its probability under the draft head, per row of adapter output."""

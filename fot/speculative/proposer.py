@@ -37,7 +37,8 @@ class Batch:
     rates: Callable[[str], list[float]]  # a drafter's recent acceptance rate in each sample (by drafter name)
     threshold: float  # a token drafter drafts token j only while rate ** j >= threshold
     # of n[i] possible draft tokens, each kept with probability about rate[i] ** j, how many pay for their verification
-    afford: Callable[[list[int], list[float]], list[int]]
+    # (and, for the samples flagged in the third list, for the draft passes that make them one token at a time)
+    afford: Callable[[list[int], list[float], list[bool]], list[int]]
 
     @cached_property
     def contexts(self) -> list[list[int]]:
@@ -47,11 +48,13 @@ class Batch:
 @dataclass
 class Proposal:
     """Each sample's draft; `hidden` holds the layer-k states of every token to verify (the fed token, then the
-    draft, sample after sample) when verification starts there; `sources` names each sample's drafter."""
+    draft, sample after sample) when verification starts there; `sources` names each sample's drafter; `passes`
+    the rows of each forward the drafting ran (Kangaroo's shallow passes), what the engine's cost model times."""
 
     drafts: list[list[int]]
     sources: list[str] = field(default_factory=list)
     hidden: Tensor | None = None
+    passes: list[int] = field(default_factory=list)
 
 
 class Proposer(Protocol):
@@ -95,7 +98,7 @@ class TokenProposer:
         for d, k in zip(drafts, limits, strict=True):
             if len(d) > k:
                 raise InvalidRequestError(f"the drafter proposed {len(d)} tokens where at most {k} were allowed")
-        keep = batch.afford([len(d) for d in drafts], rates)
+        keep = batch.afford([len(d) for d in drafts], rates, [False] * len(drafts))
         return Proposal([d[:k] for d, k in zip(drafts, keep, strict=True)], [self.name] * len(drafts))
 
     def verify(self, tokens: Tensor, step: Layout, cache: KVCache, proposal: Proposal) -> Tensor:
