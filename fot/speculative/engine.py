@@ -362,7 +362,8 @@ class Engine:
     def record_passes(self, passes: list[int], seconds: float) -> None:
         """Time a step's draft passes as a share of verification forwards over as many tokens: one number for every
         batch size, so a drafter that runs layers per token is weighed at sizes it has not drafted at yet."""
-        share, old, decay = seconds / sum(self.forward_cost(rows) for rows in passes), self.pass_share, 0.8
+        share, old = seconds / sum(self.forward_cost(rows) for rows in passes), self.pass_share
+        decay = self.forward_cost.decay  # the same memory as the verification times it is divided by
         self.pass_share = share if old is None else decay * old + (1 - decay) * share
 
     def affordable(self, seqs: list[_Sequence], lengths: list[int], rates: list[float], deep: list[bool]) -> list[int]:
