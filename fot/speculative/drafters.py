@@ -73,17 +73,16 @@ def draft_lengths(
         wanted = wanted[:budget]
     if cost is not None:
         batch = len(caps)
-        deep = passes.samples if passes is not None else [False] * batch
-        pass_cost = passes.seconds if passes is not None else (lambda rows: 0.0)
+        passes = passes or PassCost(lambda rows: 0.0, [False] * batch)
         depth, rows = [0] * batch, Counter[int]()  # rows[d]: the flagged samples drafting at least d tokens
-        drafting = pass_cost(batch) if passes is not None else 0.0
+        drafting = passes.seconds(batch)
         best, gain, best_rate = 0, float(batch), batch / (cost(batch) + drafting)
         for n, (value, i) in enumerate(wanted, 1):
             gain += value
             depth[i] += 1
-            if deep[i]:
+            if passes.samples[i]:
                 r = rows[depth[i]] = rows[depth[i]] + 1
-                drafting += pass_cost(r) - (pass_cost(r - 1) if r > 1 else 0.0)
+                drafting += passes.seconds(r) - (passes.seconds(r - 1) if r > 1 else 0.0)
             rate = gain / (cost(batch + n) + drafting)
             if rate > best_rate:
                 best, best_rate = n, rate
