@@ -55,6 +55,10 @@ class Record(BaseModel):
     arithmetic_repairs: int = 0
     program_trees: int = 0  # trees asked to answer with a program
     gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
+    # each tree's (sc: each sample's) answer in tree order, and whether it is right: what the decision chose from
+    # (None in records from before these fields)
+    tree_answers: list[str | None] | None = None
+    tree_correct: list[bool] | None = None
 
 
 def read_records(path: Path) -> list[Record]:

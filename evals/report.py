@@ -41,6 +41,7 @@ class Row(BaseModel):
     checks: list[str] = []  # what the run's search added: rule checks ("code", "arithmetic"), "programN" trees
     repairs: dict[str, float] = {}  # per check, the claims it repaired per problem
     disagreements: int | None = None  # records whose cross-check (reasoning-gym's verdict) differs from `correct`
+    tree_accuracy: float | None = None  # share of the trees' (sc: samples') own answers that are right
 
     @property
     def label(self) -> str:
@@ -130,10 +131,18 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 disagreements=sum(r.gym_correct != r.correct for r in rs if r.gym_correct is not None)
                 if any(r.gym_correct is not None for r in rs)
                 else None,
+                tree_accuracy=tree_accuracy(rs),
             )
         )
     rows.sort(key=lambda r: (r.benchmark, r.model, r.method, r.trees, r.speculative))
     return rows
+
+
+def tree_accuracy(rs: list[Record]) -> float | None:
+    """The share of right answers among the trees of the records that keep them (None where none does): how good
+    one tree is, against which the decision's accuracy shows what the forest adds."""
+    marks = [c for r in rs if r.tree_correct for c in r.tree_correct]
+    return sum(marks) / len(marks) if marks else None
 
 
 def markdown(rows: list[Row]) -> str:
@@ -144,7 +153,9 @@ def markdown(rows: list[Row]) -> str:
         "*s / problem* is each problem's latency with the run's `--concurrency` problems in flight (their steps "
         "share the backend's batches); *SD speedup* compares with the same run under `--speculative none`. "
         "A run stopped before its end shows *n of total*: its problems are the first to finish (with problems in "
-        "flight at once, the cheaper ones), not a sample, so its accuracy is no estimate and the plots leave it out.",
+        "flight at once, the cheaper ones), not a sample, so its accuracy is no estimate and the plots leave it out. "
+        "*Per tree* is the accuracy of the trees' (sc: the samples') own answers, before the decision; records "
+        "from before it was kept show -.",
         "",
     ]
     by_bench: dict[str, list[Row]] = defaultdict(list)
@@ -155,17 +166,19 @@ def markdown(rows: list[Row]) -> str:
             f"## {bench}",
             "",
             "| model | method | trees | checks (repairs / problem) | drafter | n | accuracy (95% CI) "
-            "| tokens / problem | s / problem | drafts accepted | SD speedup |",
-            "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|",
+            "| per tree | tokens / problem | s / problem | drafts accepted | SD speedup |",
+            "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
         ]
         for r in rs:
             accept = f"{r.accept_rate:.0%}" if r.accept_rate is not None else "-"
             speed = f"{r.sd_speedup:.2f}x" if r.sd_speedup is not None else "-"
             n = f"{r.n} of {r.total}" if r.partial else f"{r.n}"
             checks = ", ".join(f"{SHORT[c]} ({r.repairs[c]:.2f})" if c in SHORT else c for c in r.checks) or "-"
+            per_tree = f"{r.tree_accuracy:.1%}" if r.tree_accuracy is not None else "-"
             out.append(
                 f"| {r.model} | {r.method} | {r.trees} | {checks} | {r.speculative} | {n} | {r.accuracy:.1%} "
-                f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {r.tokens:.0f} | {r.seconds:.1f} | {accept} | {speed} |"
+                f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {per_tree} | {r.tokens:.0f} | {r.seconds:.1f} | {accept} "
+                f"| {speed} |"
             )
         crossed = [r for r in rs if r.disagreements is not None]
         if crossed:

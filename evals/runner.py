@@ -202,6 +202,8 @@ async def solve_all(
             arithmetic_repairs=u.arithmetic_repairs,
             program_trees=program_trees(args),
             gym_correct=gym_score(problem, sol.answer),
+            tree_answers=sol.tree_answers,
+            tree_correct=[score(problem, a) for a in sol.tree_answers],
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
             total=total,

@@ -260,6 +260,7 @@ def test_the_search_never_sees_the_gold_answer(tmp_path: Path) -> None:
     assert seen and not any("987654" in prompt for prompt in seen)
     [record] = read_records(path)
     assert (record.answer, record.gold, record.correct, record.trees) == ("24", "987654", False, 3)
+    assert (record.tree_answers, record.tree_correct) == (["24"] * 3, [False] * 3)
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
@@ -290,7 +291,9 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
         "fot-t8-default-native-prompt_lookup-s0-abcd1234": [  # stopped after 2 of its 4 problems
             record(f"a{i}", "", True, 9.0, method="fot", trees=8, total=4) for i in range(2)
         ],
-        "sc-t4-default-native-prompt_lookup-s0-abcd1234": [record(f"a{i}", "", i < 3, 2.0) for i in range(4)],
+        "sc-t4-default-native-prompt_lookup-s0-abcd1234": [  # 10 of its 16 samples right
+            record(f"a{i}", "", i < 3, 2.0, tree_correct=[True, i < 3, i < 2, i < 1]) for i in range(4)
+        ],
         "sc-t4-default-native-none-s0-abcd1234": [record(f"a{i}", "", i < 3, 3.0, "none") for i in range(4)],
         "cot-t1-default-native-prompt_lookup-s0-abcd1234": [
             record(f"a{i}", "", i < 1, 1.0, method="cot", trees=1) for i in range(4)
@@ -309,7 +312,10 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
     plotted = []
     monkeypatch.setitem(PLOTS, "trees", lambda ax, rs, ps: plotted.extend(r.method for r in rs))
     report = write_report(tmp_path).read_text()
-    assert "| smollm2-135m | sc | 4 | - | prompt_lookup | 4 | 75.0% (30%-95%) | 100 | 2.0 | 50% | 1.50x |" in report
+    assert sd.tree_accuracy == pytest.approx(10 / 16)  # the samples' own answers
+    assert rows["sc-t4-default-native-none-s0-abcd1234"].tree_accuracy is None  # records that keep none
+    row = "| smollm2-135m | sc | 4 | - | prompt_lookup | 4 | 75.0% (30%-95%) | 62.5% | 100 | 2.0 | 50% | 1.50x |"
+    assert row in report
     assert "| smollm2-135m | fot | 8 | - | prompt_lookup | 2 of 4 | 100.0% (34%-100%) |" in report
     assert sorted(plotted) == ["cot", "sc", "sc"]  # the stopped run is in the table, not in the plots
     for png in ("arithmetic_accuracy_vs_trees.png", "arithmetic_accuracy_vs_tokens.png"):
