@@ -59,6 +59,9 @@ class Record(BaseModel):
     # (None in records from before these fields)
     tree_answers: list[str | None] | None = None
     tree_correct: list[bool] | None = None
+    # each tree's answered nodes' answers, in the order the search made them: what other decision rules (a vote over
+    # every node, or over the first answers only) would choose from, so they can be compared on a run's records
+    node_answers: list[list[str]] | None = None
 
 
 def read_records(path: Path) -> list[Record]:

@@ -204,6 +204,7 @@ async def solve_all(
             gym_correct=gym_score(problem, sol.answer),
             tree_answers=sol.tree_answers,
             tree_correct=[score(problem, a) for a in sol.tree_answers],
+            node_answers=[[n["answer"] for n in t["nodes"] if n.get("answer") is not None] for t in sol.trees],
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
             total=total,

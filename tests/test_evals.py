@@ -261,6 +261,7 @@ def test_the_search_never_sees_the_gold_answer(tmp_path: Path) -> None:
     [record] = read_records(path)
     assert (record.answer, record.gold, record.correct, record.trees) == ("24", "987654", False, 3)
     assert (record.tree_answers, record.tree_correct) == (["24"] * 3, [False] * 3)
+    assert record.node_answers == [["24"]] * 3  # each tree's first answer: they agree, so no tree refined it
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
