@@ -48,6 +48,8 @@ EXTRACT_CASES = [
     ("THE ANSWER IS 5. Earlier I said the answer is 4.", "4"),
     ("the final answer is: $\\frac{3}{4}$.", r"\frac{3}{4}"),
     ("**Answer:** 42", "42"),
+    ("3 * 7 = 21 and 21 + 4 = 25. The answer is \\(\\boxed", "25"),  # a box cut off by the token limit
+    ("She pays 12 dollars.\nThe answer is \\[", "12"),
     ("The answer is that she has 5 apples left over after lunch.", "5"),
     ("Janet sells 16 - 3 - 4 = 9 eggs.\n#### 72", "72"),
     ("#### 1,000", "1000"),

@@ -28,6 +28,7 @@ _ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b|:)\s*:?", re.IGNORECASE)
 _GSM8K = re.compile(r"####\s*(.*)")
 _PLACEHOLDER = re.compile(r"X\W*")  # the prompt's own "finish with 'The answer is X.'", echoed back
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BOX_LEFT = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # in a phrase's answer: a box the token limit cut off
 _TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^{}]*\}\s*(?:\^\{?\d\}?)?\s*)+$")
 _UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
 _NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times"}
@@ -122,7 +123,7 @@ def _phrase_answer(candidate: str) -> str | None:
     if end:
         candidate = candidate[: end.start()]
     answer = canonical_answer(candidate)
-    if not answer:
+    if not answer or _BOX_LEFT.search(answer) or not re.search(r"\w", answer):  # cut off: an empty box, a "\["
         return None
     words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", answer))
     if len(words) > 1:  # prose ("3 times 3, which is 9", "she has 5 apples left"): its last number, if any
