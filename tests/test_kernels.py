@@ -27,18 +27,23 @@ def kernels_here() -> bool:
     return built is not None
 
 
+# K: any, or a multiple of 32, which in bf16 runs on AMX tiles where the CPU has them
+any_k = st.one_of(st.integers(1, 700), st.integers(1, 40).map(lambda i: 32 * i))
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(1, 40),
     n=st.integers(1, 300),
-    k=st.integers(1, 700),
+    k=any_k,
     bf16=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 @example(rows=7, n=65, k=513, bf16=True, bias=True, seed=0)  # a partial block, K odd, past one 256-step segment
+@example(rows=33, n=130, k=576, bf16=True, bias=True, seed=0)  # AMX: three 16-row groups, past one segment
 def test_matmul_matches_a_float64_reference(rows, n, k, bf16, bias, seed):
-    """Any rows, any shape, tails of blocks, segments and bf16 pairs included: fp32 to 1e-5, bf16 (fp32
+    """Any rows, any shape, tails of blocks, segments, bf16 pairs and AMX tiles included: fp32 to 1e-5, bf16 (fp32
     accumulation, one final rounding to bf16) to bf16's own precision."""
     if not kernels_here():
         return
@@ -59,10 +64,11 @@ def test_matmul_matches_a_float64_reference(rows, n, k, bf16, bias, seed):
 @given(
     rows=st.integers(2, 40),
     n=st.integers(1, 200),
-    k=st.integers(1, 600),
+    k=any_k,
     bf16=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(rows=40, n=70, k=576, bf16=True, seed=0)  # AMX: a lone row against three row groups sharing segments
 def test_matmul_is_batch_invariant(rows, n, k, bf16, seed):
     """A row's result is bit for bit the same alone, in any slice of the batch, or in the whole batch: what makes a
     verification forward round exactly as one-token decoding does."""
@@ -299,6 +305,25 @@ def test_loading_packed_reads_weights_straight_into_the_kernel_layout(tiny_model
             tokens = torch.tensor([0, 3, 7])
             assert torch.equal(direct.embed(tokens), later.embed(tokens))
             assert direct.tok_embeddings.weight.is_meta == direct.args.tie_embeddings
+
+
+def test_amx_is_on_where_the_cpu_has_it_and_can_be_switched_off():
+    """Where the CPU has AMX, `load` switches bf16 matmuls to the tiles (Linux grants their state); FOT_AMX=0 keeps
+    them off, and the matmul then runs on AVX512-BF16 to the same precision (a fresh process: AMX is per process)."""
+    if not kernels_here():
+        return
+    assert kernels.amx() == (kernels.AMX <= kernels.cpu_flags())
+    code = (
+        "import torch; from fot.speculative import kernels\n"
+        "m = kernels.load(); assert m is not None and not kernels.amx()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, w = torch.randn(20, 512, generator=g).bfloat16(), torch.randn(100, 512, generator=g).bfloat16()\n"
+        "err = (m.matmul(x, kernels.pack(w), 100).double() - x.double() @ w.double().T).abs().max().item()\n"
+        "assert err <= 1e-2 * (x.double().abs() @ w.double().abs().T).max().item(), err\n"
+    )
+    env = {**os.environ, "FOT_AMX": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_kernels_can_be_switched_off(tiny_llama_dir):

@@ -13,6 +13,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -129,7 +131,98 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
   });
 }
 
+// ---- the bf16 matmul on AMX tiles, where this CPU has them (see `enable_amx`) ---------------------------------
+//
+// The packed layout is already what a B tile wants: a block's step s holds 16 columns' pairs in each 64 bytes, so
+// 16 steps x 16 columns is one tile at a stride of 256 bytes. Each pass holds 16 input rows x one block's 64
+// columns in four fp32 C tiles and walks k 16 pairs at a time, one A tile and four B tiles per step. The rows are
+// copied into a zero-padded buffer of whole 16-row groups, so M = 1 runs the very same instructions as M = 40:
+// each output element is one fp32 chain over k in order whatever else shares the call (batch invariance). AMX is
+// used for every bf16 matmul whose K is a multiple of 32, in every call of the process, or for none.
+bool amx_on = false;
+constexpr int64_t kPairs = 16;  // k pairs per tile step: an A tile row is 32 bf16 (64 bytes)
+constexpr int64_t kAhead = kPairs * 256;  // weights asked for one tile step (4 KB) ahead of the tile loads
+
+struct TileConfig {  // palette 1 (the AMX register file layout of the ISA reference)
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, uint16_t* out, int64_t M, int64_t K,
+              int64_t N) {
+  const int64_t steps = K / 2, blocks = (N + kColumns - 1) / kColumns, groups = (M + 15) / 16;
+  std::vector<uint16_t> padded(static_cast<size_t>(groups * 16 * K), 0);
+  std::memcpy(padded.data(), x, static_cast<size_t>(M * K) * sizeof(uint16_t));
+  // with one row group, a block's whole k range stays in the C tiles; more groups share each segment from cache
+  const int64_t segment = groups == 1 ? steps : kSegment;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    TileConfig config;
+    for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+    std::vector<float> sums(static_cast<size_t>(groups * 16 * kColumns));
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint16_t* block = packed + b * steps * kColumns * 2;
+      for (int64_t s0 = 0; s0 < steps; s0 += segment) {
+        const int64_t s1 = std::min(steps, s0 + segment);
+        for (int64_t g = 0; g < groups; ++g) {
+          float* c = sums.data() + g * 16 * kColumns;  // [16 rows][64 columns], 256 bytes a row
+          if (s0 == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, c, 256);
+            _tile_loadd(1, c + 16, 256);
+            _tile_loadd(2, c + 32, 256);
+            _tile_loadd(3, c + 48, 256);
+          }
+          const uint16_t* a = padded.data() + g * 16 * K;
+          for (int64_t s = s0; s < s1; s += kPairs) {
+            const uint16_t* w = block + s * kColumns * 2;  // 16 steps of 256 bytes; each tile's columns 64 bytes on
+            if (g == 0) {  // the first pass streams the weights from memory: ask for them well ahead (tile loads
+                           // are not prefetched by the hardware as vector loads are)
+              const char* ahead = reinterpret_cast<const char*>(w) + kAhead;
+              for (int64_t line = 0; line < kPairs * 256; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+            }
+            _tile_loadd(4, a + 2 * s, K * 2);
+            _tile_loadd(5, w, 256);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, w + 32, 256);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, w + 64, 256);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, w + 96, 256);
+            _tile_dpbf16ps(3, 4, 5);
+          }
+          _tile_stored(0, c, 256);
+          _tile_stored(1, c + 16, 256);
+          _tile_stored(2, c + 32, 256);
+          _tile_stored(3, c + 48, 256);
+        }
+      }
+      const int64_t n0 = b * kColumns, width = std::min(kColumns, N - n0);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < width; ++j) {
+          const float v = sums[m * kColumns + j];
+          out[m * N + n0 + j] = BF16::round(bias ? v + to_float(bias[n0 + j]) : v);
+        }
+    }
+    _tile_release();
+  });
+}
+
 }  // namespace
+
+// Asks Linux for the AMX tile state (once per process) and, where it is granted, routes every bf16 matmul whose K
+// is a multiple of 32 to the tiles from then on. Called by `kernels.load()` before any matmul, so that every call
+// of a process takes the same path. Returns whether AMX is on.
+bool enable_amx() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  amx_on = amx_on || syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return amx_on;
+}
 
 // x: [M, K] contiguous, any M >= 1; packed: a weight [N, K] of x's dtype (float32 or bfloat16) laid out by
 // `kernels.pack` as [ceil(N / 64), ceil(K / step), 64, step] (step: 1 in fp32, 2 in bf16), zero-padded; bias:
@@ -149,6 +242,12 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor packed, int64_t N, std::opti
     const std::vector<int64_t> shape = {(N + kColumns - 1) / kColumns, (K + D::kStep - 1) / D::kStep, kColumns,
                                         D::kStep};
     TORCH_CHECK(packed.sizes() == shape, "matmul: the weight is not packed for [N, K] = [", N, ", ", K, "]");
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (amx_on && K % (2 * kPairs) == 0) {
+        amx_impl(ptr<T>(x), ptr<T>(packed), bias ? ptr<T>(*bias) : nullptr, ptr<T>(out), M, K, N);
+        return;
+      }
+    }
     matmul_impl<D>(ptr<T>(x), ptr<T>(packed), bias ? ptr<T>(*bias) : nullptr, ptr<T>(out), M, K, N);
   });
   return out;
@@ -380,6 +479,8 @@ torch::Tensor attend(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "x @ w.T (+ bias) for any rows, w packed by kernels.pack", py::arg("x"), py::arg("packed"),
         py::arg("N"), py::arg("bias") = py::none());
+  m.def("enable_amx", &enable_amx, "route bf16 matmuls to AMX tiles where Linux grants them; whether it is on");
+  m.def("amx", [] { return amx_on; }, "whether bf16 matmuls run on AMX tiles");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, computed in fp32");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of each row [gate | up]");
   m.def("attend", &attend, "RoPE, cache writes and causal attention of a flat ragged batch");

@@ -28,6 +28,7 @@ from fot.files import locked, sha256
 
 COLUMNS = 64  # kernels.cpp's kColumns: output columns (weight rows) per block of `pack`'s layout
 NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+AMX = {"amx_tile", "amx_bf16"}  # bf16 matmuls on tiles: many rows for the price of one (`amx`)
 
 
 @lru_cache(maxsize=1)
@@ -107,7 +108,22 @@ def import_built(folder: Path, source_digest: str):
 @lru_cache(maxsize=1)
 def load():
     """The compiled module (`matmul(x, pack(w), N, bias)`, `rms_norm(x, w, eps)`, `silu_mul(x)`, `attend(...)`),
-    or None where it cannot run here. A finished build is imported directly; a build happens under `build_lock`,
+    or None where it cannot run here. Where the CPU has AMX (and `FOT_AMX` is not 0), its bf16 matmuls are switched
+    to the tiles here, before any matmul runs, so that all of a process's calls take one path."""
+    module = compiled()
+    if module is not None and AMX <= cpu_flags() and os.environ.get("FOT_AMX", "1") != "0":
+        module.enable_amx()
+    return module
+
+
+def amx() -> bool:
+    """Whether this process's bf16 matmuls run on AMX tiles: the CPU has them and Linux granted their state."""
+    module = load()
+    return module is not None and module.amx()
+
+
+def compiled():
+    """The compiled module, or None where it cannot run here. A finished build is imported directly; a build happens under `build_lock`,
     and records the hashes of its source and its .so, which every later import checks. A cache folder that others
     may write to is refused: its .so would run as our code."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
@@ -135,7 +151,8 @@ def load():
             module = build(
                 name="fot_kernels",
                 sources=[str(source)],
-                extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"],
+                extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+                + ["-mamx-tile", "-mamx-bf16"],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),
             )
