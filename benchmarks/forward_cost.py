@@ -3,9 +3,9 @@ verifies. Calls the model's forward directly over one ragged step (`rows` sample
 after `--cached` tokens of cache per sample), for every split of 1..32 tokens, in interleaved turns, and prints
 each split's median time as a ratio to the one-token forward, beside the weight-read roofline (weight bytes read
 per forward / a streaming read measured in each turn) and the compute bound at oneDNN's GEMM rate (and ours) on
-the model's largest matmul. Peak RSS is read right after loading, against the bytes of weights held. Its last
-line is one JSON object; a token count's ratio there is its worst split. `--quick` (3 turns) takes under 2 minutes
-for the 1.5B model.
+the model's largest matmul, and whether our bf16 matmuls ran on AMX tiles (`FOT_AMX=0` runs them without). Peak
+RSS is read right after loading, against the bytes of weights held. Its last line is one JSON object; a token
+count's ratio there is its worst split. `--quick` (3 turns) takes under 2 minutes for the 1.5B model.
 
     python benchmarks/forward_cost.py [--model default|qwen2.5-coder-1.5b|FOLDER] [--dtype bfloat16] [--quick]
 """
@@ -123,7 +123,9 @@ def main() -> None:
         f"weight-read roofline: {read / 1e9:.2f} GB per forward / {bandwidth / 1e9:.1f} GB/s = "
         f"{roofline * 1e3:.1f} ms; the one-token forward takes {one * 1e3:.1f} ms ({roofline / one:.0%} of it)"
     )
+    tiles = "AMX tiles" if kernels.amx() else "no AMX (FOT_AMX=0 or none on this CPU)"
     print("GEMM rate at 32 rows on the largest matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
+    print(f"our bf16 matmuls: {tiles}")
     print(
         f"loaded in {load_s:.1f} s; peak RSS {rss / 1e9:.2f} GB for {held / 1e9:.2f} GB of weights held "
         f"({rss / held:.2f}x)"
@@ -137,6 +139,7 @@ def main() -> None:
                 "roofline_ms": round(roofline * 1e3, 2),
                 "read_gb_s": round(bandwidth / 1e9, 1),
                 "gemm_gflops": {k: round(v) for k, v in rates.items()},
+                "amx": kernels.amx(),
                 "rss_gb": round(rss / 1e9, 3),
                 "weight_gb": round(held / 1e9, 3),
                 "rss_over_weights": round(rss / held, 3),

@@ -6,7 +6,9 @@ it to all rows of the step; a row's result does not depend on how many rows shar
 `rms_norm` does in one pass what F.rms_norm does in ~6 ops, `silu_mul` SwiGLU's chunk, silu and product in one;
 `attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops.
 They need AVX-512 (F, BW, VL and BF16); elsewhere, or when the build fails, `load()` returns None and the
-model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off.
+model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off. Where the CPU has AMX, bf16 matmuls run
+on its tiles (`amx`), which makes a forward over 16 tokens cost about what one token's does; `FOT_AMX=0` keeps
+them on AVX512-BF16, whose one-row streaming is faster.
 """
 
 from __future__ import annotations
@@ -123,9 +125,9 @@ def amx() -> bool:
 
 
 def compiled():
-    """The compiled module, or None where it cannot run here. A finished build is imported directly; a build happens under `build_lock`,
-    and records the hashes of its source and its .so, which every later import checks. A cache folder that others
-    may write to is refused: its .so would run as our code."""
+    """The compiled module, or None where it cannot run here. A finished build is imported directly; a build
+    happens under `build_lock`, and records the hashes of its source and its .so, which every later import checks.
+    A cache folder that others may write to is refused: its .so would run as our code."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
     from fot.models import cache_dir
