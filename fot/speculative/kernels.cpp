@@ -137,8 +137,9 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
 // 16 steps x 16 columns is one tile at a stride of 256 bytes. Each pass holds 16 input rows x one block's 64
 // columns in four fp32 C tiles and walks k 16 pairs at a time, one A tile and four B tiles per step. The rows are
 // copied into a zero-padded buffer of whole 16-row groups, so M = 1 runs the very same instructions as M = 40:
-// each output element is one fp32 chain over k in order whatever else shares the call (batch invariance). AMX is
-// used for every bf16 matmul whose K is a multiple of 32, in every call of the process, or for none.
+// each output element comes from the same tile products over k in the same order whatever else shares the call
+// (batch invariance). The tiles round a pair's sum unlike `vdpbf16ps`, so the two paths differ in the last bits:
+// AMX is used for every bf16 matmul whose K is a multiple of 32, in every call of the process, or for none.
 bool amx_on = false;
 constexpr int64_t kPairs = 16;  // k pairs per tile step: an A tile row is 32 bf16 (64 bytes)
 constexpr int64_t kAhead = kPairs * 256;  // weights asked for one tile step (4 KB) ahead of the tile loads
