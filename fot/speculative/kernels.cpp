@@ -99,6 +99,17 @@ void tile(const typename D::T* x, int64_t K, const typename D::T* block, float* 
     for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(sums + (m * kVectors + v) * 16, acc[m][v]);
 }
 
+// Block b's finished fp32 sums [M][64] (+ bias) into its columns of out [M, N], each rounded once to the dtype.
+template <typename D>
+void store_block(const float* sums, const typename D::T* bias, typename D::T* out, int64_t M, int64_t N, int64_t b) {
+  const int64_t n0 = b * kColumns, width = std::min(kColumns, N - n0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < width; ++j) {
+      const float v = sums[m * kColumns + j];
+      out[m * N + n0 + j] = D::round(bias ? v + to_float(bias[n0 + j]) : v);
+    }
+}
+
 template <typename D>
 void matmul_impl(const typename D::T* x, const typename D::T* packed, const typename D::T* bias, typename D::T* out,
                  int64_t M, int64_t K, int64_t N) {
@@ -121,12 +132,7 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
           tiles[rows - 1](x + m * K, K, block, sums.data() + m * kColumns, s0, s1, next + first * 64, last - first);
         }
       }
-      const int64_t n0 = b * kColumns, width = std::min(kColumns, N - n0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < width; ++j) {
-          const float v = sums[m * kColumns + j];
-          out[m * N + n0 + j] = D::round(bias ? v + to_float(bias[n0 + j]) : v);
-        }
+      store_block<D>(sums.data(), bias, out, M, N, b);
     }
   });
 }
@@ -203,12 +209,7 @@ void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, u
           _tile_stored(3, c + 48, 256);
         }
       }
-      const int64_t n0 = b * kColumns, width = std::min(kColumns, N - n0);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < width; ++j) {
-          const float v = sums[m * kColumns + j];
-          out[m * N + n0 + j] = BF16::round(bias ? v + to_float(bias[n0 + j]) : v);
-        }
+      store_block<BF16>(sums.data(), bias, out, M, N, b);
     }
     _tile_release();
   });

@@ -153,8 +153,10 @@ def compiled():
             module = build(
                 name="fot_kernels",
                 sources=[str(source)],
-                extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-                + ["-mamx-tile", "-mamx-bf16"],
+                extra_cflags=[
+                    *("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
+                    *("-mamx-tile", "-mamx-bf16"),
+                ],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),
             )
