@@ -62,13 +62,15 @@ def test_matmul_matches_a_float64_reference(rows, n, k, bf16, bias, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    rows=st.integers(2, 40),
+    rows=st.integers(2, 48),
     n=st.integers(1, 200),
     k=any_k,
     bf16=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 @example(rows=40, n=70, k=576, bf16=True, seed=0)  # AMX: a lone row against three row groups sharing segments
+@example(rows=48, n=70, k=576, bf16=True, seed=0)  # AMX: three whole groups read in place, against fewer rows
+@example(rows=16, n=70, k=64, bf16=True, seed=1)  # AMX: one whole tile of rows, against a shorter one
 def test_matmul_is_batch_invariant(rows, n, k, bf16, seed):
     """A row's result is bit for bit the same alone, in any slice of the batch, or in the whole batch: what makes a
     verification forward round exactly as one-token decoding does."""
