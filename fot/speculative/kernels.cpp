@@ -141,11 +141,10 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
 //
 // The packed layout is already what a B tile wants: a block's step s holds 16 columns' pairs in each 64 bytes, so
 // 16 steps x 16 columns is one tile at a stride of 256 bytes. Each pass holds 16 input rows x one block's 64
-// columns in four fp32 C tiles and walks k 16 pairs at a time, one A tile and four B tiles per step. Up to 16 rows
-// are read in place by tiles of that many rows; more are copied into a zero-padded buffer of whole 16-row groups
-// (unless M is a multiple of 16). A tile computes each row alone, so each output element comes from the same tile
-// products over k in the same order whatever else shares the call (batch invariance, tested from 1 to 48 rows).
-// (A padded one-row A tile reads 15 rows of zeros from cache every step, which slows the weight stream.) The
+// columns in four fp32 C tiles and walks k 16 pairs at a time, one A tile and four B tiles per step. The rows are
+// read in place, 16 at a time, the last M % 16 by tiles of that many rows (a tile padded with zero rows would read
+// and multiply them every step). A tile computes each row alone, so each output element comes from the same tile
+// products over k in the same order whatever else shares the call (batch invariance, tested from 1 to 48 rows). The
 // tiles round a pair's sum unlike `vdpbf16ps`, so the two paths differ in the last bits: AMX is used for every
 // bf16 matmul whose K is a multiple of 32, in every call of the process, or for none.
 bool amx_on = false;
@@ -158,29 +157,32 @@ struct TileConfig {  // palette 1 (the AMX register file layout of the ISA refer
   uint8_t rows[16] = {};
 };
 
+TileConfig tile_config(int64_t rows) {  // C tiles 0-3 and the A tile 4 of `rows` rows, B tiles 5-7 of 16
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.rows[t] = t < 5 ? rows : 16, config.colsb[t] = 64;
+  return config;
+}
+
 void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, uint16_t* out, int64_t M, int64_t K,
               int64_t N) {
-  const int64_t steps = K / 2, blocks = (N + kColumns - 1) / kColumns, groups = (M + 15) / 16;
-  const int64_t rows = std::min<int64_t>(M, 16);
-  std::vector<uint16_t> padded;
-  if (rows * groups != M) {
-    padded.assign(static_cast<size_t>(groups * 16 * K), 0);
-    std::memcpy(padded.data(), x, static_cast<size_t>(M * K) * sizeof(uint16_t));
-  }
-  const uint16_t* rows_in = padded.empty() ? x : padded.data();
+  const int64_t steps = K / 2, blocks = (N + kColumns - 1) / kColumns;
   // with one row group, a block's whole k range stays in the C tiles; more groups share each segment from cache
-  const int64_t segment = groups == 1 ? steps : kSegment;
+  const int64_t segment = M <= 16 ? steps : kSegment;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    TileConfig config;
-    for (int t = 0; t < 8; ++t) config.rows[t] = t < 5 ? rows : 16, config.colsb[t] = 64;  // C and A: rows
-    _tile_loadconfig(&config);
-    std::vector<float> sums(static_cast<size_t>(groups * 16 * kColumns));
+    const TileConfig whole = tile_config(16), rest = tile_config(M % 16);
+    int64_t configured = 0;  // the rows of the tile configuration loaded now
+    std::vector<float> sums(static_cast<size_t>(M * kColumns));
     for (int64_t b = b0; b < b1; ++b) {
       const uint16_t* block = packed + b * steps * kColumns * 2;
       for (int64_t s0 = 0; s0 < steps; s0 += segment) {
         const int64_t s1 = std::min(steps, s0 + segment);
-        for (int64_t g = 0; g < groups; ++g) {
-          float* c = sums.data() + g * 16 * kColumns;  // [16 rows][64 columns], 256 bytes a row
+        for (int64_t g = 0; g < M; g += 16) {
+          const int64_t rows = std::min<int64_t>(16, M - g);
+          if (rows != configured) {  // the last group of M % 16 rows has its own (loading one zeroes every tile)
+            _tile_loadconfig(rows == 16 ? &whole : &rest);
+            configured = rows;
+          }
+          float* c = sums.data() + g * kColumns;  // [rows][64 columns], 256 bytes a row
           if (s0 == 0) {
             _tile_zero(0);
             _tile_zero(1);
@@ -192,7 +194,7 @@ void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, u
             _tile_loadd(2, c + 32, 256);
             _tile_loadd(3, c + 48, 256);
           }
-          const uint16_t* a = rows_in + g * 16 * K;
+          const uint16_t* a = x + g * K;
           for (int64_t s = s0; s < s1; s += kPairs) {
             const uint16_t* w = block + s * kColumns * 2;  // 16 steps of 256 bytes; each tile's columns 64 bytes on
             if (g == 0) {  // the first pass streams the weights from memory: ask for them well ahead (tile loads
