@@ -169,7 +169,6 @@ void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, u
   // with one row group, a block's whole k range stays in the C tiles; more groups share each segment from cache
   const int64_t segment = M <= 16 ? steps : kSegment;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    const TileConfig whole = tile_config(16), rest = tile_config(M % 16);
     int64_t configured = 0;  // the rows of the tile configuration loaded now
     std::vector<float> sums(static_cast<size_t>(M * kColumns));
     for (int64_t b = b0; b < b1; ++b) {
@@ -179,7 +178,8 @@ void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, u
         for (int64_t g = 0; g < M; g += 16) {
           const int64_t rows = std::min<int64_t>(16, M - g);
           if (rows != configured) {  // the last group of M % 16 rows has its own (loading one zeroes every tile)
-            _tile_loadconfig(rows == 16 ? &whole : &rest);
+            const TileConfig config = tile_config(rows);
+            _tile_loadconfig(&config);
             configured = rows;
           }
           float* c = sums.data() + g * kColumns;  // [rows][64 columns], 256 bytes a row
