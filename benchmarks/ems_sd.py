@@ -71,10 +71,16 @@ def extract_prompt(rng: random.Random) -> list[dict[str, str]]:
 WORKLOADS = {"refine": refine_prompt, "extract": extract_prompt}
 
 
+def warm_up(engines: list[Engine], prompts: list) -> None:
+    """One short run per engine before any timing: its first forwards build kernels and buffers. Once each, not
+    once per batch size: the later runs are warm already."""
+    for engine in engines:
+        engine.generate(prompts[:2], {"max_tokens": 4})
+
+
 def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, float, list[list[int]]]:
     """Generated tokens per second of wall time, the same for the decode phase alone (the tokens after each
-    prompt's first, over the time outside prefill), and the outputs."""
-    engine.generate(prompts[:2], {"max_tokens": 4})  # warm-up
+    prompt's first, over the time outside prefill), and the outputs (the engine warmed up: `warm_up`)."""
     t = time.perf_counter()
     outs = engine.generate(prompts, {"max_tokens": new_tokens})
     elapsed = time.perf_counter() - t
@@ -136,6 +142,7 @@ def main() -> None:
         keys = ("unpadded", "padded", "accept_len", "plain_tok_s", "tok_s", "decode_unpadded", "decode_padded")
         keys += ("identical_unpadded", "identical_padded")
         report[workload] = {key: {} for key in keys}
+        warm_up([plain, *layouts.values()], prompts)
         for batch in batches:
             base, base_decode, want = timed(plain, prompts[:batch], new_tokens)
             speeds, decode = {}, {}

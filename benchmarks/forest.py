@@ -11,13 +11,15 @@
             drafter, prompt lookup, Kangaroo and the hybrid (the last two need an adapter for the model: where
             none is shipped or given, the script says so and leaves them out), in interleaved turns: wall time
             (median), tokens, and each run's answers. The trees decode greedily here, so that every drafter, all
-            lossless, does the same search: the script counts the answers that agree with the run without one.
+            lossless, does the same search: the script counts the answers that agree with the run without one
+            (`--drafters` picks some of them; speedups are against the first named).
 GSM-style problems written here; native backend; the batching and sparse parts sample at the search's default
 temperature with fixed seeds. Prints tables and, as its LAST line, one JSON object. `--quick` (solve_many over 2
 problems) takes about a minute on the embedded model.
 
     python benchmarks/forest.py [--quick] [--problems 2] [--rollouts 2] [--max-tokens 96] [--turns 1] [--many 8]
         [--model qwen2.5-coder-1.5b] [--adapter DIR] [--parts batching,barrier,drafters]
+        [--drafters none,prompt_lookup,kangaroo,hybrid]
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
 def drafting(backend, args, config: dict) -> dict:
     """Each drafter's one 4-tree solve and solve_many (`--many` problems), in `args.turns` interleaved turns."""
     usable, report = {}, {}
-    for name, method in DRAFTERS.items():
+    for name in args.drafters.split(","):
+        method = DRAFTERS[name]
         spec = method if method in (None, "prompt_lookup") else {"method": method, "adapter": args.adapter}
         try:
             asyncio.run(backend.set_speculative(spec))
@@ -83,23 +86,25 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
     for _ in range(args.turns):
         for name, (spec, config) in setups.items():
             asyncio.run(backend.set_speculative(spec))
-            t = time.perf_counter()
+            t, counts = time.perf_counter(), backend.engine.stats.snapshot()
             one = asyncio.run(asolve(PROBLEMS[4], backend=backend, trees=4, config=config, seed=0))
-            mid = time.perf_counter()
+            mid, between = time.perf_counter(), backend.engine.stats.snapshot()
             many = asyncio.run(asolve_many(PROBLEMS[: args.many], backend=backend, trees=4, config=config, seed=0))
             end = time.perf_counter()
-            runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer]))
-            runs[name]["solve_many"].append((end - mid, sum_usage(many), [s.answer for s in many]))
+            runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer], sources(between.since(counts))))
+            many_sources = sources(backend.engine.stats.since(between))
+            runs[name]["solve_many"].append((end - mid, sum_usage(many), [s.answer for s in many], many_sources))
     report = {}
     for name, parts in runs.items():
         report[name] = {}
         for part, turns in parts.items():
-            seconds, usage, answers = statistics.median(t[0] for t in turns), turns[-1][1], turns[-1][2]
+            seconds, (_, usage, answers, by_source) = statistics.median(t[0] for t in turns), turns[-1]
             report[name][part] = {
                 "seconds": round(seconds, 1),
                 "tokens": usage["generated_tokens"],
                 "accept_rate": round(usage["accepted_tokens"] / max(usage["draft_tokens"], 1), 2),
                 "answers": answers,
+                "sources": by_source,
             }
     base = report[next(iter(report))] if report else {}
     for name in runs:
@@ -108,6 +113,11 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
             r["speedup"] = round(b["seconds"] / r["seconds"], 2)
             r["same_answers"] = sum(x == y for x, y in zip(r["answers"], b["answers"], strict=True))
     return report
+
+
+def sources(stats) -> dict[str, list[int]]:
+    """Draft tokens [proposed, kept] by the drafter that made them (the hybrid has two), from engine counters."""
+    return {k: [n, stats.source_accepted.get(k, 0)] for k, n in stats.source_drafts.items()}
 
 
 def sum_usage(solutions) -> dict:
@@ -131,6 +141,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None, help="Kangaroo adapter folder (default: the one shipped for the model)")
     ap.add_argument("--device", default="cpu", help="torch device of the native engine")
     ap.add_argument("--parts", default="batching,barrier,drafters", help="which comparisons to run")
+    ap.add_argument("--drafters", default=",".join(DRAFTERS), help="drafters: which to run (the first is the baseline)")
     args = ap.parse_args()
     if args.turns < 1:
         raise SystemExit("--turns must be >= 1")
@@ -144,6 +155,9 @@ def main() -> None:
     dense = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": False}}
     sparse = {"mctsr": mctsr, "early_stop": False, "sparse": {"enabled": True, "top_k": 2}}
 
+    chosen = args.drafters.split(",")
+    if set(chosen) - set(DRAFTERS) or len(set(chosen)) != len(chosen):
+        raise SystemExit(f"--drafters: a comma-separated choice of {', '.join(DRAFTERS)}, each once")
     parts = set(args.parts.split(","))
     if not parts or parts - {"batching", "barrier", "drafters"}:
         raise SystemExit("--parts: a comma-separated choice of batching, barrier, drafters")
@@ -211,6 +225,10 @@ def main() -> None:
             f"{one.get('same_answers', 0) + many.get('same_answers', 0):2d}/{1 + args.many}  "
             f"{one['answers'][0]} | {' '.join(str(a) for a in many['answers'])}"
         )
+    for name, r in drafters.items():
+        if r.get("solve", {}).get("sources"):
+            cells = [f"{part} " + ", ".join(f"{k} {a}/{n}" for k, (n, a) in r[part]["sources"].items()) for part in r]
+            print(f"{name:14} drafts kept/proposed by source (last turn): {'; '.join(cells)}")
     print(
         json.dumps(
             {
