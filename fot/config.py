@@ -65,7 +65,8 @@ class SpeculativeConfig(BaseModel):
     `method="kangaroo"` drafts with the model's own first layers + a trained adapter (fot.speculative.kangaroo):
     each sample drafts until the draft's top-1 probability drops below `confidence_threshold` or after
     `num_speculative_tokens` tokens. `method="hybrid"` takes prompt lookup's draft where a sample's context has a
-    match and Kangaroo's otherwise (fot.speculative.hybrid).
+    match and lookup's drafts are kept at least as often as Kangaroo's there, and Kangaroo's otherwise
+    (fot.speculative.hybrid).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -1,6 +1,6 @@
-"""Kangaroo and the hybrid (prompt lookup where it matches, Kangaroo elsewhere): lossless whatever the adapter
-(untrained ones accept little and must still be exact), batched, with the sampling distribution kept; adapters
-name their base model; training runs, checkpoints and resumes."""
+"""Kangaroo and the hybrid (prompt lookup where it matches and does as well, Kangaroo elsewhere): lossless whatever
+the adapter (untrained ones accept little and must still be exact), batched, with the sampling distribution kept;
+adapters name their base model; training runs, checkpoints and resumes."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from safetensors.torch import load_file
 from fot.config import SamplingParams, SpeculativeConfig
 from fot.errors import InvalidRequestError, ModelError
 from fot.speculative.adapter_training import train_adapter
+from fot.speculative.drafters import PromptLookup
 from fot.speculative.engine import Engine
+from fot.speculative.hybrid import Hybrid
 from fot.speculative.kangaroo import Adapter, load_adapter, model_fingerprint, save_adapter
 from fot.speculative.model import Transformer
+from fot.speculative.proposer import Batch, Proposal
 
 
 def random_adapter(folder, model: Transformer, exit_layer: int, vocab: list[int] | None = None, seed: int = 0):
@@ -113,6 +116,33 @@ def test_hybrid_takes_lookup_where_it_matches_and_kangaroo_elsewhere(engines):
     s = engine.last_stats
     assert s.source_drafts["lookup"] > 0 and s.source_drafts["kangaroo"] > 0
     assert 0 <= s.source_accepted.get("lookup", 0) <= s.source_drafts["lookup"]
+
+
+def test_hybrid_leaves_lookup_where_its_drafts_are_kept_less_often_than_kangaroos():
+    """Every context matches (lookup proposes 7 8 5 6), and the acceptance rates decide: lookup where its rate is at
+    least Kangaroo's (a tie included: both start at one prior), the adapter's drafting elsewhere."""
+
+    class Recorder:  # stands in for the Kangaroo drafter: keeps what the hybrid hands it
+        max_steps = 4
+
+        def run(self, batch, cache, given, caps):
+            self.given, self.caps = given, caps
+            return Proposal([g + [0] * c for g, c in zip(given, caps, strict=True)])
+
+    rates = {"lookup": [0.9, 0.3, 0.5], "kangaroo": [0.6, 0.6, 0.5]}
+    batch = Batch(
+        read_contexts=lambda: [[5, 6, 7, 8, 5, 6]] * 3,
+        slots=[0, 1, 2],
+        caps=[4, 4, 4],
+        rates=rates.__getitem__,
+        threshold=0.25,
+        afford=lambda lengths, rates, deep: lengths,
+    )
+    kg = Recorder()
+    proposal = Hybrid(kg, PromptLookup(max_ngram=2, min_ngram=2)).propose(batch, None)
+    assert proposal.sources == ["lookup", "kangaroo", "lookup"]
+    assert kg.given == [[7, 8, 5, 6], [], [7, 8]]  # lookup's drafts sized by its own rate (0.5 ** 3 < 0.25)
+    assert kg.caps == [0, 4, 0]
 
 
 @pytest.mark.parametrize("method", ["kangaroo", "hybrid"])
