@@ -190,7 +190,9 @@ def main() -> None:
         f"{'accept len':>11} {'decode-only':>13}"
     )
     for workload, batch, base, unpadded, padded, accept, decode in rows:
-        cells = f"{padded:9.1f} {padded / base:5.2f}x {unpadded / padded:9.2f}x" if padded else f"{'-':>16} {'-':>10}"
+        cells = f"{'-':>16} {'-':>10}"
+        if padded is not None:
+            cells = f"{padded:9.1f} {padded / base:5.2f}x {unpadded / padded:9.2f}x"
         print(
             f"{workload:9} {batch:5d} {base:12.1f} {unpadded:9.1f} {unpadded / base:5.2f}x {cells} {accept:11.2f} "
             f"{decode:12.2f}x"

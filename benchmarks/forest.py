@@ -91,8 +91,8 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
             mid, between = time.perf_counter(), backend.engine.stats.snapshot()
             many = asyncio.run(asolve_many(PROBLEMS[: args.many], backend=backend, trees=4, config=config, seed=0))
             end = time.perf_counter()
-            runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer], sources(between.since(counts))))
-            many_sources = sources(backend.engine.stats.since(between))
+            runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer], between.since(counts).by_source))
+            many_sources = backend.engine.stats.since(between).by_source
             runs[name]["solve_many"].append((end - mid, sum_usage(many), [s.answer for s in many], many_sources))
     report = {}
     for name, parts in runs.items():
@@ -113,11 +113,6 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
             r["speedup"] = round(b["seconds"] / r["seconds"], 2)
             r["same_answers"] = sum(x == y for x, y in zip(r["answers"], b["answers"], strict=True))
     return report
-
-
-def sources(stats) -> dict[str, list[int]]:
-    """Draft tokens [proposed, kept] by the drafter that made them (the hybrid has two), from engine counters."""
-    return {k: [n, stats.source_accepted.get(k, 0)] for k, n in stats.source_drafts.items()}
 
 
 def sum_usage(solutions) -> dict:

@@ -69,8 +69,7 @@ def main() -> None:
             report["accept_len"][b][name] = round(engine.last_stats.accept_length, 2)
             report["identical"][b][name] = sum(x == y for x, y in zip(got, want, strict=True))
             line += f", {name} {speed:6.1f} ({speed / base:.2f}x, accept length {report['accept_len'][b][name]})"
-        s = engines["hybrid"].last_stats  # which drafter the hybrid took, and how each fared
-        report["hybrid_sources"][b] = {k: [n, s.source_accepted.get(k, 0)] for k, n in s.source_drafts.items()}
+        report["hybrid_sources"][b] = engines["hybrid"].last_stats.by_source  # which drafter it took, how each fared
         print(line, flush=True)
 
     hf = {}

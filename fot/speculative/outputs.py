@@ -63,6 +63,11 @@ class EngineStats:
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
+    @property
+    def by_source(self) -> dict[str, list[int]]:
+        """Draft tokens [proposed, kept] by the drafter that made them (the hybrid has two)."""
+        return {k: [n, self.source_accepted.get(k, 0)] for k, n in self.source_drafts.items()}
+
     def snapshot(self) -> EngineStats:
         """A copy of the counters now, for `since` (the per-source counts copied too, not shared)."""
         return replace(self, source_drafts=dict(self.source_drafts), source_accepted=dict(self.source_accepted))
