@@ -724,19 +724,24 @@ def test_an_eval_against_a_failing_vllm_server_records_only_real_answers(vllm_ur
 
 
 def test_an_eval_killed_three_times_loses_and_repeats_no_record(vllm_url, tmp_path):
-    """SIGKILL mid-run three times, then a full run: each problem recorded exactly once."""
-    out, n = tmp_path / "out", 24
-    for _ in range(3):
-        before = len(results(out))
-        run = subprocess.Popen(eval_command(vllm_url, out, n), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while len(results(out)) < before + 2 and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        run.send_signal(signal.SIGKILL)
-        run.wait()
-    partial = results(out)
-    assert 0 < len(partial) < n
-    done = subprocess.run(eval_command(vllm_url, out, n), capture_output=True, text=True, timeout=600)
+    """SIGKILL mid-run three times, then a full run: each problem recorded exactly once. The killed runs go
+    through a proxy that holds each request 0.3 s, so that a starved test cannot miss the moment to kill."""
+    from servers import fault_proxy, free_port
+
+    port, out, n = free_port(), tmp_path / "out", 24
+    command = eval_command(f"http://127.0.0.1:{port}/v1", out, n)  # the same URL each time: the same run
+    with fault_proxy(vllm_url.removesuffix("/v1"), port, tmp_path / "proxy.log", delay=0.3):
+        for _ in range(3):
+            before = len(results(out))
+            run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 120
+            while len(results(out)) < before + 2 and run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            run.send_signal(signal.SIGKILL)
+            run.wait()
+        partial = results(out)
+        assert 0 < len(partial) < n
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = results(out)
     assert len({r["id"] for r in records}) == len(records) == n
