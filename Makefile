@@ -39,7 +39,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 test: lint model
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: model
 	$(BIN)/python benchmarks/decode.py

@@ -42,6 +42,7 @@ class Row(BaseModel):
     repairs: dict[str, float] = {}  # per check, the claims it repaired per problem
     disagreements: int | None = None  # records whose cross-check (reasoning-gym's verdict) differs from `correct`
     tree_accuracy: float | None = None  # share of the trees' (sc: samples') own answers that are right
+    tree_records: int = 0  # the records that keep their trees' answers (older records do not)
 
     @property
     def label(self) -> str:
@@ -132,6 +133,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 if any(r.gym_correct is not None for r in rs)
                 else None,
                 tree_accuracy=tree_accuracy(rs),
+                tree_records=sum(bool(r.tree_correct) for r in rs),
             )
         )
     rows.sort(key=lambda r: (r.benchmark, r.model, r.method, r.trees, r.speculative))
@@ -175,6 +177,8 @@ def markdown(rows: list[Row]) -> str:
             n = f"{r.n} of {r.total}" if r.partial else f"{r.n}"
             checks = ", ".join(f"{SHORT[c]} ({r.repairs[c]:.2f})" if c in SHORT else c for c in r.checks) or "-"
             per_tree = f"{r.tree_accuracy:.1%}" if r.tree_accuracy is not None else "-"
+            if r.tree_accuracy is not None and r.tree_records < r.n:  # over fewer problems than the accuracy
+                per_tree += f" (of {r.tree_records})"
             out.append(
                 f"| {r.model} | {r.method} | {r.trees} | {checks} | {r.speculative} | {n} | {r.accuracy:.1%} "
                 f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {per_tree} | {r.tokens:.0f} | {r.seconds:.1f} | {accept} "

@@ -34,6 +34,7 @@ from test_docs import ROOT, benchmark_help, blocks, commands
 
 MODELS = {"qwen2.5-coder-1.5b": "default", "M": "default", "my-model": "default"}
 CAPS = {"--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1"}
+CAPS |= {"--turns": "1", "--repeats": "1", "--clients": "4"}  # a benchmark's repetitions and load
 TIMEOUT = 600
 CLOSED = "http://127.0.0.1:9/v1"  # the discard port: closed on loopback, so a request there is refused at once
 
@@ -168,8 +169,8 @@ def run_vllm_serve(argv: list[str], tmp: Path) -> None:
 def run_benchmark(argv: list[str], tmp: Path) -> None:
     """A benchmark with `--quick`, one turn (and 4 clients of the server): it finishes, and its last line is one
     JSON object."""
-    caps = {"--turns": "1", "--repeats": "1", "--clients": "4"}
-    turns = [w for opt, n in caps.items() if opt in benchmark_help(argv[1]) and opt not in argv for w in (opt, n)]
+    shown = ("--turns", "--repeats", "--clients")  # `rewrite` capped these where the command shows them
+    turns = [w for opt in shown if opt in benchmark_help(argv[1]) and opt not in argv for w in (opt, CAPS[opt])]
     out = run(python([*argv, *turns]), ROOT)
     last = out.strip().splitlines()[-1]
     assert isinstance(json.loads(last), dict), last

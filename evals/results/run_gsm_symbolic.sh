@@ -19,7 +19,7 @@ CODE="--code-checks on --arithmetic-checks off"
 BOTH="--code-checks on --arithmetic-checks on"
 cot() { gsm --method cot $OFF; gsm --method cot $CODE; gsm --method cot $BOTH; }
 sc() { gsm --method sc --trees 8 $OFF; gsm --method sc --trees 8 $BOTH; gsm --method sc --trees 4 $OFF; }
-fot() {  # fot's fallback runs the rule checks since b26fe07: these are new runs, apart from the earlier fot files
+fot() {  # fot's fallback runs the rule checks since b26fe07 (the earlier, plain-fallback runs are in git history)
     gsm --method fot --trees 4 $BOTH; gsm --method fot --trees 4 $OFF; gsm --method fot --trees 4 $CODE
     gsm --method fot --trees 8 $BOTH; gsm --method fot --trees 4 $BOTH --program-trees 2
 }
