@@ -33,8 +33,8 @@ from servers import Process, free_port
 from test_docs import ROOT, benchmark_help, blocks, commands
 
 MODELS = {"qwen2.5-coder-1.5b": "default", "M": "default", "my-model": "default"}
-CAPS = {"--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1"}
-CAPS |= {"--turns": "1", "--repeats": "1", "--clients": "4"}  # a benchmark's repetitions and load
+RUNS = {"--turns": "1", "--repeats": "1", "--clients": "4"}  # a benchmark's repetitions and load
+CAPS = {"--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1", **RUNS}
 TIMEOUT = 600
 CLOSED = "http://127.0.0.1:9/v1"  # the discard port: closed on loopback, so a request there is refused at once
 
@@ -169,8 +169,8 @@ def run_vllm_serve(argv: list[str], tmp: Path) -> None:
 def run_benchmark(argv: list[str], tmp: Path) -> None:
     """A benchmark with `--quick`, one turn (and 4 clients of the server): it finishes, and its last line is one
     JSON object."""
-    shown = ("--turns", "--repeats", "--clients")  # `rewrite` capped these where the command shows them
-    turns = [w for opt in shown if opt in benchmark_help(argv[1]) and opt not in argv for w in (opt, CAPS[opt])]
+    # `rewrite` capped those the command gives; the others are added at their caps
+    turns = [w for opt, n in RUNS.items() if opt in benchmark_help(argv[1]) and opt not in argv for w in (opt, n)]
     out = run(python([*argv, *turns]), ROOT)
     last = out.strip().splitlines()[-1]
     assert isinstance(json.loads(last), dict), last

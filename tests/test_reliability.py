@@ -724,7 +724,7 @@ def test_an_eval_against_a_failing_vllm_server_records_only_real_answers(vllm_ur
 
 
 def test_an_eval_killed_three_times_loses_and_repeats_no_record(vllm_url, tmp_path):
-    """SIGKILL mid-run three times, then a full run: each problem recorded exactly once. The killed runs go
+    """SIGKILL mid-run three times, then a full run: each problem recorded exactly once. Every run goes
     through a proxy that holds each request 0.3 s, so that a starved test cannot miss the moment to kill."""
     from servers import fault_proxy, free_port
 
