@@ -5,8 +5,8 @@ They run as a newcomer would type them, on the CI machine's model and within a t
 few, visible and the same for every command (`rewrite`, `snippet`):
 - the reasoning model and placeholders (`qwen2.5-coder-1.5b`, `M`, `MODEL`, `my-model`) become the embedded 135M
   model, the only one `make test` prepares;
-- budgets are capped: answers of 16 tokens, 1 rollout, 1 problem per eval run, benchmarks with `--quick`, one
-  turn and 4 clients;
+- budgets are capped: answers of 16 tokens, 1 rollout, 1 problem per eval run; benchmarks run with `--quick` and
+  every cap they take (the same, and one turn and 4 clients), whether the command shows it or not;
 - files land in a temporary folder, never in the checkout (eval records, the report, the viewer page, adapters);
 - servers listen on a free loopback port, are probed, then stopped; the remote endpoints of the proxy example
   (`gpu-a`, `gpu-b`) become closed loopback ports: nothing here reaches another machine.
@@ -33,8 +33,10 @@ from servers import Process, free_port
 from test_docs import ROOT, benchmark_help, blocks, commands
 
 MODELS = {"qwen2.5-coder-1.5b": "default", "M": "default", "my-model": "default"}
-RUNS = {"--turns": "1", "--repeats": "1", "--clients": "4"}  # a benchmark's repetitions and load
-CAPS = {"--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1", **RUNS}
+CAPS = {
+    **{"--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1"},
+    **{"--turns": "1", "--repeats": "1", "--clients": "4"},  # a benchmark's repetitions and load
+}
 TIMEOUT = 600
 CLOSED = "http://127.0.0.1:9/v1"  # the discard port: closed on loopback, so a request there is refused at once
 
@@ -167,11 +169,11 @@ def run_vllm_serve(argv: list[str], tmp: Path) -> None:
 
 
 def run_benchmark(argv: list[str], tmp: Path) -> None:
-    """A benchmark with `--quick`, one turn (and 4 clients of the server): it finishes, and its last line is one
-    JSON object."""
+    """A benchmark with `--quick` and every cap it takes (16-token answers, one turn, 4 clients of the server...):
+    it finishes, and its last line is one JSON object."""
     # `rewrite` capped those the command gives; the others are added at their caps
-    turns = [w for opt, n in RUNS.items() if opt in benchmark_help(argv[1]) and opt not in argv for w in (opt, n)]
-    out = run(python([*argv, *turns]), ROOT)
+    caps = [w for opt, n in CAPS.items() if opt in benchmark_help(argv[1]) and opt not in argv for w in (opt, n)]
+    out = run(python([*argv, *caps]), ROOT)
     last = out.strip().splitlines()[-1]
     assert isinstance(json.loads(last), dict), last
 
