@@ -316,7 +316,8 @@ class Pair(BaseModel):
 
 def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     """The comparisons the report makes, on the problems both runs finished: each run with rule checks against its
-    twins with fewer of them, and each FoT run against each self-consistency run of the same model."""
+    twins with fewer of them, each FoT run against each self-consistency run of the same model, and against chain
+    of thought with the same checks (what the forest adds to one answer)."""
     label = {key: method_label(f"{rs[0].method}-{rs[0].trees}", checks_of(rs[0])) for key, rs in runs.items()}
     out = []
     for (bench, a), ra in runs.items():
@@ -325,7 +326,8 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
                 continue
             fa, fb = ra[0], rb[0]
             ablation = set(checks_of(fa)) > set(checks_of(fb)) and (fa.method, fa.trees) == (fb.method, fb.trees)
-            if not (ablation or fa.method == "fot" and fb.method == "sc"):
+            one_chain = fb.method == "cot" and checks_of(fa) == checks_of(fb)
+            if not (ablation or fa.method == "fot" and (fb.method == "sc" or one_chain)):
                 continue
             right_b = {r.id: r.correct for r in rb}
             common = [(r.correct, right_b[r.id]) for r in ra if r.id in right_b]

@@ -412,6 +412,15 @@ def test_paired_comparison_and_mcnemar() -> None:
     assert {("fot-4 +code+arith", "fot-4 +code"), ("fot-4 +code+arith", "fot-4")} <= set(found)
     assert ("fot-4 +code", "fot-4 +code+arith") not in found  # fewer checks is no ablation of more
     assert not found[("fot-4 +code+arith", "sc-8")].budget_matched  # 200 tokens a problem against 150
+    chains = {
+        checks: [record(f"a{i}", f"c{checks}", i < 5, 1.0, method="cot", trees=1, tokens=30, code_checks_on=checks)
+                 for i in range(10)]
+        for checks in (False, True)
+    }  # fmt: skip
+    found = {(p.a, p.b): p for p in pairs(runs | {("arithmetic", f"c{k}"): rs for k, rs in chains.items()})}
+    assert ("fot-4 +code", "cot-1 +code") in found and ("fot-4", "cot-1") in found  # the forest against one chain
+    assert ("fot-4 +code", "cot-1") not in found and ("fot-4", "cot-1 +code") not in found  # not with other checks
+    assert found[("fot-4 +code", "cot-1 +code")].only_a == 3
 
 
 def test_the_tokens_plot_joins_budget_matched_pairs() -> None:
