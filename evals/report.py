@@ -325,8 +325,9 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
             if bench_b != bench or a == b or ra[0].model != rb[0].model or ra[0].speculative != rb[0].speculative:
                 continue
             fa, fb = ra[0], rb[0]
-            ablation = set(checks_of(fa)) > set(checks_of(fb)) and (fa.method, fa.trees) == (fb.method, fb.trees)
-            one_chain = fb.method == "cot" and checks_of(fa) == checks_of(fb)
+            checks_a, checks_b = checks_of(fa), checks_of(fb)
+            ablation = set(checks_a) > set(checks_b) and (fa.method, fa.trees) == (fb.method, fb.trees)
+            one_chain = fb.method == "cot" and checks_a == checks_b
             if not (ablation or fa.method == "fot" and (fb.method == "sc" or one_chain)):
                 continue
             right_b = {r.id: r.correct for r in rb}

@@ -33,10 +33,10 @@ from servers import Process, free_port
 from test_docs import ROOT, benchmark_help, blocks, commands
 
 MODELS = {"qwen2.5-coder-1.5b": "default", "M": "default", "my-model": "default"}
-CAPS = {
-    **{"--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1"},
-    **{"--turns": "1", "--repeats": "1", "--clients": "4"},  # a benchmark's repetitions and load
-}
+CAPS = {  # answers and problems; then a benchmark's repetitions and load
+    "--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1",
+    "--turns": "1", "--repeats": "1", "--clients": "4",
+}  # fmt: skip
 TIMEOUT = 600
 CLOSED = "http://127.0.0.1:9/v1"  # the discard port: closed on loopback, so a request there is refused at once
 
