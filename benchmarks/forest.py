@@ -56,10 +56,10 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
     return time.perf_counter() - t, tokens, saved
 
 
-def drafting(backend, args, config: dict) -> dict:
-    """Each drafter's one 4-tree solve and solve_many (`--many` problems), in `args.turns` interleaved turns."""
+def drafting(backend, args, config: dict, names: list[str]) -> dict:
+    """Each named drafter's one 4-tree solve and solve_many (`--many` problems), in `args.turns` interleaved turns."""
     usable, report = {}, {}
-    for name in args.drafters.split(","):
+    for name in names:
         method = DRAFTERS[name]
         spec = method if method in (None, "prompt_lookup") else {"method": method, "adapter": args.adapter}
         try:
@@ -187,7 +187,7 @@ def main() -> None:
         }
     greedy = {"mctsr": {**mctsr, "temperature": 0.0}}
     barriers = barrier(backend, args, greedy) if "barrier" in parts else {}
-    drafters = drafting(backend, args, greedy) if "drafters" in parts else {}
+    drafters = drafting(backend, args, greedy, chosen) if "drafters" in parts else {}
     asyncio.run(backend.close())
 
     if barriers:
