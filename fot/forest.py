@@ -281,7 +281,7 @@ class Forest:
                 corrector=self.corrector,
             )
         votes = Counter(a for a in answers if a is not None)
-        return self.solution(answer, dict(votes), votes.get(answer, 0) / len(answers), "single", answers, [])
+        return self.solution(answer, dict(votes), votes.get(answer, 0) / max(len(answers), 1), "single", answers, [])
 
     def check_budget(self, trees: list) -> None:
         """The longest prompt a math tree builds, a refine of an answer and a critique of `max_tokens` each, must

@@ -101,6 +101,16 @@ def test_a_failed_node_is_marked_the_search_goes_on_and_the_solve_fails():
     assert sol.answer == "42"
 
 
+@pytest.mark.parametrize("method", ["cot", "sc"])
+def test_a_failed_baseline_request_fails_the_solve(method):
+    """Chain of thought and self-consistency send one request: when it fails the solve raises SearchError with the
+    backend's error, not an arithmetic error from an empty vote."""
+    backend = ScriptedBackend(lambda r, j: RuntimeError("node down"))
+    with pytest.raises(SearchError, match="1 of 1 backend requests failed.*node down") as failure:
+        solve("What is 40 + 2?", backend, method=method, trees=4)
+    assert failure.value.solution.answer is None
+
+
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------
 def test_with_lockstep_each_phase_of_a_step_is_one_backend_batch():
     backend = ScriptedBackend(math_script())
