@@ -45,7 +45,7 @@ from fot.chat import (
     summary,
     usage_of,
 )
-from fot.decoding.base import Backend, BackendError
+from fot.decoding.base import Backend, BackendError, WorkerBackend
 from fot.errors import FotError, InvalidRequestError, SearchError
 from fot.forest import Solution, asolve
 
@@ -373,7 +373,10 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "backend": backend.name, "running": admission.active, "waiting": admission.waiting}
+        state = {"backend": backend.name, "running": admission.active, "waiting": admission.waiting}
+        if isinstance(backend, WorkerBackend) and not backend.alive:  # its worker stopped: it serves nothing
+            return JSONResponse({"status": "down", "error": str(backend.stopped()), **state}, status_code=503)
+        return {"status": "ok", **state}
 
     @app.get("/metrics")
     async def prometheus():

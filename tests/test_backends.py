@@ -4,12 +4,19 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
+import httpx
 import pytest
+import uvicorn
+from servers import free_port
 
+import fot.decoding.vllm
 from fot.decoding import BackendError, Completion, Request, make_backend
 from fot.decoding.scripted import ScriptedBackend
 from fot.errors import InvalidRequestError, ModelError
+from fot.server import create_app
 
 BACKENDS = ["native", "vllm", "openai"]
 PROMPTS = ["The quick brown fox", "12 + 30 =", "Game of 24: 4 + 6 = 10 (left: 1 10 4). What", "Paris"]
@@ -215,6 +222,44 @@ def test_a_cancelled_caller_frees_the_engine(kind, served_model_dir):
     assert passes < 300 and len(after.token_ids) == 4
     if kind == "native":
         assert backend.engine.stats.cancelled == 2 and backend.engine.idle
+    asyncio.run(backend.close())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("kind", ["native", "vllm"])
+def test_a_worker_that_stops_fails_its_callers_and_health_says_so(kind, served_model_dir, monkeypatch):
+    """An error that escapes the worker's loop (here: building a finished request's result) stops the worker. Its
+    waiting callers fail with the cause instead of waiting forever, later requests are refused at once, and
+    `fot serve`'s /health answers 503."""
+    backend = build(kind, served_model_dir, None)
+
+    def lost(*_):
+        raise RuntimeError("result lost")
+
+    if kind == "native":
+        monkeypatch.setattr(backend.engine, "result", lost)
+    else:
+        monkeypatch.setattr(fot.decoding.vllm, "_completion", lost)
+    stopped = f"the {kind} backend stopped: RuntimeError: result lost"
+    with pytest.raises(BackendError, match=stopped):
+        asyncio.run(asyncio.wait_for(backend.generate([greedy("Paris", 4)]), 60))
+    assert not backend.alive
+    with pytest.raises(BackendError, match=stopped):
+        generate(backend, [greedy("Paris", 4)])
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_ready = time.monotonic() + 30
+        while not server.started and time.monotonic() < wait_ready:
+            time.sleep(0.05)
+        r = httpx.get(f"http://127.0.0.1:{port}/health")
+        assert r.status_code == 503 and r.json()["status"] == "down" and stopped in r.json()["error"]
+    finally:
+        server.should_exit = True
+        thread.join(30)
     asyncio.run(backend.close())
 
 

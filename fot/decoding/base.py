@@ -230,13 +230,17 @@ class WorkerBackend(BaseBackend):
     """A backend whose engine is built in one worker thread and stepped there, so that the event loop stays
     responsive. Built there, not in the caller's thread: GNU OpenMP gives every thread that runs parallel work its
     own team of threads, and once the teams outnumber the cores their threads stop spin-waiting, which slows every
-    step. Callers hand work to the worker through `inbox`; it answers through `settle`. Subclasses implement
-    `serve(engine)`, the worker's loop, which returns when it takes None (`close`) from the inbox."""
+    step. Callers hand work to the worker with `send` and wait for it with `wait`; it answers through `settle`.
+    Subclasses implement `serve(engine)`, the worker's loop, which returns when it takes None (`close`) from the
+    inbox."""
+
+    poll_s = 1.0  # how often a waiting caller checks that the worker still runs
 
     def start_worker(self, build: Callable[[], Any], name: str) -> Any:
         """Build the engine in a new worker thread that then serves it; returns the engine, or raises what building
         it raised."""
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.failure: BaseException | None = None
         ready: Future = Future()
 
         def run() -> None:
@@ -246,7 +250,11 @@ class WorkerBackend(BaseBackend):
                 ready.set_exception(e)
                 return
             ready.set_result(engine)
-            self.serve(engine)
+            try:
+                self.serve(engine)
+            except BaseException as e:  # kept for the callers' errors; the thread still prints its traceback
+                self.failure = e
+                raise
 
         self.worker = threading.Thread(target=run, name=name, daemon=True)
         self.worker.start()
@@ -254,6 +262,32 @@ class WorkerBackend(BaseBackend):
 
     def serve(self, engine: Any) -> None:
         raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker still serves requests (False once closed, or once its loop failed)."""
+        return self.worker.is_alive()
+
+    def stopped(self) -> BackendError:
+        if self.failure is None:
+            return BackendError(f"the {self.name} backend is closed")
+        return BackendError(f"the {self.name} backend stopped: {type(self.failure).__name__}: {self.failure}")
+
+    def send(self, item: Any) -> None:
+        """Hand the worker an item; refused at once once the worker has stopped."""
+        if not self.alive:
+            raise self.stopped()
+        self.inbox.put(item)
+
+    async def wait(self, futures: Sequence[asyncio.Future]) -> list:
+        """The results of futures the worker settles, in order. Should the worker stop first, BackendError says
+        why, where a plain await would wait forever."""
+        while True:
+            _, pending = await asyncio.wait(futures, timeout=self.poll_s)
+            if not pending:
+                return [f.result() for f in futures]
+            if not self.alive:
+                raise self.stopped()
 
     async def drop(self, what: Any, wait_s: float = 30.0) -> None:
         """Called by a cancelled caller: hand the worker a Drop and wait until it has acted, so that when the

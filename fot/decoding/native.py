@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams, SpeculativeConfig
-from fot.decoding.base import Completion, Drop, Output, Request, Usage, WorkerBackend, settle
+from fot.decoding.base import BackendError, Completion, Drop, Output, Request, Usage, WorkerBackend, settle
 from fot.speculative.engine import Engine
 
 
@@ -60,8 +60,8 @@ class NativeBackend(WorkerBackend):
         """Switch the engine's drafter (None: plain decoding) between runs, in the worker thread that steps it;
         refused while requests are in flight (`Engine.set_speculative`)."""
         item = _Switch(speculative)
-        self.inbox.put(item)
-        await asyncio.wrap_future(item.done)
+        self.send(item)
+        await self.wait([asyncio.wrap_future(item.done)])
 
     def prepare(self, request: Request) -> list[int]:
         return self.engine.encode_request(request.prompt, request.params)
@@ -77,11 +77,13 @@ class NativeBackend(WorkerBackend):
                 owner.append(i)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.inbox.put((prompts, params, future, loop))
+        self.send((prompts, params, future, loop))
         try:
-            gens = await future
+            [gens] = await self.wait([future])
         except asyncio.CancelledError:  # the caller went away: its samples leave the engine, their slots free
             await self.drop(future)
+            raise
+        except BackendError:  # the worker stopped: this backend serves nothing more
             raise
         except Exception as e:  # the engine failed: every request in flight fails alone, with the cause
             return [Completion(error=f"native engine failed: {type(e).__name__}: {e}") for _ in requests]

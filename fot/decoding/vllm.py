@@ -155,11 +155,11 @@ class VLLMBackend(WorkerBackend):
         futures, rids = [], []
         for r, ids in zip(requests, prompt_ids, strict=True):
             fut, rid = loop.create_future(), f"fot-{next(self._ids)}"
-            self.inbox.put((rid, ids, self.sampling_params(r), fut, loop))
+            self.send((rid, ids, self.sampling_params(r), fut, loop))
             futures.append(fut)
             rids.append(rid)
         try:
-            return list(await asyncio.gather(*futures))
+            return await self.wait(futures)
         except asyncio.CancelledError:  # the caller went away: vLLM drops its requests and frees their blocks
             await self.drop(rids)
             raise
