@@ -202,7 +202,7 @@ class Misbehaving:
         self.server.server_close()
 
 
-def complete(url: str, **options):
+def complete(url: str, logprobs: bool = False, n: int = 1, **options):
     from fot.decoding import Request, make_backend
     from fot.decoding.base import run_sync
 
@@ -210,7 +210,7 @@ def complete(url: str, **options):
 
     async def go():
         try:
-            return await backend.generate([Request.make("2 + 2 =", max_tokens=4)])
+            return await backend.generate([Request.make("2 + 2 =", max_tokens=4, logprobs=logprobs, n=n)])
         finally:
             await backend.close()
 
@@ -237,14 +237,46 @@ def test_a_server_that_dribbles_bytes_is_cut_off_at_the_deadline():
         {"choices": [{"index": 0, "text": 5}]},
         {"choices": [{"index": 0, "text": "4", "token_ids": ["a"]}]},
         [1, 2],
+        {"choices": [{"index": 0, "text": "4", "token_ids": [19], "finish_reason": "abort"}]},
+        {"choices": [{"index": 0, "text": "", "token_ids": [], "finish_reason": "content_filter"}]},
+        {"choices": [{"index": 0, "message": {"content": None}, "token_ids": [], "finish_reason": "stop"}]},
+        {"choices": [{"index": 0, "text": "4", "finish_reason": "stop"}]},  # no count of its tokens anywhere
     ],
 )
 def test_an_answer_of_another_shape_fails_that_request_with_its_cause(answer):
     """A 200 without choices, with wrong types or with none gave a raw KeyError / TypeError / IndexError that
-    ended the whole solve; now it is retried, then that one request's failure."""
+    ended the whole solve; an aborted or filtered answer, a message without content or an answer with no token
+    count was taken as a normal answer (an empty one, of 0 tokens). Now each is retried, then that one request's
+    failure."""
     with Misbehaving(json.dumps(answer).encode()) as server:
         done = complete(server.url, max_retries=1)
     assert not done.ok and "unexpected answer" in done.error and server.posts == 2
+
+
+def test_log_probs_asked_for_and_not_sent_fail_the_request():
+    """Without log-probs the confidence check of self-correction could never fire: an answer that drops them when
+    they were asked for is not taken."""
+    with Misbehaving(json.dumps({"choices": [{"index": 0, "text": "4", "token_ids": [19]}]}).encode()) as server:
+        done = complete(server.url, max_retries=0, logprobs=True)
+    assert not done.ok and "no log-probs, though asked for" in done.error
+
+
+@pytest.mark.parametrize(
+    "choices, usage, counts",
+    [
+        ([{"text": "a b c", "logprobs": {"token_logprobs": [-0.1, -0.2, -0.3]}}], None, [3]),  # by its log-probs
+        ([{"text": "a b c"}], {"completion_tokens": 3}, [3]),  # by usage
+        ([{"text": "a"}, {"text": "b c"}, {"text": "d"}], {"completion_tokens": 7}, [3, 2, 2]),  # split evenly
+        ([{"text": "a", "token_ids": [5, 6]}, {"text": "b c"}], {"completion_tokens": 7}, [2, 5]),  # the rest
+    ],
+)
+def test_a_server_without_token_ids_is_counted_by_logprobs_or_usage(choices, usage, counts):
+    """vLLM's `token_ids` are an extension; other servers' tokens used to count 0, so an eval's tokens per problem
+    and a budget match with self-consistency were wrong."""
+    answer = {"choices": [{"index": i, "finish_reason": "stop", **c} for i, c in enumerate(choices)], "usage": usage}
+    with Misbehaving(json.dumps(answer).encode()) as server:
+        done = complete(server.url, max_retries=0, n=len(choices))
+    assert [o.generated_tokens for o in done.outputs] == counts and done.generated_tokens == sum(counts)
 
 
 def test_an_api_key_sent_in_clear_text_off_this_machine_is_warned_about(monkeypatch):
@@ -253,7 +285,7 @@ def test_an_api_key_sent_in_clear_text_off_this_machine_is_warned_about(monkeypa
     assert is_private("http://127.0.0.1:8000/v1") and is_private("http://localhost/v1")
     assert is_private("https://api.example.com/v1") and not is_private("http://10.1.2.3:8000/v1")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    with Misbehaving(json.dumps({"choices": [{"index": 0, "text": " 4"}]}).encode()) as server:
+    with Misbehaving(json.dumps({"choices": [{"index": 0, "text": " 4", "token_ids": [604]}]}).encode()) as server:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a local endpoint: no warning
             assert complete(server.url).text == " 4"

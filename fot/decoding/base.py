@@ -69,10 +69,11 @@ class Output(BaseModel):
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     logprobs: list[float] | None = None  # of each generated token, when the request asked for them
+    token_count: int | None = None  # where a server reports how many tokens but not which
 
     @property
     def generated_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) if self.token_count is None else self.token_count
 
     @property
     def mean_logprob(self) -> float | None:

@@ -20,10 +20,12 @@ import httpx
 from asyncio_throttle import Throttler
 from pydantic import BaseModel, ConfigDict, Field
 
+from fot.config import SamplingParams
 from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request
 from fot.errors import InvalidRequestError
 
 RETRYABLE = {408, 429, 500, 502, 503, 504}
+ABNORMAL = {"abort", "error", "content_filter", "tool_calls", "function_call"}  # finish reasons that are no answer
 
 
 class OpenAIConfig(BaseModel):
@@ -156,7 +158,7 @@ class OpenAIBackend(BaseBackend):
         for attempt in range(self.config.max_retries + 1):
             ep = self._pick(failed_on)
             try:
-                return _completion(await self._post(ep, path, body), request.params.n)
+                return _completion(await self._post(ep, path, body), request.params)
             except _Retry as e:
                 tried.append(f"{ep.url}: {e}")
                 failed_on.add(ep)
@@ -212,26 +214,44 @@ def is_private(url: str) -> bool:
     return u.scheme == "https" or u.host in ("localhost", "::1") or u.host.startswith("127.")
 
 
-def _completion(answer: dict, n: int) -> Completion:
+def _completion(answer: dict, params: SamplingParams) -> Completion:
     """The server's answer as a Completion; an answer of another shape (no choices, wrong types, fewer choices than
-    asked for) is the server misbehaving: retried elsewhere, then this request's failure, with the cause."""
+    asked for, no content, no log-probs though asked for, an aborted or filtered answer) is the server
+    misbehaving: retried elsewhere, then this request's failure, with the cause. Servers without vLLM's
+    `token_ids` are counted by their log-probs, else by `usage` (the total exact, split evenly over the samples)."""
     try:
-        outputs = []
+        outputs, uncounted = [], []
         for choice in sorted(answer["choices"], key=lambda c: c["index"]):
             lp = choice.get("logprobs")
+            if params.logprobs and not lp:
+                raise ValueError("no log-probs, though asked for")
             if "message" in choice:
-                text = choice["message"].get("content") or ""
+                text = choice["message"]["content"]
                 logprobs = [t["logprob"] for t in lp["content"]] if lp and lp.get("content") else None
             else:
                 text = choice["text"]
                 logprobs = lp["token_logprobs"] if lp and lp.get("token_logprobs") else None
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
+            if choice.get("finish_reason") in ABNORMAL:
+                raise ValueError(f"the answer ended with finish_reason {choice['finish_reason']!r}")
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
-            ids = choice.get("token_ids") or []
-            outputs.append(Output(text=text, token_ids=ids, finish_reason=finish, logprobs=logprobs))
-        if len(outputs) != n:
-            raise ValueError(f"{len(outputs)} choices for n={n}")
-        return Completion(prompt_tokens=(answer.get("usage") or {}).get("prompt_tokens", 0), outputs=outputs)
+            ids = choice.get("token_ids")
+            count = len(logprobs or []) if ids is None and lp else None
+            if ids is None and count is None:
+                uncounted.append(len(outputs))
+            outputs.append(
+                Output(text=text, token_ids=ids or [], finish_reason=finish, logprobs=logprobs, token_count=count)
+            )
+        if len(outputs) != params.n:
+            raise ValueError(f"{len(outputs)} choices for n={params.n}")
+        usage = answer.get("usage") or {}
+        if uncounted:
+            if "completion_tokens" not in usage:
+                raise ValueError("no token counts: neither token_ids, log-probs nor usage")
+            total = usage["completion_tokens"] - sum(o.generated_tokens for o in outputs)  # the uncounted add 0
+            for rank, k in enumerate(uncounted):
+                outputs[k].token_count = total // len(uncounted) + (rank < total % len(uncounted))
+        return Completion(prompt_tokens=usage.get("prompt_tokens", 0), outputs=outputs)
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
         raise _Retry(f"unexpected answer ({type(e).__name__}: {e}): {str(answer)[:200]}") from None
