@@ -256,8 +256,10 @@ def load_gsm_symbolic(n: int = 200, seed: int = 0) -> list[Problem]:
 def gym_score(problem: Problem, answer: str | None) -> bool | None:
     """reasoning-gym's own verdict on an answer to a GSM-Symbolic problem (None for other data): the cross-check of
     the project's equivalence."""
-    if not problem.id.startswith("gsm_symbolic-") or answer is None:
-        return None if answer is not None else False
+    if not problem.id.startswith("gsm_symbolic-"):
+        return None
+    if answer is None:
+        return False
     seed, i = (int(x) for x in problem.id.removeprefix("gsm_symbolic-").split("-"))
     ds = gsm_symbolic_dataset(i + 1, seed)  # an item depends on its seed and index only, not on the size
     return ds.score_answer(answer, ds[i]) == 1.0

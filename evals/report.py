@@ -41,6 +41,7 @@ class Row(BaseModel):
     checks: list[str] = []  # what the run's search added: rule checks ("code", "arithmetic"), "programN" trees
     repairs: dict[str, float] = {}  # per check, the claims it repaired per problem
     disagreements: int | None = None  # records whose cross-check (reasoning-gym's verdict) differs from `correct`
+    cross_checked: int = 0  # records that have that cross-check
     tree_accuracy: float | None = None  # share of the trees' (sc: samples') own answers that are right
     tree_records: int = 0  # the records that keep their trees' answers (older records do not)
 
@@ -132,6 +133,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 disagreements=sum(r.gym_correct != r.correct for r in rs if r.gym_correct is not None)
                 if any(r.gym_correct is not None for r in rs)
                 else None,
+                cross_checked=sum(r.gym_correct is not None for r in rs),
                 tree_accuracy=tree_accuracy(rs),
                 tree_records=sum(bool(r.tree_correct) for r in rs),
             )
@@ -187,7 +189,7 @@ def markdown(rows: list[Row]) -> str:
         crossed = [r for r in rs if r.disagreements is not None]
         if crossed:
             bad = sum(r.disagreements for r in crossed)
-            records = sum(r.n for r in crossed)
+            records = sum(r.cross_checked for r in crossed)
             note = "it reads the first number of an answer and drops its sign"
             out += ["", f"Cross-check with reasoning-gym's own `score_answer`: {bad} disagreements in {records} records"
                     f" ({note})."]  # fmt: skip

@@ -364,6 +364,8 @@ def test_the_projects_scoring_agrees_with_reasoning_gyms():
             assert score(p, answer) == gym_score(p, answer), (p.gold, answer)
         assert gym_score(p, None) is False and score(p, None) is False
         assert score(p, f"-{g}") is False and gym_score(p, f"-{g}") is True  # gym drops the sign: a disagreement
+    other = Problem(id="arithmetic-0", question="2 + 2", gold="4", task="math")
+    assert gym_score(other, "4") is None and gym_score(other, None) is None  # no cross-check for other data
 
 
 def test_a_gsm_symbolic_run_records_the_cross_check_and_the_report_counts_disagreements(tmp_path: Path) -> None:
