@@ -235,7 +235,7 @@ class Forest:
         c = self.config
         try:
             solution = await (self.baseline() if c.method in ("cot", "sc") else self.search())
-        except asyncio.CancelledError:  # the caller gave up: the batches in flight are cancelled, not left running
+        except BaseException:  # cancelled, or failed: the batches in flight are cancelled, not left running
             await asyncio.gather(*(b.cancel() for b in self.batchers))
             raise
         after = self.backend.usage

@@ -10,7 +10,7 @@ import pytest
 from fot.augment import ExampleRetriever, shuffle_numbers
 from fot.consensus import decide
 from fot.correction import MathCorrector
-from fot.decoding.base import Output, Request
+from fot.decoding.base import BackendError, Output, Request
 from fot.decoding.scripted import ScriptedBackend
 from fot.errors import InvalidRequestError, SearchError
 from fot.forest import Forest, ForestConfig, SolveUsage, asolve
@@ -109,6 +109,34 @@ def test_a_failed_baseline_request_fails_the_solve(method):
     with pytest.raises(SearchError, match="1 of 1 backend requests failed.*node down") as failure:
         solve("What is 40 + 2?", backend, method=method, trees=4)
     assert failure.value.solution.answer is None
+
+
+def test_a_tree_that_raises_stops_the_other_trees():
+    """When one tree's call raises (a backend that stopped), the solve fails with that error and the other trees
+    stop with it: no requests are sent for a failed solve while the event loop (a server, an eval) goes on."""
+
+    class Stopping(ScriptedBackend):
+        raised = False
+
+        async def _generate(self, requests, prepared):
+            await asyncio.sleep(0.01)
+            if not self.raised and any("Critique this answer" in content(r) for r in requests):
+                self.raised = True  # one tree's call only
+                raise BackendError("the worker stopped")
+            return await super()._generate(requests, prepared)
+
+    backend = Stopping(math_script())
+    cfg = {"mctsr": {"rollouts": 8}, "early_stop": False, "sparse": {"enabled": False}}
+
+    async def go() -> tuple[int, int]:
+        with pytest.raises(BackendError, match="the worker stopped"):
+            await asolve("What is 40 + 2?", backend=backend, trees=4, config=cfg)
+        calls = len(backend.batches)
+        await asyncio.sleep(0.3)
+        return calls, len(backend.batches)
+
+    calls, later = asyncio.run(go())
+    assert later == calls
 
 
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------

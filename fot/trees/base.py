@@ -111,7 +111,8 @@ class Batcher:
 
 
 async def run_step(batcher: Batcher, coroutines: Sequence) -> list:
-    """Run one step of several trees against one batcher; each tree leaves the barrier when its step ends."""
+    """Run one step of several trees against one batcher; each tree leaves the barrier when its step ends. Should
+    one tree raise, the others are cancelled before the error goes on: no tree searches on for a failed solve."""
 
     async def one(coro):
         try:
@@ -119,7 +120,14 @@ async def run_step(batcher: Batcher, coroutines: Sequence) -> list:
         finally:
             batcher.leave()
 
-    return await asyncio.gather(*(one(c) for c in coroutines))
+    tasks = [asyncio.ensure_future(one(c)) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 class TreeGraph:
