@@ -139,6 +139,19 @@ def test_a_tree_that_raises_stops_the_other_trees():
     assert later == calls
 
 
+def test_a_backend_that_returns_too_few_completions_fails_the_callers_instead_of_hanging():
+    """The Backend contract is one completion per request. A third-party backend that breaks it fails every caller
+    of the batch with the cause; before, the caller past the end got an empty list and the meter could raise
+    with nobody to hear it."""
+
+    class Short(ScriptedBackend):
+        async def _generate(self, requests, prepared):
+            return (await super()._generate(requests, prepared))[:-1]
+
+    with pytest.raises(BackendError, match="scripted returned 0 completions for 1 requests"):
+        solve("What is 40 + 2?", Short(math_script()), method="cot")
+
+
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------
 def test_with_lockstep_each_phase_of_a_step_is_one_backend_batch():
     backend = ScriptedBackend(math_script())

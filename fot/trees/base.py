@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import networkx as nx
 
-from fot.decoding.base import Backend, Completion, Request
+from fot.decoding.base import Backend, BackendError, Completion, Request
 
 Generate = Callable[[list[Request]], Awaitable[list[Completion]]]
 
@@ -94,15 +94,17 @@ class Batcher:
         requests = [r for reqs, _ in batch for r in reqs]
         try:
             done = await self.backend.generate(requests) if requests else []
-        except Exception as e:  # bad requests: every caller of this batch gets the error
+            if len(done) != len(requests):
+                raise BackendError(f"{self.backend.name} returned {len(done)} completions for {len(requests)} requests")
+            if requests:
+                self.calls += 1
+                if self.meter is not None:
+                    self.meter(requests, done)
+        except Exception as e:  # bad requests, a stopped backend: every caller of this batch gets the error
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
             return
-        if requests:
-            self.calls += 1
-            if self.meter is not None:
-                self.meter(requests, done)
         start = 0
         for reqs, fut in batch:
             if not fut.done():
