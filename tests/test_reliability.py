@@ -150,9 +150,10 @@ def test_a_planted_training_checkpoint_runs_no_code(tmp_path):
 
 # ---- a misbehaving OpenAI-compatible server on 127.0.0.1 ------------------------------------------------------------
 class Misbehaving:
-    """Serves /v1/models properly and answers completions with `answer` (bytes), or dribbles one byte a second."""
+    """Serves /v1/models properly and answers completions with `answer` (bytes, under `encoding` if given), or
+    dribbles one byte a second."""
 
-    def __init__(self, answer: bytes | None, status: int = 200):
+    def __init__(self, answer: bytes | None, status: int = 200, encoding: str | None = None):
         import http.server
         import threading
 
@@ -162,9 +163,11 @@ class Misbehaving:
             def log_message(self, *a) -> None:
                 pass
 
-            def send(self, data: bytes, dribble: bool = False, status: int = 200) -> None:
+            def send(self, data: bytes, dribble: bool = False, status: int = 200, encoding: str | None = None):
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if encoding:
+                    self.send_header("Content-Encoding", encoding)
                 self.send_header("Content-Length", str(len(data) if not dribble else 10**6))
                 self.end_headers()
                 if not dribble:
@@ -181,7 +184,7 @@ class Misbehaving:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 outer.posts += 1
-                self.send(outer.answer or b"", dribble=outer.answer is None, status=outer.status)
+                self.send(outer.answer or b"", dribble=outer.answer is None, status=outer.status, encoding=encoding)
 
         self.answer, self.status, self.posts, self.stop = answer, status, 0, threading.Event()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -251,6 +254,14 @@ def test_an_answer_of_another_shape_fails_that_request_with_its_cause(answer):
     with Misbehaving(json.dumps(answer).encode()) as server:
         done = complete(server.url, max_retries=1)
     assert not done.ok and "unexpected answer" in done.error and server.posts == 2
+
+
+def test_an_answer_that_cannot_be_decoded_is_retried_then_fails_that_request():
+    """httpx's DecodingError (a body that is not what its Content-Encoding says) is no transport error: it ended
+    the whole solve. Now it is retried like any broken answer, then fails that one request."""
+    with Misbehaving(b'{"choices": []}', encoding="gzip") as server:
+        done = complete(server.url, max_retries=1)
+    assert not done.ok and "DecodingError" in done.error and server.posts == 2
 
 
 def test_log_probs_asked_for_and_not_sent_fail_the_request():

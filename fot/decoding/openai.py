@@ -191,6 +191,8 @@ class OpenAIBackend(BaseBackend):
             except httpx.TransportError as e:  # refused, reset, closed mid-answer: the endpoint is down
                 ep.down_until = time.monotonic() + self.config.down_for
                 raise _Retry(f"{type(e).__name__}: {e}") from None
+            except httpx.HTTPError as e:  # an answer httpx cannot read (its encoding, redirects): try elsewhere
+                raise _Retry(f"{type(e).__name__}: {e}") from None
             finally:
                 ep.in_flight -= 1
         if r.status_code in RETRYABLE:
