@@ -350,6 +350,30 @@ def test_a_comparison_past_the_bound_kills_the_worker_and_the_next_one_works(mon
     assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is True  # a new worker
 
 
+def test_a_worker_that_dies_mid_comparison_is_replaced_and_asked_again(monkeypatch):
+    """A killed worker (out of memory, say) read as end of file and counted as "not equivalent". Now the
+    comparison is asked again of a new worker; a worker that dies twice is an error."""
+    import fot.tasks.math as math_task
+    from fot.errors import FotError
+
+    real = math_task._Verifier._ask
+
+    def dying(self, a, b, timeout):
+        if (a, b) == ("(x+2)^2", "x^2+4x+4") and kills:
+            kills.pop()
+            self.proc.kill()
+            self.proc.wait()
+        return real(self, a, b, timeout)
+
+    monkeypatch.setattr(math_task._Verifier, "_ask", dying)
+    kills = [1]
+    assert math_task._verifier("(x+2)^2", "x^2+4x+4") is True  # the second worker's verdict
+    kills = [1, 1]
+    with pytest.raises(FotError, match="died twice"):
+        math_task._verifier("(x+2)^2", "x^2+4x+4")
+    assert math_task._verifier("(x+2)^2", "x^2+4x+4") is True  # and the next call starts afresh
+
+
 def huge_numbers() -> st.SearchStrategy[str]:
     return st.builds(
         lambda d, e, op: f"{d}{op}{e}",

@@ -152,19 +152,37 @@ class _Verifier:
     """math-verify in one worker process (`fot.tasks.verify_worker`), each comparison bounded by
     `VERIFY_TIMEOUT_S`: sympy can work without end on some answers ('9^{9^{9}}'), its own timeouts need signals
     (the main thread only), and a thread cannot be stopped. A comparison past the bound kills the worker (a new one
-    starts on the next call) and counts as not equivalent. A worker that cannot start is an error, not a verdict."""
+    starts on the next call) and counts as not equivalent. A worker that dies mid-comparison is replaced and asked
+    again, once; a worker that cannot start, or dies twice, is an error, not a verdict."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.proc: subprocess.Popen | None = None
 
     def _ask(self, a: str, b: str, timeout: float) -> bool | None:
-        """The worker's verdict, or None when it gave none within `timeout` seconds."""
+        """The worker's verdict, or None when it gave none within `timeout` seconds; OSError if it died."""
         self.proc.stdin.write(json.dumps([a, b]) + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        return None if line not in ("0\n", "1\n") else line == "1\n"
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        if line not in ("0\n", "1\n"):  # end of file, or garbage: the worker is gone
+            raise BrokenPipeError(f"the math-verify worker answered {line[:80]!r}")
+        return line == "1\n"
+
+    def _start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        cmd = [sys.executable, "-m", "fot.tasks.verify_worker"]
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            started = self._ask("1", "1", 120)  # importing sympy takes seconds: not part of the bound
+        except (OSError, ValueError) as e:
+            started = e
+        if started is not True:
+            self._stop()
+            raise FotError(f"the math-verify worker (python -m fot.tasks.verify_worker) did not start: {started}")
 
     def _stop(self) -> None:
         if self.proc is not None:
@@ -174,16 +192,15 @@ class _Verifier:
 
     def __call__(self, a: str, b: str) -> bool:
         with self.lock:
-            try:
-                if self.proc is None or self.proc.poll() is not None:
-                    cmd = [sys.executable, "-m", "fot.tasks.verify_worker"]
-                    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                    if self._ask("1", "1", 120) is not True:  # importing sympy takes seconds: not part of the bound
-                        self._stop()
-                        raise FotError("the math-verify worker (python -m fot.tasks.verify_worker) did not start")
-                verdict = self._ask(a, b, VERIFY_TIMEOUT_S)
-            except (OSError, ValueError):
-                verdict = None
+            for attempt in (1, 2):
+                self._start()
+                try:
+                    verdict = self._ask(a, b, VERIFY_TIMEOUT_S)
+                    break
+                except (OSError, ValueError) as e:  # it died under this comparison (a broken pipe, end of file)
+                    self._stop()
+                    if attempt == 2:
+                        raise FotError(f"the math-verify worker died twice comparing {a[:80]!r}: {e}") from None
             if verdict is None:
                 self._stop()
             return bool(verdict)
