@@ -64,18 +64,21 @@ class Record(BaseModel):
     node_answers: list[list[str]] | None = None
 
 
-def read_records(path: Path) -> list[Record]:
+def read_records(path: Path, repair: bool = False) -> list[Record]:
     """The finished records of a run file, one per problem (a duplicate, from a line written twice, is dropped
-    and said so). A torn last line (a crash mid-write) is cut off; any other bad line is an error, since it means
-    the file is not ours."""
+    and said so). An unfinished last line is left out: it is being written, or was torn by a crash. Only the
+    run's writer, holding its lock, passes `repair` to cut a torn line off the file; a reader (the report) could
+    otherwise cut a line that another process is finishing. Any other bad line is an error, since it means the
+    file is not ours."""
     if not path.exists():
         return []
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         cut = raw.rfind(b"\n") + 1
-        print(f"evals: {path.name}: dropping a torn last line (an interrupted write)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(cut)
+        if repair:
+            print(f"evals: {path.name}: dropping a torn last line (an interrupted write)", file=sys.stderr)
+            with open(path, "r+b") as f:
+                f.truncate(cut)
         raw = raw[:cut]
     records: dict[str, Record] = {}
     try:

@@ -203,6 +203,8 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(first) == 3  # the three finished problems are on disk; the fourth was in flight
     with open(path, "a") as f:
         f.write('{"id": "arith-0-3", "benchm')  # a write torn by the crash
+    size = path.stat().st_size
+    assert read_records(path) == first and path.stat().st_size == size  # a reader leaves the file as it is
 
     again = ScriptedBackend(lambda r, j: "The answer is 7.")
     path2, failed = run_sync(arun(arithmetic_options(tmp_path), backend=again))
