@@ -42,6 +42,7 @@ from fot.options import (
     add_budget_options,
     add_math_options,
     add_method_options,
+    check_cli_backend,
     checks_on,
     make_cli_backend,
     search_config,
@@ -280,6 +281,9 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
 
     check_method(bench.task, args.method)
     make_config(search_config(args), trees=args.trees, method=args.method, seed=args.seed)  # before any model
+    cli_backend = argparse.Namespace(**{**vars(args), "speculative": drafter(args)})
+    if backend is None:
+        check_cli_backend(cli_backend)  # before the data loads: that can take minutes
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     problems = bench.load(args)[: args.limit]
@@ -287,7 +291,7 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     path.parent.mkdir(parents=True, exist_ok=True)
     failed = 0
     with writer_lock(path):
-        held = read_records(path)
+        held = read_records(path, repair=True)
         check_records(path, held, problems)
         done = {r.id for r in held}
         todo = [p for p in problems if p.id not in done]
@@ -295,7 +299,7 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         if todo:
             t0 = time.perf_counter()
             if backend is None:
-                async with make_cli_backend(argparse.Namespace(**{**vars(args), "speculative": drafter(args)})) as own:
+                async with make_cli_backend(cli_backend) as own:
                     right, failed = await solve_all(todo, args, path, own, len(problems))
             else:
                 right, failed = await solve_all(todo, args, path, backend, len(problems))

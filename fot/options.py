@@ -76,30 +76,37 @@ def checks_on(args: argparse.Namespace) -> dict[str, bool]:
     }
 
 
+def check_cli_backend(args: argparse.Namespace) -> None:
+    """The command line's backend options, checked without building anything: `fot eval` calls it before its data
+    loads, `make_cli_backend` before a model does."""
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and timeout <= 0:
+        raise FotError(f"--timeout must be > 0 seconds, got {timeout}")
+    speculative = getattr(args, "speculative", None)
+    if speculative is not None and speculative not in DRAFTERS[args.backend]:
+        raise FotError(
+            f"--speculative {speculative} is not available on the {args.backend} backend: {[*DRAFTERS[args.backend]]}"
+        )
+    if args.backend == "openai" and not args.base_url:
+        raise FotError("--backend openai needs --base-url (one per endpoint)")
+    if args.backend != "openai" and timeout is not None:
+        raise FotError("--timeout bounds the requests of the openai backend; the in-process backends have none")
+
+
 def make_cli_backend(args: argparse.Namespace):
     """The backend a command line asks for. Options a command does not have (`fot solve` has no --speculative,
     --device, --dtype or --max-batch) keep the backend's defaults; bad combinations fail before a model loads."""
     from fot.decoding import make_backend
 
+    check_cli_backend(args)
     timeout = getattr(args, "timeout", None)
-    if timeout is not None and timeout <= 0:
-        raise FotError(f"--timeout must be > 0 seconds, got {timeout}")
     options: dict = {}
     if getattr(args, "speculative", None) is not None:
-        drafters = DRAFTERS[args.backend]
-        if args.speculative not in drafters:
-            raise FotError(
-                f"--speculative {args.speculative} is not available on the {args.backend} backend: {[*drafters]}"
-            )
-        options["speculative"] = drafters[args.speculative]
+        options["speculative"] = DRAFTERS[args.backend][args.speculative]
     if args.backend == "openai":
-        if not args.base_url:
-            raise FotError("--backend openai needs --base-url (one per endpoint)")
         model = None if args.model == "default" else args.model
         deadline = {"deadline": timeout} if timeout is not None else {}
         return make_backend("openai", base_urls=args.base_url, model=model, **deadline)  # the servers decide decoding
-    if timeout is not None:
-        raise FotError("--timeout bounds the requests of the openai backend; the in-process backends have none")
     if args.backend == "native":
         options |= {k: getattr(args, k) for k in ("device", "dtype", "max_batch") if getattr(args, k, None) is not None}
         return make_backend("native", model=args.model, **options)

@@ -725,6 +725,23 @@ def test_bad_search_settings_fail_before_the_model_loads(command, tmp_path):
     assert done.returncode == 2 and "max_tokens" in done.stderr and "greater than or equal to 1" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (["--backend", "openai"], "needs --base-url"),
+        (["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--speculative", "kangaroo"], "not available"),
+        (["--timeout", "5"], "the in-process backends have none"),
+    ],
+)
+def test_bad_backend_options_of_an_eval_fail_before_its_data_loads(options, match, tmp_path):
+    """They were refused only when the backend was built, after the data had loaded (a download, or generating
+    and solving every puzzle)."""
+    cmd = [sys.executable, "-m", "fot.cli", "eval", "gsm_symbolic", "--n", "2", "--out", str(tmp_path), *options]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and match in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "gsm_symbolic").exists()  # no run file was set up: the data never loaded
+
+
 @pytest.mark.parametrize("problem", ["1 2 3", "4 6 1 10 2", "-4 6 1 10", "4 6 1 1001", "0 1 2 3"])
 def test_numbers_that_are_no_puzzle_are_not_silently_math(problem):
     """With task="auto" these were treated as math problems."""
