@@ -29,7 +29,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fot.chat import (
     LISTED,
@@ -76,6 +76,13 @@ class ServeConfig(BaseModel):
     max_messages: int = Field(64, ge=1)
     store: int = Field(256, ge=1)  # recent solutions kept for /v1/solutions/{id}
     search: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_key(cls, keys: list[str]) -> list[str]:
+        if any(not k.strip() for k in keys):  # `--api-key "$KEY"` with KEY unset: an empty key lets anyone in
+            raise ValueError("an API key is empty (an unset variable?)")
+        return keys
 
 
 # ---- admission, metrics, store ------------------------------------------------------------------------------------

@@ -725,6 +725,16 @@ def test_bad_search_settings_fail_before_the_model_loads(command, tmp_path):
     assert done.returncode == 2 and "max_tokens" in done.stderr and "greater than or equal to 1" in done.stderr
 
 
+@pytest.mark.parametrize("key", ["", "  "])
+def test_an_empty_api_key_is_refused_before_the_server_starts(key, tmp_path):
+    """`fot serve --api-key "$KEY"` with KEY unset made "" a key, and a client sending `Bearer ` with nothing
+    after it was let in."""
+    cmd = [sys.executable, "-m", "fot.cli", "serve", "--api-key", key, "--model", "qwen2.5-coder-1.5b"]
+    env = {**os.environ, "FOT_CACHE": str(tmp_path / "empty")}  # no model there: loading one would fail otherwise
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "an API key is empty" in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
