@@ -408,6 +408,25 @@ async def asolve(
 ) -> Solution:
     """`solve` for async code (notebooks, servers). `progress` is called with a `Progress` after each search step.
     Cancelling the task cancels the search's requests in the backend too."""
+    the_task, text, cfg = check_problem(
+        problem, task=task, trees=trees, method=method, backend=backend, config=config, seed=seed
+    )
+    return await Forest(text, the_task, cfg, backend or default_backend(), progress).run()
+
+
+def check_problem(
+    problem: str,
+    *,
+    task: str = "auto",
+    trees: int | None = None,
+    method: Method | None = None,
+    backend: Backend | None = None,
+    config: ForestConfig | dict | None = None,
+    seed: int | None = None,
+    progress: ProgressHook | None = None,
+) -> tuple[Task, str, ForestConfig]:
+    """`asolve`'s checks of its arguments (`progress` is taken and not used), which need no model: the task, the
+    normalised problem and the search's config, or InvalidRequestError."""
     if backend is not None and not isinstance(backend, Backend):
         raise InvalidRequestError(
             f"backend must be a Backend, got {type(backend).__name__}: build one with "
@@ -415,7 +434,7 @@ async def asolve(
         )
     cfg = make_config(config, trees=trees, method=method, seed=seed)
     the_task, text = validate(problem, task, cfg.method)
-    return await Forest(text, the_task, cfg, backend or default_backend(), progress).run()
+    return the_task, text, cfg
 
 
 def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Task, str]:
@@ -443,7 +462,15 @@ def solve(problem: str, **kwargs) -> Solution:
 
 async def asolve_many(problems: Sequence[str], *, return_exceptions: bool = False, **kwargs) -> list[Solution]:
     """Solve problems concurrently on one backend: their steps' batches meet in the backend's batching window.
-    With `return_exceptions`, a problem that fails gives its exception in its place instead of ending them all."""
+    Every problem is checked before any work; with `return_exceptions`, a problem that is refused or fails gives
+    its exception in its place instead of ending them all."""
+    if isinstance(problems, str) or not isinstance(problems, Sequence):
+        raise InvalidRequestError(
+            f"solve_many takes a list of problems, got {type(problems).__name__}: for one problem use solve"
+        )
+    if not return_exceptions:
+        for p in problems:
+            check_problem(p, **kwargs)
     return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems), return_exceptions=return_exceptions))
 
 

@@ -13,7 +13,7 @@ from fot.correction import MathCorrector
 from fot.decoding.base import BackendError, Output, Request
 from fot.decoding.scripted import ScriptedBackend
 from fot.errors import InvalidRequestError, SearchError
-from fot.forest import Forest, ForestConfig, SolveUsage, asolve
+from fot.forest import Forest, ForestConfig, SolveUsage, asolve, asolve_many
 from fot.tasks import Game24Task, MathTask
 from fot.trees.base import Batcher, Tree, run_step
 from fot.trees.mctsr import MCTSr, MCTSrConfig, parse_reward
@@ -150,6 +150,21 @@ def test_a_backend_that_returns_too_few_completions_fails_the_callers_instead_of
 
     with pytest.raises(BackendError, match="scripted returned 0 completions for 1 requests"):
         solve("What is 40 + 2?", Short(math_script()), method="cot")
+
+
+def test_solve_many_checks_every_problem_before_any_work():
+    """A bad problem at index 2 was refused only after the default model had loaded and problem 0 had started;
+    a string was split into one-character problems."""
+    backend = ScriptedBackend(math_script())
+    with pytest.raises(InvalidRequestError, match="a problem must be a non-empty string"):
+        asyncio.run(asolve_many(["What is 40 + 2?", "What is 1 + 1?", "  "], backend=backend, method="cot"))
+    with pytest.raises(InvalidRequestError, match="does not fit"):
+        asyncio.run(asolve_many(["What is 40 + 2?", "4 6 1 10"], backend=backend, method="mctsr"))
+    with pytest.raises(InvalidRequestError, match="takes a list of problems, got str"):
+        asyncio.run(asolve_many("What is 40 + 2?", backend=backend))
+    assert backend.batches == []  # nothing was sent
+    mixed = asyncio.run(asolve_many(["What is 40 + 2?", ""], backend=backend, method="cot", return_exceptions=True))
+    assert mixed[0].answer == "42" and isinstance(mixed[1], InvalidRequestError)
 
 
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------
