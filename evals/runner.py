@@ -277,6 +277,8 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     if args.trees < 1 or args.concurrency < 1 or (args.limit is not None and args.limit < 1):
         raise FotError("--trees, --concurrency and --limit must be >= 1")
     bench = BENCHMARKS[args.benchmark]
+    if getattr(args, "data", None) and args.benchmark in ("arithmetic", "gsm_symbolic"):
+        raise FotError(f"--data: {args.benchmark} generates its problems (--n, --data-seed); it reads no file")
     from fot.forest import check_method, make_config
 
     check_method(bench.task, args.method)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fot.augment import program_of_thought, shipped_examples, shuffle_numbers
 from fot.consensus import decide, majority
@@ -102,6 +102,14 @@ class ForestConfig(BaseModel):
     lockstep: bool = False
     sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _program_trees_fit(self) -> ForestConfig:
+        if self.program_trees and (self.method != "fot" or self.program_trees >= self.trees):
+            raise ValueError(
+                f"program_trees ({self.program_trees}) is for fot, below trees ({self.trees}): tree 0 reasons in prose"
+            )
+        return self
 
 
 class SolveUsage(CorrectionUsage):

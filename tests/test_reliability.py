@@ -441,6 +441,8 @@ def test_a_bad_game24_row_is_a_data_error_before_any_work(tmp_path, puzzle):
         ({"backend": "native"}, "make_backend"),
         ({"seed": 2**70}, "seed"),
         ({"config": {"sc_temperature": float("inf")}}, "finite"),
+        ({"trees": 2, "config": {"program_trees": 2}}, "below trees"),  # was quietly capped at 1
+        ({"method": "sc", "config": {"program_trees": 1}}, "is for fot"),  # was quietly ignored
     ],
 )
 def test_search_settings_are_bounded_and_checked_before_any_work(kwargs, match):
@@ -741,11 +743,12 @@ def test_an_empty_api_key_is_refused_before_the_server_starts(key, tmp_path):
         (["--backend", "openai"], "needs --base-url"),
         (["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--speculative", "kangaroo"], "not available"),
         (["--timeout", "5"], "the in-process backends have none"),
+        (["--data", "my.jsonl"], "generates its problems"),  # was quietly ignored
     ],
 )
 def test_bad_backend_options_of_an_eval_fail_before_its_data_loads(options, match, tmp_path):
     """They were refused only when the backend was built, after the data had loaded (a download, or generating
-    and solving every puzzle)."""
+    and solving every puzzle), or not at all."""
     cmd = [sys.executable, "-m", "fot.cli", "eval", "gsm_symbolic", "--n", "2", "--out", str(tmp_path), *options]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and match in done.stderr, done.stderr[-2000:]
