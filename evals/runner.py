@@ -38,6 +38,7 @@ from fot.errors import FotError
 from fot.models import configure_caches
 from fot.options import (
     DEFAULT_DRAFTER,
+    DRAFTERS,
     add_backend_options,
     add_budget_options,
     add_math_options,
@@ -286,6 +287,8 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     cli_backend = argparse.Namespace(**{**vars(args), "speculative": drafter(args)})
     if backend is None:
         check_cli_backend(cli_backend)  # before the data loads: that can take minutes
+    elif backend.name in DRAFTERS and backend.name != args.backend:  # the records would name the wrong one
+        raise FotError(f"the backend given is {backend.name} but the options say {args.backend}: pass backend=")
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     problems = bench.load(args)[: args.limit]

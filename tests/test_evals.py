@@ -27,6 +27,7 @@ from evals.report import PLOTS, markdown, summarise, wilson, write_report
 from evals.runner import arun, options, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
+from fot.errors import FotError
 from fot.speculative.kernels import cpu_has_fast_bf16, resolve_dtype
 from fot.tasks import MathTask
 from fot.tasks.game24 import check_expression, parse_numbers
@@ -216,6 +217,18 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(again.batches) == 3  # only the three unfinished problems were solved again
     run_sync(arun(arithmetic_options(tmp_path), backend=again))
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
+
+
+def test_a_backend_other_than_the_options_name_is_refused(tmp_path: Path) -> None:
+    """A notebook that built a vLLM backend and kept the options' default (native) wrote records named native."""
+
+    class Vllm(ScriptedBackend):
+        name = "vllm"
+
+    backend = Vllm(lambda r, j: "The answer is 7.")
+    with pytest.raises(FotError, match="the backend given is vllm but the options say native"):
+        run_sync(arun(arithmetic_options(tmp_path), backend=backend))
+    assert backend.batches == [] and not (tmp_path / "arithmetic").exists()
 
 
 def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
