@@ -36,13 +36,15 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 def generate_and_print(
     model: str, questions: list[str], max_tokens: int, as_json: bool, speculative: str | None = None
 ) -> None:
+    from fot.config import SamplingParams
     from fot.speculative.engine import Engine
 
+    params = SamplingParams.make(None, max_tokens=max_tokens)  # a bad value fails before the model loads
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(model, speculative=speculative)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    outs = engine.generate([[{"role": "user", "content": q}] for q in questions], {"max_tokens": max_tokens})
+    outs = engine.generate([[{"role": "user", "content": q}] for q in questions], params)
     seconds = time.perf_counter() - t0
     tokens = sum(o.generated_tokens for o in outs)
     if as_json:

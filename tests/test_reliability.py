@@ -712,9 +712,11 @@ def test_a_command_line_argument_that_is_not_utf8_is_a_clear_error():
     assert done.returncode == 2 and b"not valid Unicode" in done.stderr, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("command", [["solve", "What is 1 + 1?"], ["eval", "arithmetic", "--n", "2"]])
+@pytest.mark.parametrize(
+    "command", [["solve", "What is 1 + 1?"], ["eval", "arithmetic", "--n", "2"], ["generate", "What is 1 + 1?"]]
+)
 def test_bad_search_settings_fail_before_the_model_loads(command, tmp_path):
-    """`fot solve --max-tokens 0` failed only after a 36 s model load."""
+    """`fot solve --max-tokens 0` (and `fot generate`'s) failed only after a 36 s model load."""
     cmd = [sys.executable, "-m", "fot.cli", *command, "--max-tokens", "0", "--model", "qwen2.5-coder-1.5b"]
     env = {**os.environ, "FOT_CACHE": str(tmp_path / "empty")}  # no model there: loading one would fail otherwise
     done = subprocess.run(
