@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -108,6 +109,46 @@ def test_programs_models_write():
     assert r.ok, r.reason
     assert r.output == ("Area: 12.57\nCost: 48 sides [3, 4, 5.0, 5.0]\n3628800 3.33\n4 7 [0, 1, 4, 9] [(1, 2)]\n")
     assert r.variables["cost"] == 48
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "print(Rational(1, 2), [Rational(1, 2), Rational(3)], (Rational(1, 3),))",
+        "print(Integer(7) / 2, Integer(7), Integer(7) + 1, Integer(2) ** 10)",
+        "x = {'a': Rational(1, 3), 'b': [1, 'x']}\nprint(x)",
+        "print(f'{Rational(1, 2)} and {Rational(3, 4)!r}', float(Rational(1, 4)), Rational(3, 4) * 4)",
+        "a = [Rational(1, 2)]\na.append(a)\nprint(a, [[Rational(5, 2)], {'k': (Rational(2), 3)}])",
+    ],
+)
+def test_sympy_programs_print_what_sympy_prints(code):
+    """Rational mapped to Fraction printed `[Fraction(1, 2)]` where sympy prints `[1/2]`, and Integer to int gave
+    `Integer(7) / 2` as 3.5 where sympy gives 7/2: the code check then "repaired" right claims."""
+    code = "from sympy import Integer, Rational\n" + code
+    want = io.StringIO()
+    with contextlib.redirect_stdout(want):
+        exec(code, {})  # the test's own code, with the real sympy
+    got = run(code)
+    assert got.ok and got.output == want.getvalue()
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "print(7 ** 10 ** 9)",
+        "from sympy import Rational\nprint(Rational(7) ** Rational(3000000))",
+        "from sympy import Rational\nprint(Rational(1, 3) ** -3000000)",
+        "print('%0999999d' % 5)",
+        "print('%.999999f' % 5)",
+        "print('%*d' % (10 ** 8, 1))",
+    ],
+)
+def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
+    """A fraction's power was bounded only after it was computed (`7^1000000000 = 5` in prose takes hours), and a
+    %-format's width not at all."""
+    t = time.monotonic()
+    assert run(code).status == "bound"
+    assert time.monotonic() - t < 1
 
 
 @pytest.mark.parametrize(

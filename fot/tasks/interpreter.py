@@ -25,6 +25,26 @@ from typing import Any
 
 from fot.tasks.whitelist import BINARY, COMPARE, COUNTING, ITERABLE, METHODS, MODULES, NotCheckable, check_whitelist
 
+PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")  # width and precision of each field
+
+
+def show(v: Any, inner: bool = False, within: frozenset[int] = frozenset()) -> str:
+    """`str(v)` (`repr` inside a container) as the program's Python prints it. Its exact fractions are sympy's
+    `Rational`s (it imports no other kind), which print as `a/b`, inside lists, tuples and dicts too."""
+    if isinstance(v, Fraction):
+        return str(v)
+    nested = Fraction | list | tuple | dict
+    if isinstance(v, list | tuple | dict) and len(within) < 20:
+        if id(v) in within:  # a container inside itself
+            return "[...]" if isinstance(v, list) else "{...}"
+        inside = within | {id(v)}
+        if isinstance(v, dict) and any(isinstance(x, nested) for x in (*v, *v.values())):
+            return "{" + ", ".join(f"{show(k, True, inside)}: {show(x, True, inside)}" for k, x in v.items()) + "}"
+        if isinstance(v, list | tuple) and any(isinstance(x, nested) for x in v):
+            items = ", ".join(show(x, True, inside) for x in v)
+            return f"[{items}]" if isinstance(v, list) else f"({items}{',' if len(v) == 1 else ''})"
+    return repr(v) if inner else str(v)
+
 
 class Bound(Exception):
     """The run broke a bound (steps, number size, sequence length, output, depth)."""
@@ -171,7 +191,7 @@ class _Machine:
     def str(self, v: Any = "") -> str:
         if isinstance(v, int) and not isinstance(v, bool):
             self.value(v)
-        return self.fresh(str(v))
+        return self.fresh(show(v))
 
     def int(self, v: Any = 0, base: int | None = None) -> int:
         if isinstance(v, str) and len(v) > 100:
@@ -349,9 +369,15 @@ class _Machine:
         raise NameError(f"name {name!r} is not defined")
 
     def binary(self, op: ast.operator, a: Any, b: Any) -> Any:
-        if isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and b > 0:
-            if abs(a) > 1 and (abs(a).bit_length() - 1) * b > self.limits.max_bits:
-                raise Bound(f"a power over {self.limits.max_bits} bits")
+        if isinstance(op, ast.Pow) and isinstance(a, int | Fraction) and isinstance(b, int | Fraction):
+            exact = b.denominator == 1 and (isinstance(a, Fraction) or isinstance(b, Fraction) or b > 0)
+            size = max(abs(a.numerator), a.denominator)  # int ** negative int is a float: no bound needed
+            if exact and size > 1 and (size.bit_length() - 1) * abs(b.numerator) > self.limits.max_bits:
+                raise Bound(f"a power over {self.limits.max_bits} bits")  # before computing it, not after
+        if isinstance(op, ast.Mod) and isinstance(a, str):
+            for width, precision in PERCENT_SPEC.findall(a):
+                if "*" in width + precision or int(width or 0) > 200 or int(precision or 0) > 200:
+                    raise Bound("a %-format asks for over 200 characters")
         if isinstance(op, ast.Mult):
             for seq, n in ((a, b), (b, a)):
                 if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > self.limits.max_items:
@@ -437,7 +463,7 @@ class _Machine:
             return str(p.value)
         v = self.expr(p.value, env)
         if p.conversion == ord("r"):
-            v = repr(v)
+            v = show(v, inner=True)
         spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
         if len(spec) > 20 or any(int(d) > 200 for d in re.findall(r"\d+", spec)):
             raise Bound("an f-string format asks for over 200 characters")

@@ -17,7 +17,8 @@ MATH = {
         "isqrt", "fsum", "copysign", "fmod", "modf", "pow",
     )
 }  # fmt: skip
-SYMPY = {"Rational": Fraction, "Integer": int}  # what `import sympy` binds: exact fractions print as sympy's do
+# what `import sympy` binds: its integers are exact fractions too (Integer(7) / 2 is 7/2), printed as sympy's are
+SYMPY = {"Rational": Fraction, "Integer": Fraction}
 COUNTING = {"factorial": math.factorial, "comb": math.comb, "perm": math.perm}  # bounded arguments: see counting
 MODULES = {"math": MATH | COUNTING, "sympy": SYMPY}
 METHODS = {
