@@ -115,7 +115,8 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         )
         if sol.task == "math":
             print(
-                f"    rule checks: {u.code_checks} code blocks run, {u.code_repairs} made-up outputs repaired; "
+                f"    rule checks: {u.code_checks} code blocks run ({u.code_skipped} could not be), "
+                f"{u.code_repairs} made-up outputs repaired; "
                 f"{u.arithmetic_checks} statements recomputed, {u.arithmetic_repairs} repaired"
             )
         for r in sol.repairs:

@@ -165,6 +165,9 @@ def test_the_earliest_wrong_claim_is_repaired_whichever_check_finds_it():
     assert fix.failure("p", done(text)).kind == "arithmetic"
     only_code = MathCorrector(MathTask(), -1.0, SolveUsage(), seed=0, checks={"code": check_code})
     assert only_code.failure("p", done(text)).kind == "code"
+    unrunnable = "```python\nimport os\nprint(4)\n```\n```output\n5\n```\nThe answer is 5."
+    assert only_code.failure("p", done(unrunnable)) is None
+    assert (only_code.usage.code_checks, only_code.usage.code_skipped) == (1, 1)  # counted, not judged
 
 
 class Units(MathTask):

@@ -45,6 +45,7 @@ class Finding:
 
     checked: int = 0
     failure: Failure | None = None
+    skipped: int = 0  # claims that could not be recomputed (code outside the whitelist, past a bound, an error)
 
 
 class Check(Protocol):
@@ -64,14 +65,15 @@ TOKEN = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
 
 
 def check_code(problem: str, text: str) -> Finding:
-    checked = 0
+    checked = skipped = 0
     for m in CODE.finditer(text):
         claimed = CLAIMED.match(text, m.end())
         if claimed is None:
             continue  # nothing claimed about this block: nothing to compare
         result: Run = run(m.group(1))
         if not result.ok or not result.output.strip():
-            continue  # not checkable, stopped by a bound, an error, or it prints nothing: claim nothing about it
+            skipped += 1  # not checkable, stopped by a bound, an error, or it prints nothing: counted, not judged
+            continue
         checked += 1
         if not same_output(claimed.group(1), result.output):
             prefix = text[: claimed.start(1)] + result.output.rstrip("\n") + "\n```\n"
@@ -79,8 +81,8 @@ def check_code(problem: str, text: str) -> Finding:
             failure = Failure(
                 "code", m.group(1), claimed.group(1).strip(), result.output.strip(), claimed.start(1), prefix, rest
             )
-            return Finding(checked, failure)
-    return Finding(checked)
+            return Finding(checked, failure, skipped)
+    return Finding(checked, skipped=skipped)
 
 
 def same_output(claimed: str, actual: str) -> bool:
