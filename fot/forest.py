@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from fot.augment import program_of_thought, shipped_examples, shuffle_numbers
 from fot.consensus import decide, majority
@@ -95,21 +95,14 @@ class ForestConfig(BaseModel):
     tot: ToTConfig = ToTConfig()
     sparse: SparseConfig = SparseConfig()
     correction: CorrectionConfig = CorrectionConfig()
-    program_trees: int = Field(0, ge=0, le=MAX_TREES)  # math: the last trees (never tree 0) answer with a program
+    # math, fot only: the last trees answer with a program, at most trees - 1 of them (tree 0 reasons in prose)
+    program_trees: int = Field(0, ge=0, le=MAX_TREES)
     early_stop: bool = True
     # True: each phase of a step waits for every tree and goes to the backend as one batch; False: each tree's call
     # goes at once, and the backend's continuous batching merges them (a short answer does not wait for the longest)
     lockstep: bool = False
     sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, lt=2**63)
-
-    @model_validator(mode="after")
-    def _program_trees_fit(self) -> ForestConfig:
-        if self.program_trees and (self.method != "fot" or self.program_trees >= self.trees):
-            raise ValueError(
-                f"program_trees ({self.program_trees}) is for fot, below trees ({self.trees}): tree 0 reasons in prose"
-            )
-        return self
 
 
 class SolveUsage(CorrectionUsage):

@@ -441,8 +441,6 @@ def test_a_bad_game24_row_is_a_data_error_before_any_work(tmp_path, puzzle):
         ({"backend": "native"}, "make_backend"),
         ({"seed": 2**70}, "seed"),
         ({"config": {"sc_temperature": float("inf")}}, "finite"),
-        ({"trees": 2, "config": {"program_trees": 2}}, "below trees"),  # was quietly capped at 1
-        ({"method": "sc", "config": {"program_trees": 1}}, "is for fot"),  # was quietly ignored
     ],
 )
 def test_search_settings_are_bounded_and_checked_before_any_work(kwargs, match):
@@ -746,6 +744,8 @@ def test_an_empty_api_key_is_refused_before_the_server_starts(key, tmp_path):
         (["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--speculative", "kangaroo"], "not available"),
         (["--timeout", "5"], "the in-process backends have none"),
         (["--data", "my.jsonl"], "generates its problems"),  # was quietly ignored
+        (["--program-trees", "4"], "below --trees"),  # was quietly capped at 3, and recorded as 4
+        (["--method", "sc", "--program-trees", "1"], "for --method fot"),  # was quietly ignored
     ],
 )
 def test_bad_backend_options_of_an_eval_fail_before_its_data_loads(options, match, tmp_path):
