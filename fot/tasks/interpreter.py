@@ -28,26 +28,64 @@ from fot.tasks.whitelist import BINARY, COMPARE, COUNTING, ITERABLE, METHODS, MO
 PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")  # width and precision of each field
 
 
-def show(v: Any, inner: bool = False, within: frozenset[int] = frozenset()) -> str:
-    """`str(v)` (`repr` inside a container) as the program's Python prints it. Its exact fractions are sympy's
-    `Rational`s (it imports no other kind), which print as `a/b`, inside lists, tuples and dicts too."""
-    if isinstance(v, Fraction):
-        return str(v)
-    nested = Fraction | list | tuple | dict
-    if isinstance(v, list | tuple | dict) and len(within) < 20:
-        if id(v) in within:  # a container inside itself
-            return "[...]" if isinstance(v, list) else "{...}"
-        inside = within | {id(v)}
-        if isinstance(v, dict) and any(isinstance(x, nested) for x in (*v, *v.values())):
-            return "{" + ", ".join(f"{show(k, True, inside)}: {show(x, True, inside)}" for k, x in v.items()) + "}"
-        if isinstance(v, list | tuple) and any(isinstance(x, nested) for x in v):
-            items = ", ".join(show(x, True, inside) for x in v)
-            return f"[{items}]" if isinstance(v, list) else f"({items}{',' if len(v) == 1 else ''})"
+class Bound(Exception):
+    """The run broke a bound (steps, number size, sequence length, output, depth)."""
+
+
+# ---- printing: a program's exact fractions are sympy's `Rational`s (it imports no other kind), printed as `a/b` ----
+def show(v: Any, inner: bool = False) -> str:
+    """`str(v)` (`repr` if `inner`) as the program's Python prints it: CPython's own unless it holds a fraction."""
+    if isinstance(v, Fraction) or holds_fraction(v, set(), 0):
+        return shown(v, frozenset())
     return repr(v) if inner else str(v)
 
 
-class Bound(Exception):
-    """The run broke a bound (steps, number size, sequence length, output, depth)."""
+def holds_fraction(v: Any, seen: set[int], depth: int) -> bool:
+    if isinstance(v, Fraction):
+        return True
+    if not isinstance(v, list | tuple | dict) or id(v) in seen:
+        return False
+    if depth > 50:
+        raise Bound("containers nested over 50 deep")
+    seen.add(id(v))
+    return any(holds_fraction(x, seen, depth + 1) for x in ((*v, *v.values()) if isinstance(v, dict) else v))
+
+
+def shown(v: Any, within: frozenset[int]) -> str:
+    """repr(v) with fractions as `a/b`; a container met again inside itself prints as CPython's `[...]`."""
+    if isinstance(v, Fraction):
+        return str(v)
+    if not isinstance(v, list | tuple | dict):
+        return repr(v)
+    if id(v) in within:
+        return "[...]" if isinstance(v, list) else "(...)" if isinstance(v, tuple) else "{...}"
+    inside = within | {id(v)}
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{shown(k, inside)}: {shown(x, inside)}" for k, x in v.items()) + "}"
+    items = ", ".join(shown(x, inside) for x in v)
+    return f"[{items}]" if isinstance(v, list) else f"({items}{',' if len(v) == 1 else ''})"
+
+
+class Shown:
+    """A container holding fractions as a %-format argument: formatted as `show` prints it."""
+
+    def __init__(self, v: Any):
+        self.v = v
+
+    def __str__(self) -> str:
+        return show(self.v)
+
+    def __repr__(self) -> str:
+        return show(self.v, inner=True)
+
+
+def percent_args(b: Any) -> Any:
+    """The right operand of `text % b`, its containers that hold fractions wrapped in `Shown`."""
+
+    def wrap(x: Any) -> Any:
+        return Shown(x) if isinstance(x, list | tuple | dict) and holds_fraction(x, set(), 0) else x
+
+    return tuple(wrap(x) for x in b) if isinstance(b, tuple) else b if isinstance(b, dict) else wrap(b)
 
 
 @dataclass
@@ -378,6 +416,7 @@ class _Machine:
             for width, precision in PERCENT_SPEC.findall(a):
                 if "*" in width + precision or int(width or 0) > 200 or int(precision or 0) > 200:
                     raise Bound("a %-format asks for over 200 characters")
+            b = percent_args(b)
         if isinstance(op, ast.Mult):
             for seq, n in ((a, b), (b, a)):
                 if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > self.limits.max_items:
@@ -464,6 +503,8 @@ class _Machine:
         v = self.expr(p.value, env)
         if p.conversion == ord("r"):
             v = show(v, inner=True)
+        elif p.conversion == -1 and p.format_spec is None:
+            v = self.str(v)  # `{x}` is str(x): a fraction inside a list prints as a/b
         spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
         if len(spec) > 20 or any(int(d) > 200 for d in re.findall(r"\d+", spec)):
             raise Bound("an f-string format asks for over 200 characters")

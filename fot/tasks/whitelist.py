@@ -17,8 +17,19 @@ MATH = {
         "isqrt", "fsum", "copysign", "fmod", "modf", "pow",
     )
 }  # fmt: skip
-# what `import sympy` binds: its integers are exact fractions too (Integer(7) / 2 is 7/2), printed as sympy's are
-SYMPY = {"Rational": Fraction, "Integer": Fraction}
+
+
+class Integer(Fraction):
+    """sympy's Integer: a whole number, exact in division (Integer(7) / 2 is 7/2), that also serves as an index."""
+
+    def __new__(cls, value: Any = 0) -> Integer:
+        return super().__new__(cls, int(value))
+
+    def __index__(self) -> int:
+        return int(self)
+
+
+SYMPY = {"Rational": Fraction, "Integer": Integer}  # what `import sympy` binds
 COUNTING = {"factorial": math.factorial, "comb": math.comb, "perm": math.perm}  # bounded arguments: see counting
 MODULES = {"math": MATH | COUNTING, "sympy": SYMPY}
 METHODS = {
