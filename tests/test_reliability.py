@@ -264,12 +264,28 @@ def test_an_answer_that_cannot_be_decoded_is_retried_then_fails_that_request():
     assert not done.ok and "DecodingError" in done.error and server.posts == 2
 
 
-def test_log_probs_asked_for_and_not_sent_fail_the_request():
+@pytest.mark.parametrize("logprobs", [None, {"token_logprobs": None}])
+def test_log_probs_asked_for_and_not_sent_fail_the_request(logprobs):
     """Without log-probs the confidence check of self-correction could never fire: an answer that drops them when
     they were asked for is not taken."""
-    with Misbehaving(json.dumps({"choices": [{"index": 0, "text": "4", "token_ids": [19]}]}).encode()) as server:
+    answer = {"choices": [{"index": 0, "text": "4", "token_ids": [19], "logprobs": logprobs}]}
+    with Misbehaving(json.dumps(answer).encode()) as server:
         done = complete(server.url, max_retries=0, logprobs=True)
     assert not done.ok and "no log-probs, though asked for" in done.error
+
+
+def test_a_chat_answer_cut_off_before_any_content_is_an_empty_answer():
+    """vLLM with a reasoning parser sends `content: null` when the answer was cut off while thinking: that is an
+    empty answer that hit its length, not a broken one."""
+    cut = {"index": 0, "message": {"content": None}, "finish_reason": "length"}
+    with Misbehaving(json.dumps({"choices": [cut], "usage": {"completion_tokens": 4}}).encode()) as server:
+        from fot.decoding import Request, make_backend
+        from fot.decoding.base import run_sync
+
+        backend = make_backend("openai", base_urls=[server.url], max_retries=0)
+        [done] = run_sync(backend.generate([Request.make([{"role": "user", "content": "2 + 2 ="}], max_tokens=4)]))
+        run_sync(backend.close())
+    assert done.ok and done.text == "" and done.finish_reason == "length" and done.generated_tokens == 4
 
 
 @pytest.mark.parametrize(

@@ -224,22 +224,26 @@ def _completion(answer: dict, params: SamplingParams) -> Completion:
     try:
         outputs, uncounted = [], []
         for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-            lp = choice.get("logprobs")
-            if params.logprobs and not lp:
-                raise ValueError("no log-probs, though asked for")
+            lp = choice.get("logprobs") or {}
             if "message" in choice:
                 text = choice["message"]["content"]
-                logprobs = [t["logprob"] for t in lp["content"]] if lp and lp.get("content") else None
+                if text is None and choice.get("finish_reason") == "length":  # cut off before any answer text
+                    text = ""
+                listed = lp.get("content")
+                logprobs = [t["logprob"] for t in listed] if listed else None
             else:
                 text = choice["text"]
-                logprobs = lp["token_logprobs"] if lp and lp.get("token_logprobs") else None
+                listed = lp.get("token_logprobs")
+                logprobs = list(listed) if listed else None
+            if params.logprobs and listed is None:
+                raise ValueError("no log-probs, though asked for")
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
             if choice.get("finish_reason") in ABNORMAL:
                 raise ValueError(f"the answer ended with finish_reason {choice['finish_reason']!r}")
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
             ids = choice.get("token_ids")
-            count = len(logprobs or []) if ids is None and lp else None
+            count = len(listed) if ids is None and listed is not None else None
             if ids is None and count is None:
                 uncounted.append(len(outputs))
             outputs.append(
