@@ -29,7 +29,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import networkx as nx
@@ -461,21 +461,22 @@ def solve(problem: str, **kwargs) -> Solution:
     return run_sync(asolve(problem, **kwargs))
 
 
-async def asolve_many(problems: Sequence[str], *, return_exceptions: bool = False, **kwargs) -> list[Solution]:
+async def asolve_many(problems: Iterable[str], *, return_exceptions: bool = False, **kwargs) -> list[Solution]:
     """Solve problems concurrently on one backend: their steps' batches meet in the backend's batching window.
     Every problem is checked before any work; with `return_exceptions`, a problem that is refused or fails gives
     its exception in its place instead of ending them all."""
-    if isinstance(problems, str) or not isinstance(problems, Sequence):
+    if isinstance(problems, str | bytes) or not isinstance(problems, Iterable):
         raise InvalidRequestError(
             f"solve_many takes a list of problems, got {type(problems).__name__}: for one problem use solve"
         )
+    problems = list(problems)  # a generator, a pandas Series, dict keys: any iterable of problems
     if not return_exceptions:
         for p in problems:
             check_problem(p, **kwargs)
     return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems), return_exceptions=return_exceptions))
 
 
-def solve_many(problems: Sequence[str], **kwargs) -> list[Solution]:
+def solve_many(problems: Iterable[str], **kwargs) -> list[Solution]:
     from fot.decoding.base import run_sync
 
     return run_sync(asolve_many(problems, **kwargs))

@@ -165,6 +165,8 @@ def test_solve_many_checks_every_problem_before_any_work():
     assert backend.batches == []  # nothing was sent
     mixed = asyncio.run(asolve_many(["What is 40 + 2?", ""], backend=backend, method="cot", return_exceptions=True))
     assert mixed[0].answer == "42" and isinstance(mixed[1], InvalidRequestError)
+    [again] = asyncio.run(asolve_many((p for p in ["What is 40 + 2?"]), backend=backend, method="cot"))  # any iterable
+    assert again.answer == "42"
 
 
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------
