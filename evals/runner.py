@@ -144,7 +144,7 @@ async def solve_all(
 ) -> tuple[int, int]:
     """Solve `problems` (the unfinished ones of the `total` the run was asked for) with at most `args.concurrency`
     in flight; append each record as it finishes."""
-    from fot.forest import asolve
+    from fot.forest import Solution, asolve
 
     config, checks = search_config(args), rule_checks(args)
     gate = asyncio.Semaphore(args.concurrency)
@@ -164,13 +164,20 @@ async def solve_all(
                     config=config,
                     seed=args.seed,
                 )
+                record = make_record(problem, sol)  # scoring can fail too (math-verify that keeps dying)
             except FotError as e:  # one problem's failure is reported, not recorded: a re-run retries it
                 failed += 1
                 tqdm.write(f"evals: {problem.id} failed: {e}", file=sys.stderr)
                 bar.update()
                 return
+        append(path, record)
+        right += record.correct
+        bar.update()
+        bar.set_postfix(acc=f"{right / max(bar.n - failed, 1):.1%}")
+
+    def make_record(problem: Problem, sol: Solution) -> Record:
         u = sol.usage
-        record = Record(
+        return Record(
             id=problem.id,
             benchmark=args.benchmark,
             run=path.stem,
@@ -211,10 +218,6 @@ async def solve_all(
             concurrency=args.concurrency,
             total=total,
         )
-        append(path, record)
-        right += record.correct
-        bar.update()
-        bar.set_postfix(acc=f"{right / max(bar.n - failed, 1):.1%}")
 
     try:
         async with asyncio.TaskGroup() as group:  # an unexpected error stops the other problems in flight too

@@ -115,7 +115,7 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         )
         if sol.task == "math":
             print(
-                f"    rule checks: {u.code_checks} code blocks run ({u.code_skipped} could not be), "
+                f"    rule checks: {u.code_checks} code blocks run ({u.code_skipped} more not judged), "
                 f"{u.code_repairs} made-up outputs repaired; "
                 f"{u.arithmetic_checks} statements recomputed, {u.arithmetic_repairs} repaired"
             )

@@ -21,7 +21,7 @@ class CorrectionUsage(Usage):
 
     corrections: int = 0  # answers regenerated or steps repaired by self-correction
     code_checks: int = 0  # code blocks in answers run and compared with the output the answer claimed
-    code_skipped: int = 0  # code blocks with a claimed output that could not be run (outside the whitelist, ...)
+    code_skipped: int = 0  # code blocks with a claimed output not judged (not runnable, or printing nothing)
     code_failures: int = 0  # answers whose code does not print what they claimed
     code_repairs: int = 0  # of those, answers repaired with the real output
     arithmetic_checks: int = 0  # `a op b = c` statements in answers recomputed

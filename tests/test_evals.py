@@ -219,6 +219,24 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
 
 
+def test_a_problem_whose_scoring_fails_is_not_recorded_and_the_run_goes_on(tmp_path: Path, monkeypatch) -> None:
+    """An answer math-verify could not judge (its worker died twice) ended the whole run, and every re-run hit the
+    same problem again. Now that problem fails alone, unrecorded, and a re-run retries it."""
+    import evals.runner
+
+    real = evals.runner.score
+
+    def flaky(problem, answer):
+        if problem.id == "arith-0-2":
+            raise FotError("the math-verify worker died twice")
+        return real(problem, answer)
+
+    monkeypatch.setattr(evals.runner, "score", flaky)
+    backend = ScriptedBackend(lambda r, j: "The answer is 7.")
+    path, failed = run_sync(arun(arithmetic_options(tmp_path), backend=backend))
+    assert failed == 1 and sorted(r.id for r in read_records(path)) == [f"arith-0-{i}" for i in (0, 1, 3, 4, 5)]
+
+
 def test_a_backend_other_than_the_options_name_is_refused(tmp_path: Path) -> None:
     """A notebook that built a vLLM backend and kept the options' default (native) wrote records named native."""
 

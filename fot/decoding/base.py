@@ -288,7 +288,9 @@ class WorkerBackend(BaseBackend):
             if not pending:
                 return [f.result() for f in futures]
             if not self.alive:
-                raise self.stopped()
+                await asyncio.sleep(0)  # what the worker settled just before it stopped is still on its way
+                if any(not f.done() for f in futures):
+                    raise self.stopped()
 
     async def drop(self, what: Any, wait_s: float = 30.0) -> None:
         """Called by a cancelled caller: hand the worker a Drop and wait until it has acted, so that when the

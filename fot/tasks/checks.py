@@ -45,7 +45,7 @@ class Finding:
 
     checked: int = 0
     failure: Failure | None = None
-    skipped: int = 0  # claims that could not be recomputed (code outside the whitelist, past a bound, an error)
+    skipped: int = 0  # claims not judged: code outside the whitelist, past a bound, an error, or printing nothing
 
 
 class Check(Protocol):

@@ -85,7 +85,8 @@ class Batcher:
 
     def _maybe_flush(self) -> None:
         if self.waiting and (not self.lockstep or len(self.waiting) >= self.participants):
-            batch, self.waiting = self.waiting, []
+            batch = [(reqs, fut) for reqs, fut in self.waiting if not fut.done()]  # not the cancelled trees' calls
+            self.waiting = []
             task = asyncio.ensure_future(self._flush(batch))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
