@@ -409,32 +409,23 @@ async def asolve(
 ) -> Solution:
     """`solve` for async code (notebooks, servers). `progress` is called with a `Progress` after each search step.
     Cancelling the task cancels the search's requests in the backend too."""
-    the_task, text, cfg = check_problem(
-        problem, task=task, trees=trees, method=method, backend=backend, config=config, seed=seed
-    )
+    options = {"task": task, "trees": trees, "method": method, "backend": backend, "config": config, "seed": seed}
+    the_task, text, cfg = check_problem(problem, options)
     return await Forest(text, the_task, cfg, backend or default_backend(), progress).run()
 
 
-def check_problem(
-    problem: str,
-    *,
-    task: str = "auto",
-    trees: int | None = None,
-    method: Method | None = None,
-    backend: Backend | None = None,
-    config: ForestConfig | dict | None = None,
-    seed: int | None = None,
-    progress: ProgressHook | None = None,
-) -> tuple[Task, str, ForestConfig]:
-    """`asolve`'s checks of its arguments (`progress` is taken and not used), which need no model: the task, the
-    normalised problem and the search's config, or InvalidRequestError."""
+def check_problem(problem: str, options: dict) -> tuple[Task, str, ForestConfig]:
+    """`asolve`'s checks of a problem and its keyword `options`, which need no model: the task, the normalised
+    problem and the search's config, or InvalidRequestError."""
+    backend = options.get("backend")
     if backend is not None and not isinstance(backend, Backend):
         raise InvalidRequestError(
             f"backend must be a Backend, got {type(backend).__name__}: build one with "
             "fot.decoding.make_backend('native' | 'vllm' | 'openai', ...)"
         )
-    cfg = make_config(config, trees=trees, method=method, seed=seed)
-    the_task, text = validate(problem, task, cfg.method)
+    overrides = {k: options.get(k) for k in ("trees", "method", "seed")}
+    cfg = make_config(options.get("config"), **overrides)
+    the_task, text = validate(problem, options.get("task", "auto"), cfg.method)
     return the_task, text, cfg
 
 
@@ -472,7 +463,7 @@ async def asolve_many(problems: Iterable[str], *, return_exceptions: bool = Fals
     problems = list(problems)  # a generator, a pandas Series, dict keys: any iterable of problems
     if not return_exceptions:
         for p in problems:
-            check_problem(p, **kwargs)
+            check_problem(p, kwargs)
     return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems), return_exceptions=return_exceptions))
 
 
