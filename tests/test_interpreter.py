@@ -122,6 +122,9 @@ def test_programs_models_write():
         "l = [Rational(1, 2)]\nt = (l,)\nl.append(t)\nprint(t, l)",
         "print(f'{[Rational(1, 2)]}', '%s and %r' % ([Rational(1, 2)], (Rational(3, 2),)), '%s' % [Rational(1, 4)])",
         "print(Integer(2.7), list(range(Integer(3))), [1, 2, 3][Integer(1)], math.gcd(Integer(12), 8))",
+        "print('%r' % Rational(1, 2), '%(a)s' % {'a': [Rational(1, 2)]}, '%s' % {'a': [Rational(1, 2)]})",
+        "print('abc' % [Rational(1, 2)], '%d %f %.2f' % (Rational(7, 2), Rational(1, 4), Rational(1, 3)))",
+        "x = []\nfor i in range(60):\n    x = [x]\nprint(x, '%s %r %d %%' % ('a', 'b', 3), 'abc' % [1], f'{[1]!s}')",
     ],
 )
 def test_sympy_programs_print_what_sympy_prints(code):
@@ -144,14 +147,24 @@ def test_sympy_programs_print_what_sympy_prints(code):
         "print('%0999999d' % 5)",
         "print('%.999999f' % 5)",
         "print('%*d' % (10 ** 8, 1))",
+        "from sympy import Integer\nx = [0] * Integer(10 ** 9)",  # Integer repeats a sequence like an int
+        "x = [0]\nfor i in range(40):\n    x = [x, x]\nprint(x)",  # 2^40 items to print from 41 lists
+        "x = [0]\nfor i in range(40):\n    x = [x, x]\ny = '%s' % (x,)",
+        "x = [0]\nfor i in range(40):\n    x = [x, x]\ny = f'{x!r}'",
     ],
 )
 def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
-    """A fraction's power was bounded only after it was computed (`7^1000000000 = 5` in prose takes hours), and a
-    %-format's width only once its string was built."""
+    """A fraction's power was bounded only after it was computed (`7^1000000000 = 5` in prose takes hours), a
+    %-format's width and a sequence repeated by sympy's Integer only once built, and a list of itself doubled 40
+    times not at all (printing it writes 2^40 items)."""
     t = time.monotonic()
     done = run(code)
-    bounds = ("a power over 4096 bits", "a %-format asks for over 200 characters")  # the bound said before the work
+    bounds = (  # each said before the work, not after
+        "a power over 4096 bits",
+        "a %-format asks for over 200 characters",
+        "a sequence over 10000 items",
+        "printing this would write over 100000 items",
+    )
     assert done.status == "bound" and done.reason in bounds
     assert time.monotonic() - t < 1
 

@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from fot.tasks.whitelist import BINARY, COMPARE, COUNTING, ITERABLE, METHODS, MODULES, NotCheckable, check_whitelist
+from fot.tasks.whitelist import (
+    BINARY,
+    COMPARE,
+    COUNTING,
+    ITERABLE,
+    METHODS,
+    MODULES,
+    Integer,
+    NotCheckable,
+    check_whitelist,
+)
 
 PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")  # width and precision of each field
 
@@ -33,22 +43,38 @@ class Bound(Exception):
 
 
 # ---- printing: a program's exact fractions are sympy's `Rational`s (it imports no other kind), printed as `a/b` ----
+PRINT_ITEMS = 100_000  # items one conversion to text may visit, shared parts counted each time they print
+PRINT_DEPTH = 200
+
+
+def walk(v: Any) -> bool:
+    """Whether printing `v` meets a fraction; Bound if it would visit over PRINT_ITEMS items or nest over
+    PRINT_DEPTH deep (a list of itself doubled 40 times prints 2^40 items). A container inside itself is not
+    entered, as CPython prints it `[...]`."""
+    found, visits, path, stack = False, 0, set(), [(v, False)]
+    while stack:
+        x, leaving = stack.pop()
+        if leaving:
+            path.discard(id(x))
+            continue
+        visits += 1
+        if visits > PRINT_ITEMS:
+            raise Bound(f"printing this would write over {PRINT_ITEMS} items")
+        found = found or isinstance(x, Fraction)
+        if isinstance(x, list | tuple | dict) and id(x) not in path:
+            if len(path) >= PRINT_DEPTH:
+                raise Bound(f"containers nested over {PRINT_DEPTH} deep")
+            path.add(id(x))
+            stack.append((x, True))
+            stack.extend((y, False) for y in ((*x, *x.values()) if isinstance(x, dict) else x))
+    return found
+
+
 def show(v: Any, inner: bool = False) -> str:
     """`str(v)` (`repr` if `inner`) as the program's Python prints it: CPython's own unless it holds a fraction."""
-    if isinstance(v, Fraction) or holds_fraction(v, set(), 0):
+    if walk(v):
         return shown(v, frozenset())
     return repr(v) if inner else str(v)
-
-
-def holds_fraction(v: Any, seen: set[int], depth: int) -> bool:
-    if isinstance(v, Fraction):
-        return True
-    if not isinstance(v, list | tuple | dict) or id(v) in seen:
-        return False
-    if depth > 50:
-        raise Bound("containers nested over 50 deep")
-    seen.add(id(v))
-    return any(holds_fraction(x, seen, depth + 1) for x in ((*v, *v.values()) if isinstance(v, dict) else v))
 
 
 def shown(v: Any, within: frozenset[int]) -> str:
@@ -67,7 +93,8 @@ def shown(v: Any, within: frozenset[int]) -> str:
 
 
 class Shown:
-    """A container holding fractions as a %-format argument: formatted as `show` prints it."""
+    """A %-format argument that holds fractions: `%s` and `%r` print it as `show` does; `%d`, `%f` and a mapping
+    key reach the value itself."""
 
     def __init__(self, v: Any):
         self.v = v
@@ -78,14 +105,28 @@ class Shown:
     def __repr__(self) -> str:
         return show(self.v, inner=True)
 
+    def __int__(self) -> int:
+        return int(self.v)
+
+    def __float__(self) -> float:
+        return float(self.v)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.v[key]
+
 
 def percent_args(b: Any) -> Any:
-    """The right operand of `text % b`, its containers that hold fractions wrapped in `Shown`."""
+    """The right operand of `text % b`, each argument that holds a fraction wrapped in `Shown` (every argument
+    walked, so that none prints without bound)."""
 
     def wrap(x: Any) -> Any:
-        return Shown(x) if isinstance(x, list | tuple | dict) and holds_fraction(x, set(), 0) else x
+        return Shown(x) if walk(x) else x
 
-    return tuple(wrap(x) for x in b) if isinstance(b, tuple) else b if isinstance(b, dict) else wrap(b)
+    if isinstance(b, tuple):
+        return tuple(wrap(x) for x in b)
+    if isinstance(b, dict):
+        return {k: wrap(x) for k, x in b.items()}
+    return wrap(b)
 
 
 @dataclass
@@ -419,7 +460,11 @@ class _Machine:
             b = percent_args(b)
         if isinstance(op, ast.Mult):
             for seq, n in ((a, b), (b, a)):
-                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > self.limits.max_items:
+                if (
+                    isinstance(seq, str | list | tuple)
+                    and isinstance(n, int | Integer)
+                    and len(seq) * n > self.limits.max_items
+                ):
                     raise Bound(f"a sequence over {self.limits.max_items} items")
         if isinstance(op, ast.Mult) and isinstance(a, int) and isinstance(b, int):
             if a.bit_length() + b.bit_length() > self.limits.max_bits + 1:
@@ -504,7 +549,7 @@ class _Machine:
         if p.conversion == ord("r"):
             v = show(v, inner=True)
         elif p.conversion == -1 and p.format_spec is None:
-            v = self.str(v)  # `{x}` is str(x): a fraction inside a list prints as a/b
+            v = self.value(show(v))  # `{x}` is str(x): a fraction inside a list prints as a/b
         spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
         if len(spec) > 20 or any(int(d) > 200 for d in re.findall(r"\d+", spec)):
             raise Bound("an f-string format asks for over 200 characters")
