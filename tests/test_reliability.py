@@ -283,7 +283,8 @@ def test_a_chat_answer_cut_off_before_any_content_is_an_empty_answer():
         from fot.decoding.base import run_sync
 
         backend = make_backend("openai", base_urls=[server.url], max_retries=0)
-        [done] = run_sync(backend.generate([Request.make([{"role": "user", "content": "2 + 2 ="}], max_tokens=4)]))
+        ask = Request.make([{"role": "user", "content": "2 + 2 ="}], max_tokens=4, logprobs=True)
+        [done] = run_sync(backend.generate([ask]))
         run_sync(backend.close())
     assert done.ok and done.text == "" and done.finish_reason == "length" and done.generated_tokens == 4
 

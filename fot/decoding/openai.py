@@ -227,15 +227,15 @@ def _completion(answer: dict, params: SamplingParams) -> Completion:
             lp = choice.get("logprobs") or {}
             if "message" in choice:
                 text = choice["message"]["content"]
-                if text is None and choice.get("finish_reason") == "length":  # cut off before any answer text
-                    text = ""
+                cut = text is None and choice.get("finish_reason") == "length"  # cut off before any answer text
+                text = "" if cut else text
                 listed = lp.get("content")
                 logprobs = [t["logprob"] for t in listed] if listed else None
             else:
-                text = choice["text"]
+                text, cut = choice["text"], False
                 listed = lp.get("token_logprobs")
                 logprobs = list(listed) if listed else None
-            if params.logprobs and listed is None:
+            if params.logprobs and listed is None and not cut:
                 raise ValueError("no log-probs, though asked for")
             if not isinstance(text, str):
                 raise TypeError(f"text is {type(text).__name__}")
