@@ -169,6 +169,25 @@ def test_solve_many_checks_every_problem_before_any_work():
     assert again.answer == "42"
 
 
+def test_a_batch_leaves_out_the_calls_of_cancelled_callers():
+    """A tree cancelled while its call waited at the barrier (its solve failed) has no request in the batch that
+    the barrier sends on."""
+    backend = ScriptedBackend(math_script())
+
+    async def go() -> Request:
+        batcher = Batcher(backend, 2, lockstep=True)
+        gone = asyncio.ensure_future(batcher.generate([Request.make("What is 1 + 1?")]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        [done] = await batcher.generate([Request.make("What is 40 + 2?")])
+        return done
+
+    assert asyncio.run(go()).text.endswith("The answer is 42.")
+    assert [[content(r) for r in batch] for batch in backend.batches] == [["What is 40 + 2?"]]
+
+
 # ---- batching, augmentation, determinism --------------------------------------------------------------------------
 def test_with_lockstep_each_phase_of_a_step_is_one_backend_batch():
     backend = ScriptedBackend(math_script())
