@@ -284,7 +284,7 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     if getattr(args, "data", None) and args.benchmark in ("arithmetic", "gsm_symbolic"):
         raise FotError(f"--data: {args.benchmark} generates its problems (--n, --data-seed); it reads no file")
     if getattr(args, "program_trees", None):  # the records say how many trees answered with a program
-        if args.method != "fot" or args.benchmark == "game24":
+        if not program_trees(args):
             raise FotError("--program-trees is for --method fot on math")
         if args.program_trees >= args.trees:
             raise FotError(f"--program-trees must be below --trees ({args.trees}): tree 0 reasons in prose")
