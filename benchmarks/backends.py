@@ -19,6 +19,7 @@ import random
 import time
 
 import torch
+from decode import at_least
 from ems_sd import refine_prompt
 
 from fot.decoding import Request
@@ -38,8 +39,8 @@ async def fire(backend, requests: list[Request]) -> tuple[float, list[list[int]]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8 requests of 16 tokens, no speculative vLLM (< 60 s)")
-    ap.add_argument("--requests", type=int, default=None)
-    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--requests", type=at_least(1), default=None)
+    ap.add_argument("--new-tokens", type=at_least(1), default=None)
     ap.add_argument("--model", default="default")
     args = ap.parse_args()
     n = args.requests or (8 if args.quick else 64)

@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -32,6 +33,19 @@ QUESTIONS = [
 
 def chat_prompts(batch: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(batch)]
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type for a count: an integer >= `low`, so that 0 or a negative is refused before any model loads
+    (`args.x or default` would take 0 for the default, and a negative count would run something else)."""
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return integer
 
 
 def add_model_options(ap: argparse.ArgumentParser) -> None:
@@ -86,8 +100,8 @@ def time_hf(model, tokenizer, prompts: list, new_tokens: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens, no unpacked-eager row (< 60 s)")
-    ap.add_argument("--repeats", type=int, default=None, help="turns of native and transformers (default 3; quick 1)")
-    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=at_least(1), help="turns of native and transformers (default 3; quick 1)")
+    ap.add_argument("--new-tokens", type=at_least(1), default=None)
     ap.add_argument("--dtype", default="fast", help="fast: bf16 where the CPU has it (the goal's setting)")
     ap.add_argument("--model", default="default")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ import random
 import time
 
 import torch
-from decode import add_model_options
+from decode import add_model_options, at_least
 from transformers import AutoModelForCausalLM
 
 from fot.config import SpeculativeConfig
@@ -85,7 +85,7 @@ def timed(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, float,
     outs = engine.generate(prompts, {"max_tokens": new_tokens})
     elapsed = time.perf_counter() - t
     tokens = sum(o.generated_tokens for o in outs)
-    decode = (tokens - len(outs)) / engine.last_stats.decode_seconds
+    decode = (tokens - len(outs)) / engine.last_stats.decode_seconds if tokens > len(outs) else 0.0
     return tokens / elapsed, decode, [o.token_ids for o in outs]
 
 
@@ -105,8 +105,8 @@ def time_hf_b1(model, tokenizer, prompt: list, new_tokens: int, **kw) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="extract workload, 32 tokens, padded at batch 8 only")
-    ap.add_argument("--new-tokens", type=int, default=None)
-    ap.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    ap.add_argument("--new-tokens", type=at_least(2), default=None)
+    ap.add_argument("--k", type=at_least(1), default=8, help="num_speculative_tokens")
     ap.add_argument("--threshold", type=float, default=None, help="draft_threshold (default: the config's)")
     ap.add_argument("--budget", type=int, default=None, help="max_draft_tokens_per_step (default: the config's)")
     add_model_options(ap)

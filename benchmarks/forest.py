@@ -29,6 +29,9 @@ import asyncio
 import json
 import statistics
 import time
+from pathlib import Path
+
+from decode import at_least
 
 from fot.decoding.native import NativeBackend
 from fot.errors import FotError
@@ -53,6 +56,7 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
     for i, p in enumerate(problems):
         sol = asyncio.run(asolve(p, backend=backend, trees=trees, config=config, seed=i))
         tokens, saved = tokens + sol.usage.generated_tokens, saved + sol.usage.tokens_saved
+    print(f"  {trees}-tree forest: {len(problems)} problems in {time.perf_counter() - t:.1f} s", flush=True)
     return time.perf_counter() - t, tokens, saved
 
 
@@ -83,7 +87,7 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
     empty prefix store (`set_speculative` empties it), in `args.turns` interleaved turns: median seconds, tokens,
     acceptance, answers, and the speedup and equal answers against the first setup."""
     runs = {name: {"solve": [], "solve_many": []} for name in setups}
-    for _ in range(args.turns):
+    for turn in range(args.turns):
         for name, (spec, config) in setups.items():
             asyncio.run(backend.set_speculative(spec))
             t, counts = time.perf_counter(), backend.engine.stats.snapshot()
@@ -91,6 +95,7 @@ def compare(backend, args, setups: dict[str, tuple]) -> dict:
             mid, between = time.perf_counter(), backend.engine.stats.snapshot()
             many = asyncio.run(asolve_many(PROBLEMS[: args.many], backend=backend, trees=4, config=config, seed=0))
             end = time.perf_counter()
+            print(f"  turn {turn + 1}/{args.turns} {name}: solve {mid - t:.1f} s, many {end - mid:.1f} s", flush=True)
             runs[name]["solve"].append((mid - t, sum_usage([one]), [one.answer], between.since(counts).by_source))
             many_sources = backend.engine.stats.since(between).by_source
             runs[name]["solve_many"].append((end - mid, sum_usage(many), [s.answer for s in many], many_sources))
@@ -127,21 +132,19 @@ def sum_usage(solutions) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 problem, 1 rollout, 16-token answers, --many 2")
-    ap.add_argument("--problems", type=int, default=None)
+    ap.add_argument("--problems", type=at_least(1), default=None)
     ap.add_argument("--rollouts", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--many", type=int, default=None, help="barrier, drafters: solve_many's problems (8; quick 2)")
-    ap.add_argument("--turns", type=int, default=1, help="drafters: interleaved turns (the median time is reported)")
+    ap.add_argument("--many", type=at_least(1), help="barrier, drafters: solve_many's problems (8; quick 2)")
+    ap.add_argument("--turns", type=at_least(1), default=1, help="drafters: interleaved turns (median time reported)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--adapter", default=None, help="Kangaroo adapter folder (default: the one shipped for the model)")
     ap.add_argument("--device", default="cpu", help="torch device of the native engine")
     ap.add_argument("--parts", default="batching,barrier,drafters", help="which comparisons to run")
     ap.add_argument("--drafters", default=",".join(DRAFTERS), help="drafters: which to run (the first is the baseline)")
     args = ap.parse_args()
-    if args.turns < 1:
-        raise SystemExit("--turns must be >= 1")
-    if args.many is not None and not 1 <= args.many <= len(PROBLEMS):
-        raise SystemExit(f"--many must be 1..{len(PROBLEMS)}")
+    if args.many is not None and args.many > len(PROBLEMS):
+        ap.error(f"--many must be 1..{len(PROBLEMS)}")
     args.many = args.many or (2 if args.quick else len(PROBLEMS))
     problems = PROBLEMS[: args.problems or (1 if args.quick else 2)]
     rollouts = args.rollouts if args.rollouts is not None else (1 if args.quick else 2)
@@ -156,6 +159,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if not parts or parts - {"batching", "barrier", "drafters"}:
         raise SystemExit("--parts: a comma-separated choice of batching, barrier, drafters")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        ap.error(f"--adapter {args.adapter}: no adapter_config.json there (a folder `fot train-adapter` wrote)")
     backend = NativeBackend(model=args.model, device=args.device)
     run(backend, problems[:1], 1, {**dense, "mctsr": {**mctsr, "rollouts": 0, "max_tokens": 8}})  # warm-up
     print(

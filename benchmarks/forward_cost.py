@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from decode import read_bandwidth, weight_bytes
+from decode import at_least, read_bandwidth, weight_bytes
 
 from fot.models import resolve_model
 from fot.speculative import kernels
@@ -56,17 +56,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--cached", type=int, default=200, help="tokens already in each sample's cache")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved turns (default 5; quick 3)")
+    ap.add_argument("--cached", type=at_least(0), default=200, help="tokens already in each sample's cache")
+    ap.add_argument("--repeats", type=at_least(1), default=None, help="interleaved turns (default 5; quick 3)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
-    if repeats < 1 or args.cached < 0:
-        ap.error("--repeats must be >= 1 and --cached >= 0")
 
     dtype = resolve_dtype(args.dtype, "cpu")
+    folder = resolve_model(args.model, prepare=False)  # a first conversion would count in the load time and peak RSS
     t0 = time.perf_counter()
-    model = Transformer.from_pretrained(resolve_model(args.model), dtype, pack=True)
+    model = Transformer.from_pretrained(folder, dtype, pack=True)
     load_s = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     held, read = model.weight_bytes(), weight_bytes(model)

@@ -2,12 +2,13 @@
 
 Plain decoding, Kangaroo, the hybrid (prompt lookup where the context has a match, Kangaroo otherwise) and EMS-SD
 prompt lookup run side by side in one process on the same MCTSr-style refine prompts (greedy, so the outputs must
-agree; the script counts, per drafter and batch, how many equal plain decoding's in this dtype) at batch 1, 2, 4,
-8 and 16. At batch 1, transformers' own assisted generation is timed on the same prompt: its early-exit
-self-drafting (`assistant_early_exit`, the model's first layers + its head, no adapter) and its prompt lookup.
-Speed is generated tokens per second of wall time, prefill included. Prints a table and, as its LAST line, one
-JSON object. `--quick` (32 tokens, no transformers, prompt lookup at batch 1 only: `ems_sd.py` measures it at every
-batch) < 60 s on the embedded model, < 3 minutes on the 1.5B one.
+agree; the script counts, per drafter and batch, how many equal plain decoding's in this dtype, and exits 1 after
+its JSON where one differs in fp32 or on the CPU) at batch 1, 2, 4, 8 and 16. At batch 1, transformers' own assisted
+generation is timed on the same prompt: its early-exit self-drafting (`assistant_early_exit`, the model's first
+layers + its head, no adapter) and its prompt lookup. Speed is generated tokens per second of wall time, prefill
+included. Prints a table and, as its LAST line, one JSON object. `--quick` (32 tokens, no transformers, prompt
+lookup at batch 1 only: `ems_sd.py` measures it at every batch) < 60 s on the embedded model, < 3 minutes on the
+1.5B one.
 
     python benchmarks/kangaroo.py [--quick] [--new-tokens 96] [--adapter DIR] [--threshold 0.4] [--steps 6]
         [--model qwen2.5-coder-1.5b]
@@ -20,7 +21,7 @@ import json
 import random
 
 import torch
-from decode import add_model_options
+from decode import add_model_options, at_least
 from ems_sd import refine_prompt, time_hf_b1, timed, warm_up
 from transformers import AutoModelForCausalLM
 
@@ -31,10 +32,10 @@ from fot.speculative.engine import Engine
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 tokens, no transformers, prompt lookup at batch 1")
-    ap.add_argument("--new-tokens", type=int, default=None)
+    ap.add_argument("--new-tokens", type=at_least(2), default=None)
     ap.add_argument("--adapter", default=None, help="adapter folder (default: the one shipped for the model)")
     ap.add_argument("--threshold", type=float, default=None, help="confidence threshold (default: the adapter's)")
-    ap.add_argument("--steps", type=int, default=6, help="max draft tokens per step")
+    ap.add_argument("--steps", type=at_least(1), default=6, help="max draft tokens per step")
     add_model_options(ap)
     args = ap.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 96)
@@ -121,8 +122,15 @@ def main() -> None:
         "threshold": kg.threshold,
         "new_tokens": new_tokens,
         "device": args.device,
+        "dtype": str(plain.model.dtype).removeprefix("torch."),
     }
     print(json.dumps(result))
+    exact = plain.model.dtype == torch.float32 or plain.device.type == "cpu"  # our CPU kernels are exact in bf16
+    differ = [
+        f"{n} at batch {b}: {k}/{b}" for b, row in report["identical"].items() for n, k in row.items() if k < int(b)
+    ]
+    if exact and differ:
+        raise SystemExit("speculative output differs from plain decoding: " + "; ".join(differ))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 
 import httpx
 import uvicorn
+from decode import at_least
 
 from fot.decoding.native import NativeBackend
 from fot.forest import asolve
@@ -67,8 +68,12 @@ async def over_http(url: str, questions: list[str], config: dict) -> tuple[float
 def start_server(backend, port: int, clients: int) -> uvicorn.Server:
     app = create_app(backend, ServeConfig(max_running=clients, max_queue=clients))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    threading.Thread(target=server.run, name="fot-serve", daemon=True).start()
-    while not server.started:
+    thread = threading.Thread(target=server.run, name="fot-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:  # uvicorn ends its thread, not the process, when it cannot bind
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise SystemExit(f"the server did not start on 127.0.0.1:{port} (is the port taken? --port)")
         time.sleep(0.05)
     return server
 
@@ -81,8 +86,8 @@ def pct(xs: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 rollout, 24-token answers, 2 turns")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--turns", type=int, default=None, help="turns of each side (default 3; --quick 2)")
+    ap.add_argument("--clients", type=at_least(1), default=16)
+    ap.add_argument("--turns", type=at_least(1), default=None, help="turns of each side (default 3; --quick 2)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
@@ -139,6 +144,8 @@ def main() -> None:
             }
         )
     )
+    if same != args.clients:
+        raise SystemExit(f"the server's answers or token counts differ from in-process solves: {same}/{args.clients}")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,8 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    print(f"fot demo: Forest-of-Thought with {args.trees} trees on {args.model} (native engine, EMS-SD prompt lookup)")
+    where = {"native": "native engine, EMS-SD prompt lookup", "vllm": "vLLM", "openai": "OpenAI-compatible server"}
+    print(f"fot demo: Forest-of-Thought with {args.trees} trees on {args.model} ({where[args.backend]})")
     solve_and_print(DEMO_PROBLEMS, args)
 
 

@@ -205,7 +205,16 @@ def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_
     train_adapter(str(tiny_llama_dir), out, epochs=3, **kw)  # resumes at epoch 1 from the checkpoint
     assert torch.load(out / "work" / "checkpoint.pt", weights_only=False)["epoch"] == 2
     trained = json.loads((out / "adapter_config.json").read_text())["training"]
-    assert trained["epochs"] == 3 and 0 <= trained["holdout_top1_agreement"] <= 1
+    assert trained["epochs"] == 3 and 0 <= trained["holdout_top1_agreement"] <= 1 and trained["final_loss"] > 0
+    # a finished run asked again keeps its own loss (it reported 0.0); fewer epochs than trained is refused
+    train_adapter(str(tiny_llama_dir), out, epochs=3, **kw)
+    assert json.loads((out / "adapter_config.json").read_text())["training"]["final_loss"] == trained["final_loss"]
+    with pytest.raises(InvalidRequestError, match="already trained 3 epochs, more than epochs=2"):
+        train_adapter(str(tiny_llama_dir), out, epochs=2, **kw)
+    # other options never resume this checkpoint (it did, whatever the learning rate or data): they start over
+    with pytest.warns(UserWarning, match="other options; starting over"):
+        train_adapter(str(tiny_llama_dir), out, epochs=1, lr=5e-4, **kw)
+    assert torch.load(out / "work" / "checkpoint.pt", weights_only=False)["epoch"] == 0
     plain = Engine.from_pretrained(tiny_llama_dir, dtype="float32", max_batch=8)
     prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)
     assert [o.token_ids for o in kangaroo(plain, out).generate(prompts, params)] == [

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -229,6 +230,22 @@ def train_adapter(
     kind = "" if prompt_set is None else f"{prompt_set.__name__}-"
     precision = "" if model.dtype == torch.float32 else f"{str(model.dtype).removeprefix('torch.')}-"
     data_file = work / f"data-{kind}{precision}{seed}-{prompts}-{new_tokens}.jsonl"
+    # what a checkpoint must share with this call to be resumed: the data, the model and every training option
+    run = {
+        "data": data_file.name, "base": model_fingerprint(model), "exit_layer": exit_layer, "seed": seed, "lr": lr,
+        "batch_size": batch_size, "top": top, "draft_vocab": draft_vocab,
+    }  # fmt: skip
+    state, ckpt = None, work / "checkpoint.pt"
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        if state.get("run") != run:
+            warnings.warn(f"{ckpt} is from a training run with other options; starting over", stacklevel=2)
+            state = None
+        elif state["epoch"] + 1 > epochs:
+            raise InvalidRequestError(
+                f"{ckpt} has already trained {state['epoch'] + 1} epochs, more than epochs={epochs}: "
+                "ask for at least as many, or pass resume=False to start over"
+            )
     chats = (prompt_set or training_prompts)(prompts, seed)
     seqs = generate_data(engine, chats, data_file, new_tokens, seed, progress)
     counts = torch.bincount(torch.tensor([t for s in seqs for t in s]), minlength=model.args.vocab_size)
@@ -262,19 +279,16 @@ def train_adapter(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    start_epoch, ckpt = 0, work / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt)
-        if state["exit_layer"] == exit_layer and state["seed"] == seed:
-            adapter.load_state_dict(state["adapter"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            start_epoch = state["epoch"] + 1
+    start_epoch, final_loss = 0, None
+    if state is not None:
+        adapter.load_state_dict(state["adapter"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start_epoch, final_loss = state["epoch"] + 1, state["final_loss"]
     teacher = teacher_data(
         model, seqs, exit_layer, top, work / f"teacher-{data_file.stem}-{exit_layer}-{top}", progress
     )
     bar = tqdm(total=total, initial=start_epoch * batches_per_epoch, desc="train adapter", disable=not progress)
-    losses = []
     for epoch in range(start_epoch, epochs):
         random.Random(seed + epoch).shuffle(order)
         losses = []
@@ -289,8 +303,9 @@ def train_adapter(
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{sum(losses) / len(losses):.3f}")
+        final_loss = round(sum(losses) / len(losses), 4)
         state = {"adapter": adapter.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
-        torch.save({**state, "epoch": epoch, "exit_layer": exit_layer, "seed": seed}, ckpt)
+        torch.save({**state, "epoch": epoch, "final_loss": final_loss, "run": run}, ckpt)
     bar.close()
     held_loss = held_top1 = positions = 0.0
     with torch.no_grad():  # batch by batch, weighted by positions: all of the held-out logits at once are GBs
@@ -314,7 +329,7 @@ def train_adapter(
             "lr": lr,
             "top": top,
             "seed": seed,
-            "final_loss": round(sum(losses) / max(len(losses), 1), 4),
+            "final_loss": final_loss,
             "holdout_loss": round(held_loss / positions, 4),
             "holdout_top1_agreement": round(held_top1 / positions, 4),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
