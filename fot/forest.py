@@ -28,7 +28,6 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Literal
 
@@ -281,8 +280,8 @@ class Forest:
                 max_tokens=c.mctsr.max_tokens,
                 corrector=self.corrector,
             )
-        votes = Counter(a for a in answers if a is not None)
-        return self.solution(answer, dict(votes), votes.get(answer, 0) / max(len(answers), 1), "single", answers, [])
+        votes = dict(majority_key(self.task, answers))  # equivalent spellings counted together, as the answer was
+        return self.solution(answer, votes, votes.get(answer, 0) / max(len(answers), 1), "single", answers, [])
 
     def check_budget(self, trees: list) -> None:
         """The longest prompt a math tree builds, a refine of an answer and a critique of `max_tokens` each, must

@@ -267,6 +267,30 @@ def test_sparse_activation_prunes_trees_and_counts_saved_tokens():
     assert dense.usage.generated_tokens > sol.usage.generated_tokens and dense.usage.tree_steps_skipped == 0
 
 
+def test_sparse_activation_ranks_tot_trees_after_their_first_level():
+    """Game of 24: every tree runs its first level before sparse activation ranks them. Ranked as bare roots (all
+    valued 0) the first half of the trees were kept by their index and the rest dropped unexplored."""
+
+    def respond(r, j):
+        text = content(r)
+        if "Evaluate if" in text:  # the state's numbers are the prompt's last line
+            state = text.split()[-3:]
+            return "sure" if len(set(state)) < 3 else "impossible"  # "1 10 10" is sure, "6 10 5" is not
+        a, b, *rest = text.rsplit("Input: ", 1)[1].split("\n")[0].split()
+        return f"{a} + {b} = {int(a) + int(b)} (left: {' '.join(rest)} {int(a) + int(b)})"
+
+    backend = ScriptedBackend(respond)
+    sol = solve("4 6 1 10", backend, trees=4, config={"early_stop": False})
+    sent = [content(r) for b in backend.batches for r in b]
+    first_value = next(i for i, text in enumerate(sent) if "Evaluate if" in text)
+    assert sum("Possible next steps" in text for text in sent[:first_value]) == 4  # all four trees take a step
+    best = [max(sol.graph(i).nodes[n]["value"] for n in sol.graph(i).successors(0)) for i in range(4)]
+    pruned = [i for i in range(4) if "pruned_at_step" in sol.graph(i).graph]
+    kept = [i for i in range(4) if i not in pruned]
+    assert len(pruned) == 2 and len(set(best)) > 1  # the values differ, so the ranking is by value
+    assert max(best[i] for i in pruned) <= min(best[i] for i in kept)
+
+
 def test_min_score_stops_weak_trees():
     f = Forest("p", MATH, ForestConfig(sparse={"top_k": 4, "min_score": 50}), ScriptedBackend([]))
 
@@ -371,6 +395,14 @@ def test_tot_checks_corrects_and_solves_exactly():
     assert strict.rejected == 2 and strict.corrections == 0
 
 
+def test_tot_counts_a_correction_only_where_it_makes_a_state():
+    """A wrong step whose repaired state was already proposed is merged into it: no node, so no correction (the
+    count had included these)."""
+    tree = ToT(GAME, "4 6 1 10", seed=0, correct=True)
+    proposals = "4 + 6 = 10 (left: 1 10 10)\n4 + 6 = 11 (left: 1 11 10)\n1 + 4 = 6 (left: 6 6 10)"
+    assert len(tree.expand(0, proposals)) == 2 and tree.corrections == 1  # 1 + 4 = 6 repaired to 5
+
+
 def test_tot_takes_steps_with_a_zero_and_rejects_division_by_zero():
     """A state holding 0 (after 4 - 4): "10 + 0" is a valid step and "10 / 0" is rejected; neither may crash the
     tree (a 1.5B model's proposals once raised ZeroDivisionError out of the whole search)."""
@@ -459,6 +491,13 @@ def test_made_up_code_output_is_repaired_with_the_real_one():
     assert "Previous answer: The answer is 6." in refine.prompt[0]["content"]
     off = MathCorrector(MATH, -1.0, SolveUsage(), seed=0, checks={})
     assert asyncio.run(off(Batcher(backend, 1).generate, "p", asked[:1], [restates]))[0] == (restates.text, None)
+
+
+def test_self_consistency_counts_equivalent_answers_as_one_vote():
+    """sc's votes and confidence counted raw strings: "3.5" and "7/2" split, though the answer grouped them."""
+    replies = ["The answer is 3.5.", "The answer is 7/2.", "The answer is 4."]
+    sol = solve("What is 7 / 2?", ScriptedBackend(lambda r, j: replies[j]), method="sc", trees=3, task="math")
+    assert sol.answer == "3.5" and sol.votes == {"3.5": 2, "4": 1} and sol.confidence == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("baselines", [False, True])

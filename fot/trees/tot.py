@@ -118,7 +118,9 @@ class ToT:
         return Request.make(template.format(numbers=numbers), **params)
 
     async def start(self, gen: Generate) -> None:
-        """Nothing to generate before the first level; kept for the common tree interface."""
+        """The first level. Sparse activation ranks trees by their best state's value, and a bare root gives every
+        tree the same 0: ranking then would keep the first trees by their index and drop the rest unexplored."""
+        await self.step(gen)
 
     async def step(self, gen: Generate) -> None:
         """One BFS level: propose, check (and correct), value, keep the beam; two numbers left -> solved exactly."""
@@ -167,14 +169,14 @@ class ToT:
             if new is None or (errors and not self.correct):
                 self.rejected += 1
                 continue
+            key = tuple(sorted(new))
+            if key in seen:  # a state already proposed: no node, so no correction to count
+                continue
+            seen.add(key)
             line = wrote = line.strip()
             if errors:
                 self.corrections += 1
                 line = correct_step(numbers, step)
-            key = tuple(sorted(new))
-            if key in seen:
-                continue
-            seen.add(key)
             kids.append(self.child(parent, numbers, exprs, step, line, new[-1]))
             if errors:
                 self.tree[kids[-1]]["corrected_from"] = wrote
