@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-COMMON="--out evals/results --rollouts 1 --max-tokens 160 --concurrency 16 --max-batch 64"
+COMMON="--out evals/results --rollouts 1 --max-tokens 160 --concurrency 16 --max-batch 64 --dtype float32"  # fp32: as committed
 ARITH="--n 32 --levels 1,2,3,4"   # 8 problems per level (1..4 operations), generator seed 0
 G24="--limit 20"                  # the first 20 of the hard split, ranks 901-920
 
