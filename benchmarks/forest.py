@@ -29,13 +29,13 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 
 from decode import at_least
 
 from fot.decoding.native import NativeBackend
 from fot.errors import FotError
 from fot.forest import asolve, asolve_many
+from fot.speculative.kangaroo import adapter_folder
 
 PROBLEMS = [
     "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How many apples are left?",
@@ -56,8 +56,9 @@ def run(backend, problems: list[str], trees: int, config: dict) -> tuple[float, 
     for i, p in enumerate(problems):
         sol = asyncio.run(asolve(p, backend=backend, trees=trees, config=config, seed=i))
         tokens, saved = tokens + sol.usage.generated_tokens, saved + sol.usage.tokens_saved
-    print(f"  {trees}-tree forest: {len(problems)} problems in {time.perf_counter() - t:.1f} s", flush=True)
-    return time.perf_counter() - t, tokens, saved
+    seconds = time.perf_counter() - t
+    print(f"  {trees}-tree forest: {len(problems)} problems in {seconds:.1f} s", flush=True)
+    return seconds, tokens, saved
 
 
 def drafting(backend, args, config: dict, names: list[str]) -> dict:
@@ -159,8 +160,11 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if not parts or parts - {"batching", "barrier", "drafters"}:
         raise SystemExit("--parts: a comma-separated choice of batching, barrier, drafters")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        ap.error(f"--adapter {args.adapter}: no adapter_config.json there (a folder `fot train-adapter` wrote)")
+    if args.adapter:
+        try:
+            adapter_folder(args.adapter)
+        except FotError as e:
+            ap.error(f"--adapter: {e}")
     backend = NativeBackend(model=args.model, device=args.device)
     run(backend, problems[:1], 1, {**dense, "mctsr": {**mctsr, "rollouts": 0, "max_tokens": 8}})  # warm-up
     print(

@@ -269,8 +269,9 @@ class Forest:
                 corrector=self.corrector,
             )
             answers = [answer]
+            votes = dict(majority_key(self.task, answers))
         else:
-            answer, answers, _ = await self_consistency(
+            answer, answers, votes = await self_consistency(
                 self.single,
                 self.task,
                 self.problem,
@@ -280,7 +281,6 @@ class Forest:
                 max_tokens=c.mctsr.max_tokens,
                 corrector=self.corrector,
             )
-        votes = dict(majority_key(self.task, answers))  # equivalent spellings counted together, as the answer was
         return self.solution(answer, votes, votes.get(answer, 0) / max(len(answers), 1), "single", answers, [])
 
     def check_budget(self, trees: list) -> None:

@@ -187,12 +187,18 @@ def save_adapter(folder: Path, adapter: Adapter, config: dict, dtype: torch.dtyp
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooDrafter:
-    """Load an adapter for `model`; an adapter trained for another base model, or a broken one (its config, its
-    tensors, an exit layer outside the model, a draft token outside the vocabulary), is a clear `ModelError`."""
+def adapter_folder(folder: str | Path) -> Path:
+    """`folder` if it holds an adapter's two files, else a `ModelError`: checkable before any model loads."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).exists() or not (folder / ADAPTER_FILE).exists():
         raise ModelError(f"no Kangaroo adapter in {folder} (needs {CONFIG_FILE} and {ADAPTER_FILE})")
+    return folder
+
+
+def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooDrafter:
+    """Load an adapter for `model`; an adapter trained for another base model, or a broken one (its config, its
+    tensors, an exit layer outside the model, a draft token outside the vocabulary), is a clear `ModelError`."""
+    folder = adapter_folder(folder)
     config = read_json(folder / CONFIG_FILE)
     if "base" not in config:
         raise ModelError(f"{folder / CONFIG_FILE} has no 'base' entry: not an adapter config of ours")

@@ -63,12 +63,13 @@ async def self_consistency(
     seed: int = 0,
     max_tokens: int = 384,
     corrector: Corrector | None = None,
-) -> tuple[str | None, list[str | None], Completion]:
-    """The most common of `samples` sampled answers (None if none of them has an answer)."""
+) -> tuple[str | None, list[str | None], dict[str, int]]:
+    """The most common of `samples` sampled answers (None if none of them has an answer), the answers, and the
+    votes: equivalent answers counted together under the first of them, most votes first."""
     request = cot_request(task, problem, n=samples, temperature=temperature, seed=seed, max_tokens=max_tokens)
     [done] = await gen([request])
     answers = [
         task.extract(t) if t is not None else None for t in await corrected(gen, problem, request, done, corrector)
     ]
-    ranked = majority_key(task, answers)
-    return (ranked[0][0] if ranked else None), answers, done
+    votes = dict(majority_key(task, answers))
+    return next(iter(votes), None), answers, votes
