@@ -290,6 +290,9 @@ def test_stops_inside_an_accepted_draft(engines):
     finally:
         plain.eos_ids = spec.eos_ids = {plain.tokenizer.eos_token_id}
     assert got.token_ids == want.token_ids == full[: full.index(eos) + 1] and got.finish_reason == "stop"
+    # one step of 8 drafts, all right: those after the EOS were never output, so they are not counted as accepted
+    assert got.forward_passes == 2 and got.draft_tokens == 8
+    assert got.accepted_tokens == spec.last_stats.accepted_tokens == len(got.token_ids) - 1
 
 
 def test_forward_cost_averages_each_size_and_interpolates_between():

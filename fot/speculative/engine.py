@@ -398,20 +398,6 @@ class Engine:
                 rows = logits[first : first + len(draft) + 1]
                 tokens = accept_sampled(rows, draft, seq.params, seq.seed, len(seq.out))
             kept = len(tokens) - 1
-            seq.forward_passes += 1
-            seq.draft_tokens += len(draft)
-            seq.accepted_tokens += kept
-            for name in seq.hits:  # every drafter's counts decay each step, so an idle one gets tried again
-                seq.hits[name], seq.trials[name] = 0.8 * seq.hits[name], 0.8 * seq.trials[name]
-            if draft:
-                seq.hits[source] = seq.hits.get(source, 0.0) + kept
-                seq.trials[source] = seq.trials.get(source, 0.0) + min(len(tokens), len(draft))
-            st.draft_tokens += len(draft)
-            st.accepted_tokens += kept
-            if draft:
-                st.source_drafts[source] = st.source_drafts.get(source, 0) + len(draft)
-                st.source_accepted[source] = st.source_accepted.get(source, 0) + kept
-            gained.append(len(tokens))
             for j, token in enumerate(tokens):
                 seq.out.append(token)
                 if seq.params.logprobs:
@@ -419,6 +405,21 @@ class Engine:
                 self.check_finished(seq)
                 if seq.finish:
                     break
+            used = min(kept, j + 1)  # drafts that verification kept and the output holds: none past a stop
+            seq.forward_passes += 1
+            seq.draft_tokens += len(draft)
+            seq.accepted_tokens += used
+            for name in seq.hits:  # every drafter's counts decay each step, so an idle one gets tried again
+                seq.hits[name], seq.trials[name] = 0.8 * seq.hits[name], 0.8 * seq.trials[name]
+            if draft:
+                seq.hits[source] = seq.hits.get(source, 0.0) + kept
+                seq.trials[source] = seq.trials.get(source, 0.0) + min(len(tokens), len(draft))
+            st.draft_tokens += len(draft)
+            st.accepted_tokens += used
+            if draft:
+                st.source_drafts[source] = st.source_drafts.get(source, 0) + len(draft)
+                st.source_accepted[source] = st.source_accepted.get(source, 0) + used
+            gained.append(len(tokens))
         self.stats.forward_passes += 1
         return gained
 

@@ -17,7 +17,7 @@ class Generation(BaseModel):
     prompt_tokens: int
     forward_passes: int  # that this request took part in (its prefill included)
     draft_tokens: int = 0  # proposed by the drafter
-    accepted_tokens: int = 0  # drafts that verification kept
+    accepted_tokens: int = 0  # drafts that verification kept, up to a stop
     logprobs: list[float] | None = None  # of each generated token, under the model's unscaled distribution
 
     @property
