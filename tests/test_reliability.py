@@ -358,13 +358,17 @@ def test_equivalence_of_huge_answers_is_false_at_once(answer):
 
 def test_a_comparison_past_the_bound_kills_the_worker_and_the_next_one_works(monkeypatch):
     import fot.tasks.math as math_task
+    from fot.tasks import get_task
 
     assert math_task._verifier("x^2+2x+1", "(x+1)^2") is True
     monkeypatch.setattr(math_task, "VERIFY_TIMEOUT_S", 1e-6)
-    assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is False  # no verdict in time: not equivalent
+    assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is None  # no verdict in time
     assert math_task._verifier.proc is None  # the worker was killed
+    with pytest.warns(UserWarning, match="no verdict on '\\(x\\+4\\)\\^2'"):
+        assert get_task("math").equivalent("(x+4)^2", "x^2+8x+16") is False  # not equivalent, and said so
     monkeypatch.setattr(math_task, "VERIFY_TIMEOUT_S", 5.0)
     assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is True  # a new worker
+    assert get_task("math").equivalent("(x+4)^2", "x^2+8x+16") is True  # the timeout was not cached
 
 
 def test_a_worker_that_dies_mid_comparison_is_replaced_and_asked_again(monkeypatch):

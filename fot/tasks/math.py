@@ -8,6 +8,7 @@ import select
 import subprocess
 import sys
 import threading
+import warnings
 from fractions import Fraction
 from functools import lru_cache
 from types import MappingProxyType
@@ -152,7 +153,7 @@ class _Verifier:
     """math-verify in one worker process (`fot.tasks.verify_worker`), each comparison bounded by
     `VERIFY_TIMEOUT_S`: sympy can work without end on some answers ('9^{9^{9}}'), its own timeouts need signals
     (the main thread only), and a thread cannot be stopped. A comparison past the bound kills the worker (a new one
-    starts on the next call) and counts as not equivalent. A worker that dies mid-comparison is replaced and asked
+    starts on the next call) and gives no verdict (None). A worker that dies mid-comparison is replaced and asked
     again, once; a worker that cannot start, or dies twice, is an error, not a verdict."""
 
     def __init__(self):
@@ -190,7 +191,7 @@ class _Verifier:
             self.proc.wait()
         self.proc = None
 
-    def __call__(self, a: str, b: str) -> bool:
+    def __call__(self, a: str, b: str) -> bool | None:
         with self.lock:
             for attempt in (1, 2):
                 self._start()
@@ -203,19 +204,39 @@ class _Verifier:
                         raise FotError(f"the math-verify worker died twice comparing {a[:80]!r}: {e}") from None
             if verdict is None:
                 self._stop()
-            return bool(verdict)
+            return verdict
 
 
 _verifier = _Verifier()
 
 
+class _NoVerdict(Exception):
+    """math-verify gave no verdict in time. Not cached: the same comparison may finish on a less busy machine."""
+
+
 @lru_cache(maxsize=4096)
+def _mv_verdict(a: str, b: str) -> bool:
+    verdict = _verifier(a, b)
+    if verdict is None:
+        raise _NoVerdict
+    return verdict
+
+
 def _mv_equivalent(a: str, b: str) -> bool:
     """math-verify's verdict, for answers short enough and free of towers of powers and huge factorials (which
-    sympy would try to evaluate); anything else is not equivalent."""
+    sympy would try to evaluate); anything else is not equivalent. A comparison past its bound is not equivalent
+    too, with a warning, since it may decide a vote or a score."""
     if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS or _HUGE.search(a) or _HUGE.search(b):
         return False
-    return _verifier(a, b)
+    try:
+        return _mv_verdict(a, b)
+    except _NoVerdict:
+        warnings.warn(
+            f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} within {VERIFY_TIMEOUT_S} s: "
+            "counted as not equivalent",
+            stacklevel=3,
+        )
+        return False
 
 
 class MathTask:
