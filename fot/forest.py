@@ -283,7 +283,7 @@ class Forest:
             )
         return self.solution(answer, votes, votes.get(answer, 0) / max(len(answers), 1), "single", answers, [])
 
-    def check_budget(self, trees: list) -> None:
+    async def check_budget(self, trees: list) -> None:
         """The longest prompt a math tree builds, a refine of an answer and a critique of `max_tokens` each, must
         fit the backend's context: checked before any generation, not found out after minutes of search."""
         c = self.config.mctsr
@@ -296,7 +296,7 @@ class Forest:
             worst = t.request(REFINE, answer=filler, critique=filler, logprobs=True)
             t.seed = seed  # the check takes no seed from the tree's own requests
             try:
-                self.backend.prepare(worst)
+                await self.backend.admit(worst)
             except InvalidRequestError as e:
                 raise InvalidRequestError(
                     f"this search's longest prompt (a refine of a {c.max_tokens}-token answer and critique) would "
@@ -305,8 +305,8 @@ class Forest:
 
     async def search(self) -> Solution:
         c, trees = self.config, self.build_trees()
-        if hasattr(self.backend, "prepare"):
-            self.check_budget(trees)
+        if hasattr(self.backend, "admit"):
+            await self.check_budget(trees)
         batch = self.batcher(len(trees))
         await run_step(batch, [t.start(batch.generate) for t in trees])
         active = list(trees)

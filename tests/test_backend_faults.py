@@ -118,3 +118,25 @@ def test_a_request_the_server_rejects_fails_alone(vllm_url):
     assert done[0].ok and done[2].ok
     assert not done[1].ok and "HTTP 400" in done[1].error
     assert b.retries == 0
+
+
+def test_a_search_whose_prompts_would_overflow_the_server_fails_before_any_generation(vllm_url, tmp_path):
+    """The OpenAI backend counts the search's longest prompt with the server's /tokenize (the served context is 512
+    tokens); a server that cannot count is warned about once, and the search runs unchecked."""
+    from fot.errors import InvalidRequestError
+    from fot.forest import solve
+
+    big, small = {"mctsr": {"rollouts": 1, "max_tokens": 200}}, {"mctsr": {"rollouts": 1, "max_tokens": 40}}
+    b = make_backend("openai", base_urls=[vllm_url])
+    with pytest.raises(InvalidRequestError, match=r"longest prompt .* would not fit: prompt \+ max_tokens = \d+"):
+        solve("What is 40 + 2?", backend=b, method="mctsr", config=big)
+    assert b.usage.requests == 0  # nothing was generated
+    assert solve("What is 40 + 2?", backend=b, method="mctsr", config=small).usage.requests > 0
+    assert not b.uncounted
+
+    port = free_port()
+    with fault_proxy(upstream(vllm_url), port, tmp_path / "p.log", fail_first=1, status=404):  # its /tokenize
+        b = make_backend("openai", base_urls=[url(port)])
+        with pytest.warns(UserWarning, match="could not count a prompt .*HTTPStatusError.*404"):
+            assert solve("What is 40 + 2?", backend=b, method="mctsr", config=small).usage.requests > 0
+    assert b.uncounted

@@ -160,6 +160,13 @@ class Backend(Protocol):
     async def close(self) -> None: ...
 
 
+def check_context(prompt_tokens: int, request: Request, context: int) -> None:
+    """A prompt and its max_tokens must fit the model's context."""
+    n = prompt_tokens + request.params.max_tokens
+    if n > context:
+        raise InvalidRequestError(f"prompt + max_tokens = {n} tokens exceed the context of {context}")
+
+
 class BaseBackend:
     """Shared plumbing: request checking, usage accounting, async context manager. Subclasses implement
     `_generate(requests, prepared)` (`prepared`: what `prepare` returned for each request), which may assume valid
@@ -182,6 +189,11 @@ class BaseBackend:
         """Backend-specific validation before any work (raise InvalidRequestError); returns what `_generate` needs
         of the request (its token ids, say), so that nothing is computed twice. None by default."""
         return None
+
+    async def admit(self, request: Request) -> None:
+        """Raise InvalidRequestError if `request` could not be served, without serving it: how a search checks
+        its longest prompt before any work. `prepare`'s checks by default."""
+        self.prepare(request)
 
     async def generate(self, requests: Sequence[Request | str]) -> list[Completion]:
         """Serve `requests` (Requests or plain prompts with default sampling) and return their completions in

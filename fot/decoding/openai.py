@@ -21,7 +21,7 @@ from asyncio_throttle import Throttler
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams
-from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request
+from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request, check_context
 from fot.errors import InvalidRequestError
 
 RETRYABLE = {408, 429, 500, 502, 503, 504}
@@ -71,6 +71,7 @@ class OpenAIBackend(BaseBackend):
         self.model: str | None = c.model
         self._loop: asyncio.AbstractEventLoop | None = None
         self.context: int | None = None
+        self.uncounted = False  # the server could not count a prompt: no more asking
         self.retries = 0  # attempts that failed and were retried, over the backend's lifetime
 
     async def generate(self, requests: Sequence[Request | str]) -> list[Completion]:
@@ -120,12 +121,51 @@ class OpenAIBackend(BaseBackend):
         if self.context is not None and request.params.max_tokens >= self.context:  # known once connected
             raise InvalidRequestError(f"max_tokens {request.params.max_tokens} >= the context of {self.context}")
 
+    async def admit(self, request: Request) -> None:
+        """`prepare`'s check, then the prompt counted by the server's `/tokenize` (vLLM's) against the context."""
+        await self.connect()
+        self.prepare(request)
+        count = await self.count_prompt(request)
+        if count is not None:
+            check_context(count, request, self.context)
+
+    async def count_prompt(self, request: Request) -> int | None:
+        """The prompt's tokens as the server counts them, or None where it cannot say: a server without
+        `/tokenize` is warned about once, and its prompts are not checked before the work."""
+        if self.uncounted:
+            return None
+        ep = self._pick(set())
+        url = ep.url.removesuffix("/v1") + "/tokenize"
+        try:
+            r = await self.client.post(url, json={"model": self.model} | self.prompt_fields(request)[1])
+            r.raise_for_status()
+            return int(r.json()["count"])
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
+            self.uncounted = True
+            warnings.warn(
+                f"fot: {url} could not count a prompt ({type(e).__name__}: {str(e)[:200]}), so prompts are not "
+                "checked against the context before a search",
+                stacklevel=2,
+            )
+            return None
+
     async def _generate(self, requests: list[Request], prepared: list) -> list[Completion]:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
+    @staticmethod
+    def prompt_fields(request: Request) -> tuple[str, dict]:
+        """The endpoint and the fields that carry the prompt, for a completion and for `/tokenize` alike."""
+        if isinstance(request.prompt, str):
+            return "/completions", {"prompt": request.prompt}
+        fields: dict = {"messages": request.prompt}
+        if request.prompt[-1]["role"] == "assistant":  # continue that message (vLLM's extension), as encode_prompt
+            fields |= {"continue_final_message": True, "add_generation_prompt": False}
+        return "/chat/completions", fields
+
     def body(self, request: Request) -> tuple[str, dict]:
         p = request.params
-        body = {
+        path, body = self.prompt_fields(request)
+        body |= {
             "model": self.model,
             "n": p.n,
             "max_tokens": p.max_tokens,
@@ -137,12 +177,9 @@ class OpenAIBackend(BaseBackend):
         body |= {"seed": p.seed} if p.seed is not None else {}
         body |= {"top_k": p.top_k} if p.top_k else {}
         body |= {"ignore_eos": True} if p.ignore_eos else {}
-        if isinstance(request.prompt, str):
-            return "/completions", body | {"prompt": request.prompt} | ({"logprobs": 0} if p.logprobs else {})
-        body |= {"messages": request.prompt, "logprobs": p.logprobs}
-        if request.prompt[-1]["role"] == "assistant":  # continue that message (vLLM's extension), as encode_prompt
-            body |= {"continue_final_message": True, "add_generation_prompt": False}
-        return "/chat/completions", body
+        if path == "/completions":
+            return path, body | ({"logprobs": 0} if p.logprobs else {})
+        return path, body | {"logprobs": p.logprobs}
 
     async def _one(self, request: Request) -> Completion:
         try:

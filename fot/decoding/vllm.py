@@ -19,8 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fot.decoding.base import Completion, Drop, Output, Request, Usage, WorkerBackend, settle
-from fot.errors import InvalidRequestError, ModelError
+from fot.decoding.base import Completion, Drop, Output, Request, Usage, WorkerBackend, check_context, settle
+from fot.errors import ModelError
 from fot.models import cache_dir, resolve_model
 
 
@@ -127,9 +127,7 @@ class VLLMBackend(WorkerBackend):
         from fot.speculative.prompts import encode_prompt
 
         ids = encode_prompt(self.tokenizer, request.prompt)
-        n = len(ids) + request.params.max_tokens
-        if n > self.context:
-            raise InvalidRequestError(f"prompt + max_tokens = {n} tokens exceed the context of {self.context}")
+        check_context(len(ids), request, self.context)
         return ids
 
     def sampling_params(self, request: Request):
