@@ -112,6 +112,7 @@ class Job(BaseModel):
     config: ForestConfig
     stream: bool
     include_usage: bool
+    store: bool  # kept for /v1/solutions (the client may say `store: false`)
 
 
 def merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +154,7 @@ def make_job(body: ChatRequest, defaults: dict[str, Any]) -> Job:
         config=config,
         stream=body.stream,
         include_usage=include,
+        store=body.store is not False,
     )
 
 
@@ -186,7 +188,7 @@ def summary(job: Job, s: Solution) -> dict[str, Any]:
         "draft_tokens": u.draft_tokens,
         "accepted_tokens": u.accepted_tokens,
         "seconds": round(u.seconds, 3),
-        "view": f"/v1/solutions/{job.id}/view",
+        "view": f"/v1/solutions/{job.id}/view" if job.store else None,
     }
 
 

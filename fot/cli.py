@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ from fot.options import (
     add_budget_options,
     add_math_options,
     add_method_options,
+    check_cli_backend,
     make_cli_backend,
     search_config,
 )
@@ -99,6 +101,8 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         if isinstance(sol, FotError):  # a failed search is reported, never printed as an answer
             failed += 1
             print(f"\n>>> {problem}\nfailed: {sol}", file=sys.stderr)
+            if args.json:  # one line per problem, in order: an error object in its place
+                print(json.dumps({"problem": problem, "error": f"{type(sol).__name__}: {sol}"}))
             continue
         if isinstance(sol, BaseException):
             raise sol
@@ -164,11 +168,21 @@ def add_search_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens
     add_backend_options(p)
 
 
+async def connected(backend) -> None:
+    """Ask an OpenAI backend's endpoints what they serve, then close this loop's connections (the server's loop
+    opens its own)."""
+    try:
+        await backend.connect()
+    finally:
+        await backend.close()
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
+    from fot.decoding import BackendError
     from fot.forest import make_config
-    from fot.server import ServeConfig, serve
+    from fot.server import ServeConfig, listen, serve
 
     keys = list(args.api_key or []) + [k for k in os.environ.get("FOT_API_KEYS", "").split(",") if k.strip()]
     try:
@@ -182,7 +196,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         make_config(config.search)  # bad defaults fail before a model loads
     except ValueError as e:
         raise FotError(f"invalid server option: {e}") from None
-    serve(make_cli_backend(args), config, host=args.host, port=args.port)
+    check_cli_backend(args)
+    sock = listen(args.host, args.port)
+    backend = make_cli_backend(args)
+    if hasattr(backend, "connect"):  # an upstream that does not serve --model is an error now
+        try:
+            asyncio.run(connected(backend))
+        except BackendError as e:  # down now, perhaps up later: until then its searches get 503
+            print(f"fot serve: warning: {e}", file=sys.stderr)
+    serve(backend, config, sock)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

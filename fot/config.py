@@ -18,11 +18,11 @@ class SamplingParams(BaseModel):
     the search uses their mean to decide when an answer needs self-correction.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     n: int = Field(1, ge=1)
     max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     stop: tuple[str, ...] = ()
@@ -69,7 +69,7 @@ class SpeculativeConfig(BaseModel):
     (fot.speculative.hybrid).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["prompt_lookup", "kangaroo", "hybrid"] = "prompt_lookup"
     num_speculative_tokens: int = Field(8, ge=1)

@@ -9,6 +9,10 @@ class InvalidRequestError(FotError, ValueError):
     """A request (prompt, sampling option, size) that cannot be served; raised before any work."""
 
 
+class ContextOverflowError(InvalidRequestError):
+    """A prompt and its max_tokens do not fit the model's context."""
+
+
 class ModelError(FotError, ValueError):
     """A model name or folder that cannot be resolved, converted or loaded."""
 

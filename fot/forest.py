@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fot.augment import program_of_thought, shipped_examples, shuffle_numbers
 from fot.consensus import decide, majority
 from fot.correction import CorrectionUsage, MathCorrector, Repair
 from fot.decoding.base import Backend, Completion, Request
-from fot.errors import InvalidRequestError, SearchError
+from fot.errors import ContextOverflowError, InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task, check_unicode, majority_key
 from fot.tasks.checks import Check
@@ -56,7 +56,7 @@ class SparseConfig(BaseModel):
     """Sparse activation: `top_k` trees keep expanding after each step (None: half of them, rounded up);
     trees scoring below `min_score` stop too (MCTSr: Q in 0..100; ToT: the best state's value)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     top_k: int | None = Field(None, ge=1)
@@ -69,7 +69,7 @@ class CorrectionConfig(BaseModel):
     checks (`code`, `arithmetic`) repair the first wrong claim of an answer in FoT and MCTSr, and in cot and sc
     only with `baselines`, so that an ablation compares like with like."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
     logprob_threshold: float = -1.0
@@ -86,7 +86,7 @@ class CorrectionConfig(BaseModel):
 class ForestConfig(BaseModel):
     """Everything a search takes, with the paper's defaults. `trees` is also the sample count of "sc"."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     trees: int = Field(4, ge=1, le=MAX_TREES)
     method: Method = "fot"
@@ -100,8 +100,17 @@ class ForestConfig(BaseModel):
     # True: each phase of a step waits for every tree and goes to the backend as one batch; False: each tree's call
     # goes at once, and the backend's continuous batching merges them (a short answer does not wait for the longest)
     lockstep: bool = False
-    sc_temperature: float = Field(0.7, ge=0, allow_inf_nan=False)
+    sc_temperature: float = Field(0.7, ge=0)
     seed: int = Field(0, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _program_trees_fit(self) -> ForestConfig:
+        """Refused, not capped or ignored: tree 0 reasons in prose, and only FoT's trees take a program prompt."""
+        if self.program_trees and self.method != "fot":
+            raise ValueError(f"program_trees is for method 'fot', not {self.method!r}")
+        if self.program_trees >= self.trees:
+            raise ValueError(f"program_trees ({self.program_trees}) must be below trees ({self.trees}): tree 0 reasons")
+        return self
 
 
 class SolveUsage(CorrectionUsage):
@@ -198,6 +207,8 @@ class Forest:
 
     def tot_trees(self, seeds: list[int]) -> list[Tree]:
         c, fot = self.config, self.config.method == "fot"
+        if c.program_trees:
+            raise InvalidRequestError(f"program_trees is for math problems, not {self.task.name}")
         inputs = shuffle_numbers(self.problem, len(seeds), self.rng) if fot else [(self.problem, "")]
         correct = fot and c.correction.enabled
         return [
@@ -297,8 +308,8 @@ class Forest:
             t.seed = seed  # the check takes no seed from the tree's own requests
             try:
                 await self.backend.admit(worst)
-            except InvalidRequestError as e:
-                raise InvalidRequestError(
+            except ContextOverflowError as e:
+                raise ContextOverflowError(
                     f"this search's longest prompt (a refine of a {c.max_tokens}-token answer and critique) would "
                     f"not fit: {e}; lower max_tokens or shorten the problem"
                 ) from None

@@ -89,6 +89,8 @@ def check_cli_backend(args: argparse.Namespace) -> None:
         )
     if args.backend == "openai" and not args.base_url:
         raise FotError("--backend openai needs --base-url (one per endpoint)")
+    if args.backend != "openai" and args.base_url:
+        raise FotError(f"--base-url names endpoints of the openai backend; add --backend openai (not {args.backend})")
     if args.backend != "openai" and timeout is not None:
         raise FotError("--timeout bounds the requests of the openai backend; the in-process backends have none")
 

@@ -462,10 +462,16 @@ def test_a_bad_game24_row_is_a_data_error_before_any_work(tmp_path, puzzle):
         ({"backend": "native"}, "make_backend"),
         ({"seed": 2**70}, "seed"),
         ({"config": {"sc_temperature": float("inf")}}, "finite"),
+        ({"config": {"sparse": {"min_score": float("nan")}}}, "finite"),  # pruned every tree after step 0
+        ({"config": {"mctsr": {"exploration": float("inf")}}}, "finite"),
+        ({"trees": 2, "config": {"program_trees": 2}}, r"program_trees \(2\) must be below trees \(2\)"),  # capped
+        ({"method": "sc", "config": {"program_trees": 1}}, "program_trees is for method 'fot'"),  # ignored
+        ({"problem": "4 6 1 10", "config": {"program_trees": 1}}, "program_trees is for math problems, not game24"),
     ],
 )
 def test_search_settings_are_bounded_and_checked_before_any_work(kwargs, match):
-    """trees=10**6 ran past 60 s and reached 6.7 GB; config=[1, 2], a backend name or seed=2**70 gave raw errors."""
+    """trees=10**6 ran past 60 s and reached 6.7 GB; config=[1, 2], a backend name or seed=2**70 gave raw errors;
+    a NaN score bound, or program trees that could not all be had, were taken silently."""
     from fot.decoding.scripted import ScriptedBackend
     from fot.errors import InvalidRequestError
     from fot.forest import solve
@@ -473,9 +479,9 @@ def test_search_settings_are_bounded_and_checked_before_any_work(kwargs, match):
     def respond(request, j):
         raise AssertionError("no model work may happen")
 
-    kwargs = {"backend": ScriptedBackend(respond), **kwargs}
+    kwargs = {"problem": "What is 1 + 1?", "backend": ScriptedBackend(respond), **kwargs}
     with pytest.raises(InvalidRequestError, match=match):
-        solve("What is 1 + 1?", **kwargs)
+        solve(**kwargs)
 
 
 def test_sampling_options_refuse_infinite_temperature_and_huge_seeds():
@@ -531,8 +537,13 @@ def test_fot_solve_reports_a_failed_search_instead_of_an_answer():
         cmd = [sys.executable, "-m", "fot.cli", "solve", "What is 1 + 1?", "--method", "cot"]
         cmd += ["--backend", "openai", "--base-url", server.url, "--model", "m"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        as_json = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "answer:" not in done.stdout
     assert "backend requests failed" in done.stderr and "1 of 1 searches failed" in done.stderr
+    # --json: a line per problem, in order, so that a failed one does not shift the others' answers
+    [line] = as_json.stdout.splitlines()
+    assert as_json.returncode != 0 and json.loads(line)["problem"] == "What is 1 + 1?"
+    assert "SearchError: " in json.loads(line)["error"] and "answer" not in json.loads(line)
 
 
 # ---- a run's identity and its records ----------------------------------------------------------------------------

@@ -80,6 +80,11 @@ def test_sync_client_gets_an_answer_with_usage_and_the_forest(server):
     page = httpx.get(f"{server}{forest['view']}", headers={"Authorization": f"Bearer {KEY}"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.text.count('class="node') == sum(len(t["nodes"]) for t in stored.json()["trees"])
+    # store=False: the problem and its trees are not kept for /v1/solutions
+    done = c.chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}], store=False)
+    assert done.model_extra["fot"]["view"] is None
+    stored = httpx.get(f"{server}/v1/solutions/{done.id}", headers={"Authorization": f"Bearer {KEY}"})
+    assert stored.status_code == 404
 
 
 def test_options_in_the_body_and_the_second_key(server):
@@ -233,6 +238,9 @@ def test_busy_server_answers_429_and_a_disconnect_cancels_the_search(small_serve
     # the client hung up: its search is cancelled, its samples leave the engine, and the engine stops
     wait_for(lambda: metrics(url)["fot_cancelled_searches_total"] == cancelled + 1)
     wait_for(lambda: metrics(url)["fot_running_searches"] == 0)
+    seen = metrics(url)  # the hang-up counts as a 499, and its tokens count in the backend's totals
+    assert seen["fot_requests_total{499}"] == cancelled + 1
+    assert seen["fot_backend_generated_tokens_total"] > seen.get("fot_completion_tokens_total", 0)
     passes = metrics(url)["fot_backend_forward_passes_total"]
     time.sleep(1.0)
     assert metrics(url)["fot_backend_forward_passes_total"] == passes
@@ -287,7 +295,12 @@ def test_request_options_merge_into_the_server_defaults():
 
 @pytest.mark.parametrize(
     "options, words",
-    [(["--max-running", "0"], "max_running"), (["--trees", "0"], "trees"), (["--deadline", "-1"], "deadline")],
+    [
+        (["--max-running", "0"], "max_running"),
+        (["--trees", "0"], "trees"),
+        (["--deadline", "-1"], "deadline"),
+        (["--base-url", "http://127.0.0.1:9/v1"], "--base-url names endpoints of the openai backend"),
+    ],
 )
 def test_bad_server_options_fail_before_a_model_loads(options, words):
     import subprocess
@@ -296,3 +309,51 @@ def test_bad_server_options_fail_before_a_model_loads(options, words):
         [sys.executable, "-m", "fot.cli", "serve", *options], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "fot: error:" in done.stderr and words in done.stderr
+
+
+def test_a_taken_port_or_a_model_the_upstream_does_not_serve_is_an_error_at_start(vllm_url):
+    """The port was bound only after the model loaded (minutes, then uvicorn's own exit), and an upstream model
+    that was not served made every request a 400 that blamed the client's prompt."""
+    import socket
+    import subprocess
+
+    serve = [sys.executable, "-m", "fot.cli", "serve"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        argv = [*serve, "--port", port, "--model", "/no/such/model"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr  # before the model
+    argv = [*serve, "--port", str(free_port()), "--backend", "openai", "--base-url", vllm_url, "--model", "typo"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "model 'typo' is not served; the endpoints serve ['tiny']" in done.stderr
+
+
+def test_ctrl_c_cancels_a_long_search_after_the_grace(served_model_dir, tmp_path):
+    """uvicorn waited for every search in flight (up to --deadline, 600 s) before it stopped, and a forced stop
+    skipped closing the backend."""
+    import signal
+
+    from fot.server import SHUTDOWN_GRACE_S
+
+    proc, url = start(tmp_path / "stop.log", "--model", str(served_model_dir))
+    with proc:
+        body = {"model": "fot", "messages": [{"role": "user", "content": PROBLEM}], "fot": LONG | {"trees": 64}}
+        replies: list = []
+        thread = threading.Thread(
+            target=lambda: replies.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)),
+            daemon=True,
+        )
+        thread.start()
+        wait_for(lambda: metrics(url)["fot_running_searches"] == 1)
+        t0 = time.monotonic()
+        proc.proc.send_signal(signal.SIGINT)
+        proc.proc.wait(timeout=SHUTDOWN_GRACE_S + 50)
+        stopped = time.monotonic() - t0
+        thread.join(timeout=30)
+    assert proc.proc.returncode == 0 and SHUTDOWN_GRACE_S <= stopped
+    assert "timeout graceful shutdown exceeded" in proc.tail(50) and "Application shutdown complete" in proc.tail(50)
+    assert "Traceback" not in proc.tail(200)
+    [r] = replies  # the client is told, not left with a dropped connection
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"

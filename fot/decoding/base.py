@@ -20,7 +20,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fot.config import SamplingParams
-from fot.errors import FotError, InvalidRequestError
+from fot.errors import ContextOverflowError, FotError, InvalidRequestError
 
 ChatMessage = dict[str, str]
 
@@ -164,7 +164,7 @@ def check_context(prompt_tokens: int, request: Request, context: int) -> None:
     """A prompt and its max_tokens must fit the model's context."""
     n = prompt_tokens + request.params.max_tokens
     if n > context:
-        raise InvalidRequestError(f"prompt + max_tokens = {n} tokens exceed the context of {context}")
+        raise ContextOverflowError(f"prompt + max_tokens = {n} tokens exceed the context of {context}")
 
 
 class BaseBackend:

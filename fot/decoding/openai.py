@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams
 from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request, check_context
-from fot.errors import InvalidRequestError
+from fot.errors import ContextOverflowError, InvalidRequestError
 
 RETRYABLE = {408, 429, 500, 502, 503, 504}
 ABNORMAL = {"abort", "error", "content_filter", "tool_calls", "function_call"}  # finish reasons that are no answer
@@ -119,7 +119,7 @@ class OpenAIBackend(BaseBackend):
 
     def prepare(self, request: Request) -> None:
         if self.context is not None and request.params.max_tokens >= self.context:  # known once connected
-            raise InvalidRequestError(f"max_tokens {request.params.max_tokens} >= the context of {self.context}")
+            raise ContextOverflowError(f"max_tokens {request.params.max_tokens} >= the context of {self.context}")
 
     async def admit(self, request: Request) -> None:
         """`prepare`'s check, then the prompt counted by the server's `/tokenize` (vLLM's) against the context."""
@@ -130,8 +130,8 @@ class OpenAIBackend(BaseBackend):
             check_context(count, request, self.context)
 
     async def count_prompt(self, request: Request) -> int | None:
-        """The prompt's tokens as the server counts them, or None where it cannot say: a server without
-        `/tokenize` is warned about once, and its prompts are not checked before the work."""
+        """The prompt's tokens as the server counts them, or None where it cannot say, with a warning. A server
+        without `/tokenize` (404, 405, 501) is not asked again; after another failure the next prompt is."""
         if self.uncounted:
             return None
         ep = self._pick(set())
@@ -141,10 +141,11 @@ class OpenAIBackend(BaseBackend):
             r.raise_for_status()
             return int(r.json()["count"])
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
-            self.uncounted = True
+            status = e.response.status_code if isinstance(e, httpx.HTTPStatusError) else None
+            self.uncounted = status in (404, 405, 501)
             warnings.warn(
-                f"fot: {url} could not count a prompt ({type(e).__name__}: {str(e)[:200]}), so prompts are not "
-                "checked against the context before a search",
+                f"fot: {url} could not count a prompt ({type(e).__name__}: {str(e)[:200]}), so it is not checked "
+                "against the context before the search",
                 stacklevel=2,
             )
             return None

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fot.config import SamplingParams, SpeculativeConfig
-from fot.errors import InvalidRequestError
+from fot.errors import ContextOverflowError, InvalidRequestError
 from fot.speculative.cache import KVCache, PaddedKVCache, PrefixStore, share_prefixes
 from fot.speculative.drafters import Drafter, ForwardCost, PassCost, PromptLookup, draft_lengths
 from fot.speculative.hybrid import Hybrid
@@ -141,7 +141,7 @@ class Engine:
         if not ids:
             raise InvalidRequestError(f"{name} is empty")
         if len(ids) + params.max_tokens > self.context:
-            raise InvalidRequestError(
+            raise ContextOverflowError(
                 f"{name}: {len(ids)} prompt tokens + max_tokens {params.max_tokens} exceed the context of "
                 f"{self.context} tokens"
             )

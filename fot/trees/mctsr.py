@@ -47,7 +47,7 @@ REWARD = (
 class MCTSrConfig(BaseModel):
     """MCTSr's knobs, with the paper's defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     rollouts: int = Field(4, ge=0, le=64)
     exploration: float = Field(1.4, ge=0)  # c in UCT

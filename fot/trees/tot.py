@@ -65,7 +65,7 @@ VALUES = {"sure": 20.0, "likely": 1.0, "impossible": 0.001}
 class ToTConfig(BaseModel):
     """ToT BFS knobs, with the paper's defaults (beam 5, 3 value samples)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     beam: int = Field(5, ge=1)
     value_samples: int = Field(3, ge=1)
