@@ -155,6 +155,8 @@ def cmd_solve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.model is None:  # an OpenAI-compatible server's own model, else the reasoning model
+        args.model = "default" if args.backend == "openai" else DEMO_MODEL
     where = {"native": "native engine, EMS-SD prompt lookup", "vllm": "vLLM", "openai": "OpenAI-compatible server"}
     print(f"fot demo: Forest-of-Thought with {args.trees} trees on {args.model} ({where[args.backend]})")
     solve_and_print(DEMO_PROBLEMS, args)
@@ -244,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="run a benchmark (gsm8k, math, game24, arithmetic, gsm_symbolic); see `fot eval -h`")
     p = sub.add_parser("demo", help=f"solve a math problem and a Game-of-24 puzzle on {DEMO_MODEL}")
     add_search_options(p, rollouts=1, max_tokens=320)
-    p.set_defaults(func=cmd_demo, json=False, model=DEMO_MODEL)
+    p.set_defaults(func=cmd_demo, json=False, model=None)
     p = sub.add_parser("serve", help="serve Forest-of-Thought behind an OpenAI-compatible endpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)

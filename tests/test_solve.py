@@ -132,6 +132,13 @@ def test_cli_demo_prints_answers_votes_repairs_and_wall_time(capsys):
     assert "wall time " in out
 
 
+def test_cli_demo_on_an_openai_server_asks_for_its_model(vllm_url, capsys):
+    """The demo asked every server for the reasoning model by name, and failed where it was served as another."""
+    cli(["demo", "--backend", "openai", "--base-url", vllm_url, "--trees", "2", "--max-tokens", "24"])
+    out = capsys.readouterr().out
+    assert "(OpenAI-compatible server)" in out and out.count("answer: ") == 2
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "arithmetic", "correction"),
     [
