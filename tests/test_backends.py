@@ -68,6 +68,14 @@ def test_n_samples_with_seed_and_logprobs(backend):
     assert [o.token_ids for o in again.outputs] == [o.token_ids for o in c.outputs]  # seeded: reproducible
 
 
+def test_n_greedy_samples_are_n_copies_on_every_backend(backend):
+    """vLLM refuses greedy n > 1 (a raw error, after the batch's other requests had gone to the engine); the native
+    engine serves it. Every backend now answers with n copies of the one greedy sample."""
+    c, one = generate(backend, [greedy("12 + 30 =", 6, n=3), greedy("12 + 30 =", 6)])
+    assert len(c.outputs) == 3 and all(o.token_ids == one.token_ids for o in c.outputs)
+    assert c.generated_tokens == 3 * one.generated_tokens
+
+
 def test_chat_messages(backend):
     [c] = generate(backend, [greedy([{"role": "user", "content": "What is the capital of France?"}], 6)])
     assert c.ok and c.generated_tokens == 6 and c.prompt_tokens > 8  # the chat template's tokens count too
@@ -276,3 +284,59 @@ def test_a_last_assistant_message_is_continued(backend, served_model_dir):
     assert text.endswith("<|im_start|>assistant\nThe quick brown")
     chat, plain = generate(backend, [greedy(messages, 10), greedy(text, 10)])
     assert chat.token_ids == plain.token_ids and chat.prompt_tokens == plain.prompt_tokens
+
+
+def test_a_vllm_sample_that_ended_abnormally_fails_its_request():
+    """vLLM's `abort` and `error` endings were read as "stop": a cut-off sample counted as an answer."""
+    from types import SimpleNamespace as Out
+
+    from fot.decoding.vllm import _completion
+
+    def finished(reason: str) -> Out:
+        sample = Out(index=0, text="4", token_ids=[19], logprobs=None, finish_reason=reason)
+        return Out(outputs=[sample], prompt_token_ids=[1, 2])
+
+    assert _completion(finished("stop"), 2).texts == ["4", "4"]  # a greedy sample, copied for n=2
+    for reason in ("abort", "error"):
+        c = _completion(finished(reason), 1)
+        assert not c.ok and f"finish reason {reason!r}" in c.error
+
+
+def test_a_vllm_step_that_fails_takes_its_requests_out_of_the_engine(served_model_dir, monkeypatch):
+    """The callers were failed, but their requests stayed in vLLM's scheduler and were stepped again, for nobody."""
+    backend = build("vllm", served_model_dir, None)
+    try:
+        real, steps = backend.engine.step, []
+
+        def counted():
+            steps.append(1)
+            return real()
+
+        def broken():
+            monkeypatch.setattr(backend.engine, "step", counted)  # it breaks once
+            raise RuntimeError("step lost")
+
+        monkeypatch.setattr(backend.engine, "step", broken)
+        done = generate(backend, [greedy("Paris", 4), greedy("The quick brown fox", 4)])
+        assert all(not c.ok and "vLLM failed: RuntimeError: step lost" in c.error for c in done)
+        time.sleep(1.0)
+        assert steps == [] and not backend.engine.has_unfinished_requests()  # nothing left to step
+        assert all(c.ok for c in generate(backend, [greedy("Paris", 4)])) and steps  # and it serves on
+    finally:
+        asyncio.run(backend.close())
+
+
+def test_a_native_backend_given_an_engine_refuses_options_that_would_build_one(served_model_dir):
+    """`NativeBackend(engine=e, speculative="kangaroo")` served `e` with its own drafter and said nothing."""
+    from fot.decoding.native import NativeBackend
+    from fot.errors import InvalidRequestError
+    from fot.speculative.engine import Engine
+
+    engine = Engine.from_pretrained(served_model_dir, dtype="float32", max_batch=4)
+    with pytest.raises(InvalidRequestError, match=r"\['max_batch', 'speculative'\] cannot apply to an engine="):
+        NativeBackend({"max_batch": 8}, engine=engine, speculative="kangaroo")
+    backend = NativeBackend(engine=engine, window=0.0)  # how it serves is its own
+    try:
+        assert generate(backend, [greedy("Paris", 4)])[0].ok
+    finally:
+        asyncio.run(backend.close())

@@ -143,10 +143,6 @@ class Usage(BaseModel):
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
-    def add(self, other: Usage) -> None:
-        for name in type(self).model_fields:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 @runtime_checkable
 class Backend(Protocol):
@@ -158,6 +154,11 @@ class Backend(Protocol):
     async def generate(self, requests: Sequence[Request | str]) -> list[Completion]: ...
 
     async def close(self) -> None: ...
+
+
+def distinct_samples(params: SamplingParams) -> int:
+    """How many samples to ask a server for: n greedy samples are one, copied (vLLM refuses greedy n > 1)."""
+    return 1 if params.temperature == 0 else params.n
 
 
 def check_context(prompt_tokens: int, request: Request, context: int) -> None:

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams, SpeculativeConfig
-from fot.decoding.base import BackendError, Completion, Drop, Output, Request, Usage, WorkerBackend, settle
+from fot.decoding.base import BackendError, Completion, Drop, Output, Request, WorkerBackend, settle
+from fot.errors import InvalidRequestError
 from fot.speculative.engine import Engine
 
 
@@ -48,6 +49,10 @@ class NativeBackend(WorkerBackend):
     def __init__(self, config: NativeConfig | dict | None = None, *, engine: Engine | None = None, **options):
         super().__init__()
         self.config = c = self.parse_config(NativeConfig, config, options)
+        given = set(options) | (config.model_fields_set if isinstance(config, BaseModel) else set(config or {}))
+        built = {"model", "dtype", "device", "speculative", "max_batch", "seed"} & given
+        if engine is not None and built:  # they build an engine; one given is served as it is
+            raise InvalidRequestError(f"{sorted(built)} cannot apply to an engine= given; set them on the engine")
 
         def build() -> Engine:
             return engine or Engine.from_pretrained(
@@ -150,10 +155,10 @@ class NativeBackend(WorkerBackend):
                     settle(call.loop, call.future, e)
                 owners.clear()
                 continue
-            d = engine.stats.since(before)
-            self.usage.add(
-                Usage(forward_passes=d.forward_passes, draft_tokens=d.draft_tokens, accepted_tokens=d.accepted_tokens)
-            )
+            d, u = engine.stats.since(before), self.usage  # only the counters this thread owns: the caller's
+            u.forward_passes += d.forward_passes  # thread adds requests and tokens at the same time
+            u.draft_tokens += d.draft_tokens
+            u.accepted_tokens += d.accepted_tokens
             for seq in finished:
                 call = owners.pop(id(seq))
                 call.left -= 1

@@ -21,7 +21,7 @@ from asyncio_throttle import Throttler
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams
-from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request, check_context
+from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request, check_context, distinct_samples
 from fot.errors import ContextOverflowError, InvalidRequestError
 
 RETRYABLE = {408, 429, 500, 502, 503, 504}
@@ -168,7 +168,7 @@ class OpenAIBackend(BaseBackend):
         path, body = self.prompt_fields(request)
         body |= {
             "model": self.model,
-            "n": p.n,
+            "n": distinct_samples(p),
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
             "top_p": p.top_p,
@@ -287,8 +287,8 @@ def _completion(answer: dict, params: SamplingParams) -> Completion:
             outputs.append(
                 Output(text=text, token_ids=ids or [], finish_reason=finish, logprobs=logprobs, token_count=count)
             )
-        if len(outputs) != params.n:
-            raise ValueError(f"{len(outputs)} choices for n={params.n}")
+        if len(outputs) != distinct_samples(params):
+            raise ValueError(f"{len(outputs)} choices for n={distinct_samples(params)}")
         usage = answer.get("usage") or {}
         if uncounted:
             if "completion_tokens" not in usage:
@@ -296,6 +296,6 @@ def _completion(answer: dict, params: SamplingParams) -> Completion:
             total = usage["completion_tokens"] - sum(o.generated_tokens for o in outputs)  # the uncounted add 0
             for rank, k in enumerate(uncounted):
                 outputs[k].token_count = total // len(uncounted) + (rank < total % len(uncounted))
-        return Completion(prompt_tokens=usage.get("prompt_tokens", 0), outputs=outputs)
+        return Completion(prompt_tokens=usage.get("prompt_tokens", 0), outputs=outputs * (params.n // len(outputs)))
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
         raise _Retry(f"unexpected answer ({type(e).__name__}: {e}): {str(answer)[:200]}") from None

@@ -11,6 +11,7 @@ of a forest share long prompt prefixes. vLLM's own speculative methods (ngram, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import queue
@@ -19,8 +20,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fot.decoding.base import Completion, Drop, Output, Request, Usage, WorkerBackend, check_context, settle
-from fot.errors import ModelError
+from fot.decoding.base import (
+    Completion,
+    Drop,
+    Output,
+    Request,
+    Usage,
+    WorkerBackend,
+    check_context,
+    distinct_samples,
+    settle,
+)
+from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
 
 
@@ -123,20 +134,25 @@ class VLLMBackend(WorkerBackend):
             raise ModelError(f"vLLM could not start on {folder}: {type(e).__name__}: {e}") from e
         self.context = self.engine.model_config.max_model_len
 
-    def prepare(self, request: Request) -> list[int]:
+    def prepare(self, request: Request) -> tuple[list[int], Any]:
+        """The prompt's ids and vLLM's sampling params, both checked before any request goes to the engine."""
         from fot.speculative.prompts import encode_prompt
 
         ids = encode_prompt(self.tokenizer, request.prompt)
         check_context(len(ids), request, self.context)
-        return ids
+        try:
+            return ids, self.sampling_params(request)
+        except Exception as e:  # vLLM's own validation error is no ValueError
+            raise InvalidRequestError(f"vLLM refuses these sampling options: {e}") from None
 
     def sampling_params(self, request: Request):
+        """vLLM's params for a request (greedy: one sample, which `_completion` copies)."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         p = request.params
         return VSamplingParams(
-            n=p.n,
+            n=distinct_samples(p),
             temperature=p.temperature,
             top_p=p.top_p,
             top_k=p.top_k,
@@ -148,12 +164,12 @@ class VLLMBackend(WorkerBackend):
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
 
-    async def _generate(self, requests: list[Request], prompt_ids: list[list[int]]) -> list[Completion]:
+    async def _generate(self, requests: list[Request], prepared: list[tuple[list[int], Any]]) -> list[Completion]:
         loop = asyncio.get_running_loop()
         futures, rids = [], []
-        for r, ids in zip(requests, prompt_ids, strict=True):
+        for r, (ids, params) in zip(requests, prepared, strict=True):
             fut, rid = loop.create_future(), f"fot-{next(self._ids)}"
-            self.send((rid, ids, self.sampling_params(r), fut, loop))
+            self.send((rid, ids, params, r.params.n, fut, loop))
             futures.append(fut)
             rids.append(rid)
         try:
@@ -166,7 +182,7 @@ class VLLMBackend(WorkerBackend):
         """The worker's loop: add what arrived, step the engine, hand finished requests back; block when idle."""
         from vllm.inputs import TokensPrompt
 
-        waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]] = {}
+        waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
         while True:
             try:
                 item = self.inbox.get(block=not engine.has_unfinished_requests())
@@ -177,10 +193,10 @@ class VLLMBackend(WorkerBackend):
                     engine.abort_request([rid for rid in item.what if waiting.pop(rid, None)])
                     item.done.set_result(None)
                 elif item:
-                    rid, ids, params, fut, loop = item
+                    rid, ids, params, n, fut, loop = item
                     try:
                         engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
-                        waiting[rid] = (fut, loop)
+                        waiting[rid] = (fut, loop, n)
                     except Exception as e:  # vLLM refused this request: it fails alone
                         settle(loop, fut, Completion(error=f"vLLM refused it: {e}"))
                 try:
@@ -193,25 +209,32 @@ class VLLMBackend(WorkerBackend):
                 continue
             try:
                 outputs = engine.step()
-            except Exception as e:  # the engine broke: everything in flight fails with the cause
-                for fut, loop in waiting.values():
+            except Exception as e:  # the engine broke: everything in flight fails with the cause, and leaves it
+                for fut, loop, _ in waiting.values():
                     settle(loop, fut, Completion(error=f"vLLM failed: {type(e).__name__}: {e}"))
+                with contextlib.suppress(Exception):  # else vLLM would step them again, for nobody
+                    engine.abort_request(list(waiting))
                 waiting.clear()
                 continue
             for out in outputs:
                 if out.finished and out.request_id in waiting:
-                    fut, loop = waiting.pop(out.request_id)
-                    settle(loop, fut, _completion(out))
+                    fut, loop, n = waiting.pop(out.request_id)
+                    settle(loop, fut, _completion(out, n))
 
     async def close(self) -> None:
         await super().close()
         self.engine = None
 
 
-def _completion(out) -> Completion:
+def _completion(out, n: int) -> Completion:
+    """A finished vLLM request as a Completion of `n` samples (a greedy one copied n times); a sample that ended
+    other than by a stop or its length (aborted, an engine error) fails the request."""
     outputs = []
     for o in sorted(out.outputs, key=lambda o: o.index):
+        if o.finish_reason not in ("stop", "length"):
+            return Completion(error=f"vLLM ended a sample with finish reason {o.finish_reason!r}")
         logprobs = [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids, strict=True)] if o.logprobs else None
-        finish = "length" if o.finish_reason == "length" else "stop"
-        outputs.append(Output(text=o.text, token_ids=list(o.token_ids), finish_reason=finish, logprobs=logprobs))
-    return Completion(prompt_tokens=len(out.prompt_token_ids), outputs=outputs)
+        outputs.append(
+            Output(text=o.text, token_ids=list(o.token_ids), finish_reason=o.finish_reason, logprobs=logprobs)
+        )
+    return Completion(prompt_tokens=len(out.prompt_token_ids), outputs=outputs * (n // len(outputs)))

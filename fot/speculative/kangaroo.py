@@ -167,7 +167,7 @@ def model_fingerprint(model: Transformer) -> dict:
     """What an adapter must match: the base model's shapes and a checksum of its embedding, taken at bf16 precision
     so that the same model gives the same checksum whether it runs in fp32 or bf16."""
     a = model.args
-    emb = model.embed(torch.arange(64))
+    emb = model.embed(torch.arange(64, device=model.device))
     return {
         "vocab_size": a.vocab_size,
         "dim": a.dim,
