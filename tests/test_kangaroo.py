@@ -5,6 +5,7 @@ adapters name their base model; training runs, checkpoints and resumes."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -306,14 +307,21 @@ def test_adapter_fits_its_base_model_in_either_precision(tiny_llama_dir, tmp_pat
         )
 
 
-def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
+def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path, monkeypatch):
     """vLLM's custom_class speculative method with our proposer: vLLM verifies, so greedy output must be vLLM's
-    plain output; an untrained adapter with threshold 0 drafts at every step and is mostly rejected."""
+    plain output; an untrained adapter with threshold 0 drafts at every step and is mostly rejected. The
+    proposer's cache starts at 1 row of 8 positions here, so it grows in both while it drafts."""
     import asyncio
 
     from fot.decoding import Request
-    from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
+    from fot.decoding.kangaroo_vllm import KANGAROO_VLLM, KangarooProposer
     from fot.decoding.vllm import VLLMBackend
+    from fot.speculative.cache import KVCache
+
+    monkeypatch.setattr(KangarooProposer, "START_LEN", 8)
+    grown = []
+    real = KVCache.grow
+    monkeypatch.setattr(KVCache, "grow", lambda self, *size: grown.append(size) or real(self, *size))
 
     folder = random_adapter(tmp_path / "ad", Transformer.from_pretrained(served_model_dir), 1)
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -325,7 +333,9 @@ def test_kangaroo_inside_vllm_is_lossless(served_model_dir, tmp_path):
         outs[name] = [c.token_ids for c in asyncio.run(backend.generate(reqs))]
         usage[name] = backend.usage
         asyncio.run(backend.close())
+    assert "FOT_KANGAROO_ADAPTER" not in os.environ  # set while vLLM built the proposer, not left for the next one
     assert outs["kangaroo"] == outs["plain"]
+    assert grown[0][0] > 1 and grown[-1][1] > 8  # rows and positions, as the requests needed
     assert usage["kangaroo"].draft_tokens > 0 and usage["plain"].draft_tokens == 0
     assert usage["kangaroo"].accepted_tokens <= usage["kangaroo"].draft_tokens
 
@@ -338,3 +348,15 @@ def test_shipped_adapter_on_the_embedded_model_is_lossless_and_accepts():
     params = SamplingParams(max_tokens=48)
     assert [o.token_ids for o in engine.generate(chats, params)] == [o.token_ids for o in plain.generate(chats, params)]
     assert engine.last_stats.accept_length > 1.1
+
+
+def test_a_vllm_kangaroo_adapter_is_checked_before_vllm_loads(tmp_path):
+    """The option was ignored without the Kangaroo proposer, and a folder without an adapter was found only after
+    vLLM had loaded the model."""
+    from fot.decoding.kangaroo_vllm import KANGAROO_VLLM
+    from fot.decoding.vllm import VLLMBackend
+
+    with pytest.raises(InvalidRequestError, match="kangaroo_adapter needs speculative_config=KANGAROO_VLLM"):
+        VLLMBackend(model="/no/such/model", kangaroo_adapter=tmp_path)
+    with pytest.raises(ModelError, match="no Kangaroo adapter in"):
+        VLLMBackend(model="/no/such/model", speculative_config=KANGAROO_VLLM, kangaroo_adapter=tmp_path)

@@ -187,7 +187,7 @@ def test_prepare_is_atomic(fake_registry, tmp_path, monkeypatch):
     monkeypatch.setattr(fot.models, "convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_embedded(spec, folder)
-    assert list(folder.parent.iterdir()) == []  # no half model, no leftover temporary folder
+    assert [p.name for p in folder.parent.iterdir()] == [".fake.lock"]  # no half model, no temporary folder
 
     def convert(gguf, out):
         assert gguf.read_bytes() == b"".join(CHUNKS)
@@ -197,6 +197,40 @@ def test_prepare_is_atomic(fake_registry, tmp_path, monkeypatch):
         (out / "tokenizer.json").write_text("{}")
 
     monkeypatch.setattr(fot.models, "convert_gguf", convert)
+    (folder.parent / ".fake-killed").mkdir()  # a run killed mid-way (SIGKILL) leaves its temporary folder
+    (folder.parent / ".fake-killed" / "part.gguf").write_bytes(b"x" * 100)
     prepare_embedded(spec, folder)
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["fake"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".fake.lock", "fake"]  # the leftover removed
     assert (folder / "config.json").exists()
+
+
+def test_a_second_process_waits_for_the_first_to_prepare_the_model(fake_registry, tmp_path, monkeypatch):
+    """Two processes on an empty cache both fetched the model, and the later one replaced the folder the first was
+    reading (or failed with a raw OSError after minutes)."""
+    import threading
+
+    from fot.files import locked
+
+    spec, _, calls = fake_registry
+    folder = tmp_path / "models" / "fake"
+    folder.parent.mkdir(parents=True)
+    monkeypatch.setattr(fot.models, "PREPARE_WAIT_S", 0.5)
+    with locked(folder.parent / ".fake.lock"), pytest.raises(ModelError, match="another process has been preparing"):
+        prepare_embedded(spec, folder)
+    holding, done = threading.Event(), threading.Event()
+
+    def first() -> None:  # holds the lock while it "prepares", and leaves the model ready
+        with locked(folder.parent / ".fake.lock"):
+            holding.set()
+            done.wait(10)
+            folder.mkdir()
+            (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(fot.models, "PREPARE_WAIT_S", 30.0)
+    thread = threading.Thread(target=first)
+    thread.start()
+    holding.wait(10)
+    threading.Timer(0.5, done.set).start()  # the first finishes while the second waits for it
+    prepare_embedded(spec, folder)  # waits for the first, then finds the model there
+    thread.join()
+    assert calls == []

@@ -25,6 +25,7 @@ from fot.speculative.cache import KVCache
 from fot.speculative.kangaroo import default_adapter_dir, load_adapter
 from fot.speculative.model import Transformer, pack_linears
 
+ADAPTER_ENV = "FOT_KANGAROO_ADAPTER"
 KANGAROO_VLLM = {
     "method": "custom_class",
     "model": "fot.decoding.kangaroo_vllm.KangarooProposer",
@@ -33,20 +34,34 @@ KANGAROO_VLLM = {
 
 
 class KangarooProposer:
+    START_LEN = 256  # cache positions at first; the cache grows as rows and contexts need
+
     def __init__(self, vllm_config):
         spec, model_config = vllm_config.speculative_config, vllm_config.model_config
         dtype = model_config.dtype
         model = Transformer.from_pretrained(model_config.model, dtype)
-        folder = os.environ.get("FOT_KANGAROO_ADAPTER") or default_adapter_dir(model)
+        folder = os.environ.get(ADAPTER_ENV) or default_adapter_dir(model)
         kg = load_adapter(folder, model, max_steps=spec.num_speculative_tokens)
         model.layers = model.layers[: kg.exit_layer]  # only the shallow layers ever run here
         pack_linears(model)
         pack_linears(kg.adapter)
         kg.layer = kg.exit_layer  # in this cache the adapter's KV comes right after the shallow layers
         self.kangaroo, self.max_len = kg, model_config.max_model_len
-        a, rows = model.args, vllm_config.scheduler_config.max_num_seqs
-        self.cache = KVCache(kg.exit_layer + 1, rows, a.n_kv_heads, self.max_len, a.head_dim, dtype)
+        self.max_rows, a = vllm_config.scheduler_config.max_num_seqs, model.args
+        length = min(self.START_LEN, self.max_len)
+        self.cache = KVCache(kg.exit_layer + 1, 1, a.n_kv_heads, length, a.head_dim, dtype)
         self.seen: dict[int, list[int]] = {}  # row -> the tokens whose entries fill that row of the cache
+
+    def fit(self, rows: int, length: int) -> None:
+        """Grow the cache to hold `rows` rows of `length` positions, doubling within vLLM's batch and context: a
+        cache of max_num_seqs rows of the whole context, made up front, would take many GiB for a long-context
+        model, most of it never used."""
+        c = self.cache
+        if rows <= c.n_slots and length <= c.max_len:
+            return
+        grown_rows = c.n_slots if rows <= c.n_slots else min(self.max_rows, max(rows, 2 * c.n_slots))
+        grown_len = c.max_len if length <= c.max_len else min(self.max_len, max(length, 2 * c.max_len))
+        c.grow(grown_rows, grown_len)
 
     def load_model(self, *args, **kwargs) -> None:
         """vLLM's model is not needed: the shallow layers were loaded from the same checkpoint."""
@@ -76,6 +91,7 @@ class KangarooProposer:
         drafts_out: list[list[int]] = [[] for _ in sampled_token_ids]
         if not rows:
             return drafts_out
+        self.fit(max(rows) + 1, max(s + len(t) + c for s, t, c in zip(starts, new, caps, strict=True)))
         drafts, _, _ = self.kangaroo.draft(new, rows, starts, caps, self.cache)
         for row, d in zip(rows, drafts, strict=True):
             drafts_out[row] = d

@@ -31,8 +31,10 @@ from fot.decoding.base import (
     distinct_samples,
     settle,
 )
+from fot.decoding.kangaroo_vllm import ADAPTER_ENV, KANGAROO_VLLM
 from fot.errors import InvalidRequestError, ModelError
 from fot.models import cache_dir, resolve_model
+from fot.speculative.kangaroo import adapter_folder
 
 
 class VLLMConfig(BaseModel):
@@ -66,6 +68,22 @@ def vllm_environment(kv_cache_gib: int) -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+@contextlib.contextmanager
+def adapter_environment(folder: Path | None):
+    """`FOT_KANGAROO_ADAPTER` while vLLM builds its proposer, then as it was: a later backend in the process does
+    not inherit this one's adapter."""
+    before = os.environ.get(ADAPTER_ENV)
+    if folder is not None:
+        os.environ[ADAPTER_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ADAPTER_ENV, None)
+        else:
+            os.environ[ADAPTER_ENV] = before
+
+
 class _UsageLogger:
     """A vLLM stat logger that adds each engine step to our counters: one step is one model forward."""
 
@@ -96,10 +114,13 @@ class VLLMBackend(WorkerBackend):
     def __init__(self, config: VLLMConfig | dict | None = None, **options):
         super().__init__()
         self.config = c = self.parse_config(VLLMConfig, config, options)
+        adapter = None
+        if c.kangaroo_adapter is not None:
+            if (c.speculative_config or {}).get("model") != KANGAROO_VLLM["model"]:
+                raise InvalidRequestError("kangaroo_adapter needs speculative_config=KANGAROO_VLLM (its proposer)")
+            adapter = adapter_folder(c.kangaroo_adapter)  # before vLLM loads the model
         folder = resolve_model(c.model)
         vllm_environment(c.kv_cache_gib)
-        if c.kangaroo_adapter:
-            os.environ["FOT_KANGAROO_ADAPTER"] = str(c.kangaroo_adapter)
         try:
             from vllm import EngineArgs
             from vllm.v1.engine.llm_engine import LLMEngine
@@ -129,7 +150,8 @@ class VLLMBackend(WorkerBackend):
             return LLMEngine.from_engine_args(args, stat_loggers=[lambda cfg, idx=0: _UsageLogger(self.usage)])
 
         try:
-            self.engine = self.start_worker(build, "fot-vllm")
+            with adapter_environment(adapter):
+                self.engine = self.start_worker(build, "fot-vllm")
         except Exception as e:
             raise ModelError(f"vLLM could not start on {folder}: {type(e).__name__}: {e}") from e
         self.context = self.engine.model_config.max_model_len
