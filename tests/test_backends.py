@@ -340,3 +340,33 @@ def test_a_native_backend_given_an_engine_refuses_options_that_would_build_one(s
         assert generate(backend, [greedy("Paris", 4)])[0].ok
     finally:
         asyncio.run(backend.close())
+
+
+@pytest.mark.parametrize("kind", ["native", "vllm"])
+def test_close_finishes_what_is_in_flight_and_still_hears_a_cancelled_caller(kind, served_model_dir, monkeypatch):
+    """vLLM's close() returned at once, failing the requests in flight with "backend is closed"; the native
+    worker stopped reading its inbox while closing, so a caller cancelled meanwhile waited 30 s for its Drop.
+    Each step is slowed to 20 ms, so that the long request is still running when it is cancelled."""
+    backend = build(kind, served_model_dir, None)
+    step = backend.engine.step
+    monkeypatch.setattr(backend.engine, "step", lambda: time.sleep(0.02) or step())
+
+    async def scenario() -> tuple[Completion, float]:
+        running = asyncio.create_task(backend.generate([greedy("The quick brown fox", 48)]))
+        doomed = asyncio.create_task(backend.generate([greedy("Paris", 450)]))
+        await asyncio.sleep(0.5)  # both in the engine
+        closing = asyncio.create_task(backend.close())
+        await asyncio.sleep(0.1)
+        doomed.cancel()
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        waited = time.monotonic() - t0
+        [done] = await running
+        await closing
+        return done, waited
+
+    done, waited = asyncio.run(scenario())
+    assert done.ok and len(done.token_ids) == 48  # finished, not failed by the close
+    assert waited < 15  # its Drop was heard (the wait for one is 30 s)
+    assert not backend.alive

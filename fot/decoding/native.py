@@ -117,8 +117,8 @@ class NativeBackend(WorkerBackend):
                         time.sleep(self.config.window)  # company for the first request
                 except queue.Empty:
                     pass
-                while not self.inbox.empty():
-                    items.append(self.inbox.get())
+            while not self.inbox.empty():  # closing too: a caller cancelled meanwhile waits for its Drop
+                items.append(self.inbox.get())
             for item in items:
                 if item is None:
                     closing = True

@@ -205,13 +205,16 @@ class VLLMBackend(WorkerBackend):
         from vllm.inputs import TokensPrompt
 
         waiting: dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop, int]] = {}
+        closing = False
         while True:
             try:
-                item = self.inbox.get(block=not engine.has_unfinished_requests())
+                item = self.inbox.get(block=not (closing or engine.has_unfinished_requests()))
             except queue.Empty:
                 item = ()
-            while item is not None:
-                if isinstance(item, Drop):
+            while True:
+                if item is None:  # close(): finish what is in flight first
+                    closing = True
+                elif isinstance(item, Drop):
                     engine.abort_request([rid for rid in item.what if waiting.pop(rid, None)])
                     item.done.set_result(None)
                 elif item:
@@ -225,9 +228,9 @@ class VLLMBackend(WorkerBackend):
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     break
-            if item is None:  # close()
-                return
             if not engine.has_unfinished_requests():
+                if closing:
+                    return
                 continue
             try:
                 outputs = engine.step()
