@@ -364,11 +364,16 @@ def test_a_comparison_past_the_bound_kills_the_worker_and_the_next_one_works(mon
     monkeypatch.setattr(math_task, "VERIFY_TIMEOUT_S", 1e-6)
     assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is None  # no verdict in time
     assert math_task._verifier.proc is None  # the worker was killed
-    with pytest.warns(UserWarning, match="no verdict on '\\(x\\+4\\)\\^2'"):
+    with pytest.warns(UserWarning, match=r"no verdict on '\(x\+4\)\^2' .*\(try 1 of 2\)"):
         assert get_task("math").equivalent("(x+4)^2", "x^2+8x+16") is False  # not equivalent, and said so
+    with pytest.warns(UserWarning, match=r"no verdict on '\(x\+5\)\^2' .*\(try 1 of 2\)"):
+        assert get_task("math").equivalent("(x+5)^2", "x^2+10x+25") is False
+    with pytest.warns(UserWarning, match=r"\(try 2 of 2\)"):
+        assert get_task("math").equivalent("(x+5)^2", "x^2+10x+25") is False
     monkeypatch.setattr(math_task, "VERIFY_TIMEOUT_S", 5.0)
     assert math_task._verifier("(x+1)^3", "x^3+3x^2+3x+1") is True  # a new worker
-    assert get_task("math").equivalent("(x+4)^2", "x^2+8x+16") is True  # the timeout was not cached
+    assert get_task("math").equivalent("(x+4)^2", "x^2+8x+16") is True  # one timeout: asked again
+    assert get_task("math").equivalent("(x+5)^2", "x^2+10x+25") is False  # two: not asked again
 
 
 def test_a_worker_that_dies_mid_comparison_is_replaced_and_asked_again(monkeypatch):

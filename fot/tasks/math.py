@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections import Counter
 from fractions import Fraction
 from functools import lru_cache
 from types import MappingProxyType
@@ -37,6 +38,7 @@ _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _MAX_VERIFY_CHARS = 500  # longer answers are not handed to math-verify at all
 _MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Python refuses int() past 4300)
 VERIFY_TIMEOUT_S = 5.0  # seconds one math-verify comparison may take
+VERIFY_TRIES = 2  # comparisons of one pair that may time out before it is not equivalent for good
 # What sympy would try to evaluate at any cost: a power in an exponent, a 4+-digit exponent, a factorial of a 3+-digit
 # number or of an expression, a double factorial.
 _HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?[^()]*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
@@ -211,7 +213,10 @@ _verifier = _Verifier()
 
 
 class _NoVerdict(Exception):
-    """math-verify gave no verdict in time. Not cached: the same comparison may finish on a less busy machine."""
+    """math-verify gave no verdict in time: not cached by `_mv_verdict`, see `_mv_equivalent`."""
+
+
+_timeouts: Counter[tuple[str, str]] = Counter()
 
 
 @lru_cache(maxsize=4096)
@@ -225,15 +230,19 @@ def _mv_verdict(a: str, b: str) -> bool:
 def _mv_equivalent(a: str, b: str) -> bool:
     """math-verify's verdict, for answers short enough and free of towers of powers and huge factorials (which
     sympy would try to evaluate); anything else is not equivalent. A comparison past its bound is not equivalent
-    too, with a warning, since it may decide a vote or a score."""
+    too, with a warning, since it may decide a vote or a score. It is asked again next time (a busy machine may
+    have slowed it), up to `VERIFY_TRIES` times in all: a search compares the same answers at every step."""
     if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS or _HUGE.search(a) or _HUGE.search(b):
+        return False
+    if _timeouts[a, b] >= VERIFY_TRIES:
         return False
     try:
         return _mv_verdict(a, b)
     except _NoVerdict:
+        _timeouts[a, b] += 1
         warnings.warn(
-            f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} within {VERIFY_TIMEOUT_S} s: "
-            "counted as not equivalent",
+            f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} within {VERIFY_TIMEOUT_S} s "
+            f"(try {_timeouts[a, b]} of {VERIFY_TRIES}): counted as not equivalent",
             stacklevel=3,
         )
         return False
