@@ -9,8 +9,8 @@ problems both solved: mean seconds per problem, plain / speculative.
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +29,7 @@ class Row(BaseModel):
     backend: str
     speculative: str
     n: int
-    total: int | None  # problems the run was asked for, as its latest record says (None: older records)
+    total: int | None  # problems the run was asked for, the most any of its records says (None: older records)
     correct: int
     accuracy: float
     ci_low: float
@@ -119,7 +119,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 backend=first.backend,
                 speculative=first.speculative,
                 n=n,
-                total=rs[-1].total,
+                total=max((r.total for r in rs if r.total is not None), default=None),
                 correct=k,
                 accuracy=k / n,
                 ci_low=lo,
@@ -332,6 +332,9 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
             one_chain = fb.method == "cot" and checks_a == checks_b
             if not (ablation or fa.method == "fot" and (fb.method == "sc" or one_chain)):
                 continue
+            gold_b = {r.id: r.gold for r in rb}
+            if any(gold_b.get(r.id, r.gold) != r.gold for r in ra):  # same ids, other problems (other --levels...)
+                continue
             right_b = {r.id: r.correct for r in rb}
             common = [(r.correct, right_b[r.id]) for r in ra if r.id in right_b]
             if not common:
@@ -381,8 +384,12 @@ def write_report(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = argv if argv is not None else sys.argv[1:]
-    print(write_report(Path(args[0] if args else "evals/results")))
+    p = argparse.ArgumentParser(prog="python -m evals.report", description="Write REPORT.md, summary.json and plots.")
+    p.add_argument("folder", nargs="?", default="evals/results", help="the results folder (default: evals/results)")
+    folder = Path(p.parse_args(argv).folder)
+    if not folder.is_dir():  # a typo wrote a report of nothing into a new folder of that name
+        p.error(f"{folder} is not a folder of results")
+    print(write_report(folder))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def score(problem: Problem, answer: str | None) -> bool:
         return False
     if problem.task == "game24":
         return check_expression(parse_numbers(problem.question), answer)
-    return get_task("math").equivalent(answer, problem.gold)
+    return get_task("math").equivalent(answer, problem.gold, strict=True)  # no verdict: the problem fails, unrecorded
 
 
 def data_digest(problems: list[Problem]) -> str:
@@ -280,6 +280,8 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     the results file and the number of problems that failed."""
     if args.trees < 1 or args.concurrency < 1 or (args.limit is not None and args.limit < 1):
         raise FotError("--trees, --concurrency and --limit must be >= 1")
+    if getattr(args, "data_seed", 0) < 0:  # ids carry it: `gsm_symbolic-<seed>-<index>` must parse back
+        raise FotError(f"--data-seed must be >= 0, got {args.data_seed}")
     bench = BENCHMARKS[args.benchmark]
     if getattr(args, "data", None) and args.benchmark in ("arithmetic", "gsm_symbolic"):
         raise FotError(f"--data: {args.benchmark} generates its problems (--n, --data-seed); it reads no file")
@@ -299,8 +301,9 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         raise FotError(f"the backend given is {backend.name} but the options say {args.backend}: pass backend=")
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
-    problems = bench.load(args)[: args.limit]
-    path = Path(args.out) / bench.name / f"{run_name(args, problems)}.jsonl"
+    loaded = bench.load(args)
+    problems = loaded[: args.limit]
+    path = Path(args.out) / bench.name / f"{run_name(args, loaded)}.jsonl"  # --limit leaves the run's name alone
     path.parent.mkdir(parents=True, exist_ok=True)
     failed = 0
     with writer_lock(path):

@@ -307,7 +307,8 @@ BASE = {  # one problem's record; the report tests vary correctness, time and th
 
 
 def record(id: str, run: str, correct: bool, seconds: float, speculative: str = "prompt_lookup", **kw) -> Record:
-    fields = BASE | {"run": run, "speculative": speculative, "gold": "7" if correct else "8", "correct": correct}
+    fields = BASE | {"run": run, "speculative": speculative, "gold": "7", "correct": correct}
+    fields |= {"answer": "7" if correct else "8", "votes": {"7" if correct else "8": 4}}
     return Record(id=id, seconds=seconds, **(fields | kw))
 
 
@@ -456,6 +457,9 @@ def test_paired_comparison_and_mcnemar() -> None:
     assert ("fot-4 +code", "cot-1 +code") in found and ("fot-4", "cot-1") in found  # the forest against one chain
     assert ("fot-4 +code", "cot-1") not in found and ("fot-4", "cot-1 +code") not in found  # not with other checks
     assert found[("fot-4 +code", "cot-1 +code")].only_a == 3
+    # the same ids for other problems (arithmetic with other --levels, another --data file): no pair
+    other = [r.model_copy(update={"run": "o", "method": "sc", "trees": 8, "gold": "9"}) for r in b]
+    assert not [p for p in pairs(runs | {("arithmetic", "o"): other}) if "o" in (p.run_a, p.run_b)]
 
 
 def test_the_tokens_plot_joins_budget_matched_pairs() -> None:

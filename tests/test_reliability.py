@@ -376,6 +376,25 @@ def test_a_comparison_past_the_bound_kills_the_worker_and_the_next_one_works(mon
     assert get_task("math").equivalent("(x+5)^2", "x^2+10x+25") is False  # two: not asked again
 
 
+def test_a_score_without_a_verdict_fails_the_problem_instead_of_recording_it_wrong(tmp_path, monkeypatch):
+    """A comparison that timed out while scoring (16 problems in flight on 2 cores) was written as a wrong answer."""
+    import fot.tasks.math as math_task
+    from evals.data import Problem
+    from evals.records import read_records
+    from evals.runner import score
+    from fot.errors import FotError
+
+    problem = Problem(id="p", question="?", gold="x^2+12x+36", task="math")
+    monkeypatch.setattr(math_task, "SCORE_TIMEOUT_S", 1e-6)
+    with pytest.raises(FotError, match="no verdict on '\\(x\\+6\\)\\^2'"):
+        score(problem, "(x+6)^2")
+    data = write_gsm(tmp_path / "a", [{"question": "What is (x+7)^2?", "answer": "#### x^2+14x+49"}])
+    (path, failed), _ = gsm_run(tmp_path, data, lambda r, j: "The answer is (x+7)^2.")
+    assert failed == 1 and read_records(path) == []  # not recorded: a re-run scores it again
+    monkeypatch.setattr(math_task, "SCORE_TIMEOUT_S", 60.0)
+    assert score(problem, "(x+6)^2") is True
+
+
 def test_a_worker_that_dies_mid_comparison_is_replaced_and_asked_again(monkeypatch):
     """A killed worker (out of memory, say) read as end of file and counted as "not equivalent". Now the
     comparison is asked again of a new worker; a worker that dies twice is an error."""
@@ -558,12 +577,12 @@ GSM = [
 ]
 
 
-def gsm_run(tmp_path: Path, data: Path, respond=None):
+def gsm_run(tmp_path: Path, data: Path, respond=None, **options_):
     from evals.runner import arun, options
     from fot.decoding.base import run_sync
     from fot.decoding.scripted import ScriptedBackend
 
-    args = options("gsm8k", method="cot", data=str(data), out=str(tmp_path / "out"), no_report=True)
+    args = options("gsm8k", method="cot", data=str(data), out=str(tmp_path / "out"), no_report=True, **options_)
     backend = ScriptedBackend(respond or (lambda r, j: "The answer is 5."))
     return run_sync(arun(args, backend=backend)), backend
 
@@ -580,6 +599,14 @@ def test_another_data_file_is_another_run(tmp_path):
     other = [dict(GSM[0], answer="#### 6"), GSM[1]]
     (path_b, _), backend = gsm_run(tmp_path, write_gsm(tmp_path / "b", other))
     assert path_a != path_b and len(backend.batches) == 2  # both problems solved again, for this data
+
+
+def test_a_run_with_limit_is_continued_by_the_same_run_without_it(tmp_path):
+    """With --data, the run's name hashed only the first --limit problems: without --limit it began a new file."""
+    data = write_gsm(tmp_path / "a", GSM)
+    (first, _), _ = gsm_run(tmp_path, data, limit=1)
+    (whole, _), backend = gsm_run(tmp_path, data)
+    assert whole == first and len(backend.batches) == 1  # only the second problem was left
 
 
 def test_records_whose_problem_changed_are_an_error(tmp_path):

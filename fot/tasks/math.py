@@ -39,6 +39,7 @@ _MAX_VERIFY_CHARS = 500  # longer answers are not handed to math-verify at all
 _MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Python refuses int() past 4300)
 VERIFY_TIMEOUT_S = 5.0  # seconds one math-verify comparison may take
 VERIFY_TRIES = 2  # comparisons of one pair that may time out before it is not equivalent for good
+SCORE_TIMEOUT_S = 60.0  # a score's comparison (`equivalent(..., strict=True)`): none in time is an error
 # What sympy would try to evaluate at any cost: a power in an exponent, a 4+-digit exponent, a factorial of a 3+-digit
 # number or of an expression, a double factorial.
 _HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?[^()]*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
@@ -193,12 +194,12 @@ class _Verifier:
             self.proc.wait()
         self.proc = None
 
-    def __call__(self, a: str, b: str) -> bool | None:
+    def __call__(self, a: str, b: str, timeout: float | None = None) -> bool | None:
         with self.lock:
             for attempt in (1, 2):
                 self._start()
                 try:
-                    verdict = self._ask(a, b, VERIFY_TIMEOUT_S)
+                    verdict = self._ask(a, b, VERIFY_TIMEOUT_S if timeout is None else timeout)
                     break
                 except (OSError, ValueError) as e:  # it died under this comparison (a broken pipe, end of file)
                     self._stop()
@@ -220,20 +221,27 @@ _timeouts: Counter[tuple[str, str]] = Counter()
 
 
 @lru_cache(maxsize=4096)
-def _mv_verdict(a: str, b: str) -> bool:
-    verdict = _verifier(a, b)
+def _mv_verdict(a: str, b: str, timeout: float | None = None) -> bool:
+    verdict = _verifier(a, b, timeout)
     if verdict is None:
         raise _NoVerdict
     return verdict
 
 
-def _mv_equivalent(a: str, b: str) -> bool:
+def _mv_equivalent(a: str, b: str, strict: bool = False) -> bool:
     """math-verify's verdict, for answers short enough and free of towers of powers and huge factorials (which
     sympy would try to evaluate); anything else is not equivalent. A comparison past its bound is not equivalent
     too, with a warning, since it may decide a vote or a score. It is asked again next time (a busy machine may
     have slowed it), up to `VERIFY_TRIES` times in all: a search compares the same answers at every step."""
     if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS or _HUGE.search(a) or _HUGE.search(b):
         return False
+    if strict:
+        try:
+            return _mv_verdict(a, b, SCORE_TIMEOUT_S)
+        except _NoVerdict:
+            raise FotError(
+                f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} in {SCORE_TIMEOUT_S} s"
+            ) from None
     if _timeouts[a, b] >= VERIFY_TRIES:
         return False
     try:
@@ -280,8 +288,9 @@ class MathTask:
         numbers = _NUMBER.findall(text)
         return canonical_answer(numbers[-1]) if numbers else None
 
-    def equivalent(self, a: str, b: str) -> bool:
-        """Same string, else same number (relative tolerance 1e-6), else math-verify says so."""
+    def equivalent(self, a: str, b: str, strict: bool = False) -> bool:
+        """Same string, else same number (relative tolerance 1e-6), else math-verify says so. `strict` (scoring):
+        math-verify gets `SCORE_TIMEOUT_S`, and no verdict in that time is a `FotError`, not "not equivalent"."""
         if not isinstance(a, str) or not isinstance(b, str):
             return False
         a, b = canonical_answer(a), canonical_answer(b)
@@ -292,7 +301,7 @@ class MathTask:
         x, y = to_fraction(a), to_fraction(b)
         if x is not None and y is not None:
             return abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
-        return _mv_equivalent(a, b)
+        return _mv_equivalent(a, b, strict)
 
     def check(self, problem: str, text: str) -> list[str]:
         """The only rule a math answer can be held to without the reference: it must give a final answer."""
