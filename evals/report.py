@@ -35,6 +35,7 @@ class Row(BaseModel):
     ci_low: float
     ci_high: float
     tokens: float  # generated per problem
+    prompt_tokens: float = 0.0  # per problem: every request's prompt, once per request whatever its n
     seconds: float  # per problem
     accept_rate: float | None  # accepted / proposed drafts
     sd_speedup: float | None  # seconds of the plain twin / seconds of this run, same problems
@@ -125,6 +126,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 ci_low=lo,
                 ci_high=hi,
                 tokens=sum(r.tokens for r in rs) / n,
+                prompt_tokens=sum(r.prompt_tokens for r in rs) / n,
                 seconds=sum(r.seconds for r in rs) / n,
                 accept_rate=sum(r.accepted_tokens for r in rs) / drafts if drafts else None,
                 sd_speedup=speedup,
@@ -159,7 +161,9 @@ def markdown(rows: list[Row]) -> str:
         "A run stopped before its end shows *n of total*: its problems are the first to finish (with problems in "
         "flight at once, the cheaper ones), not a sample, so its accuracy is no estimate and the plots leave it out. "
         "*Per tree* is the accuracy of the trees' (sc: the samples') own answers, before the decision; records "
-        "from before it was kept show -.",
+        "from before it was kept show -. *Generated* and *prompt* are tokens per problem over all of a search's "
+        "requests (a prompt counts once per request, whatever its number of samples; shared prefixes are cached, "
+        "so prompt tokens cost less than their count).",
         "",
     ]
     by_bench: dict[str, list[Row]] = defaultdict(list)
@@ -170,8 +174,8 @@ def markdown(rows: list[Row]) -> str:
             f"## {bench}",
             "",
             "| model | method | trees | checks (repairs / problem) | drafter | n | accuracy (95% CI) "
-            "| per tree | tokens / problem | s / problem | drafts accepted | SD speedup |",
-            "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|",
+            "| per tree | generated / problem | prompt / problem | s / problem | drafts accepted | SD speedup |",
+            "|---|---|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rs:
             accept = f"{r.accept_rate:.0%}" if r.accept_rate is not None else "-"
@@ -183,7 +187,8 @@ def markdown(rows: list[Row]) -> str:
                 per_tree += f" (of {r.tree_records})"
             out.append(
                 f"| {r.model} | {r.method} | {r.trees} | {checks} | {r.speculative} | {n} | {r.accuracy:.1%} "
-                f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {per_tree} | {r.tokens:.0f} | {r.seconds:.1f} | {accept} "
+                f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {per_tree} | {r.tokens:.0f} | {r.prompt_tokens:.0f} "
+                f"| {r.seconds:.1f} | {accept} "
                 f"| {speed} |"
             )
         crossed = [r for r in rs if r.disagreements is not None]
@@ -358,8 +363,9 @@ def pairs_markdown(ps: list[Pair]) -> str:
     if not ps:
         return ""
     out = ["## Paired comparisons", "", "Same problems, both runs finished; p: McNemar's exact test.", "",
-           "*budget-matched*: FoT at no more tokens per problem than self-consistency (dotted on the plots).", "",
-           "| benchmark | model | A | B | n | both | only A | only B | neither | p | tokens A | tokens B "
+           "*budget-matched*: FoT generates no more tokens per problem than self-consistency (dotted on the plots); "
+           "prompt tokens are not counted in it (see the tables above).", "",
+           "| benchmark | model | A | B | n | both | only A | only B | neither | p | generated A | generated B "
            "| budget-matched |",
            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for p in ps:

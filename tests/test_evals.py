@@ -350,7 +350,7 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
     assert sd.tree_accuracy == pytest.approx(10 / 16) and sd.tree_records == 4  # the samples' own answers
     assert "| 62.5% (of 2) |" in markdown([sd.model_copy(update={"tree_records": 2})])  # older records keep none
     assert rows["sc-t4-default-native-none-s0-abcd1234"].tree_accuracy is None  # records that keep none
-    row = "| smollm2-135m | sc | 4 | - | prompt_lookup | 4 | 75.0% (30%-95%) | 62.5% | 100 | 2.0 | 50% | 1.50x |"
+    row = "| smollm2-135m | sc | 4 | - | prompt_lookup | 4 | 75.0% (30%-95%) | 62.5% | 100 | 50 | 2.0 | 50% | 1.50x |"
     assert row in report
     assert "| smollm2-135m | fot | 8 | - | prompt_lookup | 2 of 4 | 100.0% (34%-100%) |" in report
     assert sorted(plotted) == ["cot", "sc", "sc"]  # the stopped run is in the table, not in the plots
