@@ -131,6 +131,10 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings["program_trees"] = program_trees(args)
     if args.method == "fot" and args.benchmark != "game24":  # math: the fallback runs the corrector (older runs: not)
         settings["fallback"] = "corrected"
+    from fot.forest import SEARCH_VERSION
+
+    if SEARCH_VERSION > 1:  # the runs of version 1 keep their names
+        settings["search"] = SEARCH_VERSION
     for name, on in rule_checks(args).items():  # runs from before a check keep their names
         if on:
             settings[f"{name}_checks"] = True
@@ -144,7 +148,7 @@ async def solve_all(
 ) -> tuple[int, int]:
     """Solve `problems` (the unfinished ones of the `total` the run was asked for) with at most `args.concurrency`
     in flight; append each record as it finishes."""
-    from fot.forest import Solution, asolve
+    from fot.forest import SEARCH_VERSION, Solution, asolve
 
     config, checks = search_config(args), rule_checks(args)
     gate = asyncio.Semaphore(args.concurrency)
@@ -210,6 +214,7 @@ async def solve_all(
             arithmetic_checks=u.arithmetic_checks,
             arithmetic_repairs=u.arithmetic_repairs,
             program_trees=program_trees(args),
+            search_version=SEARCH_VERSION,
             gym_correct=gym_score(problem, sol.answer),
             tree_answers=sol.tree_answers,
             tree_correct=[score(problem, a) for a in sol.tree_answers],

@@ -50,6 +50,9 @@ from fot.viewer import page, tree_graph
 
 Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
 MAX_TREES = 64  # trees (or sc samples) per problem: each is a request per step, batched together
+# Bumped by a change that makes a search do something else with the same inputs and seed (its prompts, its
+# sampling, its checks, its decision): eval runs are named by it, so one run never mixes two versions.
+SEARCH_VERSION = 1
 
 
 class SparseConfig(BaseModel):

@@ -272,6 +272,17 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
     assert run_name(options("arithmetic", device="cuda")) not in (bf16, fp32)
 
 
+def test_a_new_search_version_is_a_new_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run mixed records of two versions of the search (the first 100 GSM-Symbolic FoT-4 records predate
+    two changes to it). A bumped `SEARCH_VERSION` names new runs; version 1 keeps the names runs had."""
+    import fot.forest
+
+    args = options("arithmetic", method="sc", dtype="float32", code_checks="off", arithmetic_checks="off")
+    assert run_name(args) == "sc-t4-default-native-prompt_lookup-s0-a690c226"
+    monkeypatch.setattr(fot.forest, "SEARCH_VERSION", 2)
+    assert run_name(args) != "sc-t4-default-native-prompt_lookup-s0-a690c226"
+
+
 def test_a_foreign_line_in_a_results_file_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text('{"not": "a record"}\n')

@@ -603,10 +603,13 @@ def test_another_data_file_is_another_run(tmp_path):
 
 def test_a_run_with_limit_is_continued_by_the_same_run_without_it(tmp_path):
     """With --data, the run's name hashed only the first --limit problems: without --limit it began a new file."""
+    from evals.records import read_records
+
     data = write_gsm(tmp_path / "a", GSM)
     (first, _), _ = gsm_run(tmp_path, data, limit=1)
     (whole, _), backend = gsm_run(tmp_path, data)
     assert whole == first and len(backend.batches) == 1  # only the second problem was left
+    assert {r.search_version for r in read_records(whole)} == {1}
 
 
 def test_records_whose_problem_changed_are_an_error(tmp_path):
