@@ -304,6 +304,8 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         check_cli_backend(cli_backend)  # before the data loads: that can take minutes
     elif backend.name in DRAFTERS and backend.name != args.backend:  # the records would name the wrong one
         raise FotError(f"the backend given is {backend.name} but the options say {args.backend}: pass backend=")
+    if args.backend == "openai" and args.model == "default":  # "default" would read as the embedded 135M model
+        raise FotError("--backend openai: name the served model with --model; the run's name and records carry it")
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     loaded = bench.load(args)

@@ -810,6 +810,7 @@ def test_an_empty_api_key_is_refused_before_the_server_starts(key, tmp_path):
         (["--backend", "openai"], "needs --base-url"),
         (["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--speculative", "kangaroo"], "not available"),
         (["--timeout", "5"], "the in-process backends have none"),
+        (["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"], "name the served model with --model"),
         (["--data", "my.jsonl"], "generates its problems"),  # was quietly ignored
         (["--program-trees", "4"], "below --trees"),  # was quietly capped at 3, and recorded as 4
         (["--method", "sc", "--program-trees", "1"], "for --method fot"),  # was quietly ignored
@@ -847,6 +848,8 @@ def test_puzzles_are_detected_in_their_spellings_and_math_stays_math():
 def eval_command(base_url: str, out: Path, n: int) -> list[str]:
     cmd = [sys.executable, "-m", "evals.arithmetic", "--backend", "openai", "--base-url", base_url, "--method", "cot"]
     return cmd + [
+        "--model",
+        "tiny",
         "--n",
         str(n),
         "--levels",
