@@ -62,6 +62,11 @@ def load_records(hub: str, config: str | None, split: str, data: str | Path | No
         raise DataError(f"data file {path} does not exist")
     if not files:
         raise DataError(f"{path} holds no {'/'.join(FORMATS)} files")
+    if path.is_dir():  # a hub download holds every split (and config): take the split's files, of one folder
+        files = [f for f in files if split in f.relative_to(path).as_posix()] or files
+        folders = sorted({str(f.parent.relative_to(path)) for f in files})
+        if len(folders) > 1:
+            raise DataError(f"{path} holds {split} data in several folders ({', '.join(folders)}): pass one of them")
     kinds = {FORMATS.get(f.suffix) for f in files}
     if None in kinds or len(kinds) > 1:
         raise DataError(f"{path}: use one of the formats {', '.join(FORMATS)} (got {', '.join(f.name for f in files)})")

@@ -160,8 +160,9 @@ def markdown(rows: list[Row]) -> str:
         "share the backend's batches); *SD speedup* compares with the same run under `--speculative none`. "
         "A run stopped before its end shows *n of total*: its problems are the first to finish (with problems in "
         "flight at once, the cheaper ones), not a sample, so its accuracy is no estimate and the plots leave it out. "
-        "*Per tree* is the accuracy of the trees' (sc: the samples') own answers, before the decision; records "
-        "from before it was kept show -. *Generated* and *prompt* are tokens per problem over all of a search's "
+        "*Per tree* is the accuracy of the trees' (sc: the samples') own answers, before the decision (a tree that "
+        "sparse activation stopped before it answered counts as unanswered); records from before it was kept show "
+        "-. *Generated* and *prompt* are tokens per problem over all of a search's "
         "requests (a prompt counts once per request, whatever its number of samples; shared prefixes are cached, "
         "so prompt tokens cost less than their count).",
         "",

@@ -59,6 +59,19 @@ def test_gsm8k_from_jsonl_and_parquet(tmp_path: Path) -> None:
     assert [p.gold for p in load_gsm8k(folder)] == ["5", "2400"]
 
 
+def test_a_downloaded_data_folder_gives_its_test_split_only(tmp_path: Path) -> None:
+    """A hub download (main/ and socratic/, each with train and test files) was read whole: training problems
+    were evaluated as test problems."""
+    train = [{"question": "Train question?", "answer": "#### 9"}]
+    for config in ("main", "socratic"):
+        (tmp_path / "gsm8k" / config).mkdir(parents=True)
+        write_jsonl(tmp_path / "gsm8k" / config / "test-00000.jsonl", GSM8K_ROWS)
+        write_jsonl(tmp_path / "gsm8k" / config / "train-00000.jsonl", train)
+    assert [p.gold for p in load_gsm8k(tmp_path / "gsm8k" / "main")] == ["5", "2400"]
+    with pytest.raises(DataError, match="test data in several folders \\(main, socratic\\): pass one of them"):
+        load_gsm8k(tmp_path / "gsm8k")
+
+
 def test_math500_schema(tmp_path: Path) -> None:
     row = {"problem": "What is $\\frac{1}{2}+\\frac{1}{4}$?", "solution": "...", "answer": "\\frac{3}{4}"}
     rows = [row | {"unique_id": "test/algebra/1.json", "level": 2, "subject": "Algebra"}]
