@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from fot.tasks.interpreter import Limits, run
 
+DAG = "x = [0]\ny = [0]\nfor i in range(40):\n    x = [x, x]\n    y = [y, y]\n"  # 2^40 items from 82 lists
+
 NAMES = ["a", "b", "c", "total"]
 
 
@@ -163,7 +165,8 @@ def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
         "a power over 4096 bits",
         "a %-format asks for over 200 characters",
         "a sequence over 10000 items",
-        "printing this would write over 100000 items",
+        "printing this would visit over 100000 items",
+        "walking this value would visit over 100000 items",
     )
     assert done.status == "bound" and done.reason in bounds
     assert time.monotonic() - t < 1
@@ -216,12 +219,42 @@ def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
         ("print(1 / 0)", "error"),
         ("print(undefined_name)", "error"),
         ("x = 1 +", "not_checkable"),
+        # from a security review: each hung, died or crashed the checker before
+        ("t = 0\nfor i in range(15000):\n    t = (t,)\nd = {}\nprint(d[t])", "bound"),  # a KeyError's repr recursed
+        *(
+            (DAG + tail, "bound")
+            for tail in (
+                "print(x == y)",
+                "print([1].index(x))",
+                "print({1: x}.values())",
+                "s = f'{x:}'",
+                "d = {(x,): 1}",
+            )
+        ),  # 2^40 items walked in C
+        ("print(0.5 in range(10 ** 15))", "bound"),  # a linear scan in C
+        ("import math\nprint(math.fsum(range(10 ** 15)))", "bound"),
+        ("a = []\na.extend(range(10 ** 9))", "bound"),
+        ("a = []\na[0:0] = range(10 ** 9)", "bound"),
+        ("s = '%(a())999999999d' % {'a()': 1}", "not_checkable"),  # the width hid behind the key's parentheses
+        ("from sympy import Rational\nprint(Rational('1e1000000000') > 0)", "bound"),  # 10**1e9 built to parse it
     ],
 )
 def test_escapes_are_refused_and_runaways_stopped(code, status):
     r = run(code, Limits(max_steps=50_000))
     assert r.status == status, r.reason
     assert r.reason
+
+
+def test_an_error_holding_a_deep_value_is_named_without_printing_it():
+    """A KeyError's message is its key's repr: 15000 nested tuples raised RecursionError out of the checker."""
+    from fot.tasks.interpreter import error_reason
+
+    t: tuple = ()
+    for _ in range(15000):
+        t = (t,)
+    assert error_reason(KeyError(t)) == "KeyError" and error_reason(ZeroDivisionError("x")) == "ZeroDivisionError: x"
+    r = run("d = {}\nprint(d[(1, 2)])")
+    assert r.status == "error" and r.reason == "KeyError"
 
 
 def test_code_over_the_size_bound_is_not_run():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 import builtins
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, ValuesView
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -47,10 +47,13 @@ PRINT_ITEMS = 100_000  # items one conversion to text may visit, shared parts co
 PRINT_DEPTH = 200
 
 
-def walk(v: Any) -> bool:
-    """Whether printing `v` meets a fraction; Bound if it would visit over PRINT_ITEMS items or nest over
-    PRINT_DEPTH deep (a list of itself doubled 40 times prints 2^40 items). A container inside itself is not
-    entered, as CPython prints it `[...]`."""
+CONTAINERS = (list, tuple, dict, KeysView, ValuesView, ItemsView)  # what CPython walks item by item natively
+
+
+def scan(v: Any, cap: int, doing: str) -> tuple[bool, int]:
+    """Whether `v` holds a fraction, and how many items native code that walks it (printing, ==, hashing, `in`)
+    visits: shared parts once each time they are met, so a list of itself doubled 40 times is 2^40 items. Bound
+    past `cap` visits or PRINT_DEPTH deep; a container inside itself is not entered, as CPython prints `[...]`."""
     found, visits, path, stack = False, 0, set(), [(v, False)]
     while stack:
         x, leaving = stack.pop()
@@ -58,16 +61,21 @@ def walk(v: Any) -> bool:
             path.discard(id(x))
             continue
         visits += 1
-        if visits > PRINT_ITEMS:
-            raise Bound(f"printing this would write over {PRINT_ITEMS} items")
+        if visits > cap:
+            raise Bound(f"{doing} would visit over {cap} items")
         found = found or isinstance(x, Fraction)
-        if isinstance(x, list | tuple | dict) and id(x) not in path:
+        if isinstance(x, CONTAINERS) and id(x) not in path:
             if len(path) >= PRINT_DEPTH:
                 raise Bound(f"containers nested over {PRINT_DEPTH} deep")
             path.add(id(x))
             stack.append((x, True))
             stack.extend((y, False) for y in ((*x, *x.values()) if isinstance(x, dict) else x))
-    return found
+    return found, visits
+
+
+def walk(v: Any) -> bool:
+    """Whether printing `v` meets a fraction; Bound if it would visit over PRINT_ITEMS items."""
+    return scan(v, PRINT_ITEMS, "printing this")[0]
 
 
 def show(v: Any, inner: bool = False) -> str:
@@ -180,9 +188,20 @@ def run(code: str, limits: Limits | None = None) -> Run:
     except RecursionError:
         return Run(output=machine.text(), status="bound", reason="too deeply nested")
     except Exception as e:  # the program's own error (ZeroDivisionError, NameError, ...): it has no output to trust
-        return Run(output=machine.text(), status="error", reason=f"{type(e).__name__}: {e}")
+        return Run(output=machine.text(), status="error", reason=error_reason(e))
     shown = {k: v for k, v in machine.globals.items() if not isinstance(v, _Function | _Module) and not callable(v)}
     return Run(output=machine.text(), variables=shown)
+
+
+def error_reason(e: Exception) -> str:
+    """The program's error, named without printing what it holds: a KeyError's key can be a tuple nested 15000
+    deep, or a list of itself doubled 40 times, whose text alone would recurse or never end."""
+    if any(isinstance(a, CONTAINERS) for a in e.args):
+        return type(e).__name__
+    try:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    except Exception:  # RecursionError and the like
+        return type(e).__name__
 
 
 class _Break(Exception):
@@ -247,6 +266,18 @@ class _Machine:
         self.allocated += n
         if self.allocated > self.limits.max_alloc:
             raise Bound(f"over {self.limits.max_alloc} items created (the memory bound)")
+
+    def nested(self, *vs: Any) -> None:
+        """Before native code walks these values item by item (==, `in`, hashing a key, index, sorting): a value
+        that holds containers is charged its items as steps, shared parts each time they are met, so a list of
+        itself doubled 40 times stops at the step bound instead of running in C. Flat values cost nothing: their
+        walk is bounded by their length."""
+        for v in vs:
+            if not isinstance(v, CONTAINERS):
+                continue
+            inside = (*v, *v.values()) if isinstance(v, dict) else v
+            if any(isinstance(x, CONTAINERS) for x in inside):
+                self.tick(scan(v, PRINT_ITEMS, "walking this value")[1])
 
     def items(self, xs: Iterable) -> Iterator:
         """Iterate anything, one step per item (so sum(range(10**12)) stops at the step bound)."""
@@ -378,7 +409,9 @@ class _Machine:
             container = self.expr(target.value, env)
             if not isinstance(container, list | dict):
                 raise TypeError(f"{type(container).__name__} does not support item assignment")
-            container[self.expr(target.slice, env)] = v
+            key = self.expr(target.slice, env)
+            self.nested(key)
+            container[key] = self.list(v) if isinstance(key, slice) else v  # a range is not built in C
             self.value(container)
         else:
             raise NotCheckable(f"assignment to {type(target).__name__}")
@@ -408,6 +441,9 @@ class _Machine:
             left = self.expr(e.left, env)
             for op, right_node in zip(e.ops, e.comparators, strict=True):
                 right = self.expr(right_node, env)
+                self.nested(left, right)
+                if isinstance(right, range) and not isinstance(left, int) and len(right) > self.limits.max_items:
+                    raise Bound(f"`in` a range of over {self.limits.max_items} items, with no integer to look up")
                 if not COMPARE[type(op)](left, right):
                     return False
                 left = right
@@ -421,9 +457,13 @@ class _Machine:
         if isinstance(e, ast.Dict):
             if any(k is None for k in e.keys):
                 raise NotCheckable("dict unpacking")
-            return self.fresh({self.expr(k, env): self.expr(v, env) for k, v in zip(e.keys, e.values, strict=True)})
+            pairs = [(self.expr(k, env), self.expr(v, env)) for k, v in zip(e.keys, e.values, strict=True)]
+            self.nested(*(k for k, _ in pairs))
+            return self.fresh(dict(pairs))
         if isinstance(e, ast.Subscript):
-            return self.value(self.expr(e.value, env)[self.expr(e.slice, env)])
+            container, key = self.expr(e.value, env), self.expr(e.slice, env)
+            self.nested(key)  # a tuple key is hashed item by item
+            return self.value(container[key])
         if isinstance(e, ast.Slice):
             parts = (e.lower, e.upper, e.step)
             return slice(*(None if p is None else self.expr(p, env) for p in parts))
@@ -454,6 +494,8 @@ class _Machine:
             if exact and size > 1 and (size.bit_length() - 1) * abs(b.numerator) > self.limits.max_bits:
                 raise Bound(f"a power over {self.limits.max_bits} bits")  # before computing it, not after
         if isinstance(op, ast.Mod) and isinstance(a, str):
+            if re.search(r"%\([^)]*\(", a):  # CPython balances a key's parentheses; PERCENT_SPEC would stop early
+                raise NotCheckable("a %-format key with parentheses")
             for width, precision in PERCENT_SPEC.findall(a):
                 if "*" in width + precision or int(width or 0) > 200 or int(precision or 0) > 200:
                     raise Bound("a %-format asks for over 200 characters")
@@ -492,6 +534,12 @@ class _Machine:
         if isinstance(f, _Function):
             return self.call_function(f, args, kwargs)
         owner = getattr(f, "__self__", None)
+        self.nested(owner, *args)
+        name = getattr(f, "__name__", "")
+        if args and (f is MODULES["math"]["fsum"] or isinstance(owner, list | dict) and name in ("extend", "update")):
+            args[0] = args[0] if isinstance(args[0], dict) else self.list(args[0])  # iterated here, step by step
+        if f in (Fraction, Integer) and any(isinstance(a, str) and (len(a) > 100 or "e" in a.lower()) for a in args):
+            raise Bound("Rational of a long string or one with an exponent (10**exponent is built to parse it)")
         if isinstance(owner, str) and f.__name__ == "join" and args:
             parts = self.list(args[0])
             if sum(len(x) for x in parts if isinstance(x, str)) + len(owner) * len(parts) > self.limits.max_items:
@@ -546,11 +594,11 @@ class _Machine:
         if isinstance(p, ast.Constant):
             return str(p.value)
         v = self.expr(p.value, env)
+        spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
         if p.conversion == ord("r"):
             v = show(v, inner=True)
-        elif p.conversion == -1 and p.format_spec is None:
-            v = self.value(show(v))  # `{x}` is str(x): a fraction inside a list prints as a/b
-        spec = self.fstring_spec(p.format_spec, env) if p.format_spec is not None else ""
+        elif p.conversion == -1 and not spec:  # `{x}` and `{x:}` are str(x): a fraction in a list prints as a/b
+            v = self.value(show(v))
         if len(spec) > 20 or any(int(d) > 200 for d in re.findall(r"\d+", spec)):
             raise Bound("an f-string format asks for over 200 characters")
         return self.value(format(self.str(v) if p.conversion == ord("s") else v, spec))
