@@ -48,6 +48,7 @@ PRINT_DEPTH = 200
 
 
 CONTAINERS = (list, tuple, dict, KeysView, ValuesView, ItemsView)  # what CPython walks item by item natively
+WALKING = {"index", "count", "sort", "get", "pop", "update", "sorted", "min", "max"}  # callables that compare or hash
 
 
 def scan(v: Any, cap: int, doing: str) -> tuple[bool, int]:
@@ -534,8 +535,9 @@ class _Machine:
         if isinstance(f, _Function):
             return self.call_function(f, args, kwargs)
         owner = getattr(f, "__self__", None)
-        self.nested(owner, *args)
         name = getattr(f, "__name__", "")
+        if name in WALKING:  # they compare or hash the values they are given (len, append... do not)
+            self.nested(owner, *args)
         if args and (f is MODULES["math"]["fsum"] or isinstance(owner, list | dict) and name in ("extend", "update")):
             args[0] = args[0] if isinstance(args[0], dict) else self.list(args[0])  # iterated here, step by step
         if f in (Fraction, Integer) and any(isinstance(a, str) and (len(a) > 100 or "e" in a.lower()) for a in args):
