@@ -335,6 +335,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             return reply(err)
         finally:
             watching.cancel()
+            solving.cancel()  # a no-op once it is done or abandoned
             ticket.release()
 
     async def stream(request: Request, job: Job, ticket: Ticket, t0: float) -> AsyncIterator[str]:
