@@ -287,8 +287,8 @@ def _completion(answer: dict, params: SamplingParams) -> Completion:
             outputs.append(
                 Output(text=text, token_ids=ids or [], finish_reason=finish, logprobs=logprobs, token_count=count)
             )
-        if len(outputs) != distinct_samples(params):
-            raise ValueError(f"{len(outputs)} choices for n={distinct_samples(params)}")
+        if len(outputs) not in (params.n, distinct_samples(params)):  # greedy: n choices, or the one we asked for
+            raise ValueError(f"{len(outputs)} choices for n={params.n}")
         usage = answer.get("usage") or {}
         if uncounted:
             if "completion_tokens" not in usage:
