@@ -23,8 +23,9 @@ class KernelBuildError(FotError, RuntimeError):
 
 class SearchError(FotError, RuntimeError):
     """A search whose backend requests failed (a server down, a request refused): it has no result. `solution`
-    holds what the search reached without them, to look at, never to score."""
+    holds what the search reached without them, to look at, never to score. `retryable` is False when every failed
+    request was refused by the backend itself (an upstream's 4xx), so the same search would fail again."""
 
-    def __init__(self, message: str, solution=None):
+    def __init__(self, message: str, solution=None, retryable: bool = True):
         super().__init__(message)
-        self.solution = solution
+        self.solution, self.retryable = solution, retryable

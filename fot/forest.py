@@ -180,6 +180,7 @@ class Forest:
         self.progress = progress
         self.usage = SolveUsage()
         self.errors: list[str] = []  # the first few failed requests' causes
+        self.refused_only = True  # every failed request (if any) was refused by the backend itself
         self.rng = random.Random(config.seed)
         self.batchers: list[Batcher] = []
         self.corrector: MathCorrector | None = None
@@ -195,6 +196,7 @@ class Forest:
         u.backend_calls += 1
         u.requests += len(requests)
         u.failed += sum(not c.ok for c in done)
+        self.refused_only &= all(c.ok or c.refused for c in done)
         self.errors += [c.error for c in done if not c.ok][: 3 - len(self.errors)]
         u.prompt_tokens += sum(c.prompt_tokens for c in done)
         u.generated_tokens += sum(c.generated_tokens for c in done)
@@ -262,6 +264,7 @@ class Forest:
                 f"{self.usage.failed} of {self.usage.requests} backend requests failed, so the search has no "
                 f"result: {'; '.join(self.errors)}",
                 solution,
+                retryable=not self.refused_only,
             )
         return solution
 

@@ -49,6 +49,7 @@ from fot.chat import (
 from fot.decoding.base import Backend, BackendError, WorkerBackend
 from fot.errors import FotError, InvalidRequestError, SearchError
 from fot.forest import Solution, asolve
+from fot.tasks.math import start_verifier
 
 try:
     import anyio
@@ -186,11 +187,19 @@ class Store:
 
 
 def search_error(e: BaseException, deadline: float, logged: bool = False) -> ApiError:
-    """The reply for a search that raised: the client's fault (400), the backend's (503), the clock's (504)."""
+    """The reply for a search that raised: the client's fault (400), the backend's (502 refused, 503 failed), the
+    clock's (504)."""
     if isinstance(e, TimeoutError):
         return ApiError(504, f"the search ran past the server's deadline of {deadline:g} s", code="deadline_exceeded")
     if isinstance(e, InvalidRequestError):
         return ApiError(400, str(e))
+    if isinstance(e, SearchError) and not e.retryable:  # `x-should-retry`: the openai client would retry a 5xx
+        return ApiError(
+            502,
+            f"the backend refused the search's requests, so it has no answer (the same request would fail again): {e}",
+            code="backend_refused",
+            headers={"x-should-retry": "false"},
+        )
     if isinstance(e, SearchError | BackendError):
         return ApiError(503, f"the backend failed, so the search has no answer: {e}", code="backend_unavailable")
     if isinstance(e, FotError):
@@ -215,6 +224,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        await asyncio.to_thread(start_verifier)  # the first math vote would block the event loop for seconds
         yield
         await backend.close()
 

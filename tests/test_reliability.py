@@ -395,6 +395,26 @@ def test_a_score_without_a_verdict_fails_the_problem_instead_of_recording_it_wro
     assert score(problem, "(x+6)^2") is True
 
 
+def test_a_pair_decided_in_the_search_is_not_sent_to_math_verify_again_when_scored(monkeypatch):
+    """The verdicts were remembered per time bound, so scoring (60 s) asked again what voting (5 s) had decided."""
+    import fot.tasks.math as math_task
+    from fot.tasks import get_task
+
+    real, asked = math_task._Verifier._ask, []
+
+    def counted(self, a, b, timeout):
+        asked.append((a, b))
+        return real(self, a, b, timeout)
+
+    monkeypatch.setattr(math_task._Verifier, "_ask", counted)
+    task = get_task("math")
+    assert task.equivalent("(x+9)^2", "x^2+18x+81") is True
+    assert task.equivalent("(x+9)^2", "x^2+18x+81", strict=True) is True
+    assert task.equivalent("(x+9)^2", "x^2+18x+82", strict=True) is False
+    assert task.equivalent("(x+9)^2", "x^2+18x+82") is False
+    assert [p for p in asked if p != ("1", "1")] == [("(x+9)^2", "x^2+18x+81"), ("(x+9)^2", "x^2+18x+82")]
+
+
 def test_a_worker_that_dies_mid_comparison_is_replaced_and_asked_again(monkeypatch):
     """A killed worker (out of memory, say) read as end of file and counted as "not equivalent". Now the
     comparison is asked again of a new worker; a worker that dies twice is an error."""

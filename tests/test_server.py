@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import Process, free_port
+from servers import Process, fault_proxy, free_port
 
 KEY = "test-key-1"
 PROBLEM = "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How many apples are left?"
@@ -57,7 +57,7 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def client(url: str, key: str = KEY, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, **kw)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, **{"max_retries": 0} | kw)
 
 
 def test_sync_client_gets_an_answer_with_usage_and_the_forest(server):
@@ -280,6 +280,21 @@ def test_a_backend_that_is_down_gets_503(tmp_path):
         assert "Traceback" not in proc.tail(200)
 
 
+def test_a_search_the_upstream_refuses_gets_502_that_the_openai_client_does_not_retry(vllm_url, tmp_path):
+    """An upstream's 4xx used to be a 503, which the openai client asked again, to be refused again."""
+    port = free_port()
+    with fault_proxy(vllm_url.removesuffix("/v1"), port, tmp_path / "p.log", fail_first=10**6, status=400):
+        proc, url = start(tmp_path / "refused.log", "--backend", "openai", "--base-url",
+                          f"http://127.0.0.1:{port}/v1", "--model", "tiny", "--max-tokens", "24")  # fmt: skip
+        with proc:
+            retrying = client(url, max_retries=2)
+            with pytest.raises(openai.APIStatusError) as e:
+                retrying.chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}])
+            assert e.value.status_code == 502 and e.value.body["code"] == "backend_refused"
+            assert "HTTP 400" in e.value.body["message"]
+            assert metrics(url)["fot_requests_total{502}"] == 1  # asked once, not three times
+
+
 def test_request_options_merge_into_the_server_defaults():
     from fot.chat import ChatRequest, make_job
 
@@ -357,3 +372,16 @@ def test_ctrl_c_cancels_a_long_search_after_the_grace(served_model_dir, tmp_path
     assert "Traceback" not in proc.tail(200)
     [r] = replies  # the client is told, not left with a dropped connection
     assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
+def test_the_server_starts_math_verify_before_its_first_request():
+    """The worker's start (importing sympy: seconds) came inside the first math vote, blocking the event loop."""
+    from fastapi.testclient import TestClient
+
+    import fot.tasks.math as math_task
+    from fot.decoding.scripted import ScriptedBackend
+    from fot.server import create_app
+
+    math_task._verifier._stop()
+    with TestClient(create_app(ScriptedBackend([]))):
+        assert math_task._verifier.proc is not None and math_task._verifier.proc.poll() is None

@@ -87,6 +87,7 @@ class Completion(BaseModel):
     prompt_tokens: int = 0
     outputs: list[Output] = Field(default_factory=list)
     error: str | None = None
+    refused: bool = False  # failed because the backend refused the request itself: asked again, it would refuse
     forward_passes: int = 0  # per request where the backend can tell (the native engine); else 0
     draft_tokens: int = 0
     accepted_tokens: int = 0

@@ -206,7 +206,7 @@ class OpenAIBackend(BaseBackend):
                 delay = min(8.0, self.config.backoff * 2**attempt)
                 await asyncio.sleep(delay * (0.5 + random.random()))
             except BackendError as e:  # the request's own fault: no retry
-                return Completion(error=str(e))
+                return Completion(error=str(e), refused=True)
         return Completion(error=f"failed after {len(tried)} attempts: " + "; ".join(tried))
 
     def _pick(self, failed_on: set[_Endpoint]) -> _Endpoint:

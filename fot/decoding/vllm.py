@@ -223,7 +223,7 @@ class VLLMBackend(WorkerBackend):
                         engine.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
                         waiting[rid] = (fut, loop, n)
                     except Exception as e:  # vLLM refused this request: it fails alone
-                        settle(loop, fut, Completion(error=f"vLLM refused it: {e}"))
+                        settle(loop, fut, Completion(error=f"vLLM refused it: {e}", refused=True))
                 try:
                     item = self.inbox.get_nowait()
                 except queue.Empty:

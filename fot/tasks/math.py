@@ -11,7 +11,6 @@ import threading
 import warnings
 from collections import Counter
 from fractions import Fraction
-from functools import lru_cache
 from types import MappingProxyType
 
 from fot.errors import FotError
@@ -175,6 +174,11 @@ class _Verifier:
             raise BrokenPipeError(f"the math-verify worker answered {line[:80]!r}")
         return line == "1\n"
 
+    def start(self) -> None:
+        """Start the worker now rather than at the first comparison, which would wait for sympy's import."""
+        with self.lock:
+            self._start()
+
     def _start(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
@@ -211,20 +215,25 @@ class _Verifier:
 
 
 _verifier = _Verifier()
-
-
-class _NoVerdict(Exception):
-    """math-verify gave no verdict in time: not cached by `_mv_verdict`, see `_mv_equivalent`."""
+start_verifier = _verifier.start
 
 
 _timeouts: Counter[tuple[str, str]] = Counter()
+_verdicts: dict[tuple[str, str], bool] = {}  # a pair's verdict, whatever bound it was reached within
+_verdicts_lock = threading.Lock()
+_MAX_VERDICTS = 4096  # the oldest is dropped past this
 
 
-@lru_cache(maxsize=4096)
-def _mv_verdict(a: str, b: str, timeout: float | None = None) -> bool:
-    verdict = _verifier(a, b, timeout)
+def _mv_verdict(a: str, b: str, timeout: float | None = None) -> bool | None:
+    """math-verify's verdict on a pair, remembered; None (not remembered) when it gave none within the bound."""
+    verdict = _verdicts.get((a, b))
     if verdict is None:
-        raise _NoVerdict
+        verdict = _verifier(a, b, timeout)
+        if verdict is not None:
+            with _verdicts_lock:
+                if len(_verdicts) >= _MAX_VERDICTS:
+                    del _verdicts[next(iter(_verdicts))]
+                _verdicts[a, b] = verdict
     return verdict
 
 
@@ -236,17 +245,14 @@ def _mv_equivalent(a: str, b: str, strict: bool = False) -> bool:
     if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS or _HUGE.search(a) or _HUGE.search(b):
         return False
     if strict:
-        try:
-            return _mv_verdict(a, b, SCORE_TIMEOUT_S)
-        except _NoVerdict:
-            raise FotError(
-                f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} in {SCORE_TIMEOUT_S} s"
-            ) from None
+        verdict = _mv_verdict(a, b, SCORE_TIMEOUT_S)
+        if verdict is None:
+            raise FotError(f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} in {SCORE_TIMEOUT_S} s")
+        return verdict
     if _timeouts[a, b] >= VERIFY_TRIES:
         return False
-    try:
-        return _mv_verdict(a, b)
-    except _NoVerdict:
+    verdict = _mv_verdict(a, b)
+    if verdict is None:
         _timeouts[a, b] += 1
         warnings.warn(
             f"math-verify gave no verdict on {a[:80]!r} against {b[:80]!r} within {VERIFY_TIMEOUT_S} s "
@@ -254,6 +260,7 @@ def _mv_equivalent(a: str, b: str, strict: bool = False) -> bool:
             stacklevel=3,
         )
         return False
+    return verdict
 
 
 class MathTask:
