@@ -17,6 +17,7 @@ checks (`Task.checks`); math has two.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -250,12 +251,11 @@ def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
         k -= 1
     stop = _near(toks, k, -1)
     first = len(taken) - 1  # taken[first] is the run's first token
+    depth = list(itertools.accumulate((u.kind == "open") - (u.kind == "close") for _, u in taken))
     while first >= 0 and taken[first][1].kind in ("op", "open"):
         t, nxt = taken[first][1], taken[first - 1][1] if first else None
         dash = t.kind == "op" and (t.python != "-" or nxt is not None and nxt.start > t.end)  # "**3 + 4", "- 3 + 4"
-        unclosed = t.kind == "open" and sum(u.kind == "open" for _, u in taken[: first + 1]) > sum(
-            u.kind == "close" for _, u in taken[: first + 1]
-        )  # "(3 + 4 = 7)"
+        unclosed = t.kind == "open" and depth[first] > 0  # "(3 + 4 = 7)"
         if not (dash or unclosed):
             break
         first -= 1
