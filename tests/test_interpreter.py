@@ -300,6 +300,17 @@ def test_code_checks_compare_what_code_prints_with_what_the_answer_claims(text, 
     assert f.rest.strip() == "The answer is 5."
 
 
+def test_an_answer_s_code_blocks_share_one_step_budget():
+    """Each block had its own 100000 steps, so an answer of many long loops ran for as many bounds."""
+    from fot.tasks.checks import ANSWER_STEPS, check_code
+
+    loop = "n = 0\nfor i in range(24000):\n    n += 1\nprint(n)"
+    assert run(loop).ok and ANSWER_STEPS // run(loop).steps == 4  # under one block's bound; 4 fit in the budget
+    found = check_code("", block(loop, "24000") * 6 + block("print(2 + 2)", "5"))
+    assert (found.checked, found.skipped, found.failure) == (4, 3, None)  # the wrong claim is past the budget
+    assert check_code("", block(loop, "24000") + block("print(2 + 2)", "5")).failure.actual == "4"
+
+
 def test_loops_with_else_break_and_continue_match_cpython():
     code = (
         "for i in range(5):\n    if i == 1:\n        continue\n    if i == 3:\n        break\n    print(i)\nelse:\n"

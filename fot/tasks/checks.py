@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
 
-from fot.tasks.interpreter import Run, run
+from fot.tasks.interpreter import Limits, Run, run
 
 
 @dataclass(frozen=True)
@@ -62,16 +62,19 @@ CODE = re.compile(r"```(?:python|py|python3)[ \t]*\n(.*?)```", re.S | re.I)
 CLAIMED = re.compile(
     r"[ \t]*\n?(?:[^\n`]{0,100}\n)?[ \t]*```(?:output|text|plaintext|console)?[ \t]*\n(.*?)```", re.S | re.I
 )
+ANSWER_STEPS = 4 * Limits.max_steps  # one answer's code blocks together: many blocks do not each get a full bound
 TOKEN = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
 
 
 def check_code(problem: str, text: str) -> Finding:
     checked = skipped = 0
+    steps = ANSWER_STEPS
     for m in CODE.finditer(text):
         claimed = CLAIMED.match(text, m.end())
         if claimed is None:
             continue  # nothing claimed about this block: nothing to compare
-        result: Run = run(m.group(1))
+        result: Run = run(m.group(1), Limits(max_steps=min(Limits.max_steps, steps)))
+        steps -= result.steps
         if not result.ok or not result.output.strip():
             skipped += 1  # not checkable, stopped by a bound, an error, or it prints nothing: counted, not judged
             continue

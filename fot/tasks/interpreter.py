@@ -146,6 +146,7 @@ class Run:
     status: str = "ok"  # ok | not_checkable | bound | error
     reason: str = ""
     variables: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0  # the steps it took, against `Limits.max_steps`
 
     @property
     def ok(self) -> bool:
@@ -176,6 +177,12 @@ def run(code: str, limits: Limits | None = None) -> Run:
     except NotCheckable as e:
         return Run(status="not_checkable", reason=str(e))
     machine = _Machine(limits)
+    result = _execute(machine, tree)
+    result.steps = machine.steps
+    return result
+
+
+def _execute(machine: _Machine, tree: ast.Module) -> Run:
     try:
         machine.block(tree.body, machine.globals)
     except _Return:
