@@ -131,10 +131,11 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings["program_trees"] = program_trees(args)
     if args.method == "fot" and args.benchmark != "game24":  # math: the fallback runs the corrector (older runs: not)
         settings["fallback"] = "corrected"
-    from fot.forest import SEARCH_VERSION
+    from fot.forest import SEARCH_VERSIONS
 
-    if SEARCH_VERSION > 1:  # the runs of version 1 keep their names
-        settings["search"] = SEARCH_VERSION
+    version = SEARCH_VERSIONS[BENCHMARKS[args.benchmark].task]
+    if version > 1:  # the runs of version 1 keep their names
+        settings["search"] = version
     for name, on in rule_checks(args).items():  # runs from before a check keep their names
         if on:
             settings[f"{name}_checks"] = True
@@ -148,7 +149,7 @@ async def solve_all(
 ) -> tuple[int, int]:
     """Solve `problems` (the unfinished ones of the `total` the run was asked for) with at most `args.concurrency`
     in flight; append each record as it finishes."""
-    from fot.forest import SEARCH_VERSION, Solution, asolve
+    from fot.forest import SEARCH_VERSIONS, Solution, asolve
 
     config, checks = search_config(args), rule_checks(args)
     gate = asyncio.Semaphore(args.concurrency)
@@ -214,7 +215,7 @@ async def solve_all(
             arithmetic_checks=u.arithmetic_checks,
             arithmetic_repairs=u.arithmetic_repairs,
             program_trees=program_trees(args),
-            search_version=SEARCH_VERSION,
+            search_version=SEARCH_VERSIONS[problem.task],
             gym_correct=gym_score(problem, sol.answer),
             tree_answers=sol.tree_answers,
             tree_correct=[score(problem, a) for a in sol.tree_answers],

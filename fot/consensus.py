@@ -5,7 +5,8 @@ plurality otherwise the single most common answer;
 expert    a tie at the top (or several candidates and no plurality): an expert model, the same backend or a
           stronger one, picks among the candidates;
 fallback  no tree has an answer, or the expert says "I don't know": a chain-of-thought answer, checked and repaired
-          by the forest's self-correction as the trees' answers are.
+          by the forest's self-correction as the trees' answers are; without a corrector (Game of 24), an answer
+          that fails the task's check is no answer.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ async def decide(
         if pick is not None:
             return Decision(answer=pick, votes=votes, method="expert", confidence=votes[pick] / n)
     answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens, corrector=corrector)
+    if answer is not None and corrector is None and task.check(problem, f"Answer: {answer}"):
+        answer = None  # nothing checked it (Game of 24 has no corrector): an answer the task's rule rejects is none
     return Decision(answer=answer, votes=votes, method="fallback", confidence=0.0)
 
 

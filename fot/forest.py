@@ -28,7 +28,8 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import networkx as nx
@@ -50,9 +51,10 @@ from fot.viewer import page, tree_graph
 
 Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
 MAX_TREES = 64  # trees (or sc samples) per problem: each is a request per step, batched together
-# Bumped by a change that makes a search do something else with the same inputs and seed (its prompts, its
-# sampling, its checks, its decision): eval runs are named by it, so one run never mixes two versions.
-SEARCH_VERSION = 1
+# Per task: bumped by a change that makes a search of that task do something else with the same inputs and seed
+# (its prompts, its sampling, its checks, its decision); a change to what all tasks share bumps them all. Eval runs
+# are named by it, so one run never mixes two versions.
+SEARCH_VERSIONS: Mapping[str, int] = MappingProxyType({"math": 1, "game24": 2})
 
 
 class SparseConfig(BaseModel):

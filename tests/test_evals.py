@@ -287,12 +287,15 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
 
 def test_a_new_search_version_is_a_new_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resumed run mixed records of two versions of the search (the first 100 GSM-Symbolic FoT-4 records predate
-    two changes to it). A bumped `SEARCH_VERSION` names new runs; version 1 keeps the names runs had."""
+    two changes to it). A bumped `SEARCH_VERSIONS[task]` names new runs of that task; version 1 keeps the names runs
+    had."""
     import fot.forest
 
     args = options("arithmetic", method="sc", dtype="float32", code_checks="off", arithmetic_checks="off")
     assert run_name(args) == "sc-t4-default-native-prompt_lookup-s0-a690c226"
-    monkeypatch.setattr(fot.forest, "SEARCH_VERSION", 2)
+    monkeypatch.setattr(fot.forest, "SEARCH_VERSIONS", {"math": 1, "game24": 3})
+    assert run_name(args) == "sc-t4-default-native-prompt_lookup-s0-a690c226"  # another task's version
+    monkeypatch.setattr(fot.forest, "SEARCH_VERSIONS", {"math": 2, "game24": 3})
     assert run_name(args) != "sc-t4-default-native-prompt_lookup-s0-a690c226"
 
 

@@ -395,6 +395,43 @@ def test_tot_checks_corrects_and_solves_exactly():
     assert strict.rejected == 2 and strict.corrections == 0
 
 
+def test_game24_answers_and_verdicts_are_the_puzzle_s_own_not_those_of_puzzles_the_model_goes_on_to():
+    """A few-shot prompt with no stop: the model went on to a puzzle of its own, and chain of thought read that
+    puzzle's "Answer:" (every cot answer of the 1.5B model's committed run), ToT took its proposals as steps and its
+    verdict as the state's value."""
+    from fot.trees.cot import chain_of_thought
+
+    run_on = "\nInput: 1 2 3 4\nSteps:\n1 + 2 = 3 (left: 3 3 4)\nAnswer: (1 + 2 + 3) * 4 = 24\n"
+    cot = ScriptedBackend(lambda r, j: "12 * 2 = 24 (left: 9 10 24)\nAnswer: (12 * 2) * (10 - 9) = 24" + run_on)
+    answer, done = asyncio.run(chain_of_thought(Batcher(cot, 1).generate, GAME, "2 9 10 12"))
+    assert answer == "(12 * 2) * (10 - 9)" and "Input:" not in done.text
+
+    assert parse_value("4 * 6 = 24\nsure\n1 1 1\n1 + 1 + 1 = 3\nimpossible") == 20  # its own verdict, the first
+    assert parse_value("4 + 6 = 10\nlikely\n2 2 2\nsure") == 1
+    assert parse_value("I am unsure") == 0.001 and parse_value("Sure.") == 20
+
+    def respond(r, j):
+        if "Evaluate if" in content(r):
+            return "likely"
+        return "4 + 6 = 10 (left: 1 10 10)\nInput: 4 6 2 2\nPossible next steps:\n6 - 4 = 2 (left: 1 2 10)"
+
+    tree = ToT(GAME, "4 6 1 10", seed=0, correct=True)
+    asyncio.run(tree.step(Batcher(ScriptedBackend(respond), 1).generate))
+    assert [tree.tree[n]["numbers"] for n in tree.frontier] == [["1", "10", "10"]]  # not 6 - 4 of the made-up one
+
+
+def test_a_game24_fallback_answer_that_fails_the_check_is_no_answer():
+    """No tree reached 24 and the fallback's chain of thought answered "4 * 6", which leaves 1 and 10 unused: it was
+    the forest's answer, unchecked (13 of 50 FoT-4 answers of the committed 1.5B run were fallbacks)."""
+    for reply, answer in [("Answer: 4 * 6 = 24", None), ("Answer: (10 - 4) * (6 - 1) = 24", None)]:
+        backend = ScriptedBackend(lambda r, j, reply=reply: reply)
+        d = asyncio.run(decide(GAME, "4 6 1 10", [None, None], Batcher(backend, 1).generate))
+        assert (d.answer, d.method) == (answer, "fallback")
+    backend = ScriptedBackend(lambda r, j: "Answer: (12 * 2) * (10 - 9) = 24")
+    d = asyncio.run(decide(GAME, "2 9 10 12", [None, None], Batcher(backend, 1).generate))
+    assert (d.answer, d.method) == ("(12 * 2) * (10 - 9)", "fallback")
+
+
 def test_tot_counts_a_correction_only_where_it_makes_a_state():
     """A wrong step whose repaired state was already proposed is merged into it: no node, so no correction (the
     count had included these)."""

@@ -47,8 +47,11 @@ class ScriptedBackend(BaseBackend):
 
     @staticmethod
     def _output(reply: str | Output, request: Request) -> Output:
+        """A reply as the engines give it: cut before its first stop string, then at `max_tokens` bytes."""
         if isinstance(reply, Output):
             return reply
+        hits = [i for i in (reply.find(s) for s in request.params.stop) if i >= 0]
+        reply = reply[: min(hits)] if hits else reply
         ids = list(reply.encode())[: request.params.max_tokens]
         text = bytes(ids).decode(errors="ignore")
         finish = "length" if len(ids) < len(reply.encode()) else "stop"

@@ -23,14 +23,15 @@ Answer: (12 * 2) * (10 - 9) = 24
 Input: {problem}
 Steps:
 """
+NEXT_PUZZLE = "\nInput:"  # where a few-shot answer ends, and the model's own next example begins
 
 
 def cot_request(
     task: Task, problem: str, *, n: int = 1, temperature: float = 0.0, seed: int = 0, max_tokens: int = 384
 ) -> Request:
     params = {"n": n, "temperature": temperature, "seed": seed, "max_tokens": max_tokens, "logprobs": True}
-    if task.name == "game24":
-        return Request.make(GAME24.format(problem=problem), **params)
+    if task.name == "game24":  # the model goes on to a puzzle of its own, whose "Answer:" would be read
+        return Request.make(GAME24.format(problem=problem), stop=(NEXT_PUZZLE,), **params)
     return Request.make([{"role": "user", "content": ANSWER.format(problem=problem, example="")}], **params)
 
 

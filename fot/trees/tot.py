@@ -13,6 +13,7 @@ state that reached 24, always re-checked with the task's exact checker.
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,7 @@ from fot.tasks.game24 import (
     parse_step,
 )
 from fot.trees.base import Generate, TreeGraph
+from fot.trees.cot import NEXT_PUZZLE
 
 PROPOSE = """Use two of the numbers and one of + - * / to make a new number. List possible next steps, one per line.
 Input: 2 8 8 14
@@ -60,6 +62,7 @@ impossible
 {numbers}
 """
 VALUES = {"sure": 20.0, "likely": 1.0, "impossible": 0.001}
+_VERDICT = re.compile(r"\b(?:sure|likely|impossible)\b")
 
 
 class ToTConfig(BaseModel):
@@ -75,12 +78,10 @@ class ToTConfig(BaseModel):
 
 
 def parse_value(text: str) -> float:
-    """The verdict on the last line that has one; no verdict counts as 'impossible'."""
-    for line in reversed(text.strip().lower().splitlines()):
-        for word, value in VALUES.items():
-            if word in line:
-                return value
-    return VALUES["impossible"]
+    """The first verdict, as a whole word ("unsure" is none); no verdict counts as 'impossible'. The model goes on
+    to judge states of its own after its verdict, so a later one is not about this state."""
+    m = _VERDICT.search(text.lower())
+    return VALUES[m.group()] if m else VALUES["impossible"]
 
 
 class ToT:
@@ -115,7 +116,7 @@ class ToT:
     def request(self, template: str, numbers: str, *, n: int, max_tokens: int) -> Request:
         self.seed += 1
         params = {"n": n, "max_tokens": max_tokens, "temperature": self.config.temperature, "seed": self.seed}
-        return Request.make(template.format(numbers=numbers), **params)
+        return Request.make(template.format(numbers=numbers), stop=(NEXT_PUZZLE,), **params)
 
     async def start(self, gen: Generate) -> None:
         """The first level. Sparse activation ranks trees by their best state's value, and a bare root gives every
