@@ -116,3 +116,16 @@ def test_grow_keeps_what_is_held_and_frees_the_new_slots(padded):
     cache.plan([a], [6])  # the longer slot is usable
     with pytest.raises(InvalidRequestError, match="only grows"):
         cache.grow(3, 9)
+
+
+def test_pad_rows_past_the_context_take_its_last_rope_position():
+    """A sample at the end of the context, padded to another's longer draft: its pad rows' positions ran past
+    RoPE's table, and the lookup failed the whole step (IndexError: index 512). Pad rows are masked anyway."""
+    cache = PaddedKVCache(1, 2, 1, 600, 4)
+    a, b = cache.allocate(), cache.allocate()
+    cache.plan([a, b], [510, 100])
+    cache.advance([a, b], [510, 100])
+    layout = cache.plan([a, b], [9, 9])  # a's last real token is at 510 or 511, padded to b's 9
+    table = torch.arange(512, dtype=torch.float32)[:, None].expand(512, 4)
+    cos, _ = layout.rope(table, table, torch.float32)
+    assert cos[:, 0, 0].tolist() == [510, *[511] * 8, *range(100, 109)]

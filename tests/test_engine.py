@@ -256,3 +256,38 @@ def test_cancelled_samples_leave_the_engine_and_the_others_decode_as_before(tiny
         assert engine.result(seq).token_ids == hf_greedy(tiny_model_dir, seq.prompt, 16, hf_cache)
     engine.cancel([running[0]])  # finished samples are left alone
     assert engine.stats.cancelled == 2
+
+
+def test_the_cache_grows_only_where_it_is_short(tiny_model_dir):
+    """Each admission of a request that arrived while others ran grew the cache's length by half as well, needed
+    or not: twelve 3-token requests of 100 tokens took it from 103 entries to 1167, past the context of 512."""
+    engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", max_batch=12)
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    sizes = set()
+    for i in range(12):
+        engine.submit([[5 + i, 6, 7]], params)
+        engine.step()
+        sizes.add((engine.cache.n_slots, engine.cache.max_len))
+    assert {length for _, length in sizes} == {103} and max(sizes)[0] == 12
+    while not engine.idle:
+        engine.step()
+
+
+def test_a_drafter_that_fails_to_load_leaves_the_engine_as_it_was(tiny_model_dir):
+    """The new config was set before its drafter was built: after a refused adapter the engine said "kangaroo" and
+    ran the old drafter with the new config's caps."""
+    from fot.errors import ModelError
+
+    engine = Engine.from_pretrained(tiny_model_dir, dtype="float32", speculative="prompt_lookup")
+    before = (engine.speculative, engine.proposer)
+    with pytest.raises(ModelError):
+        engine.set_speculative({"method": "kangaroo", "adapter": "/no/such/adapter", "num_speculative_tokens": 2})
+    assert (engine.speculative, engine.proposer) == before
+
+
+def test_a_draw_at_the_top_of_the_cdf_never_takes_a_token_of_probability_zero():
+    """u * total rounded up to the total in fp32 gave the vocabulary's last id, here of probability 0."""
+    from fot.speculative.verify import draw
+
+    p = torch.tensor([0.25, 0.75, 0.0, 0.0])
+    assert [draw(p, u) for u in (0.0, 0.2, 0.3, 1 - 1e-9)] == [0, 0, 1, 1]

@@ -285,7 +285,8 @@ class Layout:
         """RoPE's cos and sin at each token's position, [T, 1, head_dim] in `dtype`, from the full tables."""
         key = ("rope", dtype)
         if key not in self.memo:
-            self.memo[key] = (cos[self.pos].to(dtype).unsqueeze(1), sin[self.pos].to(dtype).unsqueeze(1))
+            pos = self.pos.clamp(max=cos.shape[0] - 1)  # a padded layout's pad rows may run past the context
+            self.memo[key] = (cos[pos].to(dtype).unsqueeze(1), sin[pos].to(dtype).unsqueeze(1))
         return self.memo[key]
 
     def to(self, device: torch.device) -> Layout:

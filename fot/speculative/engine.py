@@ -105,10 +105,11 @@ class Engine:
         what one drafter measured or cached must not speed up the next one's run."""
         if not self.idle:
             raise InvalidRequestError("the drafter can change only while the engine runs nothing")
-        self.speculative = spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
-        self.proposer = make_proposer(self.model, spec, drafter)
+        spec = SpeculativeConfig.make(speculative) or (SpeculativeConfig() if drafter else None)
+        proposer = make_proposer(self.model, spec, drafter)  # may refuse (a bad adapter): nothing has changed yet
         if self.pack:
-            self.proposer.pack()
+            proposer.pack()
+        self.speculative, self.proposer = spec, proposer
         self.forward_cost = ForwardCost()  # a verification forward, by its token count
         self.pass_share: float | None = None  # a draft pass's time over a verification forward's of as many tokens
         self.prefix_store = PrefixStore(self.prefix_cache_mib << 20, min_new=max(self.min_shared_prefix, 1))
@@ -264,8 +265,10 @@ class Engine:
             shape = (layers, n_slots, a.n_kv_heads, max_len, a.head_dim)
             self.cache = (PaddedKVCache if self.padded else KVCache)(*shape, self.model.dtype, device=self.device)
         elif n_slots > self.cache.n_slots or max_len > self.cache.max_len:  # by half at least: copies are rare
-            c = self.cache
-            c.grow(max(n_slots, min(self.max_batch, c.n_slots * 3 // 2)), max(max_len, c.max_len * 3 // 2))
+            c, context = self.cache, self.model.args.max_seq_len
+            slots = c.n_slots if n_slots <= c.n_slots else max(n_slots, min(self.max_batch, c.n_slots * 3 // 2))
+            length = c.max_len if max_len <= c.max_len else max(max_len, min(context, c.max_len * 3 // 2))
+            c.grow(slots, length)  # only the dimension that is short: the other grew past any need
         admitted = []
         while self.waiting and self.cache.n_free:
             seq = self.waiting.popleft()

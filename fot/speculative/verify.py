@@ -50,7 +50,8 @@ def uniform(seed: int, position: int) -> float:
 def draw(p: Tensor, u: float) -> int:
     """The token at p's inverse CDF at u (never one of probability 0)."""
     cdf = p.cumsum(-1)
-    return min(int(torch.searchsorted(cdf, u * float(cdf[-1]), right=True)), p.shape[-1] - 1)
+    i = int(torch.searchsorted(cdf, u * float(cdf[-1]), right=True))
+    return i if i < p.shape[-1] else int(p.nonzero()[-1])  # u * total rounded up to the total: the last possible
 
 
 def accept_greedy(argmax: list[int], draft: list[int]) -> list[int]:
