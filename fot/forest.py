@@ -343,7 +343,8 @@ class Forest:
             before = self.usage.generated_tokens
             batch = self.batcher(len(chosen))
             await run_step(batch, [t.step(batch.generate) for t in chosen])
-            step_tokens.append((self.usage.generated_tokens - before) / max(len(chosen), 1))
+            if chosen:  # a step that expanded nothing (every tree below `min_score`) is no tree-step to average
+                step_tokens.append((self.usage.generated_tokens - before) / len(chosen))
             self.usage.tree_steps_skipped += sum(t.remaining_steps() for t in skipped)
         mean = sum(step_tokens) / len(step_tokens) if step_tokens else 0.0
         self.usage.tokens_saved = round(self.usage.tree_steps_skipped * mean)

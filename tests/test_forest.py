@@ -291,6 +291,19 @@ def test_sparse_activation_ranks_tot_trees_after_their_first_level():
     assert max(best[i] for i in pruned) <= min(best[i] for i in kept)
 
 
+def test_tokens_saved_averages_only_the_steps_that_expanded_trees():
+    """A last step where `min_score` pruned every tree expanded nothing, yet its 0 tokens entered the mean."""
+    grades = iter(["Score: 80"] * 2 + ["Score: 10"] * 50)  # both trees expand once, then fall below min_score
+
+    def respond(r, j):
+        return next(grades) if "Grade the answer" in content(r) else math_script()(r, j)
+
+    cfg = {"mctsr": {"rollouts": 3, "reward_samples": 1}, "early_stop": False, "sparse": {"min_score": 50}}
+    sol = solve("What is 40 + 2?", ScriptedBackend(respond), trees=2, config={**cfg, "lockstep": True})
+    step = len("Check the sum again.") + len("Adding up gives 42. The answer is 42.") + len("Score: 10")  # one tree
+    assert sol.usage.tree_steps_skipped == 4 and sol.usage.tokens_saved == 4 * step
+
+
 def test_min_score_stops_weak_trees():
     f = Forest("p", MATH, ForestConfig(sparse={"top_k": 4, "min_score": 50}), ScriptedBackend([]))
 
