@@ -195,6 +195,21 @@ def test_adapter_for_another_base_model_is_refused(tmp_path, tiny_llama_dir):
         Engine(plain.model, plain.tokenizer, speculative={"method": "kangaroo", "layout": "padded"})
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("threshold", "0.4"), ("threshold", None), ("threshold", True), ("threshold", 1.5), ("threshold", -0.1)]
+    + [("max_steps", 0), ("max_steps", 2.0), ("max_steps", True), ("max_steps", None), ("max_steps", "6")],
+)
+def test_an_adapter_config_s_bad_threshold_or_max_steps_is_refused_at_load(tmp_path, tiny_llama_dir, key, value):
+    """Such values loaded, and the first decode then failed with TypeError, aborting the whole batch."""
+    model = Transformer.from_pretrained(tiny_llama_dir)
+    folder = random_adapter(tmp_path / "ad", model, 1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(ModelError, match=rf"{key} .* is not"):
+        load_adapter(folder, model)
+
+
 def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_dir):
     out = tmp_path / "adapter"
     kw = dict(exit_layer=2, prompts=20, new_tokens=12, batch_size=6, draft_vocab=200, progress=False)

@@ -341,3 +341,25 @@ def test_kernels_can_be_switched_off(tiny_llama_dir):
     env = {**os.environ, "FOT_KERNELS": "0"}
     done = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("foreign", [".", "fot_kernels.so", "build.json"])
+def test_a_kernel_cache_another_user_owns_is_refused(tmp_path, monkeypatch, foreign):
+    """Only a group/world-writable folder was refused: a folder, .so or manifest another user owns (who can rewrite
+    it, or chmod it back, at will) was imported, its code run as ours. No build runs here: the import is faked."""
+    monkeypatch.setenv("FOT_CACHE", str(tmp_path))
+    monkeypatch.delenv("FOT_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels.NEEDED))
+    monkeypatch.setattr(kernels, "import_built", lambda folder, digest: "imported")
+    assert kernels.compiled() == "imported"  # all ours: loaded
+    (folder,) = (tmp_path / "kernels").iterdir()
+    (folder / "fot_kernels.so").write_bytes(b"")
+    (folder / "build.json").write_text("{}")
+    assert kernels.compiled() == "imported"
+    if os.geteuid() == 0:
+        os.chown(folder / foreign, os.geteuid() + 4242, -1)
+    else:  # only root gives a file away: this process becomes another user instead
+        other = os.geteuid() + 4242
+        monkeypatch.setattr(os, "geteuid", lambda: other)
+    with pytest.warns(UserWarning, match="owned by another user"):
+        assert kernels.compiled() is None

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from fot.errors import ModelError
 from fot.speculative.cache import KVCache
-from fot.speculative.model import ModelArgs, Transformer
+from fot.speculative.model import ModelArgs, Transformer, rope_frequencies
+from fot.speculative.weights import Checkpoint
 from tests.conftest import save_tiny
 
 ATOL = 1e-4  # fp32; the two implementations differ only in summation order
@@ -134,3 +137,40 @@ def test_unsupported_configs_fail_clearly():
     cfg = {"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(ModelError, match="RoPE type 'yarn'"):
         ModelArgs.from_hf(cfg)
+
+
+def test_the_older_rope_type_spelling_scales_as_the_newer_one():
+    """Older Llama configs spell it "type": it was checked, then dropped, so no scaling ran and outputs were wrong."""
+    base = {"model_type": "llama", "vocab_size": 8, "hidden_size": 64, "num_hidden_layers": 1}
+    base |= {"num_attention_heads": 4, "intermediate_size": 16}
+    old = ModelArgs.from_hf({**base, "rope_scaling": {"type": "linear", "factor": 4.0}})
+    new = ModelArgs.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
+    assert torch.equal(rope_frequencies(old), rope_frequencies(new))
+    assert torch.equal(rope_frequencies(new), rope_frequencies(ModelArgs.from_hf(base)) / 4)
+
+
+@pytest.mark.parametrize(("packed", "dtype"), [(False, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize(
+    ("weight", "shape"),
+    [("lm_head.weight", (364, 64)), ("model.layers.1.self_attn.k_proj.weight", (48, 64))],
+)
+def test_a_weight_of_another_shape_than_the_config_s_is_refused(tmp_path, packed, dtype, weight, shape):
+    """A head of 364 rows for 384 tokens loaded packed (its missing rows zero) and generated; unpacked it failed
+    inside torch. k_proj with more rows than config.json's KV heads sum to a fused q/k/v of another size."""
+    folder = save_tiny(tmp_path, "qwen2")
+    file = folder / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[weight] = torch.randn(shape)
+    save_file(tensors, str(file), metadata)
+    with pytest.raises(ModelError, match=rf"{weight} has shape \[{shape[0]}, {shape[1]}\]"):
+        Transformer.from_pretrained(folder, dtype, pack=packed)
+
+
+@pytest.mark.parametrize("header", [b"[]", b"null", b"42", b'"x"'])
+def test_a_safetensors_header_that_is_json_but_no_object_is_refused(tmp_path, header):
+    """It raised AttributeError (`.items()` of a list) instead of the library's ModelError."""
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ModelError, match="not an object"):
+        Checkpoint([file])

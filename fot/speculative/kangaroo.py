@@ -217,6 +217,12 @@ def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooD
         and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in draft_vocab)
     ):
         raise ModelError(f"{folder}: draft_vocab must be a list of token ids in 0..{vocab_size - 1}")
+    # checked here: a threshold of "0.4" or null loaded, and the first decode then failed the whole batch
+    threshold, max_steps = config.get("threshold", 0.4), config.get("max_steps", 6)
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+        raise ModelError(f"{folder}: threshold {threshold!r} is not a number in [0, 1]")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ModelError(f"{folder}: max_steps {max_steps!r} is not a whole number >= 1")
     adapter = Adapter(model.args)
     with Checkpoint([folder / ADAPTER_FILE]) as ckpt:
         state = {name: ckpt.read(name, torch.float32) for name in ckpt.entries}
@@ -226,7 +232,7 @@ def load_adapter(folder: str | Path, model: Transformer, **options) -> KangarooD
         raise ModelError(f"{folder / ADAPTER_FILE} does not fit this model: {str(e)[:300]}") from None
     adapter = adapter.to(device=model.device, dtype=model.dtype).eval().requires_grad_(False)
     vocab = torch.tensor(draft_vocab, device=model.device) if draft_vocab else None
-    options = {"threshold": config.get("threshold", 0.4), "max_steps": config.get("max_steps", 6), **options}
+    options = {"threshold": threshold, "max_steps": max_steps, **options}
     return KangarooDrafter(model, adapter, exit_layer, vocab, **options)
 
 

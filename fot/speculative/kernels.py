@@ -124,10 +124,20 @@ def amx() -> bool:
     return module is not None and module.amx()
 
 
+def owned(path: Path) -> bool:
+    """Whether `path` is ours (owned by this process's effective user) or absent: another user's file, or folder,
+    in the kernel cache could have been written by them whatever its mode says now."""
+    try:
+        return path.stat().st_uid == os.geteuid()
+    except FileNotFoundError:
+        return True
+
+
 def compiled():
     """The compiled module, or None where it cannot run here. A finished build is imported directly; a build
     happens under `build_lock`, and records the hashes of its source and its .so, which every later import checks.
-    A cache folder that others may write to is refused: its .so would run as our code."""
+    A cache folder that others may write to, or that (or whose .so or manifest) another user owns, is refused: its
+    .so would run as our code."""
     if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
         return None
     from fot.models import cache_dir
@@ -139,6 +149,9 @@ def compiled():
     folder.mkdir(parents=True, exist_ok=True, mode=0o755)
     if folder.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         warnings.warn(f"fot: {folder} is writable by other users; not loading kernels from it", stacklevel=2)
+        return None
+    if foreign := [p for p in (folder, folder / "fot_kernels.so", folder / "build.json") if not owned(p)]:
+        warnings.warn(f"fot: {foreign[0]} is owned by another user; not loading kernels from {folder}", stacklevel=2)
         return None
     if (module := import_built(folder, digest)) is not None:
         return module

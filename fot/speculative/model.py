@@ -51,9 +51,12 @@ class ModelArgs:
         try:
             rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
             theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            # older configs spell it "type": kept as "rope_type", which `rope_frequencies` reads, or no scaling runs
+            rope_type = rope.pop("rope_type", rope.pop("type", "default"))
             if rope_type not in ("default", "linear", "llama3"):
                 raise ModelError(f"RoPE type {rope_type!r} is not supported; supported: default, linear, llama3")
+            if rope_type != "default":
+                rope["rope_type"] = rope_type
             n_heads = cfg["num_attention_heads"]
             is_qwen = model_type == "qwen2"
             args = cls(
@@ -67,7 +70,7 @@ class ModelArgs:
                 norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 max_seq_len=cfg.get("max_position_embeddings", 2048),
                 rope_theta=theta,
-                rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if k not in ("type",))),
+                rope_scaling=tuple(sorted(rope.items())),
                 attention_bias=is_qwen or bool(cfg.get("attention_bias")),
                 o_bias=not is_qwen and bool(cfg.get("attention_bias")),
                 mlp_bias=bool(cfg.get("mlp_bias")),
@@ -366,8 +369,10 @@ class Transformer(nn.Module):
         built = kernels_for(dtype, torch.device("cpu"), pack)
         linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, Linear)}
         state: dict[str, Tensor] = {}
+        names = checkpoint_names(args)
         with Checkpoint(files) as ckpt:
-            for name, sources in checkpoint_names(args).items():
+            check_shapes(ckpt, names, {name: tuple(p.shape) for name, p in model.state_dict().items()}, args)
+            for name, sources in names.items():
                 if built is not None and name in linears:
                     layer = linears[name]
                     layer.use_blocked(read_packed(ckpt, sources, dtype), built.matmul)
@@ -411,6 +416,21 @@ def checkpoint_names(args: ModelArgs) -> dict[str, list[str]]:
         out[o + "attention_norm.weight"] = [p + "input_layernorm.weight"]
         out[o + "ffn_norm.weight"] = [p + "post_attention_layernorm.weight"]
     return out
+
+
+def check_shapes(
+    ckpt: Checkpoint, names: dict[str, list[str]], shapes: dict[str, tuple[int, ...]], args: ModelArgs
+) -> None:
+    """Every checkpoint weight has the exact shape config.json implies, before any is read: the packed load would
+    otherwise zero-fill missing rows (a head short of the vocabulary generates), the plain one fail in torch."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    for name, sources in names.items():
+        shape = shapes[name]  # ours: the sources stacked along the first axis
+        rows = {3: (q, kv, kv), 2: (args.hidden_dim,) * 2}.get(len(sources), shape[:1])  # q/k/v, gate/up
+        for src, n in zip(sources, rows, strict=True):
+            want, got = (n, *shape[1:]), ckpt.shape(src)
+            if got != want:
+                raise ModelError(f"checkpoint weight {src} has shape {list(got)}; config.json implies {list(want)}")
 
 
 def read_packed(ckpt: Checkpoint, sources: list[str], dtype: torch.dtype, chunk_bytes: int = 32 << 20) -> Tensor:

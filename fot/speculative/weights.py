@@ -48,6 +48,8 @@ class Checkpoint:
             header = json.loads(os.pread(fd, n, 8))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelError(f"{file}: unreadable safetensors header: {e}") from None
+        if not isinstance(header, dict):  # valid JSON, but not the name -> entry object the format is
+            raise ModelError(f"{file}: the safetensors header is a JSON {type(header).__name__}, not an object")
         base = 8 + n
         for name, meta in header.items():
             if name == "__metadata__":
