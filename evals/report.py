@@ -45,10 +45,11 @@ class Row(BaseModel):
     cross_checked: int = 0  # records that have that cross-check
     tree_accuracy: float | None = None  # share of the trees' (sc: samples') own answers that are right
     tree_records: int = 0  # the records that keep their trees' answers (older records do not)
+    superseded: int | None = None  # the search version of a run made before its task's search changed
 
     @property
     def label(self) -> str:
-        return method_label(self.method, self.checks)
+        return method_label(self.method, self.checks, self.superseded)
 
     @computed_field
     @property
@@ -77,9 +78,19 @@ def checks_of(r: Record) -> list[str]:
     return on + ([f"program{r.program_trees}"] if r.program_trees else [])
 
 
-def method_label(method: str, checks: list[str]) -> str:
-    """A method and what its run added: "fot", "fot +code", "cot +code+arith", "fot +code+arith+program2"."""
-    return method + (" +" + "+".join(SHORT.get(c, c) for c in checks) if checks else "")
+def method_label(method: str, checks: list[str], superseded: int | None = None) -> str:
+    """A method and what its run added: "fot", "fot +code", "cot +code+arith", "fot +code+arith+program2"; a run
+    of a superseded search says so: "fot (search v1)"."""
+    label = method + (" +" + "+".join(SHORT.get(c, c) for c in checks) if checks else "")
+    return label + (f" (search v{superseded})" if superseded else "")
+
+
+def superseded(r: Record) -> int | None:
+    """The search version of a run made by an older search of its task than today's (`SEARCH_VERSIONS`), else None."""
+    from evals.runner import BENCHMARKS
+    from fot.forest import SEARCH_VERSIONS
+
+    return r.search_version if r.search_version < SEARCH_VERSIONS[BENCHMARKS[r.benchmark].task] else None
 
 
 def load_runs(out: Path) -> dict[tuple[str, str], list[Record]]:
@@ -138,6 +149,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 cross_checked=sum(r.gym_correct is not None for r in rs),
                 tree_accuracy=tree_accuracy(rs),
                 tree_records=sum(bool(r.tree_correct) for r in rs),
+                superseded=superseded(first),
             )
         )
     rows.sort(key=lambda r: (r.benchmark, r.model, r.method, r.trees, r.speculative))
@@ -326,7 +338,7 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     """The comparisons the report makes, on the problems both runs finished: each run with rule checks against its
     twins with fewer of them, each FoT run against each self-consistency run of the same model, and against chain
     of thought with the same checks (what the forest adds to one answer)."""
-    label = {key: method_label(f"{rs[0].method}-{rs[0].trees}", checks_of(rs[0])) for key, rs in runs.items()}
+    label = {k: method_label(f"{r[0].method}-{r[0].trees}", checks_of(r[0]), superseded(r[0])) for k, r in runs.items()}
     out = []
     for (bench, a), ra in runs.items():
         for (bench_b, b), rb in runs.items():

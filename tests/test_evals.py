@@ -366,6 +366,11 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
             "".join(r.model_copy(update={"run": name}).model_dump_json() + "\n" for r in rs)
         )
     rows = {r.run: r for r in summarise({("arithmetic", n): read_records(folder / f"{n}.jsonl") for n in runs})}
+    assert {r.label for r in rows.values()} == {"fot", "sc", "cot"}  # math's search is still at version 1
+    monkeypatch.setattr("fot.forest.SEARCH_VERSIONS", {"math": 2, "game24": 2})
+    old = summarise({("arithmetic", "x"): read_records(folder / f"{[*runs][3]}.jsonl")})
+    assert old[0].label == "cot (search v1)"  # a run of an older search than its task's says so
+    monkeypatch.undo()
     sd = rows["sc-t4-default-native-prompt_lookup-s0-abcd1234"]
     assert (sd.n, sd.correct, sd.accuracy) == (4, 3, 0.75)
     assert sd.sd_speedup == pytest.approx(1.5) and sd.accept_rate == pytest.approx(0.5)
