@@ -354,7 +354,9 @@ class Forest:
             t.tree.graph.graph["answer_node"] = t.answer_node()
         graphs = [t.tree.to_dict() for t in trees]
         if len(trees) == 1:
-            return self.solution(answers[0], {answers[0]: 1} if answers[0] else {}, 1.0, "single", answers, graphs)
+            answer = answers[0]  # one tree: its answer, backed by all of the forest, or by none when it has none
+            votes, confidence = ({answer: 1}, 1.0) if answer is not None else ({}, 0.0)
+            return self.solution(answer, votes, confidence, "single", answers, graphs)
         d = await decide(
             self.task, self.problem, answers, self.single, seed=c.seed, max_tokens=c.mctsr.max_tokens,
             corrector=self.corrector,

@@ -433,6 +433,12 @@ def test_game24_answers_and_verdicts_are_the_puzzle_s_own_not_those_of_puzzles_t
     assert [tree.tree[n]["numbers"] for n in tree.frontier] == [["1", "10", "10"]]  # not 6 - 4 of the made-up one
 
 
+def test_a_single_tree_without_an_answer_has_no_confidence():
+    """It reported confidence 1.0 for no answer (chain of thought, in the same case, 0.0)."""
+    sol = solve("4 6 1 10", ScriptedBackend(lambda r, j: "no steps"), method="tot")
+    assert (sol.answer, sol.decision, sol.confidence, sol.votes) == (None, "single", 0.0, {})
+
+
 def test_a_game24_fallback_answer_that_fails_the_check_is_no_answer():
     """No tree reached 24 and the fallback's chain of thought answered "4 * 6", which leaves 1 and 10 unused: it was
     the forest's answer, unchecked (13 of 50 FoT-4 answers of the committed 1.5B run were fallbacks)."""
