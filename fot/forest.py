@@ -59,7 +59,8 @@ SEARCH_VERSIONS: Mapping[str, int] = MappingProxyType({"math": 1, "game24": 2})
 
 class SparseConfig(BaseModel):
     """Sparse activation: `top_k` trees keep expanding after each step (None: half of them, rounded up);
-    trees scoring below `min_score` stop too (MCTSr: Q in 0..100; ToT: the best state's value)."""
+    trees scoring below `min_score` stop too (MCTSr: Q in 0..100; ToT: the best state's value, a sum over its
+    `value_samples` verdicts of 20 / 1 / 0.001)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
