@@ -30,6 +30,10 @@ class DataError(FotError):
     """A data set that cannot be loaded: missing, unreadable, or not in the expected schema."""
 
 
+# each benchmark's task, which its problems carry and whose search version names its runs
+TASK_OF = {"gsm8k": "math", "math": "math", "game24": "game24", "arithmetic": "math", "gsm_symbolic": "math"}
+
+
 class Problem(BaseModel):
     id: str
     question: str

@@ -87,10 +87,10 @@ def method_label(method: str, checks: list[str], superseded: int | None = None) 
 
 def superseded(r: Record) -> int | None:
     """The search version of a run made by an older search of its task than today's (`SEARCH_VERSIONS`), else None."""
-    from evals.runner import BENCHMARKS
+    from evals.data import TASK_OF
     from fot.forest import SEARCH_VERSIONS
 
-    return r.search_version if r.search_version < SEARCH_VERSIONS[BENCHMARKS[r.benchmark].task] else None
+    return r.search_version if r.search_version < SEARCH_VERSIONS[TASK_OF[r.benchmark]] else None
 
 
 def load_runs(out: Path) -> dict[tuple[str, str], list[Record]]:

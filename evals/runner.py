@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from evals.data import (
+    TASK_OF,
     DataError,
     Problem,
     gym_score,
@@ -66,13 +67,14 @@ def _levels(text: str) -> tuple[int, ...]:
         raise DataError(f"--levels must be comma-separated integers, got {text!r}") from None
 
 
-BENCHMARKS = {
-    "gsm8k": Benchmark("gsm8k", "math", lambda a: load_gsm8k(a.data)),
-    "math": Benchmark("math", "math", lambda a: load_math500(a.data)),
-    "game24": Benchmark("game24", "game24", lambda a: load_game24(a.data, a.ranks)),
-    "arithmetic": Benchmark("arithmetic", "math", lambda a: load_arithmetic(a.n, _levels(a.levels), a.data_seed)),
-    "gsm_symbolic": Benchmark("gsm_symbolic", "math", lambda a: load_gsm_symbolic(a.n, a.data_seed)),
+LOADERS: dict[str, Callable[[argparse.Namespace], list[Problem]]] = {
+    "gsm8k": lambda a: load_gsm8k(a.data),
+    "math": lambda a: load_math500(a.data),
+    "game24": lambda a: load_game24(a.data, a.ranks),
+    "arithmetic": lambda a: load_arithmetic(a.n, _levels(a.levels), a.data_seed),
+    "gsm_symbolic": lambda a: load_gsm_symbolic(a.n, a.data_seed),
 }
+BENCHMARKS = {name: Benchmark(name, TASK_OF[name], load) for name, load in LOADERS.items()}
 
 
 def score(problem: Problem, answer: str | None) -> bool:
