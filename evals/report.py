@@ -198,7 +198,7 @@ def markdown(rows: list[Row]) -> str:
             per_tree = f"{r.tree_accuracy:.1%}" if r.tree_accuracy is not None else "-"
             if r.tree_accuracy is not None and r.tree_records < r.n:  # over fewer problems than the accuracy
                 per_tree += f" (of {r.tree_records})"
-            method = r.method + (f" (search v{r.superseded})" if r.superseded else "")
+            method = method_label(r.method, [], r.superseded)  # the checks have their own column
             out.append(
                 f"| {r.model} | {method} | {r.trees} | {checks} | {r.speculative} | {n} | {r.accuracy:.1%} "
                 f"({r.ci_low:.0%}-{r.ci_high:.0%}) | {per_tree} | {r.tokens:.0f} | {r.prompt_tokens:.0f} "
