@@ -2,9 +2,10 @@
 verifies. Calls the model's forward directly over one ragged step (`rows` samples x `tokens` new tokens each,
 after `--cached` tokens of cache per sample), for every split of 1..32 tokens, in interleaved turns, and prints
 each split's median time as a ratio to the one-token forward, beside the weight-read roofline (weight bytes read
-per forward / a streaming read measured in each turn) and the compute bound at oneDNN's GEMM rate (and ours) on
-the model's largest matmul, and whether our bf16 matmuls ran on AMX tiles (`FOT_AMX=0` runs them without). Peak
-RSS is read right after loading, against the bytes of weights held. Its last line is one JSON object; a token
+per forward / a streaming read measured in each turn) and the compute bound at the faster GEMM rate on the
+model's largest matmul (oneDNN's, where it runs the dtype, and ours), which instruction set our kernels were
+built for, and whether our bf16 matmuls ran on AMX tiles (`FOT_AMX=0` runs them without). Peak RSS is read right
+after loading, against the bytes of weights held. Its last line is one JSON object; a token
 count's ratio there is its worst split. `--quick` (3 turns) takes under 2 minutes for the 1.5B model.
 
     python benchmarks/forward_cost.py [--model default|qwen2.5-coder-1.5b|FOLDER] [--dtype bfloat16] [--quick]
@@ -32,10 +33,13 @@ SPLITS += [(1, 16), (4, 4), (8, 2), (16, 1), (16, 2)]
 
 
 def gemm_rate(n: int, k: int, dtype: torch.dtype, rows: int = 32, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of a [rows, k] x [k, n] matmul: oneDNN's packed matmul, and ours where this CPU runs it."""
+    """GFLOP/s of a [rows, k] x [k, n] matmul: oneDNN's packed matmul where it runs this dtype, and ours where this
+    CPU runs it."""
     w, x = torch.randn(n, k).to(dtype), torch.randn(rows, k).to(dtype)
-    onednn = torch.ops.mkldnn._reorder_linear_weight(w, 16)
-    runs = {"onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")}
+    runs = {}
+    if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        onednn = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        runs["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, onednn, None, "none", [], "")
     built = kernels.load()
     if built is not None:
         ours = kernels.pack(w)
@@ -113,9 +117,10 @@ def main() -> None:
         f"\nforward cost, {args.model}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
         f"{args.cached} cached tokens per sample, median of {repeats} turns"
     )
-    print(f"{'tokens':>6} {'rows x tokens':>14} {'ms':>8} {'x one':>7} {'compute bound (oneDNN)':>23}")
+    fastest = max(rates, key=rates.get)
+    print(f"{'tokens':>6} {'rows x tokens':>14} {'ms':>8} {'x one':>7} {f'compute bound ({fastest})':>23}")
     for (rows, n), t in median.items():
-        bound = rows * n * flops / (rates["onednn"] * 1e9)
+        bound = rows * n * flops / (rates[fastest] * 1e9)
         print(f"{rows * n:6} {f'{rows} x {n}':>14} {t * 1e3:8.1f} {t / one:6.2f}x {bound * 1e3:20.1f} ms")
     roofline = read / bandwidth
     print(
@@ -124,7 +129,7 @@ def main() -> None:
     )
     tiles = "AMX tiles" if kernels.amx() else "no AMX (FOT_AMX=0 or none on this CPU)"
     print("GEMM rate at 32 rows on the largest matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
-    print(f"our bf16 matmuls: {tiles}")
+    print(f"our kernels: {kernels.isa() if kernels.load() else 'off'}; our bf16 matmuls: {tiles}")
     print(
         f"loaded in {load_s:.1f} s; peak RSS {rss / 1e9:.2f} GB for {held / 1e9:.2f} GB of weights held "
         f"({rss / held:.2f}x)"
@@ -138,6 +143,7 @@ def main() -> None:
                 "roofline_ms": round(roofline * 1e3, 2),
                 "read_gb_s": round(bandwidth / 1e9, 1),
                 "gemm_gflops": {k: round(v) for k, v in rates.items()},
+                "kernels": kernels.isa() if kernels.load() else None,
                 "amx": kernels.amx(),
                 "rss_gb": round(rss / 1e9, 3),
                 "weight_gb": round(held / 1e9, 3),

@@ -10,7 +10,7 @@ from fot.config import SamplingParams
 from fot.errors import InvalidRequestError
 from fot.speculative import kernels
 from fot.speculative.engine import Engine
-from fot.speculative.kernels import cpu_has_fast_bf16, resolve_dtype
+from fot.speculative.kernels import cpu_has_fast_bf16, cpu_has_native_bf16, resolve_dtype
 
 PROMPTS = [
     "The quick brown fox",
@@ -62,6 +62,8 @@ def test_dtype_auto_is_bf16_where_it_is_exact_and_fast_follows_the_hardware():
     assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if kernels.load() is not None else torch.float32)
     assert resolve_dtype("auto", "cuda") == resolve_dtype("fast", "cuda") == torch.bfloat16
     assert resolve_dtype("fast", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    native = torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # vLLM's own kernels: bf16 only natively
+    assert resolve_dtype("auto", "cpu", ours=False) == resolve_dtype("fast", "cpu", ours=False) == native
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(torch.float32, "cuda") == torch.float32
 
 

@@ -23,7 +23,7 @@ built = kernels.load()
 def kernels_here() -> bool:
     """Whether this CPU runs the kernels; where it does not, that must be for lack of the instructions."""
     if built is None:
-        assert not kernels.NEEDED <= kernels.cpu_flags(), "the CPU has AVX512-BF16 but the kernels did not build"
+        assert kernels.isa() is None, f"the CPU has {kernels.isa()} but the kernels did not build"
     return built is not None
 
 
@@ -139,6 +139,28 @@ def test_silu_mul_matches_pytorch(rows, hidden, bf16, seed):
     assert out.dtype == dtype and out.shape == (rows, hidden)
     step = ref.abs() * (2**-8 if bf16 else 4e-7) + 1e-30
     assert ((out.float() - ref).abs() <= step).all()
+
+
+def test_bf16_results_round_to_nearest_even_as_torch_does():
+    """A bf16 result is its fp32 value rounded once as torch rounds (to nearest even, ties included; inf and NaN
+    kept): silu(100) is exactly 100, so silu_mul's results here are 100 * up, exact in fp32 before the rounding."""
+    if not kernels_here():
+        return
+    g = torch.Generator().manual_seed(0)
+    scale = 10.0 ** torch.randint(-30, 30, (4000,), generator=g)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3e38])
+    up = torch.cat([torch.randn(4000, generator=g) * scale, special]).bfloat16()
+    out = built.silu_mul(torch.cat([torch.full_like(up, 100), up])[None])[0]
+    ref = (100 * up.float()).bfloat16()
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out[~ref.isnan()].view(torch.int16), ref[~ref.isnan()].view(torch.int16))
+
+
+def test_the_kernels_are_built_for_the_best_instruction_set_here():
+    """The first of `ISAS` whose flags this CPU has (AVX-512 before AVX2) is the one the loaded module was built for."""
+    if not kernels_here():
+        return
+    assert built.isa() == kernels.isa() == next(n for n, (f, _) in kernels.ISAS.items() if f <= kernels.cpu_flags())
 
 
 def test_silu_mul_rejects_what_it_cannot_do():
@@ -349,7 +371,7 @@ def test_a_kernel_cache_another_user_owns_is_refused(tmp_path, monkeypatch, fore
     it, or chmod it back, at will) was imported, its code run as ours. No build runs here: the import is faked."""
     monkeypatch.setenv("FOT_CACHE", str(tmp_path))
     monkeypatch.delenv("FOT_KERNELS", raising=False)
-    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels.NEEDED))
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(kernels.ISAS["avx2"][0]))
     monkeypatch.setattr(kernels, "import_built", lambda folder, digest: "imported")
     assert kernels.compiled() == "imported"  # all ours: loaded
     (folder,) = (tmp_path / "kernels").iterdir()

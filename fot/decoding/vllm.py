@@ -40,8 +40,8 @@ from fot.speculative.kangaroo import adapter_folder
 class VLLMConfig(BaseModel):
     """Options of the in-process vLLM backend. `kv_cache_gib` sizes vLLM's CPU KV cache (its default, ~11 GiB
     here, slows start-up); `enforce_eager` skips ~30 s of graph compilation on CPU. `dtype` means what it means
-    in the native engine: "auto" is bfloat16 on a CPU where our kernels run (AVX512-BF16), else float32;
-    "fast" bfloat16 on a CPU with native bf16."""
+    for vLLM's own CPU kernels: "auto" and "fast" are bfloat16 on a CPU with native bf16 (AVX512-BF16 or AMX),
+    else float32."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,7 +131,7 @@ class VLLMBackend(WorkerBackend):
         from fot.speculative.kernels import resolve_dtype
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        dtype = str(resolve_dtype(c.dtype, "cpu")).removeprefix("torch.")
+        dtype = str(resolve_dtype(c.dtype, "cpu", ours=False)).removeprefix("torch.")
         args = EngineArgs(
             model=str(folder),
             dtype=dtype,

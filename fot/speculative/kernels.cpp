@@ -1,13 +1,16 @@
 // CPU kernels for decoding and verification: a matmul for any number of rows, RMSNorm, SwiGLU's gate and ragged
-// attention, in fp32 or bf16 (AVX-512; bf16 products by AVX512-BF16's pair dot product, accumulated in fp32).
+// attention, in fp32 or bf16, built for one of two instruction sets (`kernels.ISAS`): AVX-512 (bf16 products by
+// AVX512-BF16's pair dot product, and AMX tiles where the CPU has them) or AVX2 with FMA (bf16 widened to fp32 on
+// load, which is exact). Either way every product is accumulated in fp32. Everything above the small vector layer
+// below (`V`, kLanes fp32 lanes, and its ops) is written once for both.
 //
 // The matmul reads its weight [N, K] in one blocked layout (`kernels.pack`), which is the model's only copy of it:
 // blocks of 64 output columns, and within a block the columns' values of one k step (one k in fp32, one pair of k
-// in bf16) side by side, so that a block is one contiguous stream and each 512-bit load holds 16 columns' terms.
+// in bf16) side by side, so that a block is one contiguous stream and each vector load holds kLanes columns' terms.
 // An input value (pair) is broadcast to all lanes: no horizontal sums, and each output element is one fp32 chain
 // over k in order. So a row's result never depends on how many rows share the call (batch invariance): a
-// verification over several tokens rounds exactly as decoding one token at a time does. Up to 6 rows share each
-// weight load from registers; more rows re-read the block from cache in segments of 256 steps (64 KB), their
+// verification over several tokens rounds exactly as decoding one token at a time does. Up to kTile rows share
+// each weight load from registers; more rows re-read the block from cache in segments of kSegment steps, their
 // partial sums kept exactly in fp32 between segments, and each pass prefetches its share of the next segment so
 // that memory keeps streaming while the other passes compute. Blocks are split over the ATen thread pool.
 #include <torch/extension.h>
@@ -17,9 +20,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -39,36 +44,177 @@ T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_bits()); }
 
-constexpr int64_t kColumns = 64;       // output columns per block of the packed layout
-constexpr int64_t kVectors = 4;        // of 16 lanes each
-constexpr int kTile = 6;               // input rows per pass: 6 x 4 accumulators, 4 weight vectors, 1 broadcast
-constexpr int64_t kSegment = 256;      // k steps per pass over a block
+// ---- the vector layer: kLanes fp32 lanes; loads of bf16 widen exactly, stores round to nearest even ---------------
+// load/store take kLanes values, loadn/storen the first `left` of them (any left >= 1; past kLanes, all); round_as
+// is what storing a value in T and reading it back gives (itself in fp32). exp2n(p, n) = p * 2^n, rounded once.
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#define FOT_AVX512 1
+using V = __m512;
+constexpr const char* kIsa = "avx512";
+constexpr int64_t kLanes = 16;
+constexpr int kTile = 6;          // input rows per pass: 6 x 4 accumulators, 4 weight vectors, 1 broadcast
+constexpr int64_t kSegment = 256;  // k steps per pass over a block (64 KB)
+
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vset(float v) { return _mm512_set1_ps(v); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
+inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }     // a * b + c
+inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }   // c - a * b
+inline V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT); }
+inline V exp2n(V p, V n) { return _mm512_scalef_ps(p, n); }
+inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
+inline float vtop(V v) { return _mm512_reduce_max_ps(v); }
+
+inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
+inline V widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
+inline V loadn(const float* p, int64_t left) { return _mm512_maskz_loadu_ps(tail(left), p); }
+inline V loadn(const uint16_t* p, int64_t left) { return widen(_mm256_maskz_loadu_epi16(tail(left), p)); }
+inline void storen(float* p, V v, int64_t left) { _mm512_mask_storeu_ps(p, tail(left), v); }
+inline void storen(uint16_t* p, V v, int64_t left) {
+  _mm256_mask_storeu_epi16(p, tail(left), (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline V round_as(const uint16_t*, V v) { return widen((__m256i)_mm512_cvtneps_pbh(v)); }
+inline V load(const float* p) { return _mm512_loadu_ps(p); }
+inline V load(const uint16_t* p) { return loadn(p, kLanes); }
+inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void store(uint16_t* p, V v) { storen(p, v, kLanes); }
+
+// The sums of four vectors' lanes, [sum a, sum b, sum c, sum d]: each in a fixed order of its own lanes, whatever
+// the other three hold (three shuffle-and-add levels for four sums, instead of one full reduction each).
+inline __m128 hsum4(V a, V b, V c, V d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // 128-bit block k now holds vector k's partial sums
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+using V = __m256;
+constexpr const char* kIsa = "avx2";
+constexpr int64_t kLanes = 8;
+constexpr int kTile = 1;          // 8 accumulators a row: a second row's would not fit in the 16 registers
+constexpr int64_t kSegment = 64;  // k steps per pass over a block (16 KB: the later passes read it from L1)
+
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vset(float v) { return _mm256_set1_ps(v); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
+inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// 2^e for e in [-126, 127], built in the exponent field.
+inline V pow2(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); }
+// For the |n| <= 150 of `vexp`: two exact halves, so that the one rounding is the last product's (as in scalef).
+inline V exp2n(V p, V n) {
+  const __m256i e = _mm256_cvtps_epi32(n), h = _mm256_srai_epi32(e, 1);
+  return vmul(vmul(p, pow2(h)), pow2(_mm256_sub_epi32(e, h)));
+}
+inline __m128 halves(V v) { return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); }
+inline float vsum(V v) {
+  __m128 s = halves(v);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float vtop(V v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256i tail(int64_t left) {  // the first min(left, 8) lanes set
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V widen(__m128i bf16) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bf16), 16)); }
+// 8 lanes -> their bf16 bits, to nearest even, NaN to 0x7FC0: what c10::BFloat16 does one value at a time.
+inline __m128i narrow(V v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+inline V loadn(const float* p, int64_t left) { return _mm256_maskload_ps(p, tail(left)); }
+inline V load(const float* p) { return _mm256_loadu_ps(p); }
+inline V load(const uint16_t* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline void store(uint16_t* p, V v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow(v)); }
+inline V loadn(const uint16_t* p, int64_t left) {
+  if (left >= 8) return load(p);
+  alignas(16) uint16_t part[8] = {};
+  std::memcpy(part, p, left * sizeof(uint16_t));
+  return widen(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
+}
+inline void storen(float* p, V v, int64_t left) { _mm256_maskstore_ps(p, tail(left), v); }
+inline void storen(uint16_t* p, V v, int64_t left) {
+  if (left >= 8) return store(p, v);
+  alignas(16) uint16_t part[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(part), narrow(v));
+  std::memcpy(p, part, left * sizeof(uint16_t));
+}
+inline V round_as(const uint16_t*, V v) { return widen(narrow(v)); }
+
+inline __m128 hsum4(V a, V b, V c, V d) {  // as AVX-512's: each sum in a fixed order of its own lanes
+  return _mm_hadd_ps(_mm_hadd_ps(halves(a), halves(b)), _mm_hadd_ps(halves(c), halves(d)));
+}
+
+#else
+#error "kernels.cpp needs AVX-512 (F, BW, VL, BF16) or AVX2 with FMA"
+#endif
+
+inline V round_as(const float*, V v) { return v; }
+
+constexpr int64_t kColumns = 64;                // output columns per block of the packed layout
+constexpr int64_t kVectors = kColumns / kLanes;  // vectors per block step
 
 // What differs between the two dtypes: the element, how many k one step covers, the broadcast of a row's step, the
-// multiply-add of 16 columns' weights (loaded from w) into fp32 lanes, and the store of a finished fp32 sum.
+// multiply-add of kLanes columns' weights (loaded from w) into fp32 lanes, and the store of a finished fp32 sum.
 struct F32 {
   using T = float;
-  using X = __m512;
+  using X = V;
   static constexpr int64_t kStep = 1;
-  static X broadcast(const T* x, int64_t k) { return _mm512_set1_ps(x[k]); }
+  static X broadcast(const T* x, int64_t k) { return vset(x[k]); }
   static X broadcast_last(const T* x, int64_t k) { return broadcast(x, k); }
-  static __m512 fma(__m512 acc, const T* w, X x) { return _mm512_fmadd_ps(_mm512_loadu_ps(w), x, acc); }
+  static V fma(V acc, const T* w, X x) { return vfma(load(w), x, acc); }
   static T round(float v) { return v; }
 };
 
-struct BF16 {  // bf16 as its raw bits
+struct BF16 {  // bf16 as its raw bits; a column's pair (k, k + 1) is one 32-bit lane, k in its low half
   using T = uint16_t;
-  using X = __m512i;
   static constexpr int64_t kStep = 2;
+#ifdef FOT_AVX512
+  using X = __m512i;
   static X broadcast(const T* x, int64_t k) {  // the pair (x[k], x[k + 1])
     uint32_t pair;
     std::memcpy(&pair, x + k, sizeof pair);
     return _mm512_set1_epi32(static_cast<int>(pair));
   }
   static X broadcast_last(const T* x, int64_t k) { return _mm512_set1_epi32(x[k]); }  // (x[k], 0): K odd
-  static __m512 fma(__m512 acc, const T* w, X x) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)x);
+  static V fma(V acc, const T* w, X x) { return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)x); }
+#else
+  struct X {  // x[k] and x[k + 1], each widened and broadcast
+    V even, odd;
+  };
+  static X broadcast(const T* x, int64_t k) { return {vset(to_float(x[k])), vset(to_float(x[k + 1]))}; }
+  static X broadcast_last(const T* x, int64_t k) { return {vset(to_float(x[k])), vzero()}; }
+  static V fma(V acc, const T* w, X x) {  // each lane's k, then its k + 1, widened in place (exact)
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    acc = vfma(_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), x.even, acc);
+    return vfma(_mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))), x.odd, acc);
   }
+#endif
   static T round(float v) { return c10::BFloat16(v).x; }  // to nearest even, as torch does
 };
 
@@ -81,10 +227,9 @@ template <typename D, int MT>
 void tile(const typename D::T* x, int64_t K, const typename D::T* block, float* sums, int64_t s0, int64_t s1,
           const char* ahead, int64_t prefetch) {
   constexpr int64_t S = D::kStep;
-  __m512 acc[MT][kVectors];
+  V acc[MT][kVectors];
   for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < kVectors; ++v)
-      acc[m][v] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(sums + (m * kVectors + v) * 16);
+    for (int v = 0; v < kVectors; ++v) acc[m][v] = s0 == 0 ? vzero() : load(sums + (m * kVectors + v) * kLanes);
   const typename D::T* w = block + s0 * kColumns * S;
   const int64_t whole = std::min(s1, K / S);  // steps whose values all lie inside the row
   int64_t spread = 0;
@@ -92,11 +237,11 @@ void tile(const typename D::T* x, int64_t K, const typename D::T* block, float* 
     for (spread += prefetch; spread >= s1 - s0; spread -= s1 - s0, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
     for (int m = 0; m < MT; ++m) {
       const typename D::X xs = s < whole ? D::broadcast(x + m * K, s * S) : D::broadcast_last(x + m * K, s * S);
-      for (int v = 0; v < kVectors; ++v) acc[m][v] = D::fma(acc[m][v], w + v * 16 * S, xs);
+      for (int v = 0; v < kVectors; ++v) acc[m][v] = D::fma(acc[m][v], w + v * kLanes * S, xs);
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < kVectors; ++v) _mm512_storeu_ps(sums + (m * kVectors + v) * 16, acc[m][v]);
+    for (int v = 0; v < kVectors; ++v) store(sums + (m * kVectors + v) * kLanes, acc[m][v]);
 }
 
 // Block b's finished fp32 sums [M][64] (+ bias) into its columns of out [M, N], each rounded once to the dtype.
@@ -111,11 +256,16 @@ void store_block(const float* sums, const typename D::T* bias, typename D::T* ou
 }
 
 template <typename D>
+using Tile = void (*)(const typename D::T*, int64_t, const typename D::T*, float*, int64_t, int64_t, const char*,
+                      int64_t);
+template <typename D, size_t... I>
+constexpr std::array<Tile<D>, sizeof...(I)> tiles_of(std::index_sequence<I...>) { return {tile<D, I + 1>...}; }
+
+template <typename D>
 void matmul_impl(const typename D::T* x, const typename D::T* packed, const typename D::T* bias, typename D::T* out,
                  int64_t M, int64_t K, int64_t N) {
   using T = typename D::T;
-  using Tile = void (*)(const T*, int64_t, const T*, float*, int64_t, int64_t, const char*, int64_t);
-  static constexpr Tile tiles[kTile] = {tile<D, 1>, tile<D, 2>, tile<D, 3>, tile<D, 4>, tile<D, 5>, tile<D, 6>};
+  static constexpr auto tiles = tiles_of<D>(std::make_index_sequence<kTile>());  // tiles[r - 1]: r rows
   constexpr int64_t kStepBytes = kColumns * D::kStep * sizeof(T);
   const int64_t steps = (K + D::kStep - 1) / D::kStep, blocks = (N + kColumns - 1) / kColumns;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -137,6 +287,9 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
   });
 }
 
+bool amx_on = false;  // set once by `enable_amx`, where the CPU has AMX and Linux grants its state
+
+#ifdef FOT_AVX512
 // ---- the bf16 matmul on AMX tiles, where this CPU has them (see `enable_amx`) ---------------------------------
 //
 // The packed layout is already what a B tile wants: a block's step s holds 16 columns' pairs in each 64 bytes, so
@@ -147,7 +300,6 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
 // products over k in the same order whatever else shares the call (batch invariance, tested from 1 to 48 rows). The
 // tiles round a pair's sum unlike `vdpbf16ps`, so the two paths differ in the last bits: AMX is used for every
 // bf16 matmul whose K is a multiple of 32, in every call of the process, or for none.
-bool amx_on = false;
 constexpr int64_t kPairs = 16;  // k pairs per tile step: an A tile row is 32 bf16 (64 bytes)
 constexpr int64_t kAhead = kPairs * 256;  // weights asked for one tile step (4 KB) ahead of the tile loads
 
@@ -224,14 +376,18 @@ void amx_impl(const uint16_t* x, const uint16_t* packed, const uint16_t* bias, u
   });
 }
 
+#endif  // FOT_AVX512
+
 }  // namespace
 
 // Asks Linux for the AMX tile state (once per process) and, where it is granted, routes every bf16 matmul whose K
 // is a multiple of 32 to the tiles from then on. Called by `kernels.load()` before any matmul, so that every call
-// of a process takes the same path. Returns whether AMX is on.
+// of a process takes the same path. Returns whether AMX is on (never in the AVX2 build).
 bool enable_amx() {
+#ifdef FOT_AVX512
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   amx_on = amx_on || syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#endif
   return amx_on;
 }
 
@@ -253,31 +409,20 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor packed, int64_t N, std::opti
     const std::vector<int64_t> shape = {(N + kColumns - 1) / kColumns, (K + D::kStep - 1) / D::kStep, kColumns,
                                         D::kStep};
     TORCH_CHECK(packed.sizes() == shape, "matmul: the weight is not packed for [N, K] = [", N, ", ", K, "]");
+#ifdef FOT_AVX512
     if constexpr (std::is_same_v<T, uint16_t>) {
       if (amx_on && K % (2 * kPairs) == 0) {
         amx_impl(ptr<T>(x), ptr<T>(packed), bias ? ptr<T>(*bias) : nullptr, ptr<T>(out), M, K, N);
         return;
       }
     }
+#endif
     matmul_impl<D>(ptr<T>(x), ptr<T>(packed), bias ? ptr<T>(*bias) : nullptr, ptr<T>(out), M, K, N);
   });
   return out;
 }
 
-// ---- row-wise ops: 16 lanes of fp32 at a time, bf16 widened on load and rounded (to nearest even) on store -------
-
-inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1); }
-inline __m512 load16(const float* p, __mmask16 m = 0xFFFF) { return _mm512_maskz_loadu_ps(m, p); }
-// 16 bf16 bit patterns -> fp32: each shifted into the high half of its lane (exact).
-inline __m512 widen(__m256i bf16) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16)); }
-inline __m512 load16(const uint16_t* p, __mmask16 m = 0xFFFF) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-inline void store16(float* p, __m512 v, __mmask16 m = 0xFFFF) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(uint16_t* p, __m512 v, __mmask16 m = 0xFFFF) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-// What storing a value in T and reading it back gives: itself in fp32, its bf16 rounding in bf16.
-inline __m512 round_as(const float*, __m512 v) { return v; }
-inline __m512 round_as(const uint16_t*, __m512 v) { return widen((__m256i)_mm512_cvtneps_pbh(v)); }
+// ---- row-wise ops: kLanes of fp32 at a time, bf16 widened on load and rounded (to nearest even) on store ------
 
 // Every row of x through fn(row in, row out), split over the ATen threads in chunks of ~16K input values (a few
 // rows stay on one thread: waking the other costs more than it saves).
@@ -293,16 +438,15 @@ void for_rows(const T* x, int64_t in_width, T* out, int64_t out_width, int64_t r
 // (in x's dtype). In PyTorch that is ~6 separate ops on CPU (~17 us per call at one row, bf16, 576 wide).
 template <typename T>
 void rms_norm_row(const T* x, const T* w, T* y, int64_t D, float eps) {
-  __m512 ss = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __m512 v = load16(x + d, tail(D - d));
-    ss = _mm512_fmadd_ps(v, v, ss);
+  V ss = vzero();
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const V v = loadn(x + d, D - d);
+    ss = vfma(v, v, ss);
   }
-  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps));
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 m = tail(D - d);
-    const __m512 normed = round_as(x, _mm512_mul_ps(load16(x + d, m), scale));
-    store16(y + d, _mm512_mul_ps(load16(w + d, m), normed), m);
+  const V scale = vset(1.f / std::sqrt(vsum(ss) / static_cast<float>(D) + eps));
+  for (int64_t d = 0; d < D; d += kLanes) {
+    const V normed = round_as(x, vmul(loadn(x + d, D - d), scale));
+    storen(y + d, vmul(loadn(w + d, D - d), normed), D - d);
   }
 }
 
@@ -323,28 +467,27 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
-// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-5 polynomial (~1 ulp), times 2^n by
-// scalef (which overflows to inf and underflows to 0 where e^x does; x is clamped first so that +-inf do too).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));  // keeps NaN; -inf -> 0
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+// e^x for each lane: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-5 polynomial (~1 ulp), times 2^n
+// (`exp2n`, which overflows to inf and underflows to 0 where e^x does; x is clamped first so that +-inf do too).
+inline V vexp(V x) {
+  x = vmin(vset(89.f), vmax(vset(-104.f), x));  // keeps NaN; -inf -> 0
+  const V n = vround(vmul(x, vset(1.44269504088896341f)));
+  V r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  V p = vset(1.9875691500e-4f);
   for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+    p = vfma(p, r, vset(c));
+  p = vfma(p, vmul(r, r), vadd(r, vset(1.f)));
+  return exp2n(p, n);
 }
 
 // SwiGLU's gate: silu(gate) * up, rounded to the dtype after each of the two ops as PyTorch's F.silu(g) * u is.
 template <typename T>
 void silu_mul_row(const T* x, T* y, int64_t H) {
-  for (int64_t d = 0; d < H; d += 16) {
-    const __mmask16 m = tail(H - d);
-    const __m512 g = load16(x + d, m);
-    const __m512 silu = round_as(x, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-    store16(y + d, _mm512_mul_ps(silu, load16(x + H + d, m)), m);
+  for (int64_t d = 0; d < H; d += kLanes) {
+    const V g = loadn(x + d, H - d);
+    const V silu = round_as(x, vdiv(g, vadd(vset(1.f), vexp(vsub(vzero(), g)))));
+    storen(y + d, vmul(silu, loadn(x + H + d, H - d)), H - d);
   }
 }
 
@@ -382,22 +525,11 @@ void rotate_half(const T* x, const float* cos, const float* sin, Out* y, int64_t
   }
 }
 
-// The sums of four vectors' lanes, [sum a, sum b, sum c, sum d]: each in a fixed order of its own lanes, whatever
-// the other three hold (three shuffle-and-add levels for four sums, instead of one full reduction each).
-inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
-  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));  // 128-bit block k now holds vector k's partial sums
-  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
-}
-
 template <typename T>
 void attend_impl(const T* qkv, const float* cos, const float* sin, const int64_t* pos, const int64_t* slot,
                  const int64_t* index, T* kc, T* vc, T* out, int64_t Tn, int64_t H, int64_t KV, int64_t D,
                  int64_t max_len) {
-  const int64_t G = H / KV, width = (H + 2 * KV) * D, V = D / 16;
+  const int64_t G = H / KV, width = (H + 2 * KV) * D, vectors = D / kLanes;
   auto entry = [&](int64_t t, int64_t h) { return ((slot[t] * KV + h) * max_len + index[t]) * D; };
   std::vector<float> q((size_t)(Tn * H * D));  // rotated queries, fp32
   at::parallel_for(0, Tn, 1, [&](int64_t t0, int64_t t1) {  // phase 1: RoPE and the cache writes of every token
@@ -422,33 +554,33 @@ void attend_impl(const T* qkv, const float* cos, const float* sin, const int64_t
       const int64_t padded = (L + 15) / 16 * 16;
       p.resize((size_t)padded);
       auto dot = [&](int64_t j) {
-        __m512 d = _mm512_setzero_ps();
+        V d = vzero();
         if (j < L)
-          for (int64_t v = 0; v < V; ++v) d = _mm512_fmadd_ps(_mm512_loadu_ps(qv + v * 16), load16(keys + j * D + v * 16), d);
+          for (int64_t v = 0; v < vectors; ++v) d = vfma(load(qv + v * kLanes), load(keys + j * D + v * kLanes), d);
         return d;
       };
       for (int64_t j = 0; j < L; j += 4)  // scores, four keys per reduction
         _mm_storeu_ps(p.data() + j, _mm_mul_ps(hsum4(dot(j), dot(j + 1), dot(j + 2), dot(j + 3)), _mm_set1_ps(scale)));
       std::fill(p.begin() + L, p.end(), -INFINITY);
-      __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();  // softmax, 16 scores at a time
-      for (int64_t j = 0; j < padded; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(p.data() + j));
-      top = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-      for (int64_t j = 0; j < padded; j += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p.data() + j), top));
-        _mm512_storeu_ps(p.data() + j, e);
-        sum = _mm512_add_ps(sum, e);
+      V top = vset(-INFINITY), sum = vzero();  // softmax, kLanes scores at a time
+      for (int64_t j = 0; j < padded; j += kLanes) top = vmax(top, load(p.data() + j));
+      top = vset(vtop(top));
+      for (int64_t j = 0; j < padded; j += kLanes) {
+        const V e = vexp(vsub(load(p.data() + j), top));
+        store(p.data() + j, e);
+        sum = vadd(sum, e);
       }
-      const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-      for (int64_t v0 = 0; v0 < V; v0 += 4) {  // the weighted sum of values, 64 of the head's values at a time
-        const int64_t n = std::min<int64_t>(4, V - v0);
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const V inv = vset(1.f / vsum(sum));
+      for (int64_t v0 = 0; v0 < vectors; v0 += 4) {  // the weighted sum of values, 4 vectors of the head at a time
+        const int64_t n = std::min<int64_t>(4, vectors - v0);
+        V acc[4] = {vzero(), vzero(), vzero(), vzero()};
         for (int64_t j = 0; j < L; ++j) {
-          const __m512 pj = _mm512_set1_ps(p[j]);
-          const T* row = values + j * D + v0 * 16;
+          const V pj = vset(p[j]);
+          const T* row = values + j * D + v0 * kLanes;
           for (int u = 0; u < 4; ++u)
-            if (u < n) acc[u] = _mm512_fmadd_ps(pj, load16(row + u * 16), acc[u]);
+            if (u < n) acc[u] = vfma(pj, load(row + u * kLanes), acc[u]);
         }
-        for (int u = 0; u < n; ++u) store16(out + i * D + (v0 + u) * 16, _mm512_mul_ps(acc[u], inv));
+        for (int u = 0; u < n; ++u) store(out + i * D + (v0 + u) * kLanes, vmul(acc[u], inv));
       }
     }
   });
@@ -492,6 +624,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("N"), py::arg("bias") = py::none());
   m.def("enable_amx", &enable_amx, "route bf16 matmuls to AMX tiles where Linux grants them; whether it is on");
   m.def("amx", [] { return amx_on; }, "whether bf16 matmuls run on AMX tiles");
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build is for: avx512 or avx2");
   m.def("rms_norm", &rms_norm, "RMSNorm of each row, computed in fp32");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of each row [gate | up]");
   m.def("attend", &attend, "RoPE, cache writes and causal attention of a flat ragged batch");

@@ -5,8 +5,9 @@ weight once in its own blocked layout (`pack`), which is then the model's only c
 it to all rows of the step; a row's result does not depend on how many rows share the step (batch invariance).
 `rms_norm` does in one pass what F.rms_norm does in ~6 ops, `silu_mul` SwiGLU's chunk, silu and product in one;
 `attend` does RoPE, the cache writes and the ragged causal attention of a step in one call instead of ~15 ops.
-They need AVX-512 (F, BW, VL and BF16); elsewhere, or when the build fails, `load()` returns None and the
-model runs on oneDNN and PyTorch ops. `FOT_KERNELS=0` switches them off. Where the CPU has AMX, bf16 matmuls run
+They are built for the best instruction set of `ISAS` this CPU has: AVX-512 (F, BW, VL and BF16) or AVX2 with FMA.
+Elsewhere, or when the build fails, `load()` returns None and the model runs on oneDNN and PyTorch ops.
+`FOT_KERNELS=0` switches them off. Where the CPU has AMX, bf16 matmuls run
 on its tiles (`amx`), which makes a forward over 16 tokens cost about what one token's does; `FOT_AMX=0` keeps
 them on AVX512-BF16, whose one-row streaming is faster.
 """
@@ -29,7 +30,14 @@ from fot.errors import InvalidRequestError, KernelBuildError
 from fot.files import locked, sha256
 
 COLUMNS = 64  # kernels.cpp's kColumns: output columns (weight rows) per block of `pack`'s layout
-NEEDED = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+# The instruction sets kernels.cpp is built for, best first: the CPU flags each needs, and its compiler flags.
+ISAS = {
+    "avx512": (
+        {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"},
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mamx-tile", "-mamx-bf16"],
+    ),
+    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+}
 AMX = {"amx_tile", "amx_bf16"}  # bf16 matmuls on tiles: many rows for the price of one (`amx`)
 
 
@@ -42,6 +50,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
     line = next((x for x in text.splitlines() if x.startswith("flags")), "")
     return frozenset(line.partition(":")[2].split())
+
+
+def isa() -> str | None:
+    """The instruction set of `ISAS` the kernels are built for on this CPU, or None where it has none of them."""
+    return next((name for name, (needed, _) in ISAS.items() if needed <= cpu_flags()), None)
 
 
 def step(dtype: torch.dtype) -> int:
@@ -138,14 +151,15 @@ def compiled():
     happens under `build_lock`, and records the hashes of its source and its .so, which every later import checks.
     A cache folder that others may write to, or that (or whose .so or manifest) another user owns, is refused: its
     .so would run as our code."""
-    if os.environ.get("FOT_KERNELS", "1") == "0" or not NEEDED <= cpu_flags():
+    target = isa()
+    if os.environ.get("FOT_KERNELS", "1") == "0" or target is None:
         return None
     from fot.models import cache_dir
 
     source = Path(__file__).with_name("kernels.cpp")
     digest = sha256(source)
-    # one folder per torch and per source: a changed kernel, or another checkout's, never reuses or replaces a build
-    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest[:12]}"
+    # one folder per torch, source and instruction set: another kernel, or checkout, never reuses or replaces a build
+    folder = cache_dir() / "kernels" / f"torch-{torch.__version__}-{digest[:12]}-{target}"
     folder.mkdir(parents=True, exist_ok=True, mode=0o755)
     if folder.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         warnings.warn(f"fot: {folder} is writable by other users; not loading kernels from it", stacklevel=2)
@@ -166,10 +180,7 @@ def compiled():
             module = build(
                 name="fot_kernels",
                 sources=[str(source)],
-                extra_cflags=[
-                    *("-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"),
-                    *("-mamx-tile", "-mamx-bf16"),
-                ],
+                extra_cflags=["-O3", "-fopenmp", *ISAS[target][1]],
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),
             )
@@ -183,24 +194,33 @@ def compiled():
         return None
 
 
-def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls only pay off with native instructions (AVX512-BF16 or AMX); on AVX2 they are emulated and slow."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it slowly."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    """dtype "auto": bf16 on an accelerator, and on a CPU where our kernels run (AVX512-BF16): there every decoding
-    and verification op is batch-invariant, so greedy speculative output is plain output token for token in bf16
-    too, at half the weight bytes of fp32. Elsewhere on CPU fp32, the only dtype in which oneDNN's and SDPA's
+def cpu_has_fast_bf16() -> bool:
+    """bf16 pays off on a CPU with native instructions, or with our kernels, which widen bf16 to fp32 as they load
+    it and so read half of fp32's bytes."""
+    return cpu_has_native_bf16() or load() is not None
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str, ours: bool = True) -> torch.dtype:
+    """dtype "auto": bf16 on an accelerator, and on a CPU where our kernels run (AVX-512 or AVX2): there every
+    decoding and verification op is batch-invariant, so greedy speculative output is plain output token for token in
+    bf16 too, at half the weight bytes of fp32. Elsewhere on CPU fp32, the only dtype in which oneDNN's and SDPA's
     rounding cannot part a verification forward from a one-token forward. "fast": bf16 wherever bf16 is fast
-    (an accelerator, or a CPU with AVX512-BF16/AMX), kernels or not. The embedded checkpoints are fp32
-    de-quantizations of their GGUF: "float32" runs them exactly as they are."""
+    (`cpu_has_fast_bf16`), kernels or not. The embedded checkpoints are fp32 de-quantizations of their GGUF:
+    "float32" runs them exactly as they are. `ours=False` resolves for an engine that runs its own CPU kernels
+    (vLLM): there "auto" and "fast" are bf16 on a CPU only with native bf16."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype in ("auto", "fast") and (device != "cpu" or not ours):
+        return torch.bfloat16 if device != "cpu" or cpu_has_native_bf16() else torch.float32
     if dtype == "auto":
-        return torch.bfloat16 if device != "cpu" or load() is not None else torch.float32
+        return torch.bfloat16 if load() is not None else torch.float32
     if dtype == "fast":
-        return torch.bfloat16 if device != "cpu" or cpu_has_fast_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     named = {
         "float32": torch.float32,
         "fp32": torch.float32,

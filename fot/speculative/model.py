@@ -176,9 +176,9 @@ def pack_linears(module: nn.Module, use_kernels: bool = True) -> None:
     weight = next((p for p in module.parameters() if not p.is_meta), None)
     if weight is None:  # every weight already lives in a packed copy
         return
+    built = kernels_for(weight.dtype, weight.device, use_kernels)
     supported = weight.dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # bf16: AVX512/AMX
-    if weight.device.type == "cpu" and torch.backends.mkldnn.is_available() and supported:
-        built = kernels_for(weight.dtype, weight.device, use_kernels)
+    if weight.device.type == "cpu" and (built or torch.backends.mkldnn.is_available() and supported):
         for m in module.modules():
             if isinstance(m, Linear):
                 m.pack(built.matmul if built else None)
