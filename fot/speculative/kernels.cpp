@@ -48,6 +48,20 @@ inline float to_float(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_
 // load/store take kLanes values, loadn/storen the first `left` of them (any left >= 1; past kLanes, all); round_as
 // is what storing a value in T and reading it back gives (itself in fp32). exp2n(p, n) = p * 2^n, rounded once.
 
+// The element-wise ops, named alike in both instruction sets' intrinsics (P: _mm512 or _mm256). vfma(a, b, c) is
+// a * b + c, vfnma(a, b, c) is c - a * b.
+#define FOT_ELEMENTWISE(P)                                                   \
+  inline V vzero() { return P##_setzero_ps(); }                              \
+  inline V vset(float v) { return P##_set1_ps(v); }                          \
+  inline V vadd(V a, V b) { return P##_add_ps(a, b); }                       \
+  inline V vsub(V a, V b) { return P##_sub_ps(a, b); }                       \
+  inline V vmul(V a, V b) { return P##_mul_ps(a, b); }                       \
+  inline V vdiv(V a, V b) { return P##_div_ps(a, b); }                       \
+  inline V vmin(V a, V b) { return P##_min_ps(a, b); }                       \
+  inline V vmax(V a, V b) { return P##_max_ps(a, b); }                       \
+  inline V vfma(V a, V b, V c) { return P##_fmadd_ps(a, b, c); }            \
+  inline V vfnma(V a, V b, V c) { return P##_fnmadd_ps(a, b, c); }
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #define FOT_AVX512 1
 using V = __m512;
@@ -56,16 +70,7 @@ constexpr int64_t kLanes = 16;
 constexpr int kTile = 6;          // input rows per pass: 6 x 4 accumulators, 4 weight vectors, 1 broadcast
 constexpr int64_t kSegment = 256;  // k steps per pass over a block (64 KB)
 
-inline V vzero() { return _mm512_setzero_ps(); }
-inline V vset(float v) { return _mm512_set1_ps(v); }
-inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
-inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
-inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
-inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
-inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
-inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }     // a * b + c
-inline V vfnma(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }   // c - a * b
+FOT_ELEMENTWISE(_mm512)
 inline V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT); }
 inline V exp2n(V p, V n) { return _mm512_scalef_ps(p, n); }
 inline float vsum(V v) { return _mm512_reduce_add_ps(v); }
@@ -103,16 +108,7 @@ constexpr int64_t kLanes = 8;
 constexpr int kTile = 1;          // 8 accumulators a row: a second row's would not fit in the 16 registers
 constexpr int64_t kSegment = 64;  // k steps per pass over a block (16 KB: the later passes read it from L1)
 
-inline V vzero() { return _mm256_setzero_ps(); }
-inline V vset(float v) { return _mm256_set1_ps(v); }
-inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
-inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
-inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
-inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
-inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
-inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vfnma(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+FOT_ELEMENTWISE(_mm256)
 inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 // 2^e for e in [-126, 127], built in the exponent field.
 inline V pow2(__m256i e) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)); }
