@@ -127,9 +127,8 @@ def main() -> None:
         f"weight-read roofline: {read / 1e9:.2f} GB per forward / {bandwidth / 1e9:.1f} GB/s = "
         f"{roofline * 1e3:.1f} ms; the one-token forward takes {one * 1e3:.1f} ms ({roofline / one:.0%} of it)"
     )
-    tiles = "AMX tiles" if kernels.amx() else "no AMX (FOT_AMX=0 or none on this CPU)"
     print("GEMM rate at 32 rows on the largest matmul " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items()))
-    print(f"our kernels: {kernels.isa() if kernels.load() else 'off'}; our bf16 matmuls: {tiles}")
+    print(f"our kernels: {kernels.running() or 'off'}")
     print(
         f"loaded in {load_s:.1f} s; peak RSS {rss / 1e9:.2f} GB for {held / 1e9:.2f} GB of weights held "
         f"({rss / held:.2f}x)"
@@ -143,7 +142,7 @@ def main() -> None:
                 "roofline_ms": round(roofline * 1e3, 2),
                 "read_gb_s": round(bandwidth / 1e9, 1),
                 "gemm_gflops": {k: round(v) for k, v in rates.items()},
-                "kernels": kernels.isa() if kernels.load() else None,
+                "kernels": kernels.running(),
                 "amx": kernels.amx(),
                 "rss_gb": round(rss / 1e9, 3),
                 "weight_gb": round(held / 1e9, 3),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from pydantic import BaseModel, computed_field
@@ -46,6 +46,7 @@ class Row(BaseModel):
     tree_accuracy: float | None = None  # share of the trees' (sc: samples') own answers that are right
     tree_records: int = 0  # the records that keep their trees' answers (older records do not)
     superseded: int | None = None  # the search version of a run made before its task's search changed
+    kernels: dict[str, int] = {}  # records per build of our CPU kernels that made them ("-": not recorded)
 
     @property
     def label(self) -> str:
@@ -150,6 +151,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 tree_accuracy=tree_accuracy(rs),
                 tree_records=sum(bool(r.tree_correct) for r in rs),
                 superseded=superseded(first),
+                kernels=dict(Counter(r.kernels or "-" for r in rs)),
             )
         )
     rows.sort(key=lambda r: (r.benchmark, r.model, r.method, r.trees, r.speculative))
@@ -205,6 +207,7 @@ def markdown(rows: list[Row]) -> str:
                 f"| {r.seconds:.1f} | {accept} "
                 f"| {speed} |"
             )
+        out += kernels_note(rs)
         crossed = [r for r in rs if r.disagreements is not None]
         if crossed:
             bad = sum(r.disagreements for r in crossed)
@@ -220,6 +223,20 @@ def markdown(rows: list[Row]) -> str:
             "",
         ]
     return "\n".join(out)
+
+
+def kernels_note(rows: list[Row]) -> list[str]:
+    """Lines naming the runs whose records were made on more than one build of our kernels: machines round bf16
+    sums differently, so a sample can part at a near tie (no lines where every run kept to one)."""
+    mixed = [r for r in rows if len(r.kernels) > 1]
+    if not mixed:
+        return []
+    runs = "; ".join(
+        f"{r.label} x{r.trees} ({r.run.rsplit('-', 1)[1]}): "
+        + ", ".join(f"{n} {k}" for k, n in sorted(r.kernels.items()))
+        for r in mixed
+    )
+    return ["", f"Made on more than one build of our kernels (- is a record from before the build was kept): {runs}."]
 
 
 def draw_trees(ax, rs: list[Row], ps: list[Pair]) -> None:

@@ -146,6 +146,17 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
     return f"{args.method}-t{args.trees}-{model}-{args.backend}-{drafter(args)}-s{args.seed}-{digest}"
 
 
+def kernels_of(backend) -> str | None:
+    """The build of our CPU kernels that runs `backend`'s model (`kernels.running()`; None for any other)."""
+    engine = getattr(backend, "engine", None) if backend.name == "native" else None
+    if engine is None:
+        return None
+    from fot.speculative import kernels
+    from fot.speculative.model import kernels_for
+
+    return kernels.running() if kernels_for(engine.model.dtype, engine.device) is not None else None
+
+
 async def solve_all(
     problems: list[Problem], args: argparse.Namespace, path: Path, backend, total: int
 ) -> tuple[int, int]:
@@ -154,6 +165,7 @@ async def solve_all(
     from fot.forest import SEARCH_VERSIONS, Solution, asolve
 
     config, checks = search_config(args), rule_checks(args)
+    engine_kernels = kernels_of(backend)
     gate = asyncio.Semaphore(args.concurrency)
     bar = tqdm(total=len(problems), desc=f"{args.benchmark} {args.method} x{args.trees}", unit="problem")
     right = failed = 0
@@ -224,6 +236,7 @@ async def solve_all(
             node_answers=[[n["answer"] for n in t["nodes"] if n.get("answer") is not None] for t in sol.trees],
             seconds=round(u.seconds, 3),
             concurrency=args.concurrency,
+            kernels=engine_kernels,
             total=total,
         )
 

@@ -32,6 +32,8 @@ import pytest
 from servers import Process, free_port
 from test_docs import ROOT, benchmark_help, blocks, commands
 
+from fot.speculative import kernels
+
 MODELS = {"qwen2.5-coder-1.5b": "default", "M": "default", "my-model": "default"}
 CAPS = {  # answers and problems; then a benchmark's repetitions and load
     "--max-tokens": "16", "--new-tokens": "16", "--rollouts": "1", "--limit": "1", "--problems": "1",
@@ -108,6 +110,8 @@ def run_eval(argv: list[str], tmp: Path) -> None:
     run(python(argv), tmp)
     records = [json.loads(line) for f in (tmp / "out").rglob("*.jsonl") for line in f.read_text().splitlines()]
     assert len(records) == 1 and records[0]["decision"], records
+    native_cpu = option(argv, "--backend") in (None, "native") and option(argv, "--device") in (None, "cpu")
+    assert records[0]["kernels"] == (kernels.running() if native_cpu else None)  # the build that made it
 
 
 def run_report(argv: list[str], tmp: Path) -> None:

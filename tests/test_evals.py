@@ -23,7 +23,7 @@ from evals.data import (
     load_math500,
 )
 from evals.records import Record, read_records
-from evals.report import PLOTS, markdown, summarise, wilson, write_report
+from evals.report import PLOTS, kernels_note, markdown, summarise, wilson, write_report
 from evals.runner import arun, options, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
@@ -390,6 +390,17 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["partial"] for r in summary] == [False, True, False, False]  # sorted by method
+
+
+def test_a_run_made_on_two_builds_of_the_kernels_says_so() -> None:
+    """Machines round bf16 sums differently: a run resumed on another CPU is named with its records per build."""
+    name = "sc-t4-default-native-prompt_lookup-s0-abcd1234"
+    rs = [record("a0", name, True, 1.0)] + [record(f"a{i}", name, i == 1, 1.0, kernels="avx2") for i in (1, 2)]
+    [row] = summarise({("arithmetic", name): rs})
+    assert row.kernels == {"-": 1, "avx2": 2}
+    assert "sc x4 (abcd1234): 1 -, 2 avx2." in markdown([row])
+    [one] = summarise({("arithmetic", name): rs[1:]})
+    assert kernels_note([one]) == [] and "builds of our kernels" not in markdown([one])
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

@@ -137,6 +137,12 @@ def amx() -> bool:
     return module is not None and module.amx()
 
 
+def running() -> str | None:
+    """Which build of our kernels runs in this process: its instruction set, "+amx" where its bf16 matmuls take the
+    tiles; None where none loads. Machines round bf16 sums differently, so results name it."""
+    return None if load() is None else isa() + ("+amx" if amx() else "")
+
+
 def owned(path: Path) -> bool:
     """Whether `path` is ours (owned by this process's effective user) or absent: another user's file, or folder,
     in the kernel cache could have been written by them whatever its mode says now."""
