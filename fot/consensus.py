@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from fot.decoding.base import Request
-from fot.tasks.base import Task, majority_key
+from fot.tasks.base import Task, grouped_votes
 from fot.trees.base import Generate
 from fot.trees.cot import chain_of_thought
 from fot.trees.mctsr import Corrector
@@ -35,10 +35,10 @@ class Decision(BaseModel):
     confidence: float  # share of the trees behind the answer (0 for a fallback)
 
 
-def majority(task: Task, answers: list[str | None]) -> str | None:
-    """The answer held by more than half of all trees (unanswered trees count against it), else None."""
-    ranked = majority_key(task, answers)
-    return ranked[0][0] if ranked and ranked[0][1] * 2 > len(answers) else None
+def majority(ranked: list[tuple[str, int]], trees: int) -> str | None:
+    """The answer held by more than half of all `trees` (unanswered trees count against it), else None; `ranked`
+    is `grouped_votes` of their answers."""
+    return ranked[0][0] if ranked and ranked[0][1] * 2 > trees else None
 
 
 async def decide(
@@ -51,10 +51,10 @@ async def decide(
     max_tokens: int = 384,
     corrector: Corrector | None = None,
 ) -> Decision:
-    ranked = majority_key(task, answers)
+    ranked = await grouped_votes(task, answers)
     votes = dict(ranked)
     n = max(len(answers), 1)
-    if ranked and ranked[0][1] * 2 > len(answers):
+    if majority(ranked, len(answers)) is not None:
         return Decision(answer=ranked[0][0], votes=votes, method="majority", confidence=ranked[0][1] / n)
     if ranked and (len(ranked) == 1 or ranked[0][1] > ranked[1][1]):
         return Decision(answer=ranked[0][0], votes=votes, method="plurality", confidence=ranked[0][1] / n)

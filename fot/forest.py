@@ -41,7 +41,7 @@ from fot.correction import CorrectionUsage, MathCorrector, Repair
 from fot.decoding.base import Backend, Completion, Request
 from fot.errors import ContextOverflowError, InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
-from fot.tasks.base import Task, check_unicode, majority_key
+from fot.tasks.base import Task, check_unicode, grouped_votes, majority_key
 from fot.tasks.checks import Check
 from fot.trees.base import Batcher, Tree, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
@@ -333,8 +333,11 @@ class Forest:
         step_tokens: list[int] = []
         while True:
             live = [t for t in active if not t.done]
-            self.report(len(step_tokens), trees, live)
-            if not live or (c.early_stop and len(trees) > 1 and majority(self.task, [t.answer() for t in trees])):
+            stopping = c.early_stop and len(trees) > 1
+            wanted = stopping or self.progress is not None
+            ranked = await grouped_votes(self.task, [t.answer() for t in trees]) if wanted else []
+            self.report(len(step_tokens), trees, live, dict(ranked))
+            if not live or (stopping and majority(ranked, len(trees)) is not None):
                 break
             chosen = self.activate(trees, live)
             skipped = [t for t in live if t not in chosen]
@@ -364,7 +367,7 @@ class Forest:
         )  # fmt: skip
         return self.solution(d.answer, d.votes, d.confidence, d.method, answers, graphs)
 
-    def report(self, step: int, trees: list, live: list) -> None:
+    def report(self, step: int, trees: list, live: list, votes: dict[str, int]) -> None:
         if self.progress is None:
             return
         self.progress(
@@ -372,7 +375,7 @@ class Forest:
                 step=step,
                 trees=len(trees),
                 trees_alive=len(live),
-                votes=dict(majority_key(self.task, [t.answer() for t in trees])),
+                votes=votes,
                 generated_tokens=self.usage.generated_tokens,
                 seconds=time.perf_counter() - self.t0,
             )

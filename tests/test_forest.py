@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -362,6 +363,33 @@ def test_cged_majority_plurality_expert_fallback():
     assert (d.answer, d.method, d.confidence) == ("9", "fallback", 0.0)
     d, _ = decide_with([None, None, None])  # every tree said "I don't know"
     assert (d.answer, d.method) == ("9", "fallback")
+
+
+def test_a_slow_comparison_leaves_the_event_loop_free():
+    """math-verify can take seconds on one comparison: the vote waits for it in a worker thread, so that a server's
+    other requests go on meanwhile."""
+
+    class Slow(MathTask):
+        def equivalent(self, a: str, b: str, strict: bool = False) -> bool:
+            time.sleep(0.3)
+            return False
+
+    async def main() -> tuple[str | None, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        d = await decide(Slow(), "p", ["3", "4", "3"], Batcher(ScriptedBackend(lambda r, j: ""), 1).generate)
+        ticker.cancel()
+        return d.answer, ticks
+
+    answer, ticks = asyncio.run(main())
+    assert answer == "3" and ticks >= 10  # the loop ticked on through the 0.3 s comparison
 
 
 def test_fallback_chain_of_thought_runs_the_checks():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
@@ -79,3 +80,9 @@ def majority_key(task: Task, answers: list[str | None]) -> list[tuple[str, int]]
         counts[group] += 1
     order = sorted(range(len(reps)), key=lambda i: (-counts[i], i))
     return [(reps[i], counts[i]) for i in order]
+
+
+async def grouped_votes(task: Task, answers: list[str | None]) -> list[tuple[str, int]]:
+    """`majority_key` in a worker thread: a math comparison can wait seconds on math-verify, and a server's event
+    loop serves every other request meanwhile."""
+    return await asyncio.to_thread(majority_key, task, answers)

@@ -9,7 +9,7 @@ evaluation split (ranks 901-1000), unlike the ToT paper's prompt, which shows ra
 from __future__ import annotations
 
 from fot.decoding.base import Completion, Request
-from fot.tasks.base import Task, majority_key
+from fot.tasks.base import Task, grouped_votes
 from fot.trees.base import Generate
 from fot.trees.mctsr import ANSWER, Corrector
 
@@ -72,5 +72,5 @@ async def self_consistency(
     answers = [
         task.extract(t) if t is not None else None for t in await corrected(gen, problem, request, done, corrector)
     ]
-    votes = dict(majority_key(task, answers))
+    votes = dict(await grouped_votes(task, answers))
     return next(iter(votes), None), answers, votes
