@@ -118,16 +118,15 @@ inline V exp2n(V p, V n) {
   return vmul(vmul(p, pow2(h)), pow2(_mm256_sub_epi32(e, h)));
 }
 inline __m128 halves(V v) { return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); }
-inline float vsum(V v) {
-  __m128 s = halves(v);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+// The 8 lanes folded by `op`: halves, then pairs, then the last two.
+template <class Op>
+inline float reduce(V v, Op op) {
+  __m128 s = op(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = op(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(op(s, _mm_movehdup_ps(s)));
 }
-inline float vtop(V v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
+inline float vsum(V v) { return reduce(v, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); }); }
+inline float vtop(V v) { return reduce(v, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }); }
 
 inline __m256i tail(int64_t left) {  // the first min(left, 8) lanes set
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(left, 8))),
