@@ -46,7 +46,7 @@ from fot.chat import (
     summary,
     usage_of,
 )
-from fot.decoding.base import Backend, BackendError, WorkerBackend
+from fot.decoding.base import Backend, BackendError
 from fot.errors import FotError, InvalidRequestError, SearchError
 from fot.forest import Solution, asolve
 from fot.tasks.math import start_verifier
@@ -159,14 +159,18 @@ class _BackendCollector:
     def collect(self):
         u = self.backend.usage
         for name, doc, value in (
-            ("fot_backend_requests", "requests the backend served", u.requests),
-            ("fot_backend_prompt_tokens", "prompt tokens, failed and cancelled searches too", u.prompt_tokens),
-            ("fot_backend_generated_tokens", "tokens generated, failed and cancelled searches too", u.generated_tokens),
+            ("fot_backend_requests", "requests the backend served, failed ones too", u.requests),
+            ("fot_backend_failed_requests", "requests that failed (after the backend's own retries)", u.failed),
+            ("fot_backend_prompt_tokens", "prompt tokens of answered requests", u.prompt_tokens),
+            ("fot_backend_generated_tokens", "tokens generated for answered requests", u.generated_tokens),
             ("fot_backend_forward_passes", "model forwards of the backend", u.forward_passes),
             ("fot_draft_tokens", "draft tokens proposed by speculative decoding", u.draft_tokens),
             ("fot_accepted_tokens", "draft tokens accepted", u.accepted_tokens),
         ):
             yield CounterMetricFamily(name, doc, value=value)
+        if hasattr(self.backend, "retries"):  # the openai backend's attempts that failed and were tried again
+            doc = "upstream attempts that failed and were retried"
+            yield CounterMetricFamily("fot_backend_retries", doc, value=self.backend.retries)
 
 
 class Store:
@@ -406,8 +410,10 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         state = {"backend": backend.name, "running": admission.active, "waiting": admission.waiting}
-        if isinstance(backend, WorkerBackend) and not backend.alive:  # its worker stopped: it serves nothing
-            return JSONResponse({"status": "down", "error": str(backend.stopped()), **state}, status_code=503)
+        check = getattr(backend, "health", None)  # a worker that stopped, an upstream that does not answer
+        problem = await check() if check is not None else None
+        if problem is not None:
+            return JSONResponse({"status": "down", "error": problem, **state}, status_code=503)
         return {"status": "ok", **state}
 
     @app.get("/metrics")

@@ -5,8 +5,10 @@ clear error; nothing hangs (each test is bounded); every server is stopped."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from servers import fault_proxy, free_port
@@ -52,6 +54,46 @@ def test_all_endpoints_down_is_a_clear_error_not_a_hang(vllm_url):
     with pytest.raises(BackendError, match="no endpoint answered"):
         run(b)
     assert time.monotonic() - t < 30
+
+
+def test_health_says_why_no_endpoint_serves():
+    b = make_backend("openai", base_urls=[url(free_port())])
+    assert asyncio.run(b.health()).startswith("no endpoint answered /models")
+
+
+class ModelsOnly(BaseHTTPRequestHandler):
+    """An endpoint whose /models lists a model and does not say its context."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_an_endpoint_that_does_not_say_its_context_is_warned_about():
+    """Its prompts cannot be checked against the context before a search (the context was taken as unbounded,
+    silently): the backend says so once, on connecting."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ModelsOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    b = make_backend("openai", base_urls=[url(server.server_port)])
+
+    async def go() -> str | None:
+        try:
+            return await b.health()
+        finally:
+            await b.close()
+
+    try:
+        with pytest.warns(UserWarning, match="do not say the context of 'm'"):
+            assert asyncio.run(go()) is None
+    finally:
+        server.shutdown()
 
 
 def test_endpoint_killed_mid_run(vllm_url, tmp_path):

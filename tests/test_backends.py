@@ -254,6 +254,7 @@ def test_a_worker_that_stops_fails_its_callers_and_health_says_so(kind, served_m
     assert not backend.alive
     with pytest.raises(BackendError, match=stopped):
         generate(backend, [greedy("Paris", 4)])
+    assert backend.usage.failed == backend.usage.requests == 2  # a batch that raised counts as failed
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=port, log_level="warning"))

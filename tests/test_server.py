@@ -22,11 +22,11 @@ PROBLEM = "Tom has 3 boxes with 12 apples in each box. He eats 5 apples. How man
 LONG = {"trees": 16, "mctsr": {"rollouts": 32, "max_tokens": 40}, "early_stop": False, "sparse": {"enabled": False}}
 
 
-def start(log: Path, *options: str) -> tuple[Process, str]:
+def start(log: Path, *options: str, ready: str = "/health") -> tuple[Process, str]:
     port = free_port()
     argv = [sys.executable, "-m", "fot.cli", "serve", "--port", str(port), *options]
     server = Process(argv, log)
-    server.wait_ready(f"http://127.0.0.1:{port}/health", timeout=180)
+    server.wait_ready(f"http://127.0.0.1:{port}{ready}", timeout=180)
     return server, f"http://127.0.0.1:{port}"
 
 
@@ -272,8 +272,11 @@ def test_proxy_mode_in_front_of_vllm_serve(vllm_url, tmp_path):
 
 def test_a_backend_that_is_down_gets_503(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    proc, url = start(tmp_path / "down.log", "--backend", "openai", "--base-url", dead, "--timeout", "5")
+    proc, url = start(tmp_path / "down.log", "--backend", "openai", "--base-url", dead, "--timeout", "5",
+                      ready="/v1/models")  # fmt: skip
     with proc:
+        health = httpx.get(f"{url}/health")  # a load balancer sends nothing here meanwhile
+        assert health.status_code == 503 and health.json()["error"].startswith("no endpoint answered /models")
         with pytest.raises(openai.InternalServerError) as e:
             client(url).chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}])
         assert e.value.status_code == 503 and e.value.body["code"] == "backend_unavailable"
@@ -292,7 +295,9 @@ def test_a_search_the_upstream_refuses_gets_502_that_the_openai_client_does_not_
                 retrying.chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}])
             assert e.value.status_code == 502 and e.value.body["code"] == "backend_refused"
             assert "HTTP 400" in e.value.body["message"]
-            assert metrics(url)["fot_requests_total{502}"] == 1  # asked once, not three times
+            seen = metrics(url)
+            assert seen["fot_requests_total{502}"] == 1  # asked once, not three times
+            assert seen["fot_backend_failed_requests_total"] >= 1 and seen["fot_backend_retries_total"] == 0
 
 
 def test_request_options_merge_into_the_server_defaults():

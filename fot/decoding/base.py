@@ -211,7 +211,12 @@ class BaseBackend:
                 raise InvalidRequestError(f"request {i}: {e}") from None
         if not reqs:
             return []
-        done = await self._generate(reqs, prepared)
+        try:
+            done = await self._generate(reqs, prepared)
+        except Exception:  # the whole batch failed (a stopped worker, say): its requests count as failed
+            self.usage.requests += len(reqs)
+            self.usage.failed += len(reqs)
+            raise
         for c in done:
             self.usage.requests += 1
             self.usage.failed += not c.ok
@@ -221,6 +226,10 @@ class BaseBackend:
 
     async def _generate(self, requests: list[Request], prepared: list) -> list[Completion]:
         raise NotImplementedError
+
+    async def health(self) -> str | None:
+        """Why the backend cannot serve now, or None where it can (`fot serve`'s /health answers 503 with it)."""
+        return None
 
     async def close(self) -> None:
         """Release the backend's resources (threads, engines, connections)."""
@@ -282,6 +291,9 @@ class WorkerBackend(BaseBackend):
     def alive(self) -> bool:
         """Whether the worker still serves requests (False once closed, or once its loop failed)."""
         return self.worker.is_alive()
+
+    async def health(self) -> str | None:
+        return None if self.alive else str(self.stopped())
 
     def stopped(self) -> BackendError:
         if self.failure is None:

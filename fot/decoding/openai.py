@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fot.config import SamplingParams
 from fot.decoding.base import BackendError, BaseBackend, Completion, Output, Request, check_context, distinct_samples
-from fot.errors import ContextOverflowError, InvalidRequestError
+from fot.errors import ContextOverflowError, FotError, InvalidRequestError
 
 RETRYABLE = {408, 429, 500, 502, 503, 504}
 ABNORMAL = {"abort", "error", "content_filter", "tool_calls", "function_call"}  # finish reasons that are no answer
@@ -116,6 +116,23 @@ class OpenAIBackend(BaseBackend):
         if self.model not in served:
             raise InvalidRequestError(f"model {self.model!r} is not served; the endpoints serve {sorted(served)}")
         self.context = served[self.model] or 1 << 30
+        if not served[self.model]:
+            warnings.warn(
+                f"fot: the endpoints do not say the context of {self.model!r} (max_model_len), so prompts are not "
+                "checked against it before the search",
+                stacklevel=2,
+            )
+
+    async def health(self) -> str | None:
+        """Down while no endpoint has answered /models, or while every endpoint is resting after a failure."""
+        try:
+            await self.connect()
+        except FotError as e:
+            return str(e)
+        now = time.monotonic()
+        if all(ep.down_until > now for ep in self.endpoints):
+            return f"every endpoint failed within the last {self.config.down_for:g} s"
+        return None
 
     def prepare(self, request: Request) -> None:
         if self.context is not None and request.params.max_tokens >= self.context:  # known once connected
