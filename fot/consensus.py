@@ -2,8 +2,8 @@
 
 majority  one answer holds more than half of the trees: take it (the forest may stop early on it);
 plurality otherwise the single most common answer;
-expert    a tie at the top (or several candidates and no plurality): an expert model, the same backend or a
-          stronger one, picks among the candidates;
+expert    a tie at the top (or several candidates and no plurality): the model, asked as an expert, picks among
+          the candidates;
 fallback  no tree has an answer, or the expert says "I don't know": a chain-of-thought answer, checked and repaired
           by the forest's self-correction as the trees' answers are; without a corrector (Game of 24), an answer
           that fails the task's check is no answer.
@@ -46,11 +46,12 @@ async def decide(
     problem: str,
     answers: list[str | None],
     gen: Generate,
-    expert: Generate | None = None,
     seed: int = 0,
     max_tokens: int = 384,
     corrector: Corrector | None = None,
 ) -> Decision:
+    """The forest's answer from its trees' `answers`. `gen` is the forest's metered generate: an expert or
+    fallback request that fails fails the search, not only this decision."""
     ranked = await grouped_votes(task, answers)
     votes = dict(ranked)
     n = max(len(answers), 1)
@@ -60,7 +61,7 @@ async def decide(
         return Decision(answer=ranked[0][0], votes=votes, method="plurality", confidence=ranked[0][1] / n)
     if ranked:
         tied = [a for a, c in ranked if c == ranked[0][1]]
-        pick = await ask_expert(expert or gen, problem, tied)
+        pick = await ask_expert(gen, problem, tied)
         if pick is not None:
             return Decision(answer=pick, votes=votes, method="expert", confidence=votes[pick] / n)
     answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens, corrector=corrector)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 
@@ -363,6 +364,22 @@ def test_cged_majority_plurality_expert_fallback():
     assert (d.answer, d.method, d.confidence) == ("9", "fallback", 0.0)
     d, _ = decide_with([None, None, None])  # every tree said "I don't know"
     assert (d.answer, d.method) == ("9", "fallback")
+
+
+def test_a_failed_expert_request_fails_the_solve():
+    """Two trees tie, and the expert's request fails: the decision falls back, but the search lost a request, so
+    it has no result."""
+    answers = itertools.cycle(["3", "4"])
+
+    def respond(r: Request, j: int) -> str | Exception:
+        text = content(r)
+        if "Which candidate" in text:
+            return RuntimeError("expert down")
+        return "Score: 80" if "Grade the answer" in text else f"The answer is {next(answers)}."
+
+    with pytest.raises(SearchError, match="1 of .* backend requests failed.*expert down") as failure:
+        solve("What is 40 + 2?", ScriptedBackend(respond), trees=2, config={"early_stop": False})
+    assert failure.value.solution.decision == "fallback"
 
 
 def test_a_slow_comparison_leaves_the_event_loop_free():
