@@ -64,6 +64,7 @@ except ImportError as e:  # pragma: no cover - the extra is missing
 
 log = logging.getLogger("fot.server")
 SHUTDOWN_GRACE_S = 10.0  # seconds the searches in flight get to finish after Ctrl-C
+STREAM_NOTICE_S = 1.0  # a stream still searching then ends this long before the cut, with an error its client reads
 
 
 class ServeConfig(BaseModel):
@@ -234,6 +235,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="fot", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.backend, app.state.admission, app.state.store = backend, admission, store
+    app.state.stopping = asyncio.Event()  # set by `serve` when Ctrl-C starts the shutdown
 
     def authorize(request: Request) -> None:
         if not keys:
@@ -352,17 +354,34 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             solving.cancel()  # a no-op once it is done or abandoned
             ticket.release()
 
+    async def notice() -> None:
+        """Returns once the server stops (`serve`'s Ctrl-C) and its grace is nearly over."""
+        await app.state.stopping.wait()
+        await asyncio.sleep(SHUTDOWN_GRACE_S - STREAM_NOTICE_S)
+
     async def stream(request: Request, job: Job, ticket: Ticket, t0: float) -> AsyncIterator[str]:
+        """Progress chunks, then the answer. A stream has sent its 200, so when the server stops before its search
+        ends, it ends with a `shutting_down` error event, not a cut connection its client would read as a quiet
+        end."""
         created, events = int(time.time()), asyncio.Queue()
         solving = asyncio.ensure_future(search(job, ticket, events.put_nowait))
         watching = asyncio.ensure_future(until_disconnect(request))
+        closing = asyncio.ensure_future(notice())
         try:
             yield chunk(job, created, {"role": "assistant", "content": ""})
             while not solving.done():
                 getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, solving, watching}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({getter, solving, watching, closing}, return_when=asyncio.FIRST_COMPLETED)
                 if watching.done():
                     getter.cancel()
+                    return
+                if closing.done() and not solving.done():
+                    getter.cancel()
+                    await abandon(solving)
+                    err = ApiError(503, "the server is shutting down; the search was cancelled", code="shutting_down")
+                    finished(job, t0, err)
+                    yield sse(err.body())
+                    yield sse("[DONE]")
                     return
                 if getter.done():
                     yield progress_chunk(job, created, getter.result())
@@ -386,6 +405,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             yield sse("[DONE]")
         finally:
             watching.cancel()
+            closing.cancel()
             if not solving.done():  # disconnected (or the response was torn down): cancel the search
                 await abandon(solving)
                 hung_up()
@@ -462,10 +482,15 @@ def serve(backend: Backend, config: ServeConfig, sock: socket.socket) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = uvicorn.Config(
-        create_app(backend, config), log_level="info", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE_S
-    )
+    app = create_app(backend, config)
+    options = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.state.stopping.set()  # the streams still searching end with an error before the grace runs out
+            await super().shutdown(sockets)
+
     host, port = sock.getsockname()[:2]
     log.info("fot serve: listening on http://%s:%d", host, port)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the Ctrl-C again once it has stopped
-        uvicorn.Server(options).run(sockets=[sock])
+        Server(options).run(sockets=[sock])
