@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pydantic import BaseModel, computed_field
 
 from evals.records import Record, read_records
 from fot.models import ALIASES
+from fot.tasks.base import majority_key
 
 
 class Row(BaseModel):
@@ -407,6 +409,80 @@ def pairs_markdown(ps: list[Pair]) -> str:
     return "\n".join(out) + "\n"
 
 
+class Rules(BaseModel):
+    """One forest run's records scored under other decision rules: where its accuracy is lost."""
+
+    benchmark: str
+    model: str
+    label: str
+    trees: int
+    n: int  # records that keep their trees' nodes
+    decided: int  # right under the run's own decision (CGED)
+    first: int  # a plain vote (ties: the first seen) over each tree's first answer
+    last: int  # ... over each tree's last answer
+    every: int  # ... over every answered node of every tree
+    reached: int  # some node had the right answer: what a perfect decision would get
+
+
+def rules(runs: dict[tuple[str, str], list[Record]]) -> list[Rules]:
+    """Each forest run (2+ trees) scored under other decision rules, on its records that keep their nodes."""
+    from evals.data import Problem
+    from evals.runner import score
+    from fot.tasks import get_task
+
+    out = []
+    for (bench, _), rs in runs.items():
+        kept = [r for r in rs if r.node_answers is not None]
+        if rs[0].method != "fot" or rs[0].trees < 2 or not kept:
+            continue
+        task = get_task("game24" if bench == "game24" else "math")
+        counts = Counter()
+        for r in kept:  # Game of 24's gold is an expression over the puzzle's numbers, each used once
+            question = " ".join(re.findall(r"\d+", r.gold)) if bench == "game24" else ""
+            problem = Problem(id=r.id, question=question, gold=r.gold, task=task.name)
+            nodes = [a for tree in r.node_answers for a in tree]
+            votes = {
+                "first": [tree[0] for tree in r.node_answers if tree],
+                "last": [tree[-1] for tree in r.node_answers if tree],
+                "every": nodes,
+            }
+            for rule, answers in votes.items():
+                ranked = majority_key(task, answers)
+                counts[rule] += bool(ranked) and score(problem, ranked[0][0])
+            counts["decided"] += r.correct
+            counts["reached"] += any(score(problem, a) for a in set(nodes))
+        first = rs[0]
+        out.append(
+            Rules(
+                benchmark=bench,
+                model=ALIASES.get(first.model, Path(first.model).name),
+                label=method_label(first.method, checks_of(first), superseded(first)),
+                trees=first.trees,
+                n=len(kept),
+                **counts,
+            )
+        )
+    return sorted(out, key=lambda x: (x.benchmark, x.model, x.trees, x.label))
+
+
+def rules_markdown(rs: list[Rules]) -> str:
+    if not rs:
+        return ""
+    out = ["## Where the forests' accuracy is lost", "",
+           "Each forest run's records (those that keep their trees' nodes) scored under other decision rules: a "
+           "plain vote (ties: the first seen) over each tree's first answer, over its last, and over every answered "
+           "node; *reached*: some node had the right answer, what a perfect decision would get.", "",
+           "| benchmark | model | method | trees | n | decision (CGED) | first answers | last answers | every node "
+           "| reached |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rs:
+        out.append(
+            f"| {r.benchmark} | {r.model} | {r.label} | {r.trees} | {r.n} | {r.decided} | {r.first} | {r.last} "
+            f"| {r.every} | {r.reached} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def write_report(out: Path) -> Path:
     """Write OUT/REPORT.md, OUT/summary.json and the plots from every run file under OUT."""
     runs = load_runs(out)
@@ -416,7 +492,7 @@ def write_report(out: Path) -> Path:
     ps = pairs(runs)
     plot(rows, out, ps)
     path = out / "REPORT.md"
-    path.write_text(markdown(rows) + "\n" + pairs_markdown(ps))
+    path.write_text(markdown(rows) + "\n" + pairs_markdown(ps) + "\n" + rules_markdown(rules(runs)))
     return path
 
 

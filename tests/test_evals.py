@@ -23,7 +23,7 @@ from evals.data import (
     load_math500,
 )
 from evals.records import Record, read_records
-from evals.report import PLOTS, kernels_note, markdown, summarise, wilson, write_report
+from evals.report import PLOTS, kernels_note, markdown, rules, rules_markdown, summarise, wilson, write_report
 from evals.runner import arun, options, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
@@ -390,6 +390,24 @@ def test_report_table_speedup_and_plots(tmp_path: Path, monkeypatch: pytest.Monk
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["partial"] for r in summary] == [False, True, False, False]  # sorted by method
+
+
+def test_other_decision_rules_are_scored_on_a_forests_records() -> None:
+    """Where a forest's accuracy is lost: its decision against plain votes over its nodes, and whether any node
+    reached the right answer (gold 7)."""
+    name = "fot-t3-default-native-prompt_lookup-s0-abcd1234"
+    nodes = [
+        [["7", "8"], ["8"], ["9", "7"]],  # first answers 7, 8, 9; last 8, 8, 7; every node: 8 twice, 7 twice
+        [["5"], ["6", "5"], []],  # nothing right
+        [["7.0"], ["7"], ["3"]],  # equivalent answers vote together
+    ]
+    rs = [record(f"a{i}", name, i == 0, 1.0, method="fot", trees=3, node_answers=n) for i, n in enumerate(nodes)] + [
+        record("a3", name, True, 1.0, method="fot", trees=3)
+    ]  # an older record keeps no nodes
+    [r] = rules({("arithmetic", name): rs})
+    assert (r.n, r.decided, r.first, r.last, r.every, r.reached) == (3, 1, 2, 1, 2, 2)
+    assert "| arithmetic | smollm2-135m | fot | 3 | 3 | 1 | 2 | 1 | 2 | 2 |" in rules_markdown([r])
+    assert rules({("arithmetic", "sc"): [record("a0", "sc", True, 1.0, node_answers=[["7"]] * 4)]}) == []
 
 
 def test_a_run_made_on_two_builds_of_the_kernels_says_so() -> None:
