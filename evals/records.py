@@ -46,8 +46,8 @@ class Record(BaseModel):
     corrections: int
     seconds: float
     concurrency: int
-    # the instruction set of our CPU kernels that ran the native engine (`kernels.running()`; None: not our kernels,
-    # or a record from before this field): machines round bf16 differently, so a run made on two is said to be
+    # the build of our CPU kernels that ran the native engine (`kernels.running()`; None: not our kernels, or a
+    # record from before this field): machines round bf16 sums differently, so the report names a run made on two
     kernels: str | None = None
     total: int | None = None  # problems the run was asked for (absent from records written before this field)
     code_checks_on: bool = False  # the search ran the answers' code (records from before the checks: it did not)

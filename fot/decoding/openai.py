@@ -124,14 +124,16 @@ class OpenAIBackend(BaseBackend):
             )
 
     async def health(self) -> str | None:
-        """Down while no endpoint has answered /models, or while every endpoint is resting after a failure."""
+        """Down while every endpoint rests after a failure (asking none of them, so that the answer is quick), or
+        while none answers /models."""
+        self._bind()
+        now = time.monotonic()
+        if all(ep.down_until > now for ep in self.endpoints):
+            return f"every endpoint failed within the last {self.config.down_for:g} s"
         try:
             await self.connect()
         except FotError as e:
             return str(e)
-        now = time.monotonic()
-        if all(ep.down_until > now for ep in self.endpoints):
-            return f"every endpoint failed within the last {self.config.down_for:g} s"
         return None
 
     def prepare(self, request: Request) -> None:
