@@ -126,11 +126,12 @@ def run_report(argv: list[str], tmp: Path) -> None:
 
 
 def serving(argv: list[str], tmp: Path) -> tuple[Process, str]:
-    """`fot serve ...` on a free loopback port, its default search capped; ready when /health answers."""
+    """`fot serve ...` on a free loopback port, its default search capped; ready when /metrics answers (/health
+    answers 503 while an openai backend's endpoints do not)."""
     port = free_port()
     cmd = python([*argv, "--port", str(port), *capped("--max-tokens", "--rollouts")])
     server = Process(cmd, tmp / "serve.log", env())
-    server.wait_ready(f"http://127.0.0.1:{port}/health", timeout=180)
+    server.wait_ready(f"http://127.0.0.1:{port}/metrics", timeout=180)
     return server, f"http://127.0.0.1:{port}"
 
 
@@ -142,6 +143,11 @@ def run_serve(argv: list[str], tmp: Path) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
         assert models.status_code == 200 and any(m["id"] == "fot-4" for m in models.json()["data"]), models.text
+        health = httpx.get(f"{url}/health", timeout=30)
+        if option(argv, "--backend") == "openai":  # its endpoints are rewritten to a closed port
+            assert health.status_code == 503 and "no endpoint answered" in health.json()["error"], health.text
+        else:
+            assert health.status_code == 200, health.text
         if key:
             assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
 
