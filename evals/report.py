@@ -392,21 +392,34 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     return out
 
 
-def pairs_markdown(ps: list[Pair]) -> str:
-    if not ps:
+PAIR_COLUMNS = "benchmark model A B n: both: only_A: only_B: neither: p: generated_A: generated_B: budget-matched"
+RULE_COLUMNS = "benchmark model method trees: n: decision_(CGED): first_answers: last_answers: every_node: reached:"
+
+
+def section(title: str, paragraphs: list[str], columns: str, cells: list[list]) -> str:
+    """A report section: its title, its paragraphs, then a table of `cells` (nothing without cells). `columns`
+    are names, a _ for a space and a trailing : for a right-aligned column."""
+    if not cells:
         return ""
-    out = ["## Paired comparisons", "", "Same problems, both runs finished; p: McNemar's exact test.", "",
-           "*budget-matched*: FoT generates no more tokens per problem than self-consistency (dotted on the plots); "
-           "prompt tokens are not counted in it (see the tables above).", "",
-           "| benchmark | model | A | B | n | both | only A | only B | neither | p | generated A | generated B "
-           "| budget-matched |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    for p in ps:
-        out.append(
-            f"| {p.benchmark} | {p.model} | {p.a} | {p.b} | {p.n} | {p.both} | {p.only_a} | {p.only_b} | {p.neither} "
-            f"| {p.p_value:.3g} | {p.tokens_a:.0f} | {p.tokens_b:.0f} | {'yes' if p.budget_matched else ''} |"
-        )
-    return "\n".join(out) + "\n"
+    names = columns.split()
+    head = "| " + " | ".join(n.rstrip(":").replace("_", " ") for n in names) + " |"
+    align = "|" + "|".join("---:" if n.endswith(":") else "---" for n in names) + "|"
+    rows = ["| " + " | ".join(str(c) for c in row) + " |" for row in cells]
+    return "\n".join([f"## {title}", "", *(x for p in paragraphs for x in (p, "")), head, align, *rows]) + "\n"
+
+
+def pairs_markdown(ps: list[Pair]) -> str:
+    notes = [
+        "Same problems, both runs finished; p: McNemar's exact test.",
+        "*budget-matched*: FoT generates no more tokens per problem than self-consistency (dotted on the plots); "
+        "prompt tokens are not counted in it (see the tables above).",
+    ]
+    cells = [
+        [p.benchmark, p.model, p.a, p.b, p.n, p.both, p.only_a, p.only_b, p.neither, f"{p.p_value:.3g}"]
+        + [f"{p.tokens_a:.0f}", f"{p.tokens_b:.0f}", "yes" if p.budget_matched else ""]
+        for p in ps
+    ]
+    return section("Paired comparisons", notes, PAIR_COLUMNS, cells)
 
 
 class Rules(BaseModel):
@@ -466,21 +479,13 @@ def rules(runs: dict[tuple[str, str], list[Record]]) -> list[Rules]:
 
 
 def rules_markdown(rs: list[Rules]) -> str:
-    if not rs:
-        return ""
-    out = ["## Where the forests' accuracy is lost", "",
-           "Each forest run's records (those that keep their trees' nodes) scored under other decision rules: a "
-           "plain vote (ties: the first seen) over each tree's first answer, over its last, and over every answered "
-           "node; *reached*: some node had the right answer, what a perfect decision would get.", "",
-           "| benchmark | model | method | trees | n | decision (CGED) | first answers | last answers | every node "
-           "| reached |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for r in rs:
-        out.append(
-            f"| {r.benchmark} | {r.model} | {r.label} | {r.trees} | {r.n} | {r.decided} | {r.first} | {r.last} "
-            f"| {r.every} | {r.reached} |"
-        )
-    return "\n".join(out) + "\n"
+    note = (
+        "Each forest run's records (those that keep their trees' nodes) scored under other decision rules: a plain "
+        "vote (ties: the first seen) over each tree's first answer, over its last, and over every answered node; "
+        "*reached*: some node had the right answer, what a perfect decision would get."
+    )
+    cells = [[r.benchmark, r.model, r.label, r.trees, r.n, r.decided, r.first, r.last, r.every, r.reached] for r in rs]
+    return section("Where the forests' accuracy is lost", [note], RULE_COLUMNS, cells)
 
 
 def write_report(out: Path) -> Path:
