@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 from fot.errors import FotError, InvalidRequestError, ModelError
 from fot.models import cache_dir, download_wheel
-from fot.tasks.game24 import parse_numbers
+from fot.tasks import get_task
+from fot.tasks.game24 import check_expression, parse_numbers
 from fot.tasks.game24 import solve as solve24
 
 
@@ -260,6 +261,15 @@ def load_gsm_symbolic(n: int = 200, seed: int = 0) -> list[Problem]:
             Problem(id=f"gsm_symbolic-{seed}-{i}", question=row["question"], gold=str(row["answer"]), task="math")
         )
     return problems
+
+
+def score(problem: Problem, answer: str | None) -> bool:
+    """Math: equivalent to the gold answer. Game of 24: the model's expression uses each number once and is 24."""
+    if answer is None:
+        return False
+    if problem.task == "game24":
+        return check_expression(parse_numbers(problem.question), answer)
+    return get_task("math").equivalent(answer, problem.gold, strict=True)  # no verdict: the problem fails, unrecorded
 
 
 def gym_score(problem: Problem, answer: str | None) -> bool | None:

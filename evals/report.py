@@ -439,8 +439,7 @@ class Rules(BaseModel):
 
 def rules(runs: dict[tuple[str, str], list[Record]]) -> list[Rules]:
     """Each forest run (2+ trees) scored under other decision rules, on its records that keep their nodes."""
-    from evals.data import Problem
-    from evals.runner import score
+    from evals.data import Problem, score
     from fot.tasks import get_task
 
     out = []

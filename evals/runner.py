@@ -33,6 +33,7 @@ from evals.data import (
     load_gsm8k,
     load_gsm_symbolic,
     load_math500,
+    score,
 )
 from evals.records import Record, append, check_records, read_records, writer_lock
 from fot.errors import FotError
@@ -49,8 +50,6 @@ from fot.options import (
     make_cli_backend,
     search_config,
 )
-from fot.tasks import get_task
-from fot.tasks.game24 import check_expression, parse_numbers
 
 
 @dataclass(frozen=True)
@@ -75,15 +74,6 @@ LOADERS: dict[str, Callable[[argparse.Namespace], list[Problem]]] = {
     "gsm_symbolic": lambda a: load_gsm_symbolic(a.n, a.data_seed),
 }
 BENCHMARKS = {name: Benchmark(name, TASK_OF[name], load) for name, load in LOADERS.items()}
-
-
-def score(problem: Problem, answer: str | None) -> bool:
-    """Math: equivalent to the gold answer. Game of 24: the model's expression uses each number once and is 24."""
-    if answer is None:
-        return False
-    if problem.task == "game24":
-        return check_expression(parse_numbers(problem.question), answer)
-    return get_task("math").equivalent(answer, problem.gold, strict=True)  # no verdict: the problem fails, unrecorded
 
 
 def data_digest(problems: list[Problem]) -> str:
