@@ -304,6 +304,13 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
             await solving
 
+    async def shut_down(job: Job, t0: float, solving: asyncio.Future) -> ApiError:
+        """The server stops before the search ends: the search goes, and its client gets this 503."""
+        await abandon(solving)
+        err = ApiError(503, "the server is shutting down; the search was cancelled", code="shutting_down")
+        finished(job, t0, err)
+        return err
+
     def hung_up() -> None:
         metrics.cancelled.inc()
         metrics.requests.labels("499").inc()
@@ -345,10 +352,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             finished(job, t0, solution)
             return JSONResponse(completion(job, solution, int(time.time())))
         except asyncio.CancelledError:  # the server stops (Ctrl-C, past its grace): the search goes, the client is told
-            await abandon(solving)
-            err = ApiError(503, "the server is shutting down; the search was cancelled", code="shutting_down")
-            finished(job, t0, err)
-            return reply(err)
+            return reply(await shut_down(job, t0, solving))
         finally:
             watching.cancel()
             solving.cancel()  # a no-op once it is done or abandoned
@@ -377,10 +381,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
                     return
                 if closing.done() and not solving.done():
                     getter.cancel()
-                    await abandon(solving)
-                    err = ApiError(503, "the server is shutting down; the search was cancelled", code="shutting_down")
-                    finished(job, t0, err)
-                    yield sse(err.body())
+                    yield sse((await shut_down(job, t0, solving)).body())
                     yield sse("[DONE]")
                     return
                 if getter.done():
