@@ -10,7 +10,8 @@
 // An input value (pair) is broadcast to all lanes: no horizontal sums, and each output element is one fp32 chain
 // over k in order. So a row's result never depends on how many rows share the call (batch invariance): a
 // verification over several tokens rounds exactly as decoding one token at a time does. Up to kTile rows share
-// each weight load from registers; more rows re-read the block from cache in segments of kSegment steps, their
+// each weight load from registers (on AVX2 a pass covers kGroup of a block's vectors, so that 4 rows' sums fit in
+// its 16 registers, and a bf16 input is widened once per call, so that each broadcast is one load); more rows re-read the block from cache in segments of kSegment steps, their
 // partial sums kept exactly in fp32 between segments, and each pass prefetches its share of the next segment so
 // that memory keeps streaming while the other passes compute. Blocks are split over the ATen thread pool.
 #include <torch/extension.h>
@@ -67,7 +68,8 @@ inline float to_float(uint16_t v) { return c10::BFloat16(v, c10::BFloat16::from_
 using V = __m512;
 constexpr const char* kIsa = "avx512";
 constexpr int64_t kLanes = 16;
-constexpr int kTile = 6;          // input rows per pass: 6 x 4 accumulators, 4 weight vectors, 1 broadcast
+constexpr int kGroup = 4;          // weight vectors per pass: the whole block's 64 columns
+constexpr int kTile = 6;           // input rows per pass: 6 x 4 accumulators, 4 weight vectors, 1 broadcast
 constexpr int64_t kSegment = 256;  // k steps per pass over a block (64 KB)
 
 FOT_ELEMENTWISE(_mm512)
@@ -105,8 +107,9 @@ inline __m128 hsum4(V a, V b, V c, V d) {
 using V = __m256;
 constexpr const char* kIsa = "avx2";
 constexpr int64_t kLanes = 8;
-constexpr int kTile = 1;          // 8 accumulators a row: a second row's would not fit in the 16 registers
-constexpr int64_t kSegment = 64;  // k steps per pass over a block (16 KB: the later passes read it from L1)
+constexpr int kGroup = 2;          // weight vectors per pass: 16 of the block's 64 columns, 4 fp32 vectors in bf16
+constexpr int kTile = 4;           // input rows per pass: 4 x 2 accumulators, 4 weight vectors, 2 broadcasts
+constexpr int64_t kSegment = 64;   // k steps per pass over a block (16 KB: the later passes read it from L1)
 
 FOT_ELEMENTWISE(_mm256)
 inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -174,15 +177,20 @@ inline V round_as(const float*, V v) { return v; }
 constexpr int64_t kColumns = 64;                // output columns per block of the packed layout
 constexpr int64_t kVectors = kColumns / kLanes;  // vectors per block step
 
-// What differs between the two dtypes: the element, how many k one step covers, the broadcast of a row's step, the
-// multiply-add of kLanes columns' weights (loaded from w) into fp32 lanes, and the store of a finished fp32 sum.
+// What differs between the two dtypes: the element, the input's element as the passes read it (In: T itself, or
+// fp32 where a broadcast would otherwise widen the same value once per pass), how many k one step covers, the
+// broadcast of a row's step, the load of kLanes columns' weights of a step (W, loaded once for all the rows of a
+// pass), their multiply-add into fp32 lanes, and the store of a finished fp32 sum.
 struct F32 {
   using T = float;
+  using In = T;
   using X = V;
+  using W = V;
   static constexpr int64_t kStep = 1;
   static X broadcast(const T* x, int64_t k) { return vset(x[k]); }
   static X broadcast_last(const T* x, int64_t k) { return broadcast(x, k); }
-  static V fma(V acc, const T* w, X x) { return vfma(load(w), x, acc); }
+  static W weights(const T* w) { return load(w); }
+  static V fma(V acc, W w, X x) { return vfma(w, x, acc); }
   static T round(float v) { return v; }
 };
 
@@ -190,6 +198,7 @@ struct BF16 {  // bf16 as its raw bits; a column's pair (k, k + 1) is one 32-bit
   using T = uint16_t;
   static constexpr int64_t kStep = 2;
 #ifdef FOT_AVX512
+  using In = T;
   using X = __m512i;
   static X broadcast(const T* x, int64_t k) {  // the pair (x[k], x[k + 1])
     uint32_t pair;
@@ -197,46 +206,53 @@ struct BF16 {  // bf16 as its raw bits; a column's pair (k, k + 1) is one 32-bit
     return _mm512_set1_epi32(static_cast<int>(pair));
   }
   static X broadcast_last(const T* x, int64_t k) { return _mm512_set1_epi32(x[k]); }  // (x[k], 0): K odd
-  static V fma(V acc, const T* w, X x) { return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)x); }
+  using W = __m512bh;
+  static W weights(const T* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static V fma(V acc, W w, X x) { return _mm512_dpbf16_ps(acc, w, (__m512bh)x); }
 #else
-  struct X {  // x[k] and x[k + 1], each widened and broadcast
+  struct X {  // x[k] and x[k + 1], each widened and broadcast; W: the lanes' weights for k and for k + 1, likewise
     V even, odd;
   };
-  static X broadcast(const T* x, int64_t k) { return {vset(to_float(x[k])), vset(to_float(x[k + 1]))}; }
-  static X broadcast_last(const T* x, int64_t k) { return {vset(to_float(x[k])), vzero()}; }
-  static V fma(V acc, const T* w, X x) {  // each lane's k, then its k + 1, widened in place (exact)
+  using W = X;
+  using In = float;  // widened once per call: each broadcast is then one load
+  static X broadcast(const In* x, int64_t k) { return {vset(x[k]), vset(x[k + 1])}; }
+  static X broadcast_last(const In* x, int64_t k) { return {vset(x[k]), vzero()}; }
+  static W weights(const T* w) {  // each lane's pair, widened in place (exact)
     const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    acc = vfma(_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), x.even, acc);
-    return vfma(_mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))), x.odd, acc);
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))))};
   }
+  static V fma(V acc, W w, X x) { return vfma(w.odd, x.odd, vfma(w.even, x.even, acc)); }  // k, then k + 1
 #endif
   static T round(float v) { return c10::BFloat16(v).x; }  // to nearest even, as torch does
 };
 
-// MT rows x one block's 64 columns over k steps [s0, s1): partial sums start at zero (first segment) or from
-// `sums` [MT][64], and go back there. A step that would read past a row (K odd in bf16) pairs its last value with
+// MT rows x kGroup vectors of one block's columns (from vector g on) over k steps [s0, s1): partial sums start at
+// zero (first segment) or from `sums` [MT][64], and go back there. A step that would read past a row (K odd in bf16) pairs its last value with
 // a zero. Meanwhile `prefetch` lines of the weights from `ahead` on are asked for, spread over the steps: when
 // several passes share a segment, each asks for its share of the next one, so that memory keeps streaming while
 // the later passes compute from cache.
 template <typename D, int MT>
-void tile(const typename D::T* x, int64_t K, const typename D::T* block, float* sums, int64_t s0, int64_t s1,
-          const char* ahead, int64_t prefetch) {
+void tile(const typename D::In* x, int64_t K, const typename D::T* block, int64_t g, float* sums, int64_t s0,
+          int64_t s1, const char* ahead, int64_t prefetch) {
   constexpr int64_t S = D::kStep;
-  V acc[MT][kVectors];
+  V acc[MT][kGroup];
   for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < kVectors; ++v) acc[m][v] = s0 == 0 ? vzero() : load(sums + (m * kVectors + v) * kLanes);
-  const typename D::T* w = block + s0 * kColumns * S;
+    for (int v = 0; v < kGroup; ++v) acc[m][v] = s0 == 0 ? vzero() : load(sums + (m * kVectors + g + v) * kLanes);
+  const typename D::T* w = block + (s0 * kColumns + g * kLanes) * S;
   const int64_t whole = std::min(s1, K / S);  // steps whose values all lie inside the row
   int64_t spread = 0;
   for (int64_t s = s0; s < s1; ++s, w += kColumns * S) {
     for (spread += prefetch; spread >= s1 - s0; spread -= s1 - s0, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
+    typename D::W ws[kGroup];
+    for (int v = 0; v < kGroup; ++v) ws[v] = D::weights(w + v * kLanes * S);
     for (int m = 0; m < MT; ++m) {
       const typename D::X xs = s < whole ? D::broadcast(x + m * K, s * S) : D::broadcast_last(x + m * K, s * S);
-      for (int v = 0; v < kVectors; ++v) acc[m][v] = D::fma(acc[m][v], w + v * kLanes * S, xs);
+      for (int v = 0; v < kGroup; ++v) acc[m][v] = D::fma(acc[m][v], ws[v], xs);
     }
   }
   for (int m = 0; m < MT; ++m)
-    for (int v = 0; v < kVectors; ++v) store(sums + (m * kVectors + v) * kLanes, acc[m][v]);
+    for (int v = 0; v < kGroup; ++v) store(sums + (m * kVectors + g + v) * kLanes, acc[m][v]);
 }
 
 // Block b's finished fp32 sums [M][64] (+ bias) into its columns of out [M, N], each rounded once to the dtype.
@@ -251,8 +267,8 @@ void store_block(const float* sums, const typename D::T* bias, typename D::T* ou
 }
 
 template <typename D>
-using Tile = void (*)(const typename D::T*, int64_t, const typename D::T*, float*, int64_t, int64_t, const char*,
-                      int64_t);
+using Tile = void (*)(const typename D::In*, int64_t, const typename D::T*, int64_t, float*, int64_t, int64_t,
+                      const char*, int64_t);
 template <typename D, size_t... I>
 constexpr std::array<Tile<D>, sizeof...(I)> tiles_of(std::index_sequence<I...>) { return {tile<D, I + 1>...}; }
 
@@ -263,6 +279,15 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
   static constexpr auto tiles = tiles_of<D>(std::make_index_sequence<kTile>());  // tiles[r - 1]: r rows
   constexpr int64_t kStepBytes = kColumns * D::kStep * sizeof(T);
   const int64_t steps = (K + D::kStep - 1) / D::kStep, blocks = (N + kColumns - 1) / kColumns;
+  const typename D::In* in;
+  std::vector<float> wide;
+  if constexpr (std::is_same_v<typename D::In, T>) {
+    in = x;
+  } else {
+    wide.resize(static_cast<size_t>(M * K));
+    for (int64_t i = 0; i < M * K; i += kLanes) storen(wide.data() + i, loadn(x + i, M * K - i), M * K - i);
+    in = wide.data();
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> sums(static_cast<size_t>(M * kColumns));
     for (int64_t b = b0; b < b1; ++b) {
@@ -271,11 +296,15 @@ void matmul_impl(const typename D::T* x, const typename D::T* packed, const type
         const int64_t s1 = std::min(steps, s0 + kSegment);
         // the weights right after this segment (the next segment, or the next block's first): blocks are contiguous
         const char* next = reinterpret_cast<const char*>(block) + s1 * kStepBytes;
-        const int64_t lines = kSegment * kStepBytes / 64;
-        for (int64_t m = 0; m < M; m += kTile) {
-          const int64_t rows = std::min<int64_t>(kTile, M - m), first = lines * m / M, last = lines * (m + rows) / M;
-          tiles[rows - 1](x + m * K, K, block, sums.data() + m * kColumns, s0, s1, next + first * 64, last - first);
-        }
+        // each pass asks for its share of them, in proportion to its rows
+        const int64_t lines = kSegment * kStepBytes / 64, shares = kVectors / kGroup * M;
+        for (int64_t g = 0; g < kVectors; g += kGroup)
+          for (int64_t m = 0; m < M; m += kTile) {
+            const int64_t rows = std::min<int64_t>(kTile, M - m), done = g / kGroup * M + m;
+            const int64_t first = lines * done / shares, last = lines * (done + rows) / shares;
+            tiles[rows - 1](in + m * K, K, block, g, sums.data() + m * kColumns, s0, s1, next + first * 64,
+                            last - first);
+          }
       }
       store_block<D>(sums.data(), bias, out, M, N, b);
     }
