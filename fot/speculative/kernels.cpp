@@ -11,9 +11,10 @@
 // over k in order. So a row's result never depends on how many rows share the call (batch invariance): a
 // verification over several tokens rounds exactly as decoding one token at a time does. Up to kTile rows share
 // each weight load from registers (on AVX2 a pass covers kGroup of a block's vectors, so that 4 rows' sums fit in
-// its 16 registers, and a bf16 input is widened once per call, so that each broadcast is one load); more rows re-read the block from cache in segments of kSegment steps, their
-// partial sums kept exactly in fp32 between segments, and each pass prefetches its share of the next segment so
-// that memory keeps streaming while the other passes compute. Blocks are split over the ATen thread pool.
+// its 16 registers, and a bf16 input is widened once per call, so that each broadcast is one load); more rows
+// re-read the block from cache in segments of kSegment steps, their partial sums kept exactly in fp32 between
+// segments, and each pass prefetches its share of the next segment so that memory keeps streaming while the other
+// passes compute. Blocks are split over the ATen thread pool.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -228,10 +229,10 @@ struct BF16 {  // bf16 as its raw bits; a column's pair (k, k + 1) is one 32-bit
 };
 
 // MT rows x kGroup vectors of one block's columns (from vector g on) over k steps [s0, s1): partial sums start at
-// zero (first segment) or from `sums` [MT][64], and go back there. A step that would read past a row (K odd in bf16) pairs its last value with
-// a zero. Meanwhile `prefetch` lines of the weights from `ahead` on are asked for, spread over the steps: when
-// several passes share a segment, each asks for its share of the next one, so that memory keeps streaming while
-// the later passes compute from cache.
+// zero (first segment) or from `sums` [MT][64], and go back there. A step that would read past a row (K odd in
+// bf16) pairs its last value with a zero. Meanwhile `prefetch` lines of the weights from `ahead` on are asked for,
+// spread over the steps: when several passes share a segment, each asks for its share of the next one, so that
+// memory keeps streaming while the later passes compute from cache.
 template <typename D, int MT>
 void tile(const typename D::In* x, int64_t K, const typename D::T* block, int64_t g, float* sums, int64_t s0,
           int64_t s1, const char* ahead, int64_t prefetch) {
