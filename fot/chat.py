@@ -193,7 +193,8 @@ def summary(job: Job, s: Solution) -> dict[str, Any]:
 
 
 def content_of(s: Solution) -> str:
-    return s.answer if s.answer is not None else "No answer: none of the trees reached one."
+    """The answer, or a plain statement that the search (any method: one chain of thought or a forest) had none."""
+    return s.answer if s.answer is not None else f"No answer: the {s.method} search reached none."
 
 
 def completion(job: Job, s: Solution, created: int) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def test_streaming_sends_progress_then_the_answer_then_usage(server):
     final = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason == "stop"]
     assert len(final) == 1 and final[0].model_extra["fot"]["event"] == "done"
     answer = final[0].model_extra["fot"]["answer"]
-    assert text == (answer if answer is not None else "No answer: none of the trees reached one.")
+    assert text == (answer if answer is not None else "No answer: the fot search reached none.")
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0  # include_usage: the last chunk
     quiet = list(c.chat.completions.create(model="cot", messages=[{"role": "user", "content": PROBLEM}], stream=True))
     assert all(ch.usage is None for ch in quiet)
