@@ -6,6 +6,7 @@ themselves (a made-up code output, a wrong `a op b = c`) in fot.tasks.checks."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import Decimal
 
 from pydantic import BaseModel
 
@@ -14,6 +15,12 @@ from fot.tasks.base import Task
 from fot.tasks.checks import Check, Failure, last_number, number
 from fot.trees.base import Generate
 from fot.trees.mctsr import REFINE
+
+
+def plain(value: float) -> str:
+    """A printed float as an answer writes it: 10 significant digits (78.94999999999999 -> 78.95), never in
+    exponent form (1.25e+10 -> 12500000000), which the answer's parsing would not read as one number."""
+    return format(Decimal(f"{value:.10g}"), "f")
 
 
 class CorrectionUsage(Usage):
@@ -150,7 +157,7 @@ class MathCorrector:
         if claimed is None or actual is None or said is None or not self.task.equivalent(said, claimed):
             return None
         value = number(actual)
-        shown = actual if value is None or "." not in actual else f"{value:.10g}"  # 78.94999999999999 -> 78.95
+        shown = actual if value is None or not set(".eE") & set(actual) else plain(value)
         return f"{f.prefix}The answer is {shown}."
 
     def continuation(self, request: Request, f: Failure, seed: int) -> Request:

@@ -13,7 +13,7 @@ from fot.decoding.base import Completion, Output, Request
 from fot.decoding.scripted import ScriptedBackend
 from fot.forest import SolveUsage, asolve
 from fot.tasks import MathTask
-from fot.tasks.checks import Failure, Finding, check_arithmetic, check_code
+from fot.tasks.checks import Failure, Finding, check_arithmetic, check_code, last_number, same_output
 from fot.trees.base import Batcher
 
 # statements the checker must accept: recomputed, and right
@@ -292,3 +292,10 @@ def test_any_text_is_read_without_error():
             assert text[: f.at] + f.actual == f.prefix and f.claimed in text
 
     check()
+
+
+def test_the_words_nan_and_inf_are_words_not_numbers():
+    """float() reads them, and nan never equals itself, so a claimed `nan` that the code printed was "wrong"."""
+    assert same_output("result: nan", "result: nan") and same_output("inf", "inf")
+    assert not same_output("nan", "inf") and not same_output("nan", "0")
+    assert last_number("5 apples, or nan") == "5" and last_number("Infinity") is None

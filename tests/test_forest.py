@@ -594,6 +594,27 @@ def test_made_up_code_output_is_repaired_with_the_real_one():
     assert asyncio.run(off(Batcher(backend, 1).generate, "p", asked[:1], [restates]))[0] == (restates.text, None)
 
 
+@pytest.mark.parametrize(
+    "code, claimed, answer",
+    [
+        ("print(2.5e9 * 5)", "1250000000.0", "12500000000"),  # Python prints 12500000000.0; .10g wrote 1.25e+10
+        ("print(1 / 20000)", "0.0005", "0.00005"),  # Python prints 5e-05
+        ("print(0.1 + 0.2)", "0.4", "0.3"),
+    ],
+)
+def test_a_restated_repair_writes_the_real_number_plainly(code, claimed, answer):
+    """The answer taken from a corrected code output was written in exponent form past 10 digits, which the
+    answer's parsing does not read as that number."""
+    from fot.decoding.base import Completion
+
+    text = f"```python\n{code}\n```\n```output\n{claimed}\n```\nThe answer is {claimed}."
+    done = Completion(prompt_tokens=3, outputs=[Output(text=text, token_ids=[1], finish_reason="stop", logprobs=[0.0])])
+    fix = MathCorrector(MATH, -1.0, SolveUsage(), seed=0)
+    asked = [Request.make([{"role": "user", "content": "question"}])]
+    [(repaired, _)] = asyncio.run(fix(Batcher(ScriptedBackend(lambda r, j: "unused"), 1).generate, "p", asked, [done]))
+    assert repaired.endswith(f"The answer is {answer}.") and MATH.extract(repaired) == answer
+
+
 def test_self_consistency_counts_equivalent_answers_as_one_vote():
     """sc's votes and confidence counted raw strings: "3.5" and "7/2" split, though the answer grouped them."""
     replies = ["The answer is 3.5.", "The answer is 7/2.", "The answer is 4."]

@@ -166,6 +166,7 @@ def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
         "a %-format asks for over 200 characters",
         "a sequence over 10000 items",
         "printing this would visit over 100000 items",
+        "formatting this would visit over 100000 items",
         "walking this value would visit over 100000 items",
     )
     assert done.status == "bound" and done.reason in bounds
@@ -237,6 +238,9 @@ def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
         ("a = []\na[0:0] = range(10 ** 9)", "bound"),
         ("s = '%(a())999999999d' % {'a()': 1}", "not_checkable"),  # the width hid behind the key's parentheses
         ("from sympy import Rational\nprint(Rational('1e1000000000') > 0)", "bound"),  # 10**1e9 built to parse it
+        # from a second review: each ran for seconds or minutes inside the bounds before
+        ("b = [[0] * 300] * 300\nd = {}\nfor i in range(2000):\n    d[i] = b\ns = '' % d", "bound"),
+        ("xs = [[1] * 9000] + [[]] * 9000\nprint(len(sum(xs, [])))", "bound"),  # 81M items copied
     ],
 )
 def test_escapes_are_refused_and_runaways_stopped(code, status):
@@ -318,6 +322,20 @@ def test_loops_with_else_break_and_continue_match_cpython():
         "    n += 3\n    if n == 6:\n        continue\n    print(n)\nelse:\n    print('while done', n)\n"
         "while True:\n    n -= 1\n    if n < 5:\n        break\nelse:\n    print('never')\nprint(n)\n"
     )
+    assert run(code).output == cpython(code)[0]
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "x = [0, 0, 0]\ny = [0, 1, 2]\nx[y.pop()] += 1\nprint(x, y)",  # the target's index is evaluated once
+        "d = {'a': [1]}\nk = ['a', 'b']\nd[k.pop(0)] += [2]\nprint(d, k)",
+        "a = [1]\nb = a\na += [2]\na *= 2\nprint(a, b)",  # a list's += and *= change it in place
+        "a = [1]\nb = a\na += (2, 3)\nt = (4,)\nu = t\nt += (5,)\nprint(a, b, t, u)",
+        "a = [[1], [2]]\nc = a[0]\na[0] += [3]\nn = 5\nn -= 2\nprint(a, c, n)",
+    ],
+)
+def test_augmented_assignment_runs_as_cpython_does(code):
     assert run(code).output == cpython(code)[0]
 
 

@@ -108,10 +108,12 @@ def same_output(claimed: str, actual: str) -> bool:
 
 
 def number(token: str) -> float | None:
+    """A numeral's value, or None: the words nan and inf, which float() reads, are words here."""
     try:
-        return float(token.replace(",", ""))
+        v = float(token.replace(",", ""))
     except ValueError:
         return None
+    return v if math.isfinite(v) else None
 
 
 def last_number(text: str) -> str | None:

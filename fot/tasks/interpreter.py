@@ -125,8 +125,8 @@ class Shown:
 
 
 def percent_args(b: Any) -> Any:
-    """The right operand of `text % b`, each argument that holds a fraction wrapped in `Shown` (every argument
-    walked, so that none prints without bound)."""
+    """The right operand of `text % b`, each argument that holds a fraction wrapped in `Shown` (the caller has
+    walked the whole operand within PRINT_ITEMS first, and charged it)."""
 
     def wrap(x: Any) -> Any:
         return Shown(x) if walk(x) else x
@@ -332,7 +332,7 @@ class _Machine:
     def sum(self, xs: Iterable, start: Any = 0) -> Any:
         total = start
         for x in self.items(xs):
-            total = self.value(total + x)
+            total = self.fresh(total + x)  # sum(lists, []) builds a new list each step
         return total
 
     def min(self, *args: Any) -> Any:
@@ -358,8 +358,7 @@ class _Machine:
             if s.value is not None:
                 self.assign(s.target, self.expr(s.value, env), env)
         elif isinstance(s, ast.AugAssign):
-            current = self.expr(_load(s.target), env)
-            self.assign(s.target, self.binary(s.op, current, self.expr(s.value, env)), env)
+            self.augment(s, env)
         elif isinstance(s, ast.If):
             self.block(s.body if self.expr(s.test, env) else s.orelse, env)
         elif isinstance(s, ast.For | ast.While):
@@ -415,14 +414,40 @@ class _Machine:
                 self.assign(t, x, env)
         elif isinstance(target, ast.Subscript):
             container = self.expr(target.value, env)
-            if not isinstance(container, list | dict):
-                raise TypeError(f"{type(container).__name__} does not support item assignment")
-            key = self.expr(target.slice, env)
-            self.nested(key)
-            container[key] = self.list(v) if isinstance(key, slice) else v  # a range is not built in C
-            self.value(container)
+            self.store(container, self.expr(target.slice, env), v)
         else:
             raise NotCheckable(f"assignment to {type(target).__name__}")
+
+    def store(self, container: Any, key: Any, v: Any) -> None:
+        if not isinstance(container, list | dict):
+            raise TypeError(f"{type(container).__name__} does not support item assignment")
+        self.nested(key)
+        container[key] = self.list(v) if isinstance(key, slice) else v  # a range is not built in C
+        self.value(container)
+
+    def augment(self, s: ast.AugAssign, env: dict[str, Any]) -> None:
+        """`target op= value` as CPython runs it: a subscript's container and key evaluated once, and a list's
+        `+=` and `*=` changing the list itself (which every other name for it sees)."""
+        t = s.target
+        self.tick()  # reading the target: a step, as reading any expression is
+        if isinstance(t, ast.Name):
+            current = self.name(t.id, env)
+        elif isinstance(t, ast.Subscript):
+            container, key = self.expr(t.value, env), self.expr(t.slice, env)
+            self.nested(key)
+            current = self.value(container[key])
+        else:
+            raise NotCheckable(f"augmented assignment to {type(t).__name__}")
+        v = self.expr(s.value, env)
+        if isinstance(current, list) and isinstance(s.op, ast.Add | ast.Mult):
+            current[:] = self.binary(s.op, current, self.list(v) if isinstance(s.op, ast.Add) else v)
+            new = current
+        else:
+            new = self.binary(s.op, current, v)
+        if isinstance(t, ast.Name):
+            env[t.id] = self.value(new)
+        else:
+            self.store(container, key, new)
 
     # ---- expressions -------------------------------------------------------------------------------------------
     def expr(self, e: ast.expr, env: dict[str, Any]) -> Any:
@@ -507,7 +532,10 @@ class _Machine:
             for width, precision in PERCENT_SPEC.findall(a):
                 if "*" in width + precision or int(width or 0) > 200 or int(precision or 0) > 200:
                     raise Bound("a %-format asks for over 200 characters")
-            b = percent_args(b)
+            found, visits = scan(b, PRINT_ITEMS, "formatting this")
+            self.tick(visits)  # every argument is walked, named by the format or not
+            if found:
+                b = percent_args(b)
         if isinstance(op, ast.Mult):
             for seq, n in ((a, b), (b, a)):
                 if (
@@ -614,15 +642,6 @@ class _Machine:
 
     def fstring_spec(self, spec: ast.expr, env: dict[str, Any]) -> str:
         return "".join(self.fstring_part(q, env) for q in spec.values) if isinstance(spec, ast.JoinedStr) else ""
-
-
-def _load(target: ast.expr) -> ast.expr:
-    """The target of an augmented assignment, read as an expression."""
-    if isinstance(target, ast.Name):
-        return ast.Name(id=target.id, ctx=ast.Load())
-    if isinstance(target, ast.Subscript):
-        return ast.Subscript(value=target.value, slice=target.slice, ctx=ast.Load())
-    raise NotCheckable(f"augmented assignment to {type(target).__name__}")
 
 
 @dataclass(frozen=True)
