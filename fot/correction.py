@@ -5,6 +5,7 @@ themselves (a made-up code output, a wrong `a op b = c`) in fot.tasks.checks."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from decimal import Decimal
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel
 
 from fot.decoding.base import Completion, Request, Usage
 from fot.tasks.base import Task
-from fot.tasks.checks import Check, Failure, last_number, number
+from fot.tasks.checks import Check, Failure, Finding, last_number, number
 from fot.trees.base import Generate
 from fot.trees.mctsr import REFINE
 
@@ -88,13 +89,14 @@ class MathCorrector:
             return self.seed
         return (self.base * 1_000_003 + own * 257 + i * 4 + kind) % 2**63
 
-    def failure(self, problem: str, c: Completion) -> Failure | None:
-        """The earliest wrong claim any check finds in the answer (each check counted in the usage)."""
-        if not c.ok:
-            return None
+    def findings(self, problem: str, c: Completion) -> list[tuple[str, Finding]]:
+        """What each check finds in the answer. It counts nothing, so that it can run in a worker thread."""
+        return [(name, check(problem, c.text)) for name, check in self.checks.items()] if c.ok else []
+
+    def failure(self, findings: list[tuple[str, Finding]]) -> Failure | None:
+        """The earliest wrong claim of an answer's findings (each check counted in the usage)."""
         first = None
-        for name, check in self.checks.items():
-            found = check(problem, c.text)
+        for name, found in findings:
             self.count(name, "checks", found.checked)
             self.count(name, "skipped", found.skipped)
             if found.failure is not None and (first is None or found.failure.at < first.at):
@@ -119,7 +121,10 @@ class MathCorrector:
         """(the text to keep, the text it replaced or None) for each answer."""
         texts = [c.text if c.ok else None for c in done]
         before: list[str | None] = [None] * len(done)
-        failures = {i: f for i, c in enumerate(done) if (f := self.failure(problem, c)) is not None}
+        # a code check runs model code for up to its step budget: in a worker thread, the event loop (every other
+        # request of `fot serve`) goes on meanwhile
+        found = await asyncio.to_thread(lambda: [self.findings(problem, c) for c in done])
+        failures = {i: f for i, fs in enumerate(found) if (f := self.failure(fs)) is not None}
         for i, f in list(failures.items()):
             restated = self.restated(f) if f.kind == "code" else None
             if restated is not None:  # no continuation needed: the executed result is the answer

@@ -4,6 +4,7 @@ repair that continues from the corrected prefix."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import MappingProxyType
 
 import pytest
@@ -162,12 +163,41 @@ def test_a_repair_continues_from_the_corrected_prefix_batched_with_the_other_wor
 def test_the_earliest_wrong_claim_is_repaired_whichever_check_finds_it():
     text = "First 2 * 5 = 12.\n```python\nprint(6 * 7)\n```\n```output\n40\n```\nThe answer is 40."
     fix = MathCorrector(MathTask(), -1.0, SolveUsage(), seed=0)
-    assert fix.failure("p", done(text)).kind == "arithmetic"
+    assert fix.failure(fix.findings("p", done(text))).kind == "arithmetic"
     only_code = MathCorrector(MathTask(), -1.0, SolveUsage(), seed=0, checks={"code": check_code})
-    assert only_code.failure("p", done(text)).kind == "code"
+    assert only_code.failure(only_code.findings("p", done(text))).kind == "code"
     unrunnable = "```python\nimport os\nprint(4)\n```\n```output\n5\n```\nThe answer is 5."
-    assert only_code.failure("p", done(unrunnable)) is None
+    assert only_code.failure(only_code.findings("p", done(unrunnable))) is None
     assert (only_code.usage.code_checks, only_code.usage.code_skipped) == (1, 1)  # counted, not judged
+
+
+def test_a_slow_check_leaves_the_event_loop_free():
+    """A code check runs the model's code for up to its step budget (about a second): in a worker thread, so that a
+    server's other requests go on meanwhile."""
+
+    def slow(problem: str, text: str) -> Finding:
+        time.sleep(0.3)
+        return Finding(checked=1)
+
+    async def main() -> tuple[list, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        fix = MathCorrector(MathTask(), -1.0, SolveUsage(), seed=0, checks={"code": slow}, refine=False)
+        asked = [Request.make([{"role": "user", "content": "q"}])]
+        kept = await fix(Batcher(ScriptedBackend(lambda r, j: ""), 1).generate, "p", asked, [done("The answer is 5.")])
+        ticker.cancel()
+        assert fix.usage.code_checks == 1
+        return kept, ticks
+
+    kept, ticks = asyncio.run(main())
+    assert kept == [("The answer is 5.", None)] and ticks >= 10  # the loop ticked on through the 0.3 s check
 
 
 class Units(MathTask):
