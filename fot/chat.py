@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fot.errors import InvalidRequestError
-from fot.forest import MAX_TREES, ForestConfig, Method, Progress, Solution, make_config, validate
+from fot.forest import MAX_SEED, MAX_TREES, ForestConfig, Method, Progress, Solution, make_config, validate
 
 METHODS: dict[str, Method] = {"fot": "fot", "sc": "sc", "mctsr": "mctsr", "tot": "tot", "cot": "cot"}
 SIZED = {"fot", "sc"}  # methods whose model name may carry a size: trees for fot, samples for sc
@@ -53,7 +53,7 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=MAX_SEED)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1)

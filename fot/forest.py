@@ -51,6 +51,7 @@ from fot.viewer import page, tree_graph
 
 Method = Literal["fot", "mctsr", "tot", "cot", "sc"]
 MAX_TREES = 64  # trees (or sc samples) per problem: each is a request per step, batched together
+MAX_SEED = 2**53  # a search's seed is below it: its requests are seeded from seed * 1000 on, below 2**63
 # Per task: bumped by a change that makes a search of that task do something else with the same inputs and seed
 # (its prompts, its sampling, its checks, its decision); a change to what all tasks share bumps them all. Eval runs
 # are named by it, so one run never mixes two versions.
@@ -107,7 +108,7 @@ class ForestConfig(BaseModel):
     # goes at once, and the backend's continuous batching merges them (a short answer does not wait for the longest)
     lockstep: bool = False
     sc_temperature: float = Field(0.7, ge=0)
-    seed: int = Field(0, ge=0, lt=2**63)
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
 
     @model_validator(mode="after")
     def _program_trees_fit(self) -> ForestConfig:

@@ -615,6 +615,16 @@ def test_a_restated_repair_writes_the_real_number_plainly(code, claimed, answer)
     assert repaired.endswith(f"The answer is {answer}.") and MATH.extract(repaired) == answer
 
 
+def test_a_seed_is_refused_before_any_work_where_its_requests_seeds_would_overflow():
+    """Requests are seeded from seed * 1000 on: a seed the config took failed at the first request, mid-search."""
+    backend = ScriptedBackend(lambda r, j: "The answer is 4.")
+    assert solve("What is 2 + 2?", backend, trees=2, seed=2**53 - 1).answer == "4"
+    sent = len(backend.batches)
+    with pytest.raises(InvalidRequestError, match="seed"):
+        solve("What is 2 + 2?", backend, trees=2, seed=2**53)
+    assert len(backend.batches) == sent  # the refused seed sent nothing
+
+
 def test_self_consistency_counts_equivalent_answers_as_one_vote():
     """sc's votes and confidence counted raw strings: "3.5" and "7/2" split, though the answer grouped them."""
     replies = ["The answer is 3.5.", "The answer is 7/2.", "The answer is 4."]
