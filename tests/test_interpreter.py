@@ -127,6 +127,7 @@ def test_programs_models_write():
         "print('%r' % Rational(1, 2), '%(a)s' % {'a': [Rational(1, 2)]}, '%s' % {'a': [Rational(1, 2)]})",
         "print('abc' % [Rational(1, 2)], '%d %f %.2f' % (Rational(7, 2), Rational(1, 4), Rational(1, 3)))",
         "x = []\nfor i in range(60):\n    x = [x]\nprint(x, '%s %r %d %%' % ('a', 'b', 3), 'abc' % [1], f'{[1]!s}')",
+        "print(Rational(9, 4) ** 2, Rational(1, 2) ** -2, Integer(2) ** -1, 4 ** Rational(2), Rational(1, 2) ** 3)",
     ],
 )
 def test_sympy_programs_print_what_sympy_prints(code):
@@ -199,6 +200,8 @@ def test_huge_powers_and_formats_are_refused_before_they_are_computed(code):
         ("def f(*args):\n    return args", "not_checkable"),
         ("@print\ndef f():\n    pass", "not_checkable"),
         ("x = b'bytes'", "not_checkable"),
+        ("from sympy import Rational\nprint(Rational(2) ** Rational(1, 2))", "not_checkable"),  # sympy: sqrt(2)
+        ("from sympy import Integer\nprint(Integer(4) ** 0.5)", "not_checkable"),  # sympy: 2.00000000000000
         ("print(9 ** 9 ** 9)", "bound"),
         ("print(10 ** 5000)", "bound"),
         ("x = 2\nfor _ in range(100):\n    x = x * x", "bound"),

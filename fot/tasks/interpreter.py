@@ -521,6 +521,9 @@ class _Machine:
         raise NameError(f"name {name!r} is not defined")
 
     def binary(self, op: ast.operator, a: Any, b: Any) -> Any:
+        whole = isinstance(b, int) or (isinstance(b, Fraction) and b.denominator == 1)
+        if isinstance(op, ast.Pow) and not whole and any(isinstance(x, Fraction | Integer) for x in (a, b)):
+            raise NotCheckable("a sympy number to a power that is not whole (sympy keeps sqrt(2) exact)")
         if isinstance(op, ast.Pow) and isinstance(a, int | Fraction) and isinstance(b, int | Fraction):
             exact = b.denominator == 1 and (isinstance(a, Fraction) or isinstance(b, Fraction) or b > 0)
             size = max(abs(a.numerator), a.denominator)  # int ** negative int is a float: no bound needed
