@@ -8,6 +8,7 @@ import time
 from types import MappingProxyType
 
 import pytest
+from loop import ticks_during
 
 from fot.correction import MathCorrector
 from fot.decoding.base import Completion, Output, Request
@@ -179,25 +180,15 @@ def test_a_slow_check_leaves_the_event_loop_free():
         time.sleep(0.3)
         return Finding(checked=1)
 
-    async def main() -> tuple[list, int]:
-        ticks = 0
+    fix = MathCorrector(MathTask(), -1.0, SolveUsage(), seed=0, checks={"code": slow}, refine=False)
+    asked = [Request.make([{"role": "user", "content": "q"}])]
 
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
+    async def check() -> list:
+        return await fix(Batcher(ScriptedBackend(lambda r, j: ""), 1).generate, "p", asked, [done("The answer is 5.")])
 
-        ticker = asyncio.create_task(tick())
-        fix = MathCorrector(MathTask(), -1.0, SolveUsage(), seed=0, checks={"code": slow}, refine=False)
-        asked = [Request.make([{"role": "user", "content": "q"}])]
-        kept = await fix(Batcher(ScriptedBackend(lambda r, j: ""), 1).generate, "p", asked, [done("The answer is 5.")])
-        ticker.cancel()
-        assert fix.usage.code_checks == 1
-        return kept, ticks
-
-    kept, ticks = asyncio.run(main())
-    assert kept == [("The answer is 5.", None)] and ticks >= 10  # the loop ticked on through the 0.3 s check
+    kept, ticks = asyncio.run(ticks_during(check()))
+    assert kept == [("The answer is 5.", None)] and fix.usage.code_checks == 1
+    assert ticks >= 10  # the loop ticked on through the 0.3 s check
 
 
 class Units(MathTask):

@@ -8,6 +8,7 @@ import math
 import time
 
 import pytest
+from loop import ticks_during
 
 from fot.augment import ExampleRetriever, shuffle_numbers
 from fot.consensus import decide
@@ -391,21 +392,11 @@ def test_a_slow_comparison_leaves_the_event_loop_free():
             time.sleep(0.3)
             return False
 
-    async def main() -> tuple[str | None, int]:
-        ticks = 0
+    async def vote() -> str | None:
+        gen = Batcher(ScriptedBackend(lambda r, j: ""), 1).generate
+        return (await decide(Slow(), "p", ["3", "4", "3"], gen)).answer
 
-        async def tick() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
-        d = await decide(Slow(), "p", ["3", "4", "3"], Batcher(ScriptedBackend(lambda r, j: ""), 1).generate)
-        ticker.cancel()
-        return d.answer, ticks
-
-    answer, ticks = asyncio.run(main())
+    answer, ticks = asyncio.run(ticks_during(vote()))
     assert answer == "3" and ticks >= 10  # the loop ticked on through the 0.3 s comparison
 
 
