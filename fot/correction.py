@@ -126,7 +126,7 @@ class MathCorrector:
         found = await asyncio.to_thread(lambda: [self.findings(problem, c) for c in done])
         failures = {i: f for i, fs in enumerate(found) if (f := self.failure(fs)) is not None}
         for i, f in list(failures.items()):
-            restated = self.restated(f) if f.kind == "code" else None
+            restated = await asyncio.to_thread(self.restated, f) if f.kind == "code" else None  # may ask math-verify
             if restated is not None:  # no continuation needed: the executed result is the answer
                 before[i], texts[i] = texts[i], restated
                 self.repaired(f)

@@ -191,6 +191,27 @@ def test_a_slow_check_leaves_the_event_loop_free():
     assert ticks >= 10  # the loop ticked on through the 0.3 s check
 
 
+def test_a_slow_comparison_in_a_repair_leaves_the_event_loop_free():
+    """Taking a corrected code output as the answer first asks whether the answer only restated the made-up one,
+    which can wait on math-verify: in a worker thread too."""
+
+    class Slow(MathTask):
+        def equivalent(self, a: str, b: str, strict: bool = False) -> bool:
+            time.sleep(0.3)
+            return a == b
+
+    fix = MathCorrector(Slow(), -1.0, SolveUsage(), seed=0, refine=False)
+    made_up = done("```python\nprint(6 * 7)\n```\n```output\n40\n```\nThe answer is 40.")
+    asked = [Request.make([{"role": "user", "content": "q"}])]
+
+    async def repair() -> list:
+        return await fix(Batcher(ScriptedBackend(lambda r, j: ""), 1).generate, "p", asked, [made_up])
+
+    kept, ticks = asyncio.run(ticks_during(repair()))
+    assert kept[0][0].endswith("The answer is 42.") and fix.usage.code_repairs == 1
+    assert ticks >= 10  # the loop ticked on through the 0.3 s comparison
+
+
 class Units(MathTask):
     """A task with a check of its own: any answer that says 'furlongs' is repaired to metres."""
 
