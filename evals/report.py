@@ -13,13 +13,14 @@ import argparse
 import math
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, computed_field
 
 from evals.records import Record, read_records
 from fot.models import ALIASES
-from fot.tasks.base import majority_key
+from fot.tasks.base import Task, majority_key
 
 
 class Row(BaseModel):
@@ -394,6 +395,10 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
 
 PAIR_COLUMNS = "benchmark model A B n: both: only_A: only_B: neither: p: generated_A: generated_B: budget-matched"
 RULE_COLUMNS = "benchmark model method trees: n: decision_(CGED): first_answers: last_answers: every_node: reached:"
+EXPERT_COLUMNS = (
+    "benchmark model method trees: n: majority: plurality: expert_asked: declined: right_after_declining: "
+    "right_one_among_the_candidates:"
+)
 
 
 def section(title: str, paragraphs: list[str], columns: str, cells: list[list]) -> str:
@@ -437,21 +442,53 @@ class Rules(BaseModel):
     reached: int  # some node had the right answer: what a perfect decision would get
 
 
-def rules(runs: dict[tuple[str, str], list[Record]]) -> list[Rules]:
-    """Each forest run (2+ trees) scored under other decision rules, on its records that keep their nodes."""
-    from evals.data import Problem, score
+@dataclass(frozen=True)
+class Forest:
+    """A forest run's records, and what its tables need: its task and its name."""
+
+    benchmark: str
+    model: str
+    label: str
+    trees: int
+    task: Task
+    records: list[Record]
+
+    def right(self, r: Record, answer: str) -> bool:
+        """Whether `answer` is right for the problem of record r."""
+        from evals.data import Problem, score
+
+        # Game of 24's gold is an expression over the puzzle's numbers, each used once
+        question = " ".join(re.findall(r"\d+", r.gold)) if self.benchmark == "game24" else ""
+        return score(Problem(id=r.id, question=question, gold=r.gold, task=self.task.name), answer)
+
+    def named(self) -> dict[str, str | int]:
+        return {"benchmark": self.benchmark, "model": self.model, "label": self.label, "trees": self.trees}
+
+
+def forests(runs: dict[tuple[str, str], list[Record]]) -> list[Forest]:
+    """Each forest run (2+ trees), in the tables' order."""
     from fot.tasks import get_task
 
     out = []
     for (bench, _), rs in runs.items():
-        kept = [r for r in rs if r.node_answers is not None]
-        if rs[0].method != "fot" or rs[0].trees < 2 or not kept:
+        first = rs[0]
+        if first.method == "fot" and first.trees >= 2:
+            model = ALIASES.get(first.model, Path(first.model).name)
+            label = method_label(first.method, checks_of(first), superseded(first))
+            task = get_task("game24" if bench == "game24" else "math")
+            out.append(Forest(benchmark=bench, model=model, label=label, trees=first.trees, task=task, records=rs))
+    return sorted(out, key=lambda f: (f.benchmark, f.model, f.trees, f.label))
+
+
+def rules(runs: dict[tuple[str, str], list[Record]]) -> list[Rules]:
+    """Each forest run (2+ trees) scored under other decision rules, on its records that keep their nodes."""
+    out = []
+    for f in forests(runs):
+        kept = [r for r in f.records if r.node_answers is not None]
+        if not kept:
             continue
-        task = get_task("game24" if bench == "game24" else "math")
         counts = Counter()
-        for r in kept:  # Game of 24's gold is an expression over the puzzle's numbers, each used once
-            question = " ".join(re.findall(r"\d+", r.gold)) if bench == "game24" else ""
-            problem = Problem(id=r.id, question=question, gold=r.gold, task=task.name)
+        for r in kept:
             nodes = [a for tree in r.node_answers for a in tree]
             votes = {
                 "first": [tree[0] for tree in r.node_answers if tree],
@@ -459,22 +496,12 @@ def rules(runs: dict[tuple[str, str], list[Record]]) -> list[Rules]:
                 "every": nodes,
             }
             for rule, answers in votes.items():
-                ranked = majority_key(task, answers)
-                counts[rule] += bool(ranked) and score(problem, ranked[0][0])
+                ranked = majority_key(f.task, answers)
+                counts[rule] += bool(ranked) and f.right(r, ranked[0][0])
             counts["decided"] += r.correct
-            counts["reached"] += any(score(problem, a) for a in set(nodes))
-        first = rs[0]
-        out.append(
-            Rules(
-                benchmark=bench,
-                model=ALIASES.get(first.model, Path(first.model).name),
-                label=method_label(first.method, checks_of(first), superseded(first)),
-                trees=first.trees,
-                n=len(kept),
-                **counts,
-            )
-        )
-    return sorted(out, key=lambda x: (x.benchmark, x.model, x.trees, x.label))
+            counts["reached"] += any(f.right(r, a) for a in set(nodes))
+        out.append(Rules(**f.named(), n=len(kept), **counts))
+    return out
 
 
 def rules_markdown(rs: list[Rules]) -> str:
@@ -487,6 +514,59 @@ def rules_markdown(rs: list[Rules]) -> str:
     return section("Where the forests' accuracy is lost", [note], RULE_COLUMNS, cells)
 
 
+class Experts(BaseModel):
+    """One forest run's decisions by kind: how often it asked its expert, how often the expert declined, and what
+    the fallback's chain of thought got then."""
+
+    benchmark: str
+    model: str
+    label: str
+    trees: int
+    n: int
+    majority: int
+    plurality: int
+    asked: int  # no majority or plurality among the trees' answers: the expert picks among them
+    declined: int  # ... and said it did not know: the fallback's answer was taken
+    fallback_right: int  # ... and that answer was right
+    among: int  # declined where one of the trees' answers was right
+
+
+def experts(runs: dict[tuple[str, str], list[Record]]) -> list[Experts]:
+    out = []
+    for f in forests(runs):
+        kinds = Counter(r.decision for r in f.records)
+        # a fallback where the trees had answers: the expert declined (without answers, none was asked)
+        declined = [r for r in f.records if r.decision == "fallback" and r.votes]
+        out.append(
+            Experts(
+                **f.named(),
+                n=len(f.records),
+                majority=kinds["majority"],
+                plurality=kinds["plurality"],
+                asked=kinds["expert"] + len(declined),
+                declined=len(declined),
+                fallback_right=sum(r.correct for r in declined),
+                among=sum(any(f.right(r, a) for a in r.votes) for r in declined),
+            )
+        )
+    return out
+
+
+def experts_markdown(es: list[Experts]) -> str:
+    note = (
+        "How each forest run decided (CGED): by a majority of its trees, by a plurality, or by asking the model as an "
+        "expert to pick among the trees' answers. Where the expert says it does not know, a chain of thought "
+        "answers instead (*declined*); *right one among the candidates*: declined although one of the trees' "
+        "answers was right."
+    )
+    cells = [
+        [e.benchmark, e.model, e.label, e.trees, e.n, e.majority, e.plurality, e.asked, e.declined]
+        + [e.fallback_right, e.among]
+        for e in es
+    ]
+    return section("The expert's decisions", [note], EXPERT_COLUMNS, cells)
+
+
 def write_report(out: Path) -> Path:
     """Write OUT/REPORT.md, OUT/summary.json and the plots from every run file under OUT."""
     runs = load_runs(out)
@@ -496,7 +576,8 @@ def write_report(out: Path) -> Path:
     ps = pairs(runs)
     plot(rows, out, ps)
     path = out / "REPORT.md"
-    path.write_text(markdown(rows) + "\n" + pairs_markdown(ps) + "\n" + rules_markdown(rules(runs)))
+    tables = [markdown(rows), pairs_markdown(ps), rules_markdown(rules(runs)), experts_markdown(experts(runs))]
+    path.write_text("\n".join(tables))
     return path
 
 

@@ -23,7 +23,18 @@ from evals.data import (
     load_math500,
 )
 from evals.records import Record, read_records
-from evals.report import PLOTS, kernels_note, markdown, rules, rules_markdown, summarise, wilson, write_report
+from evals.report import (
+    PLOTS,
+    experts,
+    experts_markdown,
+    kernels_note,
+    markdown,
+    rules,
+    rules_markdown,
+    summarise,
+    wilson,
+    write_report,
+)
 from evals.runner import arun, options, run_name, score
 from fot.decoding.base import Request, run_sync
 from fot.decoding.scripted import ScriptedBackend
@@ -408,6 +419,27 @@ def test_other_decision_rules_are_scored_on_a_forests_records() -> None:
     assert (r.n, r.decided, r.first, r.last, r.every, r.reached) == (3, 1, 2, 1, 2, 2)
     assert "| arithmetic | smollm2-135m | fot | 3 | 3 | 1 | 2 | 1 | 2 | 2 |" in rules_markdown([r])
     assert rules({("arithmetic", "sc"): [record("a0", "sc", True, 1.0, node_answers=[["7"]] * 4)]}) == []
+
+
+def test_a_forest_s_decisions_are_counted_by_kind() -> None:
+    """How often the expert was asked, declined, and what the fallback's answer got then (gold 7)."""
+    name = "fot-t4-default-native-prompt_lookup-s0-abcd1234"
+    kinds = [
+        ("majority", {"7": 3, "8": 1}, True),
+        ("plurality", {"7": 2, "8": 1, "9": 1}, True),
+        ("expert", {"7": 2, "8": 2}, False),
+        ("fallback", {"7": 1, "8": 1, "9": 1, "5": 1}, False),  # declined, though a tree had it right
+        ("fallback", {"1": 1, "2": 1, "3": 1, "4": 1}, True),  # declined; the fallback found 7
+        ("fallback", {}, False),  # no tree answered: no expert was asked
+    ]
+    rs = [
+        record(f"a{i}", name, ok, 1.0, method="fot", trees=4, decision=d, votes=v, answer="7" if ok else "6")
+        for i, (d, v, ok) in enumerate(kinds)
+    ]
+    [e] = experts({("arithmetic", name): rs})
+    assert (e.n, e.majority, e.plurality, e.asked, e.declined, e.fallback_right, e.among) == (6, 1, 1, 3, 2, 1, 1)
+    assert "| arithmetic | smollm2-135m | fot | 4 | 6 | 1 | 1 | 3 | 2 | 1 | 1 |" in experts_markdown([e])
+    assert experts({("arithmetic", "sc"): [record("a0", "sc", True, 1.0)]}) == []
 
 
 def test_a_run_made_on_two_builds_of_the_kernels_says_so() -> None:
