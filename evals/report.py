@@ -532,6 +532,7 @@ class Experts(BaseModel):
 
 
 def experts(runs: dict[tuple[str, str], list[Record]]) -> list[Experts]:
+    """Each forest run's decisions by kind, over all its records (older ones keep their decision and votes too)."""
     out = []
     for f in forests(runs):
         kinds = Counter(r.decision for r in f.records)
