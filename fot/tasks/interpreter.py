@@ -418,6 +418,10 @@ class _Machine:
         else:
             raise NotCheckable(f"assignment to {type(target).__name__}")
 
+    def item(self, container: Any, key: Any) -> Any:
+        self.nested(key)  # a tuple key is hashed item by item
+        return self.value(container[key])
+
     def store(self, container: Any, key: Any, v: Any) -> None:
         if not isinstance(container, list | dict):
             raise TypeError(f"{type(container).__name__} does not support item assignment")
@@ -434,8 +438,7 @@ class _Machine:
             current = self.name(t.id, env)
         elif isinstance(t, ast.Subscript):
             container, key = self.expr(t.value, env), self.expr(t.slice, env)
-            self.nested(key)
-            current = self.value(container[key])
+            current = self.item(container, key)
         else:
             raise NotCheckable(f"augmented assignment to {type(t).__name__}")
         v = self.expr(s.value, env)
@@ -445,7 +448,7 @@ class _Machine:
         else:
             new = self.binary(s.op, current, v)
         if isinstance(t, ast.Name):
-            env[t.id] = self.value(new)
+            self.assign(t, new, env)
         else:
             self.store(container, key, new)
 
@@ -494,9 +497,7 @@ class _Machine:
             self.nested(*(k for k, _ in pairs))
             return self.fresh(dict(pairs))
         if isinstance(e, ast.Subscript):
-            container, key = self.expr(e.value, env), self.expr(e.slice, env)
-            self.nested(key)  # a tuple key is hashed item by item
-            return self.value(container[key])
+            return self.item(self.expr(e.value, env), self.expr(e.slice, env))
         if isinstance(e, ast.Slice):
             parts = (e.lower, e.upper, e.step)
             return slice(*(None if p is None else self.expr(p, env) for p in parts))
