@@ -68,7 +68,7 @@ def load_records(hub: str, config: str | None, split: str, data: str | Path | No
     if not files:
         raise DataError(f"{path} holds no {'/'.join(FORMATS)} files")
     if path.is_dir():  # a hub download holds every split (and config): take the split's files, of one folder
-        files = [f for f in files if split in f.relative_to(path).as_posix()] or files
+        files = [f for f in files if split in re.split(r"[/._-]", f.relative_to(path).as_posix())] or files
         folders = sorted({str(f.parent.relative_to(path)) for f in files})
         if len(folders) > 1:
             raise DataError(f"{path} holds {split} data in several folders ({', '.join(folders)}): pass one of them")

@@ -90,7 +90,7 @@ def read_records(path: Path, repair: bool = False) -> list[Record]:
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not a results file of ours (not UTF-8: {e})") from None
     duplicates = 0
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n")[:-1], 1):  # not splitlines: U+2028 is in JSON strings
         try:
             record = Record.model_validate_json(line)
         except ValueError as e:
@@ -105,12 +105,12 @@ def read_records(path: Path, repair: bool = False) -> list[Record]:
 @contextmanager
 def writer_lock(path: Path):
     """The right to append to run file `path`: one process at a time (`fot.files.locked`, refused at once)."""
-    lock = path.with_name(path.name + ".lock")
-    try:
-        with locked(lock):
-            yield
-    except TimeoutError:
-        raise FotError(f"another process is running {path.name} (it holds {lock}); wait for it") from None
+
+    def held(lock: Path) -> FotError:
+        return FotError(f"another process is running {path.name} (it holds {lock}); wait for it")
+
+    with locked(path.with_name(path.name + ".lock"), held=held):
+        yield
 
 
 def check_records(path: Path, records: list[Record], problems: list[Problem]) -> None:
@@ -126,7 +126,7 @@ def check_records(path: Path, records: list[Record], problems: list[Problem]) ->
 
 
 def append(path: Path, record: Record) -> None:
-    with open(path, "a") as f:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(record.model_dump_json() + "\n")
         f.flush()
         os.fsync(f.fileno())

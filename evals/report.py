@@ -50,6 +50,7 @@ class Row(BaseModel):
     tree_records: int = 0  # the records that keep their trees' answers (older records do not)
     superseded: int | None = None  # the search version of a run made before its task's search changed
     kernels: dict[str, int] = {}  # records per build of our CPU kernels that made them ("-": not recorded)
+    concurrency: dict[int, int] = {}  # records per --concurrency they were made with
 
     @property
     def label(self) -> str:
@@ -155,6 +156,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 tree_records=sum(bool(r.tree_correct) for r in rs),
                 superseded=superseded(first),
                 kernels=dict(Counter(r.kernels or "-" for r in rs)),
+                concurrency=dict(Counter(r.concurrency for r in rs)),
             )
         )
     rows.sort(key=lambda r: (r.benchmark, r.model, r.method, r.trees, r.speculative))
@@ -210,7 +212,8 @@ def markdown(rows: list[Row]) -> str:
                 f"| {r.seconds:.1f} | {accept} "
                 f"| {speed} |"
             )
-        out += kernels_note(rs)
+        out += mixed_note(rs, "kernels", "on more than one build of our kernels (-: from before it was kept)")
+        out += mixed_note(rs, "concurrency", "at more than one --concurrency (their seconds are a mix)", " at ")
         crossed = [r for r in rs if r.disagreements is not None]
         if crossed:
             bad = sum(r.disagreements for r in crossed)
@@ -228,18 +231,19 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def kernels_note(rows: list[Row]) -> list[str]:
-    """Lines naming the runs whose records were made on more than one build of our kernels: machines round bf16
-    sums differently, so a sample can part at a near tie (no lines where every run kept to one)."""
-    mixed = [r for r in rows if len(r.kernels) > 1]
+def mixed_note(rows: list[Row], field: str, what: str, by: str = " ") -> list[str]:
+    """Lines naming the runs whose records were made under more than one value of `field` (a Row's counter): a
+    resumed run on another CPU rounds bf16 sums differently (`kernels`), or timed its problems among another
+    number in flight (`concurrency`). No lines where every run kept to one."""
+    mixed = [r for r in rows if len(getattr(r, field)) > 1]
     if not mixed:
         return []
     runs = "; ".join(
         f"{r.label} x{r.trees} ({r.run.rsplit('-', 1)[1]}): "
-        + ", ".join(f"{n} {k}" for k, n in sorted(r.kernels.items()))
+        + ", ".join(f"{n}{by}{k}" for k, n in sorted(getattr(r, field).items(), key=str))
         for r in mixed
     )
-    return ["", f"Made on more than one build of our kernels (- is a record from before the build was kept): {runs}."]
+    return ["", f"Made {what}: {runs}."]
 
 
 def draw_trees(ax, rs: list[Row], ps: list[Pair]) -> None:
@@ -355,6 +359,12 @@ class Pair(BaseModel):
         return self.a.startswith("fot-") and self.b.startswith("sc-") and self.tokens_a <= self.tokens_b
 
 
+def comparable(r: Record) -> tuple:
+    """What two runs must share for a paired comparison to measure their methods and checks, not their setup
+    (not dtype: the records keep the option as given, "auto" or "fast", which the run names resolve)."""
+    return r.model, r.speculative, r.backend, r.device, r.seed
+
+
 def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     """The comparisons the report makes, on the problems both runs finished: each run with rule checks against its
     twins with fewer of them, each FoT run against each self-consistency run of the same model, and against chain
@@ -363,11 +373,13 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     out = []
     for (bench, a), ra in runs.items():
         for (bench_b, b), rb in runs.items():
-            if bench_b != bench or a == b or ra[0].model != rb[0].model or ra[0].speculative != rb[0].speculative:
-                continue
             fa, fb = ra[0], rb[0]
+            if bench_b != bench or a == b or comparable(fa) != comparable(fb):
+                continue
             checks_a, checks_b = checks_of(fa), checks_of(fb)
-            ablation = set(checks_a) > set(checks_b) and (fa.method, fa.trees) == (fb.method, fb.trees)
+            ablation = set(checks_a) > set(checks_b) and (fa.method, fa.trees, fa.search_version) == (
+                fb.method, fb.trees, fb.search_version
+            )  # fmt: skip
             one_chain = fb.method == "cot" and checks_a == checks_b
             if not (ablation or fa.method == "fot" and (fb.method == "sc" or one_chain)):
                 continue

@@ -41,6 +41,7 @@ from fot.models import configure_caches
 from fot.options import (
     DEFAULT_DRAFTER,
     DRAFTERS,
+    RULE_CHECKS,
     add_backend_options,
     add_budget_options,
     add_math_options,
@@ -278,12 +279,27 @@ def parser(benchmark: str | None = None) -> argparse.ArgumentParser:
 
 def options(benchmark: str, **overrides) -> argparse.Namespace:
     """The command line's options as a namespace, for calling `arun` from Python (notebooks)."""
-    args = parser().parse_args([benchmark])
+    p = parser()
+    args, actions = p.parse_args([benchmark]), {a.dest: a for a in p._actions if a.dest != "benchmark"}
     for key, value in overrides.items():
-        if not hasattr(args, key):
+        if key not in actions:
             raise FotError(f"unknown eval option {key!r}")
+        check_option(actions[key], value)
         setattr(args, key, value)
     return args
+
+
+def check_option(action: argparse.Action, value: object) -> None:
+    """What the command line would refuse of a value given from Python: a wrong type (`code_checks=True` is not
+    "on"), or a value outside the option's choices."""
+    want = bool if action.nargs == 0 else action.type or str  # store_true options take a bool
+    fits = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if want is float:
+        fits = isinstance(value, int | float) and not isinstance(value, bool)
+    if not fits and not (value is None and action.default is None):
+        raise FotError(f"eval option {action.dest}={value!r}: expected {want.__name__}")
+    if action.choices is not None and value not in action.choices:
+        raise FotError(f"eval option {action.dest}={value!r}: one of {', '.join(map(str, action.choices))}")
 
 
 async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
@@ -296,6 +312,9 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     bench = BENCHMARKS[args.benchmark]
     if getattr(args, "data", None) and args.benchmark in ("arithmetic", "gsm_symbolic"):
         raise FotError(f"--data: {args.benchmark} generates its problems (--n, --data-seed); it reads no file")
+    asked = [f"--{n}-checks" for n in RULE_CHECKS if getattr(args, f"{n}_checks", "auto") == "on"]
+    if asked and args.benchmark == "game24":  # else quietly not run: Game of 24 recomputes its steps instead
+        raise FotError(f"{' and '.join(asked)}: math checks; Game of 24 recomputes each step with its own")
     if getattr(args, "program_trees", None):  # the records say how many trees answered with a program
         if not program_trees(args):
             raise FotError("--program-trees is for --method fot on math")
@@ -324,6 +343,12 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
         check_records(path, held, problems)
         done = {r.id for r in held}
         todo = [p for p in problems if p.id not in done]
+        made = sorted({r.concurrency for r in held} - {args.concurrency})
+        if todo and made:  # its seconds per problem would mix two loads
+            raise FotError(
+                f"{path.name} was run with --concurrency {', '.join(map(str, made))}: resume it with that, or use "
+                "another --out"
+            )
         print(f"evals: {path}: {len(done)} problems done, {len(todo)} to go", file=sys.stderr)
         if todo:
             t0 = time.perf_counter()

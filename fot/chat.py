@@ -142,7 +142,7 @@ def make_job(body: ChatRequest, defaults: dict[str, Any]) -> Job:
         base = merged(base, {"mctsr": {"max_tokens": max_tokens}})
     try:
         config = make_config(base, **overrides)
-        the_task, problem = validate(body.messages[-1].text(), task, config.method)
+        the_task, problem = validate(body.messages[-1].text(), task, config)
     except InvalidRequestError as e:
         raise ApiError(400, str(e)) from None
     include = bool(body.stream_options and body.stream_options.include_usage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,16 +86,25 @@ def cmd_train_adapter(args: argparse.Namespace) -> None:
     print((out / "adapter_config.json").read_text().split('"draft_vocab"')[0] + "...")
 
 
+def check_writable(path: Path) -> None:
+    """A file the command will write at its end, checked before its work: not found out after minutes of search."""
+    if path.is_dir() or not path.parent.is_dir():
+        raise FotError(f"cannot write {path}: {'it is a folder' if path.is_dir() else 'no folder ' + str(path.parent)}")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise FotError(f"cannot write {path}: permission denied")
+
+
 def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
     from fot.decoding.base import run_sync
-    from fot.forest import asolve_many, make_config, validate
+    from fot.forest import asolve_many, check_problem
 
-    config = search_config(args)
-    make_config(config, trees=args.trees, method=args.method, seed=args.seed)  # bad input fails before a model loads
-    for problem in problems:
-        validate(problem, args.task, args.method)
-    backend = make_cli_backend(args)
-    options = dict(task=args.task, trees=args.trees, method=args.method, backend=backend, config=config, seed=args.seed)
+    options = dict(task=args.task, trees=args.trees, method=args.method, config=search_config(args), seed=args.seed)
+    for problem in problems:  # bad input fails before a model loads
+        check_problem(problem, options)
+    html = getattr(args, "html", None)
+    if html:
+        check_writable(Path(html))
+    backend = options["backend"] = make_cli_backend(args)
     t0 = time.perf_counter()
     solutions, failed = run_sync(asolve_many(problems, return_exceptions=True, **options)), 0
     for problem, sol in zip(problems, solutions, strict=True):
@@ -139,12 +149,14 @@ def solve_and_print(problems: list[str], args: argparse.Namespace) -> None:
         accepted = f", {b.accepted_tokens}/{b.draft_tokens} drafts accepted" if b.draft_tokens else ""
         print(f"\nbackend {backend.name}: {b.requests} requests, {b.forward_passes} forward passes{accepted}")
         print(f"wall time {time.perf_counter() - t0:.0f} s for {len(problems)} problems (solved together)")
-    html = getattr(args, "html", None)
     if html:
         from fot.viewer import page
 
-        with open(html, "w", encoding="utf-8") as f:
-            f.write(page([s.model_dump() for s in solutions if not isinstance(s, BaseException)]))
+        found = [s.model_dump() for s in solutions if not isinstance(s, BaseException)]
+        try:
+            Path(html).write_text(page(found), "utf-8")
+        except OSError as e:
+            raise FotError(f"cannot write the forest viewer to {html}: {e}") from None
         print(f"forest viewer written to {html}", file=sys.stderr)
     if failed:
         raise FotError(f"{failed} of {len(problems)} searches failed (see above)")
@@ -186,7 +198,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from fot.forest import make_config
     from fot.server import ServeConfig, listen, serve
 
-    keys = list(args.api_key or []) + [k for k in os.environ.get("FOT_API_KEYS", "").split(",") if k.strip()]
+    env = os.environ.get("FOT_API_KEYS")
+    keys = list(args.api_key or []) + (env.split(",") if env is not None else [])  # a blank one is refused below
     try:
         config = ServeConfig(
             api_keys=[k.strip() for k in keys],

@@ -39,6 +39,8 @@ class SamplingParams(BaseModel):
     @classmethod
     def make(cls, params: SamplingParams | dict | None = None, **overrides: object) -> SamplingParams:
         """Build from a dict, an instance or keywords, turning validation failures into our own error."""
+        if params is not None and not isinstance(params, SamplingParams | dict):
+            raise InvalidRequestError(f"sampling parameters are SamplingParams or a dict, not {type(params).__name__}")
         try:
             if isinstance(params, SamplingParams):
                 if not overrides:
@@ -95,6 +97,8 @@ class SpeculativeConfig(BaseModel):
         """None -> no speculation; a method name or a dict -> a config; bad values -> InvalidRequestError."""
         if config is None or isinstance(config, SpeculativeConfig):
             return config
+        if not isinstance(config, str | dict):
+            raise InvalidRequestError(f"a speculative config is a method name or a dict, got {type(config).__name__}")
         try:
             return cls(method=config) if isinstance(config, str) else cls(**config)
         except ValidationError as e:

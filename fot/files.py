@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,9 +20,10 @@ def sha256(path: Path) -> str:
 
 
 @contextmanager
-def locked(path: Path, wait_s: float = 0.0) -> Iterator[None]:
+def locked(path: Path, wait_s: float = 0.0, held: Callable[[Path], Exception] | None = None) -> Iterator[None]:
     """Hold an exclusive flock on `path` (created if missing). The kernel drops it when its holder dies, so a
-    killed process never leaves a stale lock. TimeoutError when another process holds it for over `wait_s`."""
+    killed process never leaves a stale lock. When another process holds it for over `wait_s`: `held(path)` is
+    raised (default a TimeoutError), only then, so an error inside the locked work is never taken for it."""
     with open(path, "a") as f:
         deadline = time.monotonic() + wait_s
         while True:
@@ -31,9 +32,13 @@ def locked(path: Path, wait_s: float = 0.0) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{path} is held by another process") from None
+                    raise (held or busy)(path) from None
                 time.sleep(0.2)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def busy(path: Path) -> TimeoutError:
+    return TimeoutError(f"{path} is held by another process")

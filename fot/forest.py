@@ -216,8 +216,6 @@ class Forest:
 
     def tot_trees(self, seeds: list[int]) -> list[Tree]:
         c, fot = self.config, self.config.method == "fot"
-        if c.program_trees:
-            raise InvalidRequestError(f"program_trees is for math problems, not {self.task.name}")
         inputs = shuffle_numbers(self.problem, len(seeds), self.rng) if fot else [(self.problem, "")]
         correct = fot and c.correction.enabled
         return [
@@ -451,17 +449,20 @@ def check_problem(problem: str, options: dict) -> tuple[Task, str, ForestConfig]
         )
     overrides = {k: options.get(k) for k in ("trees", "method", "seed")}
     cfg = make_config(options.get("config"), **overrides)
-    the_task, text = validate(problem, options.get("task", "auto"), cfg.method)
+    the_task, text = validate(problem, options.get("task", "auto"), cfg)
     return the_task, text, cfg
 
 
-def validate(problem: str, task: str = "auto", method: str = "fot") -> tuple[Task, str]:
-    """The task and the normalised problem, or InvalidRequestError: checked before any model work."""
+def validate(problem: str, task: str, config: ForestConfig) -> tuple[Task, str]:
+    """The task and the normalised problem, or InvalidRequestError if it or the `config` does not fit it: checked
+    before any model work."""
     if not isinstance(problem, str) or not problem.strip():
         raise InvalidRequestError(f"a problem must be a non-empty string, got {problem!r:.60}")
     check_unicode(problem, "the problem")
     the_task = get_task(detect_task(problem) if task == "auto" else task)
-    check_method(the_task.name, method)
+    check_method(the_task.name, config.method)
+    if config.program_trees and the_task.tree != "mctsr":
+        raise InvalidRequestError(f"program_trees is for math problems, not {the_task.name}")
     return the_task, the_task.parse(problem)
 
 
@@ -490,7 +491,14 @@ async def asolve_many(problems: Iterable[str], *, return_exceptions: bool = Fals
     if not return_exceptions:
         for p in problems:
             check_problem(p, kwargs)
-    return list(await asyncio.gather(*(asolve(p, **kwargs) for p in problems), return_exceptions=return_exceptions))
+    tasks = [asyncio.ensure_future(asolve(p, **kwargs)) for p in problems]
+    try:
+        return list(await asyncio.gather(*tasks, return_exceptions=return_exceptions))
+    except BaseException:  # one failed (or we were cancelled): the others' searches stop too, not run on unseen
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def solve_many(problems: Iterable[str], **kwargs) -> list[Solution]:

@@ -177,16 +177,22 @@ def prepare_embedded(spec: EmbeddedModel, folder: Path) -> None:
     runs under a lock beside `folder`: a second process waits, then finds the model ready (two used to fetch it,
     and the later one replaced the folder the first was reading), and a killed run's temporary folder is removed.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = folder.parent / f".{spec.name}.lock"
     try:
-        with locked(folder.parent / f".{spec.name}.lock", wait_s=PREPARE_WAIT_S):
-            if (folder / "config.json").exists():  # prepared by another process while this one waited
-                return
-            for stale in folder.parent.glob(f".{spec.name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            build_embedded(spec, folder)
-    except TimeoutError:
-        raise ModelError(f"another process has been preparing {spec.name} for over {PREPARE_WAIT_S:.0f} s") from None
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError as e:
+        raise ModelError(f"cannot use the model cache {folder.parent} (FOT_CACHE): {e}") from None
+
+    def held(_: Path) -> ModelError:
+        return ModelError(f"another process has been preparing {spec.name} for over {PREPARE_WAIT_S:.0f} s")
+
+    with locked(lock, PREPARE_WAIT_S, held):
+        if (folder / "config.json").exists():  # prepared by another process while this one waited
+            return
+        for stale in folder.parent.glob(f".{spec.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        build_embedded(spec, folder)
 
 
 def build_embedded(spec: EmbeddedModel, folder: Path) -> None:

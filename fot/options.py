@@ -93,6 +93,10 @@ def check_cli_backend(args: argparse.Namespace) -> None:
         raise FotError(f"--base-url names endpoints of the openai backend; add --backend openai (not {args.backend})")
     if args.backend != "openai" and timeout is not None:
         raise FotError("--timeout bounds the requests of the openai backend; the in-process backends have none")
+    if args.backend != "native":  # else they would name the run and its records, yet not reach the backend
+        given = [f"--{k}" for k, unset in (("device", "cpu"), ("dtype", "auto")) if getattr(args, k, unset) != unset]
+        if given:
+            raise FotError(f"{' and '.join(given)}: options of the native backend; {args.backend} sets its own")
 
 
 def make_cli_backend(args: argparse.Namespace):

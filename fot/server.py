@@ -462,6 +462,8 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
 
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before a model loads: a taken port is an error at once, not after minutes."""
+    if not 0 <= port <= 65535:  # getaddrinfo would take 70000 as 4464
+        raise FotError(f"cannot listen on port {port}: a port is 0-65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:

@@ -27,8 +27,8 @@ from evals.report import (
     PLOTS,
     experts,
     experts_markdown,
-    kernels_note,
     markdown,
+    mixed_note,
     rules,
     rules_markdown,
     summarise,
@@ -241,6 +241,46 @@ def test_resume_after_a_crash_never_redoes_or_loses_a_problem(tmp_path: Path) ->
     assert len(again.batches) == 3  # only the three unfinished problems were solved again
     run_sync(arun(arithmetic_options(tmp_path), backend=again))
     assert len(again.batches) == 3 and len(read_records(path)) == 6  # a third run has nothing left to do
+    run_sync(arun(arithmetic_options(tmp_path, concurrency=4), backend=again))  # nothing to do: no question
+
+
+def test_a_run_resumes_only_at_its_concurrency(tmp_path: Path) -> None:
+    """A run resumed with another --concurrency appended to the same file, and the report timed the mix as the
+    first record's; now it is refused before any work."""
+    backend = ScriptedBackend(lambda r, j: "The answer is 7.")
+    run_sync(arun(arithmetic_options(tmp_path, limit=2), backend=backend))
+    with pytest.raises(FotError, match="was run with --concurrency 1: resume it with that"):
+        run_sync(arun(arithmetic_options(tmp_path, concurrency=4), backend=backend))
+    assert len(backend.batches) == 2
+
+
+def test_an_answer_with_a_unicode_line_separator_keeps_its_run_readable(tmp_path: Path) -> None:
+    """JSON leaves U+2028 and U+0085 unescaped, and `splitlines` split a record there: the run file could never
+    be read again. The model's answer can hold them."""
+    backend = ScriptedBackend(lambda r, j: "The answer is \\boxed{x\u2028=\x85 7}.")
+    path, failed = run_sync(arun(arithmetic_options(tmp_path, limit=2), backend=backend))
+    assert failed == 0 and [r.answer for r in read_records(path)] == ["x\u2028=\x85 7"] * 2
+
+
+def test_a_timeout_inside_a_run_is_not_taken_for_its_lock(tmp_path: Path) -> None:
+    """The run file's lock caught every TimeoutError of the run it guarded (a socket's read timeout), and said that
+    another process was running it."""
+
+    def slow(r: Request, j: int) -> str:
+        raise TimeoutError("read timed out")
+
+    with pytest.raises(TimeoutError, match="read timed out"):
+        run_sync(arun(arithmetic_options(tmp_path), backend=ScriptedBackend(slow)))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [({"code_checks": True}, "code_checks"), ({"method": "bogus"}, "method"), ({"trees": "4"}, "trees")],
+)
+def test_eval_options_from_python_are_checked_as_the_command_line_would(kw, match) -> None:
+    """options(code_checks=True) ran with the code check off, named as the run without it."""
+    with pytest.raises(FotError, match=match):
+        options("arithmetic", **kw)
 
 
 def test_a_problem_whose_scoring_fails_is_not_recorded_and_the_run_goes_on(tmp_path: Path, monkeypatch) -> None:
@@ -450,7 +490,10 @@ def test_a_run_made_on_two_builds_of_the_kernels_says_so() -> None:
     assert row.kernels == {"-": 1, "avx2": 2}
     assert "sc x4 (abcd1234): 1 -, 2 avx2." in markdown([row])
     [one] = summarise({("arithmetic", name): rs[1:]})
-    assert kernels_note([one]) == [] and "builds of our kernels" not in markdown([one])
+    assert mixed_note([one], "kernels", "x") == [] and "builds of our kernels" not in markdown([one])
+    rs[2] = record("a2", name, False, 1.0, kernels="avx2", concurrency=16)  # BASE's is 1
+    note = "at more than one --concurrency (their seconds are a mix): sc x4 (abcd1234): 2 at 1, 1 at 16."
+    assert note in markdown(summarise({("arithmetic", name): rs}))
 
 
 # ---- command line ------------------------------------------------------------------------------------------------

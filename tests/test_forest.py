@@ -172,6 +172,31 @@ def test_solve_many_checks_every_problem_before_any_work():
     assert again.answer == "42"
 
 
+def test_when_one_of_many_searches_fails_the_others_stop():
+    """asolve_many raised the first failure and left the other searches running on the backend, unseen."""
+    started, cancelled = asyncio.Event(), []
+
+    class Split(ScriptedBackend):
+        async def _generate(self, requests, prepared):
+            if "7 * 8" in str(requests[0].prompt):
+                await started.wait()
+                raise RuntimeError("boom")
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+            return await super()._generate(requests, prepared)
+
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="boom"):
+            await asolve_many(["What is 7 * 8?", "What is 40 + 2?"], backend=Split(math_script()), method="cot")
+        assert cancelled == [True]  # before asolve_many returned
+
+    asyncio.run(main())
+
+
 def test_a_batch_leaves_out_the_calls_of_cancelled_callers():
     """A tree cancelled while its call waited at the barrier (its solve failed) has no request in the batch that
     the barrier sends on."""

@@ -204,6 +204,13 @@ def test_prepare_is_atomic(fake_registry, tmp_path, monkeypatch):
     assert (folder / "config.json").exists()
 
 
+def test_an_unusable_cache_is_a_model_error(fake_registry):
+    """FOT_CACHE on a folder that cannot be made gave a raw FileNotFoundError."""
+    spec, _, _ = fake_registry
+    with pytest.raises(ModelError, match="cannot use the model cache /proc/fotcache/models"):
+        prepare_embedded(spec, Path("/proc/fotcache/models/fake"))
+
+
 def test_a_second_process_waits_for_the_first_to_prepare_the_model(fake_registry, tmp_path, monkeypatch):
     """Two processes on an empty cache both fetched the model, and the later one replaced the folder the first was
     reading (or failed with a raw OSError after minutes)."""

@@ -801,6 +801,23 @@ def test_text_that_is_not_valid_unicode_is_an_invalid_request(tiny_llama_dir):
             engine.generate([prompt], {"max_tokens": 2})
 
 
+def test_a_bad_drafter_is_refused_before_the_model_loads():
+    """A misspelt drafter, or a Kangaroo adapter folder that is not there, was found only once the weights had
+    loaded (the model path here does not exist: loading it would be another error)."""
+    from fot.decoding.native import NativeBackend
+    from fot.errors import InvalidRequestError, ModelError
+    from fot.speculative.engine import Engine
+
+    with pytest.raises(InvalidRequestError, match="invalid speculative config"):
+        Engine.from_pretrained("/no/such/model", speculative="bogus")
+    with pytest.raises(InvalidRequestError, match="a speculative config is a method name or a dict, got int"):
+        Engine.from_pretrained("/no/such/model", speculative=5)
+    with pytest.raises(ModelError, match="no Kangaroo adapter in /no/such/adapter"):
+        Engine.from_pretrained("/no/such/model", speculative={"method": "kangaroo", "adapter": "/no/such/adapter"})
+    with pytest.raises(InvalidRequestError, match="invalid speculative config"):
+        NativeBackend(model="/no/such/model", speculative="bogus")
+
+
 def test_a_command_line_argument_that_is_not_utf8_is_a_clear_error():
     cmd = [sys.executable.encode(), b"-m", b"fot.cli", b"solve", b"What is 1\xff + 1?", b"--method", b"cot"]
     done = subprocess.run(cmd, capture_output=True, timeout=120)
@@ -824,12 +841,31 @@ def test_bad_search_settings_fail_before_the_model_loads(command, tmp_path):
     assert done.returncode == 2 and "max_tokens" in done.stderr and "greater than or equal to 1" in done.stderr
 
 
-@pytest.mark.parametrize("key", ["", "  "])
-def test_an_empty_api_key_is_refused_before_the_server_starts(key, tmp_path):
-    """`fot serve --api-key "$KEY"` with KEY unset made "" a key, and a client sending `Bearer ` with nothing
-    after it was let in."""
-    cmd = [sys.executable, "-m", "fot.cli", "serve", "--api-key", key, "--model", "qwen2.5-coder-1.5b"]
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["1 2 3 13", "--program-trees", "1"], "program_trees is for math problems, not game24"),
+        (["What is 1 + 1?", "--html", "/no/such/folder/forest.html"], "no folder /no/such/folder"),
+        (["What is 1 + 1?", "--html", "/tmp"], "it is a folder"),
+    ],
+)
+def test_a_solve_that_could_not_finish_fails_before_the_model_loads(argv, match, tmp_path):
+    """Program trees on a puzzle were refused after the model had loaded; an --html path that could not be written
+    failed with a traceback after the whole search."""
+    cmd = [sys.executable, "-m", "fot.cli", "solve", *argv, "--model", "qwen2.5-coder-1.5b"]
     env = {**os.environ, "FOT_CACHE": str(tmp_path / "empty")}  # no model there: loading one would fail otherwise
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and match in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("key", "env_keys"), [("", None), ("  ", None), (None, ""), (None, " "), (None, "k1,,k2")])
+def test_an_empty_api_key_is_refused_before_the_server_starts(key, env_keys, tmp_path):
+    """`fot serve --api-key "$KEY"` with KEY unset made "" a key, and a client sending `Bearer ` with nothing
+    after it was let in; a blank FOT_API_KEYS was dropped, and the server ran with no key at all."""
+    cmd = [sys.executable, "-m", "fot.cli", "serve", "--model", "qwen2.5-coder-1.5b"]
+    cmd += ["--api-key", key] if key is not None else []
+    env = {**os.environ, "FOT_CACHE": str(tmp_path / "empty")}  # no model there: loading one would fail otherwise
+    env |= {"FOT_API_KEYS": env_keys} if env_keys is not None else {}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 2 and "an API key is empty" in done.stderr, done.stderr[-2000:]
 
@@ -844,6 +880,7 @@ def test_an_empty_api_key_is_refused_before_the_server_starts(key, tmp_path):
         (["--data", "my.jsonl"], "generates its problems"),  # was quietly ignored
         (["--program-trees", "4"], "below --trees"),  # was quietly capped at 3, and recorded as 4
         (["--method", "sc", "--program-trees", "1"], "for --method fot"),  # was quietly ignored
+        (["--backend", "vllm", "--device", "cuda"], "--device: options of the native backend"),  # named the run only
     ],
 )
 def test_bad_backend_options_of_an_eval_fail_before_its_data_loads(options, match, tmp_path):
@@ -853,6 +890,14 @@ def test_bad_backend_options_of_an_eval_fail_before_its_data_loads(options, matc
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and match in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "gsm_symbolic").exists()  # no run file was set up: the data never loaded
+
+
+def test_math_checks_asked_of_a_game24_eval_are_refused(tmp_path):
+    """`fot eval game24 --code-checks on` ran without them (Game of 24 has its own), silently."""
+    cmd = [sys.executable, "-m", "fot.cli", "eval", "game24", "--out", str(tmp_path), "--code-checks", "on"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "math checks; Game of 24 recomputes" in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "game24").exists()
 
 
 @pytest.mark.parametrize("problem", ["1 2 3", "4 6 1 10 2", "-4 6 1 10", "4 6 1 1001", "0 1 2 3"])

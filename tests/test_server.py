@@ -320,6 +320,7 @@ def test_request_options_merge_into_the_server_defaults():
         (["--trees", "0"], "trees"),
         (["--deadline", "-1"], "deadline"),
         (["--base-url", "http://127.0.0.1:9/v1"], "--base-url names endpoints of the openai backend"),
+        (["--port", "70000"], "a port is 0-65535"),  # getaddrinfo took it as port 4464
     ],
 )
 def test_bad_server_options_fail_before_a_model_loads(options, words):

@@ -53,6 +53,7 @@ class NativeBackend(WorkerBackend):
         built = {"model", "dtype", "device", "speculative", "max_batch", "seed"} & given
         if engine is not None and built:  # they build an engine; one given is served as it is
             raise InvalidRequestError(f"{sorted(built)} cannot apply to an engine= given; set them on the engine")
+        SpeculativeConfig.make(c.speculative)  # a bad one fails here, not in the worker after the model loads
 
         def build() -> Engine:
             return engine or Engine.from_pretrained(

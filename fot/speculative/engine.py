@@ -30,7 +30,7 @@ from fot.errors import ContextOverflowError, InvalidRequestError
 from fot.speculative.cache import KVCache, PaddedKVCache, PrefixStore, share_prefixes
 from fot.speculative.drafters import Drafter, ForwardCost, PassCost, PromptLookup, draft_lengths
 from fot.speculative.hybrid import Hybrid
-from fot.speculative.kangaroo import default_adapter_dir, load_adapter
+from fot.speculative.kangaroo import adapter_folder, default_adapter_dir, load_adapter
 from fot.speculative.kernels import resolve_dtype
 from fot.speculative.model import Transformer
 from fot.speculative.outputs import EngineStats, Generation
@@ -122,6 +122,9 @@ class Engine:
 
         from fot.models import resolve_model
 
+        spec = kw["speculative"] = SpeculativeConfig.make(kw.get("speculative"))  # bad ones fail before the load
+        if spec is not None and spec.method != "prompt_lookup" and spec.adapter:
+            adapter_folder(spec.adapter)
         folder = resolve_model(model)
         pack = kw.get("pack", True) and device == "cpu"  # then each weight is read straight into its packed layout
         net = Transformer.from_pretrained(folder, resolve_dtype(dtype, device), pack=pack)

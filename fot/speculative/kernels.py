@@ -92,16 +92,16 @@ def build_lock(folder: Path, timeout_s: float = BUILD_TIMEOUT_S):
     """Hold the build lock of `folder` (`fot.files.locked`: a killed build never blocks later processes). Torch's
     own lock file inside the folder can only be a dead build's while this is held, and is removed. Waiting past
     `timeout_s` for a live holder is an error that names the file."""
-    path = folder / ".fot-build.lock"
-    try:
-        with locked(path, timeout_s):
-            (folder / "lock").unlink(missing_ok=True)  # torch's FileBaton, left by a build that was killed
-            yield
-    except TimeoutError:
-        raise KernelBuildError(
+
+    def held(path: Path) -> KernelBuildError:
+        return KernelBuildError(
             f"another process has held {path} for over {timeout_s:.0f} s while building the CPU kernels; "
             "if none is running, remove the file"
-        ) from None
+        )
+
+    with locked(folder / ".fot-build.lock", timeout_s, held):
+        (folder / "lock").unlink(missing_ok=True)  # torch's FileBaton, left by a build that was killed
+        yield
 
 
 def import_built(folder: Path, source_digest: str):
