@@ -20,7 +20,7 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=1024)  # each sample is a sequence in the engine: n=10**7 would fill the memory
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -74,7 +74,7 @@ class SpeculativeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["prompt_lookup", "kangaroo", "hybrid"] = "prompt_lookup"
-    num_speculative_tokens: int = Field(8, ge=1)
+    num_speculative_tokens: int = Field(8, ge=1, le=64)
     adapter: str | None = None  # kangaroo, hybrid: adapter folder; None = the one shipped for this model
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)  # kangaroo's early exit; None = adapter's
     draft_threshold: float = Field(0.25, ge=0.0, le=1.0)

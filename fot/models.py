@@ -125,8 +125,9 @@ ALIASES = {"default": "smollm2-135m"}
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, prepare: bool = True) -> Path:
-    """Return the local HF folder for a known model name (converting it on first use) or a folder path."""
-    key = ALIASES.get(str(name_or_path), str(name_or_path))
+    """Return the local HF folder for a known model name (converting it on first use) or a folder path (a Path is
+    always a folder, even one named like a known model)."""
+    key = ALIASES.get(name_or_path, name_or_path) if isinstance(name_or_path, str) else None
     if key in EMBEDDED:
         folder = cache_dir() / "models" / key
         if not (folder / "config.json").exists():

@@ -34,8 +34,11 @@ def test_unknown_name_lists_known_models():
         resolve_model("no-such-model")
 
 
-def test_folder_checks(tmp_path, tiny_llama_dir):
+def test_folder_checks(tmp_path, tiny_llama_dir, monkeypatch):
     assert resolve_model(tiny_llama_dir) == tiny_llama_dir
+    shutil.copytree(tiny_llama_dir, tmp_path / "named" / "smollm2-135m")
+    monkeypatch.chdir(tmp_path / "named")  # a Path is a folder, even one named like a known model (was: that model)
+    assert resolve_model(Path("smollm2-135m")) == Path("smollm2-135m")
     with pytest.raises(ModelError, match="config.json is missing"):
         check_model_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))

@@ -538,12 +538,19 @@ def test_search_settings_are_bounded_and_checked_before_any_work(kwargs, match):
         solve(**kwargs)
 
 
-def test_sampling_options_refuse_infinite_temperature_and_huge_seeds():
-    from fot.config import SamplingParams
+def test_sampling_options_refuse_infinite_temperature_huge_seeds_and_unbounded_sizes():
+    from fot.config import SamplingParams, SpeculativeConfig
+    from fot.errors import InvalidRequestError
 
     for bad in ({"temperature": float("inf")}, {"temperature": float("nan")}, {"seed": 2**70}, {"seed": -1}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+    with pytest.raises(InvalidRequestError, match="less than or equal to 1024"):  # a sequence each, in memory
+        SamplingParams.make(n=10**7)
+    with pytest.raises(InvalidRequestError, match="less than or equal to 64"):
+        SpeculativeConfig.make({"num_speculative_tokens": 10**6})
+    with pytest.raises(InvalidRequestError, match="SamplingParams or a dict, not str"):
+        SamplingParams.make("greedy")
 
 
 @pytest.mark.parametrize("method", ["cot", "sc"])
@@ -1008,3 +1015,25 @@ def test_a_search_whose_later_prompts_would_overflow_fails_before_any_generation
     assert backend.usage.requests == 0  # nothing was generated
     small = {"mctsr": {"rollouts": 1, "max_tokens": 40}}
     assert solve("What is 40 + 2?", backend=backend, method="mctsr", config=small).usage.requests > 0
+
+
+def test_solve_inside_a_running_loop_is_a_clear_error_that_leaves_no_stray_coroutine():
+    """Inside a notebook's loop `solve` is refused; the coroutine it was given was left unawaited, and Python
+    warned about it later, far from the cause."""
+    import asyncio
+    import gc
+    import warnings
+
+    from fot.decoding.scripted import ScriptedBackend
+    from fot.errors import FotError
+    from fot.forest import solve
+
+    async def notebook_cell() -> None:
+        with pytest.raises(FotError, match="`await` the coroutine instead"):
+            solve("What is 1 + 1?", backend=ScriptedBackend(lambda r, j: "The answer is 2."), method="cot")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(notebook_cell())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]

@@ -354,4 +354,5 @@ def run_sync(coro):
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
+    coro.close()  # never to run: closed, so Python does not warn that it was never awaited
     raise FotError("an event loop is already running here (a notebook?): `await` the coroutine instead")
