@@ -138,10 +138,11 @@ def make_job(body: ChatRequest, defaults: dict[str, Any]) -> Job:
     overrides: dict[str, Any] = {"method": method, "trees": size, "seed": body.seed}
     max_tokens = body.max_completion_tokens or body.max_tokens
     base = merged(defaults, options)
-    if max_tokens is not None:
-        base = merged(base, {"mctsr": {"max_tokens": max_tokens}})
     try:
         config = make_config(base, **overrides)
+        if max_tokens is not None:  # each answer's budget: an MCTSr answer, a ToT proposal, and a ToT value at most
+            tot = {"propose_tokens": max_tokens, "value_tokens": min(max_tokens, config.tot.value_tokens)}
+            config = make_config(merged(base, {"mctsr": {"max_tokens": max_tokens}, "tot": tot}), **overrides)
         the_task, problem = validate(body.messages[-1].text(), task, config)
     except InvalidRequestError as e:
         raise ApiError(400, str(e)) from None

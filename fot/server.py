@@ -59,6 +59,7 @@ try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from prometheus_client.core import CounterMetricFamily
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:  # pragma: no cover - the extra is missing
     raise FotError(f"`fot serve` needs the serve extra (`pip install 'fot[serve]'`): {e}") from None
 
@@ -194,8 +195,11 @@ class Store:
 def search_error(e: BaseException, deadline: float, logged: bool = False) -> ApiError:
     """The reply for a search that raised: the client's fault (400), the backend's (502 refused, 503 failed), the
     clock's (504)."""
+    final = {"x-should-retry": "false"}  # the openai client retries a 5xx: a search run again fails again
     if isinstance(e, TimeoutError):
-        return ApiError(504, f"the search ran past the server's deadline of {deadline:g} s", code="deadline_exceeded")
+        return ApiError(
+            504, f"the search ran past the server's deadline of {deadline:g} s", code="deadline_exceeded", headers=final
+        )
     if isinstance(e, InvalidRequestError):
         return ApiError(400, str(e))
     if isinstance(e, SearchError) and not e.retryable:  # `x-should-retry`: the openai client would retry a 5xx
@@ -203,16 +207,16 @@ def search_error(e: BaseException, deadline: float, logged: bool = False) -> Api
             502,
             f"the backend refused the search's requests, so it has no answer (the same request would fail again): {e}",
             code="backend_refused",
-            headers={"x-should-retry": "false"},
+            headers=final,
         )
     if isinstance(e, SearchError | BackendError):
         return ApiError(503, f"the backend failed, so the search has no answer: {e}", code="backend_unavailable")
     if isinstance(e, FotError):
         log.warning("search failed: %s", e)
-        return ApiError(500, f"the search failed: {e}", code="search_failed")
+        return ApiError(500, f"the search failed: {e}", code="search_failed", headers=final)
     if not logged:  # the cause is logged once, with its traceback
         log.error("search failed", exc_info=e)
-    return ApiError(500, "internal error: the server logged its cause", code="internal_error")
+    return ApiError(500, "internal error: the server logged its cause", code="internal_error", headers=final)
 
 
 def reply(e: ApiError) -> JSONResponse:
@@ -241,7 +245,8 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k) for k in keys):
+        sent = token.encode("latin-1")  # the header's own bytes (decoded as latin-1): a UTF-8 key matches
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(sent, k) for k in keys):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     async def read_json(request: Request) -> ChatRequest:
@@ -256,8 +261,8 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             raw.append(part)
         try:
             data = json.loads(b"".join(raw))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not JSON: {e}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested 50,000 deep
+            raise ApiError(400, f"the body is not JSON: {str(e)[:200]}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
         unknown = set(data) - set(ChatRequest.model_fields)
@@ -329,6 +334,9 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         except ApiError as e:
             metrics.requests.labels(str(e.status)).inc()
             return reply(e)
+        except ClientDisconnect:  # it hung up while sending its body
+            hung_up()
+            return Response(status_code=499)
         if job.stream:
             return StreamingResponse(
                 stream(request, job, ticket, t0),
@@ -429,12 +437,18 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         return HTMLResponse(store.get(key).to_html())
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        """Open to probes without a key; the cause of a 503 (it names the upstreams) only with one."""
         state = {"backend": backend.name, "running": admission.active, "waiting": admission.waiting}
         check = getattr(backend, "health", None)  # a worker that stopped, an upstream that does not answer
         problem = await check() if check is not None else None
         if problem is not None:
-            return JSONResponse({"status": "down", "error": problem, **state}, status_code=503)
+            try:
+                authorize(request)
+                state["error"] = problem
+            except ApiError:
+                pass
+            return JSONResponse({"status": "down", **state}, status_code=503)
         return {"status": "ok", **state}
 
     @app.get("/metrics")

@@ -54,6 +54,7 @@ def test_all_endpoints_down_is_a_clear_error_not_a_hang(vllm_url):
     with pytest.raises(BackendError, match="no endpoint answered"):
         run(b)
     assert time.monotonic() - t < 30
+    assert b.usage.requests == b.usage.failed == len(REQUESTS)  # were 0 and 0: /metrics showed no failure
 
 
 def test_health_says_why_no_endpoint_serves():
@@ -94,6 +95,26 @@ def test_an_endpoint_that_does_not_say_its_context_is_warned_about():
             assert asyncio.run(go()) is None
     finally:
         server.shutdown()
+
+
+def test_health_asks_the_upstream_each_time_once_connected():
+    """Once connected, /health said ok while the upstream was gone (it asked nobody until a request failed)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ModelsOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    b = make_backend("openai", base_urls=[url(server.server_port)], model="m")
+
+    async def go() -> tuple[str | None, str | None]:
+        try:
+            up = await b.health()
+            server.shutdown()
+            server.server_close()
+            return up, await b.health()
+        finally:
+            await b.close()
+
+    with pytest.warns(UserWarning, match="do not say the context"):
+        up, gone = asyncio.run(go())
+    assert up is None and gone.startswith("no endpoint answered /models")
 
 
 def test_endpoint_killed_mid_run(vllm_url, tmp_path):

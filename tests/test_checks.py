@@ -53,6 +53,8 @@ ACCEPT = [
     "So 12 / 7 = 1.71 hours",
     "3 * 4 = \\boxed{12}",
     "She has 5 apples and 3 * 4 = 12",
+    "He pays 100 \u2212 3 \u00d7 12.50 = 62.50 dollars.",  # a Unicode minus: the whole statement, not 3 × 12.50
+    "100 \u2013 40 = 60",  # an en dash
 ]
 
 # statements it must reject, each with (claimed, actual, the corrected prefix)
@@ -70,6 +72,7 @@ REPAIR = [
     ("\\( 3 \\times 4 = 13 \\)", ("13", "12", "\\( 3 \\times 4 = 12")),
     ("3 * 4 = \\boxed{11}", ("11", "12", "3 * 4 = \\boxed{12")),
     ("2^10 = 1000", ("1000", "1024", "2^10 = 1024")),
+    ("He pays 100 \u2212 3 \u00d7 12.50 = 60.", ("60", "62.5", "He pays 100 \u2212 3 \u00d7 12.50 = 62.5")),
     ("First 2 + 2 = 4. Then 4 * 3 = 11. So 11 + 1 = 12.", ("11", "12", "First 2 + 2 = 4. Then 4 * 3 = 12")),
 ]
 
@@ -103,6 +106,11 @@ NOT_ARITHMETIC = [
     "3 + " + "4" * 5000 + " = 7",
     "The answer is 12.",
     "```python\nx = 3 + 4 = 8\n```",  # code is the code check's
+    "Let c be the cost. Then c \u00d7 3 + 2 = 38, so c = 12.",  # an operator with no number on its left
+    "Then x * 3 + 2 = 38",
+    "The area is \u03c0 \u00d7 5^2 = 78.5.",
+    "The area is \\pi \\times 5^2 = 78.5.",
+    "So \u221a16 + 2 = 6.",
 ]
 
 
@@ -341,3 +349,11 @@ def test_the_words_nan_and_inf_are_words_not_numbers():
     assert same_output("result: nan", "result: nan") and same_output("inf", "inf")
     assert not same_output("nan", "inf") and not same_output("nan", "0")
     assert last_number("5 apples, or nan") == "5" and last_number("Infinity") is None
+
+
+def test_a_printed_fraction_is_one_number():
+    """sympy prints 7/2; read as 7, / and 2, a right claimed 3.5 was "wrong" and 2 was taken as the answer."""
+    assert same_output("3.5", "7/2") and not same_output("4.5", "7/2") and last_number("It is 7/2") == "7/2"
+    code = "```python\nfrom sympy import Rational\nprint(Rational(7, 2))\n```\n```output\n3.5\n```\nThe answer is 3.5."
+    assert check_code("", code).failure is None
+    assert same_output("12/25/2023", "12/25/2023") and same_output("1/0", "1/0")  # a date, a division: as text

@@ -143,7 +143,7 @@ def run_serve(argv: list[str], tmp: Path) -> None:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
         assert models.status_code == 200 and any(m["id"] == "fot-4" for m in models.json()["data"]), models.text
-        health = httpx.get(f"{url}/health", timeout=30)
+        health = httpx.get(f"{url}/health", headers=headers, timeout=30)  # its cause is shown with a key
         if option(argv, "--backend") == "openai":  # its endpoints are rewritten to a closed port
             assert health.status_code == 503 and "no endpoint answered" in health.json()["error"], health.text
         else:

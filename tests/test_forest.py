@@ -616,11 +616,12 @@ def test_made_up_code_output_is_repaired_with_the_real_one():
         ("print(2.5e9 * 5)", "1250000000.0", "12500000000"),  # Python prints 12500000000.0; .10g wrote 1.25e+10
         ("print(1 / 20000)", "0.0005", "0.00005"),  # Python prints 5e-05
         ("print(0.1 + 0.2)", "0.4", "0.3"),
+        ("from sympy import Rational\nprint(Rational(7, 2))", "4.5", "7/2"),  # was "2", the denominator
     ],
 )
 def test_a_restated_repair_writes_the_real_number_plainly(code, claimed, answer):
     """The answer taken from a corrected code output was written in exponent form past 10 digits, which the
-    answer's parsing does not read as that number."""
+    answer's parsing does not read as that number; a printed fraction gave its denominator."""
     from fot.decoding.base import Completion
 
     text = f"```python\n{code}\n```\n```output\n{claimed}\n```\nThe answer is {claimed}."

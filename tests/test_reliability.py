@@ -312,6 +312,7 @@ def test_an_api_key_sent_in_clear_text_off_this_machine_is_warned_about(monkeypa
 
     assert is_private("http://127.0.0.1:8000/v1") and is_private("http://localhost/v1")
     assert is_private("https://api.example.com/v1") and not is_private("http://10.1.2.3:8000/v1")
+    assert is_private("http://[::1]:8000/v1") and not is_private("http://127.attacker.example/v1")  # a name
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     with Misbehaving(json.dumps({"choices": [{"index": 0, "text": " 4", "token_ids": [604]}]}).encode()) as server:
         with warnings.catch_warnings():

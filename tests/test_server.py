@@ -257,8 +257,23 @@ def test_a_search_past_the_deadline_gets_504(small_server):
     t0 = time.monotonic()
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert r.headers["x-should-retry"] == "false"  # the openai client ran the whole search three times
     assert time.monotonic() - t0 < 15
     wait_for(lambda: metrics(url)["fot_running_searches"] == 0)
+
+
+def test_a_client_gone_while_sending_its_body_is_a_499(small_server):
+    """It raised ClientDisconnect out of the app: a traceback in the log, and no count."""
+    import socket
+
+    url, log = small_server
+    before = metrics(url).get("fot_requests_total{499}", 0)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\": ")  # fmt: skip
+    wait_for(lambda: metrics(url).get("fot_requests_total{499}", 0) == before + 1)
+    assert "ClientDisconnect" not in log.read_text()
 
 
 def test_proxy_mode_in_front_of_vllm_serve(vllm_url, tmp_path):
@@ -301,7 +316,7 @@ def test_a_search_the_upstream_refuses_gets_502_that_the_openai_client_does_not_
 
 
 def test_request_options_merge_into_the_server_defaults():
-    from fot.chat import ChatRequest, make_job
+    from fot.chat import ApiError, ChatRequest, make_job
 
     defaults = {"trees": 4, "mctsr": {"rollouts": 1, "max_tokens": 24}}
     body = ChatRequest(
@@ -311,6 +326,11 @@ def test_request_options_merge_into_the_server_defaults():
     assert (job.config.trees, job.config.mctsr.rollouts, job.config.mctsr.max_tokens) == (2, 3, 24)
     job = make_job(body.model_copy(update={"max_tokens": 50, "seed": 9}), defaults)
     assert (job.config.mctsr.max_tokens, job.config.seed, job.task) == (50, 9, "math")
+    puzzle = ChatRequest(model="fot-2", messages=[{"role": "user", "content": "4 6 1 10"}], max_tokens=16)
+    tot = make_job(puzzle, defaults).config.tot  # Game of 24's ToT took no budget from max_tokens
+    assert (tot.propose_tokens, tot.value_tokens) == (16, 16)
+    with pytest.raises(ApiError, match="less than or equal to 64"):  # a request's n, found mid-search before
+        make_job(body.model_copy(update={"fot": {"mctsr": {"reward_samples": 2000}}}), defaults)
 
 
 @pytest.mark.parametrize(
@@ -395,6 +415,29 @@ def test_ctrl_c_cancels_a_long_search_after_the_grace(stream, served_model_dir, 
     else:
         assert SHUTDOWN_GRACE_S <= stopped and "timeout graceful shutdown exceeded" in proc.tail(50)
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+
+
+def test_health_shows_its_cause_only_with_a_key_and_a_client_gone_mid_body_is_a_499():
+    """/health's 503 named the upstreams (hosts, ports, errors) to anyone; a client that hung up while sending its
+    body made a traceback and was not counted; a body nested 50,000 deep was a 500."""
+    from fastapi.testclient import TestClient
+
+    from fot.decoding.scripted import ScriptedBackend
+    from fot.server import ServeConfig, create_app
+
+    class Down(ScriptedBackend):
+        async def health(self) -> str:
+            return "no endpoint answered /models: http://10.1.2.3:1/v1: ConnectError"
+
+    with TestClient(create_app(Down([]), ServeConfig(api_keys=["k"]))) as http:
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "down" and "error" not in r.json()
+        r = http.get("/health", headers={"Authorization": "Bearer k"})
+        assert r.status_code == 503 and "10.1.2.3" in r.json()["error"]
+        assert http.get("/metrics").status_code == 200  # scrapers send no key
+        deep = b"[" * 50_000 + b"]" * 50_000
+        r = http.post("/v1/chat/completions", content=deep, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
 
 
 def test_the_server_starts_math_verify_before_its_first_request():

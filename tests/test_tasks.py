@@ -59,6 +59,10 @@ EXTRACT_CASES = [
     ("x is 3/4.", "3/4"),
     ("The result is 0.50", "0.5"),
     ("We get 1,234,567 people", "1234567"),
+    ("The answer is 4.5 million.", "4500000"),  # a scale word multiplies; it is no unit to drop
+    ("The answer is 1.5 billion dollars.", "1500000000"),
+    ("The answer is $\\frac{3}{4}$ of the pizza.", "3/4"),  # was 4, the denominator
+    ("The answer is 3 dozen eggs.", "3"),  # a dozen may be what was asked for
     ("no numbers at all", None),
     ("", None),
 ]

@@ -10,6 +10,7 @@ the request's own fault: it fails alone at once, with the server's message.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import random
 import time
@@ -75,7 +76,12 @@ class OpenAIBackend(BaseBackend):
         self.retries = 0  # attempts that failed and were retried, over the backend's lifetime
 
     async def generate(self, requests: Sequence[Request | str]) -> list[Completion]:
-        await self.connect()
+        try:
+            await self.connect()
+        except BackendError:  # no endpoint answers: these requests failed, and count so in the usage
+            self.usage.requests += len(requests)
+            self.usage.failed += len(requests)
+            raise
         return await super().generate(requests)
 
     def _bind(self) -> None:
@@ -99,18 +105,7 @@ class OpenAIBackend(BaseBackend):
         self._bind()
         if self.context is not None:
             return
-        served, errors = {}, []
-        for ep in self.endpoints:
-            try:
-                r = await self.client.get(f"{ep.url}/models", timeout=min(self.config.timeout, 10.0))
-                r.raise_for_status()
-                served.update({m["id"]: m.get("max_model_len") for m in r.json()["data"]})
-                break
-            except (httpx.HTTPError, KeyError, ValueError) as e:
-                ep.down_until = time.monotonic() + self.config.down_for
-                errors.append(f"{ep.url}: {type(e).__name__}: {e}")
-        if not served:
-            raise BackendError("no endpoint answered /models: " + "; ".join(errors))
+        served = await self.served(10.0)
         if self.model is None:
             self.model = next(iter(served))
         if self.model not in served:
@@ -123,15 +118,30 @@ class OpenAIBackend(BaseBackend):
                 stacklevel=2,
             )
 
+    async def served(self, timeout: float) -> dict[str, int | None]:
+        """What the first endpoint that answers /models serves (model -> its context, if said); one that does not
+        answer rests, and none answering is a BackendError."""
+        errors = []
+        for ep in self.endpoints:
+            try:
+                r = await self.client.get(f"{ep.url}/models", timeout=min(self.config.timeout, timeout))
+                r.raise_for_status()
+                return {m["id"]: m.get("max_model_len") for m in r.json()["data"]}
+            except (httpx.HTTPError, KeyError, TypeError, ValueError) as e:
+                ep.down_until = time.monotonic() + self.config.down_for
+                errors.append(f"{ep.url}: {type(e).__name__}: {e}")
+        raise BackendError("no endpoint answered /models: " + "; ".join(errors))
+
     async def health(self) -> str | None:
         """Down while every endpoint rests after a failure (asking none of them, so that the answer is quick), or
-        while none answers /models."""
+        while none answers /models now (asked at each call: once connected, a dead upstream must not read as up)."""
         self._bind()
         now = time.monotonic()
         if all(ep.down_until > now for ep in self.endpoints):
             return f"every endpoint failed within the last {self.config.down_for:g} s"
         try:
             await self.connect()
+            await self.served(5.0)
         except FotError as e:
             return str(e)
         return None
@@ -270,7 +280,10 @@ class OpenAIBackend(BaseBackend):
 def is_private(url: str) -> bool:
     """Whether a key sent to `url` stays private: https, or plain http to this machine."""
     u = httpx.URL(url)
-    return u.scheme == "https" or u.host in ("localhost", "::1") or u.host.startswith("127.")
+    try:
+        return u.scheme == "https" or ipaddress.ip_address(u.host).is_loopback
+    except ValueError:  # a name: only localhost is this machine (127.attacker.example is not)
+        return u.host == "localhost"
 
 
 def _completion(answer: dict, params: SamplingParams) -> Completion:

@@ -63,7 +63,7 @@ CLAIMED = re.compile(
     r"[ \t]*\n?(?:[^\n`]{0,100}\n)?[ \t]*```(?:output|text|plaintext|console)?[ \t]*\n(.*?)```", re.S | re.I
 )
 ANSWER_STEPS = 4 * Limits.max_steps  # one answer's code blocks together: many blocks do not each get a full bound
-TOKEN = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
+TOKEN = re.compile(r"-?\d+/\d+(?![\d.])|-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
 
 
 def check_code(problem: str, text: str) -> Finding:
@@ -110,8 +110,8 @@ def same_output(claimed: str, actual: str) -> bool:
 def number(token: str) -> float | None:
     """A numeral's value, or None: the words nan and inf, which float() reads, are words here."""
     try:
-        v = float(token.replace(",", ""))
-    except ValueError:
+        v = float(Fraction(token)) if "/" in token else float(token.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
         return None
     return v if math.isfinite(v) else None
 
@@ -148,6 +148,7 @@ _LABELS = {"step", "day", "week", "month", "year", "part", "case", "option", "me
            "item", "no", "round", "stage", "phase", "page", "chapter", "level", "grade", "floor", "room"}  # fmt: skip
 _GLUED = set(":.,/_'#@&\\")  # glued to the start of a run, these make it part of something else (2:30, v1.2)
 _OPERANDS = ("num", "frac", "open", "cur")
+_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # same length: positions in the text are kept
 _MAX_STATEMENTS = 100
 _MAX_DIGITS = 30  # a longer number is no arithmetic claim (and past 4300 digits int() refuses it)
 _MAX_VALUE = 10**15  # larger results are not judged: a claim that size is notation more often than arithmetic
@@ -179,8 +180,9 @@ def check_arithmetic(problem: str, text: str) -> Finding:
         spans.append((at, m.start()))
         at = m.end()
     spans.append((at, len(text)))
+    minus = text.translate(_MINUS)
     for lo, hi in spans:
-        toks = [_token(m) for m in _LEX.finditer(text, lo, hi)]
+        toks = [_token(m) for m in _LEX.finditer(minus, lo, hi)]
         for i in (i for i, t in enumerate(toks) if t.kind == "eq"):
             left, claim = _left(toks, i), _claim(toks, i)
             if left is None or claim is None or (claim.pct and not any(t.pct for t in left)):
@@ -259,13 +261,17 @@ def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
     depth = list(itertools.accumulate((u.kind == "open") - (u.kind == "close") for _, u in taken))
     while first >= 0 and taken[first][1].kind in ("op", "open"):
         t, nxt = taken[first][1], taken[first - 1][1] if first else None
-        dash = t.kind == "op" and (t.python != "-" or nxt is not None and nxt.start > t.end)  # "**3 + 4", "- 3 + 4"
+        dash = t.kind == "op" and (t.text == "**" or t.python == "-" and nxt is not None and nxt.start > t.end)
         unclosed = t.kind == "open" and depth[first] > 0  # "(3 + 4 = 7)"
         if not (dash or unclosed):
             break
         first -= 1
     start = taken[first][0] if first >= 0 else eq
     run = [t for _, t in taken[first::-1]] if first >= 0 else []
+    if run and run[0].kind == "op" and run[0].python != "-":
+        return None  # "x * 3 + 2", "π × 5^2": the operator's left operand is no number
+    if stop is not None and stop.kind == "other" and stop.text in "√∛∜π∑∏|":
+        return None  # "√16 + 2"
     if not run or not any(t.kind == "op" for t in run[1:]) or run[-1].kind in ("op", "open", "cur"):
         return None
     units = {t.text.lower().removesuffix("s") for t in run if t.kind == "word"}

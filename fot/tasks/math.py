@@ -33,6 +33,8 @@ _BOX_LEFT = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # in a phrase's answer:
 _TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^{}]*\}\s*(?:\^\{?\d\}?)?\s*)+$")
 _UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
 _NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times"}
+_SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+_SCALED = re.compile(r"([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s+(" + "|".join(_SCALES) + r")s?\b", re.I)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _MAX_VERIFY_CHARS = 500  # longer answers are not handed to math-verify at all
 _MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Python refuses int() past 4300)
@@ -42,6 +44,17 @@ SCORE_TIMEOUT_S = 60.0  # a score's comparison (`equivalent(..., strict=True)`):
 # What sympy would try to evaluate at any cost: a power in an exponent, a 4+-digit exponent, a factorial of a 3+-digit
 # number or of an expression, a double factorial.
 _HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?[^()]*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
+
+
+def _unscale(s: str) -> str:
+    """'4.5 million' -> '4500000', '2 thousand eggs' -> '2000 eggs': a scale word multiplies, it is no unit (a
+    dozen may be what was asked for, so it stays one)."""
+
+    def times(m: re.Match) -> str:
+        v = Fraction(m[1].replace(",", "")) * _SCALES[m[2].lower()]
+        return str(v.numerator) if v.denominator == 1 else str(v)
+
+    return _SCALED.sub(times, s)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -100,7 +113,7 @@ def _canonical_once(s: str) -> str:
         trailing = _TRAILING_TEXT.fullmatch(s)
         if trailing:
             s = trailing.group(1)
-    s = s.lstrip("€£¥").strip()
+    s = _unscale(s.lstrip("€£¥").strip())
     units = _UNIT_WORDS.fullmatch(s)
     if units and not (set(units.group(2).lower().split()) & _NOT_UNITS):
         s = units.group(1)
@@ -130,7 +143,7 @@ def _phrase_answer(candidate: str) -> str | None:
         return None
     words = re.findall(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", answer))
     if len(words) > 1:  # prose ("3 times 3, which is 9", "she has 5 apples left"): its last number, if any
-        numbers = _NUMBER.findall(answer)
+        numbers = _NUMBER.findall(re.sub(r"\\frac\s*\{(-?\d+)\}\s*\{(\d+)\}", r"\1/\2", _unscale(answer)))
         return canonical_answer(numbers[-1]) if numbers else None
     return answer
 

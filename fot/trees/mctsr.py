@@ -51,8 +51,8 @@ class MCTSrConfig(BaseModel):
 
     rollouts: int = Field(4, ge=0, le=64)
     exploration: float = Field(1.4, ge=0)  # c in UCT
-    max_children: int = Field(3, ge=1)
-    reward_samples: int = Field(3, ge=1)
+    max_children: int = Field(3, ge=1, le=64)
+    reward_samples: int = Field(3, ge=1, le=64)  # a request's n: refused before any work, not mid-search
     reward_ceiling: int = 95
     reward_penalty: int = 50
     eps: float = 1e-6

@@ -70,8 +70,8 @@ class ToTConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    beam: int = Field(5, ge=1)
-    value_samples: int = Field(3, ge=1)
+    beam: int = Field(5, ge=1, le=64)
+    value_samples: int = Field(3, ge=1, le=64)  # a request's n: refused before any work, not mid-search
     propose_tokens: int = Field(160, ge=1)
     value_tokens: int = Field(48, ge=1)
     temperature: float = Field(0.7, ge=0)
