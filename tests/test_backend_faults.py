@@ -203,3 +203,47 @@ def test_a_search_whose_prompts_would_overflow_the_server_fails_before_any_gener
         with pytest.warns(UserWarning, match="could not count a prompt .*HTTPStatusError.*404"):
             assert solve("What is 40 + 2?", backend=b, method="mctsr", config=small).usage.requests > 0
     assert b.uncounted
+
+
+class RateLimited(BaseHTTPRequestHandler):
+    """Answers its first completion with 429 and `Retry-After: 1`, then with a completion; keeps the times."""
+
+    seen: list[float] = []
+
+    def do_GET(self) -> None:
+        self.reply(200, {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 512}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append(time.monotonic())
+        if len(self.seen) == 1:
+            self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+        else:
+            usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+            self.reply(200, {"choices": [{"index": 0, "text": "4", "finish_reason": "stop"}], "usage": usage})
+
+    def reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_retry_waits_as_long_as_retry_after_asks():
+    """A 429's Retry-After was ignored: the back-off (about 4 s over 4 retries) ran out against a server that asked
+    for more, and the search failed."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RateLimited)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        b = make_backend("openai", base_urls=[url(server.server_port)], backoff=0.01, max_retries=1)
+        [done] = run(b, [Request.make("2 + 2 =", max_tokens=1)])
+    finally:
+        server.shutdown()
+    first, second = RateLimited.seen
+    assert done.ok and done.text == "4" and b.retries == 1
+    assert second - first >= 0.9  # not the 0.01 s back-off: the second of Retry-After

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import random
 import time
@@ -60,7 +61,12 @@ class _Endpoint:
 
 
 class _Retry(Exception):
-    """A failure worth retrying elsewhere (timeout, connection, 429, 5xx)."""
+    """A failure worth retrying elsewhere (timeout, connection, 429, 5xx); `after`: the seconds the server asked
+    for (Retry-After), if it did."""
+
+    def __init__(self, message: str, after: float = 0.0):
+        super().__init__(message)
+        self.after = after
 
 
 class OpenAIBackend(BaseBackend):
@@ -232,8 +238,8 @@ class OpenAIBackend(BaseBackend):
                 if attempt == self.config.max_retries:
                     break
                 self.retries += 1
-                delay = min(8.0, self.config.backoff * 2**attempt)
-                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(8.0, self.config.backoff * 2**attempt) * (0.5 + random.random())
+                await asyncio.sleep(max(delay, e.after))  # the deadline bounds a long Retry-After
             except BackendError as e:  # the request's own fault: no retry
                 return Completion(error=str(e), refused=True)
         return Completion(error=f"failed after {len(tried)} attempts: " + "; ".join(tried))
@@ -263,7 +269,9 @@ class OpenAIBackend(BaseBackend):
             finally:
                 ep.in_flight -= 1
         if r.status_code in RETRYABLE:
-            raise _Retry(f"HTTP {r.status_code}: {r.text[:200]}")
+            after = retry_after(r.headers.get("retry-after"))
+            ep.down_until = max(ep.down_until, time.monotonic() + after)  # others take the requests meanwhile
+            raise _Retry(f"HTTP {r.status_code}: {r.text[:200]}", after)
         if r.status_code >= 400:
             raise BackendError(f"HTTP {r.status_code} from {ep.url}: {r.text[:500]}")
         try:
@@ -275,6 +283,15 @@ class OpenAIBackend(BaseBackend):
         if self._loop is asyncio.get_running_loop():
             await self.client.aclose()
         self._loop = None
+
+
+def retry_after(value: str | None) -> float:
+    """A Retry-After header's seconds (at most a minute), or 0: absent, or a date, which we do not trust clocks for."""
+    try:
+        seconds = float(value) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else 0.0
 
 
 def is_private(url: str) -> bool:
