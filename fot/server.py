@@ -176,20 +176,24 @@ class _BackendCollector:
 
 
 class Store:
-    """The most recent solutions by id, for the viewer."""
+    """The most recent solutions by id, for the viewer: at most `size` of them, holding about `max_chars` of text
+    together (a 64-tree search of long answers holds megabytes; the newest is kept whatever its size)."""
 
-    def __init__(self, size: int):
-        self.size, self.items = size, OrderedDict[str, Solution]()
+    def __init__(self, size: int, max_chars: int = 64 << 20):
+        self.size, self.max_chars, self.chars = size, max_chars, 0
+        self.items = OrderedDict[str, tuple[Solution, int]]()
 
     def put(self, key: str, solution: Solution) -> None:
-        self.items[key] = solution
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        chars = len(solution.problem) + sum(len(n.get("text") or "") for t in solution.trees for n in t["nodes"])
+        self.items[key] = (solution, chars)
+        self.chars += chars
+        while len(self.items) > self.size or self.chars > self.max_chars and len(self.items) > 1:
+            self.chars -= self.items.popitem(last=False)[1][1]
 
     def get(self, key: str) -> Solution:
         if key not in self.items:
             raise ApiError(404, f"no solution {key!r} (the server keeps the last {self.size})", code="not_found")
-        return self.items[key]
+        return self.items[key][0]
 
 
 def search_error(e: BaseException, deadline: float, logged: bool = False) -> ApiError:

@@ -451,3 +451,24 @@ def test_the_server_starts_math_verify_before_its_first_request():
     math_task._verifier._stop()
     with TestClient(create_app(ScriptedBackend([]))):
         assert math_task._verifier.proc is not None and math_task._verifier.proc.poll() is None
+
+
+def test_the_store_of_recent_solutions_is_bounded_by_their_text_too():
+    """It kept 256 solutions whatever their size: 64-tree searches of long answers could fill the memory."""
+    from fot.chat import ApiError
+    from fot.forest import Solution, SolveUsage
+    from fot.server import Store
+
+    def solution(chars: int) -> Solution:
+        tree = {"nodes": [{"id": 0, "text": "x" * chars}], "edges": []}
+        return Solution(problem="p", task="math", method="fot", answer="1", votes={"1": 1}, confidence=1.0,
+                        decision="single", tree_answers=["1"], trees=[tree], usage=SolveUsage())  # fmt: skip
+
+    store = Store(size=10, max_chars=100)
+    for key in ("a", "b", "c"):
+        store.put(key, solution(40))
+    assert list(store.items) == ["b", "c"] and store.chars == 82  # 3 x 41 chars would pass 100: the oldest goes
+    store.put("big", solution(500))
+    assert list(store.items) == ["big"] and store.get("big").answer == "1"  # the newest stays, whatever its size
+    with pytest.raises(ApiError, match="no solution 'a'"):
+        store.get("a")
