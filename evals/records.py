@@ -57,6 +57,7 @@ class Record(BaseModel):
     arithmetic_checks: int = 0  # statements recomputed
     arithmetic_repairs: int = 0
     program_trees: int = 0  # trees asked to answer with a program
+    fallback_samples: int = 1  # chains of thought that voted with the trees where they tied (fot)
     search_version: int = 1  # fot.forest.SEARCH_VERSIONS[task] of the code that made it (records before the field: 1)
     gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
     # each tree's (sc: each sample's) answer in tree order, and whether it is right: what the decision chose from

@@ -78,9 +78,11 @@ SHORT = {"code": "code", "arithmetic": "arith"}
 
 
 def checks_of(r: Record) -> list[str]:
-    """The rule checks a run ran, and "programN" where N of its trees answered with a program."""
+    """The rule checks a run ran, "programN" where N of its trees answered with a program, and "fallbackN" where N
+    chains of thought voted with its tied trees."""
     on = [name for name, on in (("code", r.code_checks_on), ("arithmetic", r.arithmetic_checks_on)) if on]
-    return on + ([f"program{r.program_trees}"] if r.program_trees else [])
+    on += [f"program{r.program_trees}"] if r.program_trees else []
+    return on + ([f"fallback{r.fallback_samples}"] if r.fallback_samples > 1 else [])
 
 
 def method_label(method: str, checks: list[str], superseded: int | None = None) -> str:

@@ -93,6 +93,11 @@ def program_trees(args: argparse.Namespace) -> int:
     return (getattr(args, "program_trees", None) or 0) if args.method == "fot" and args.benchmark != "game24" else 0
 
 
+def fallback_samples(args: argparse.Namespace) -> int:
+    """The chains of thought that break this run's ties (fot only; 1: the paper's one greedy chain)."""
+    return getattr(args, "fallback_samples", None) or 1
+
+
 def drafter(args: argparse.Namespace) -> str:
     """The --speculative a run uses: as given, else the backend's default. Its backend is built with it and its
     records name it, so the two are one."""
@@ -122,6 +127,8 @@ def run_name(args: argparse.Namespace, problems: list[Problem] | None = None) ->
         settings |= {"n": args.n, "data_seed": args.data_seed}
     if program_trees(args):
         settings["program_trees"] = program_trees(args)
+    if fallback_samples(args) > 1:  # the runs before the option keep their names
+        settings["fallback_samples"] = fallback_samples(args)
     if args.method == "fot" and args.benchmark != "game24":  # math: the fallback runs the corrector (older runs: not)
         settings["fallback"] = "corrected"
     from fot.forest import SEARCH_VERSIONS
@@ -220,6 +227,7 @@ async def solve_all(
             arithmetic_checks=u.arithmetic_checks,
             arithmetic_repairs=u.arithmetic_repairs,
             program_trees=program_trees(args),
+            fallback_samples=fallback_samples(args),
             search_version=SEARCH_VERSIONS[problem.task],
             gym_correct=gym_score(problem, sol.answer),
             tree_answers=sol.tree_answers,

@@ -6,7 +6,9 @@ expert    a tie at the top (or several candidates and no plurality): the model, 
           the candidates;
 fallback  no tree has an answer, or the expert says "I don't know": a chain-of-thought answer, checked and repaired
           by the forest's self-correction as the trees' answers are; without a corrector (Game of 24), an answer
-          that fails the task's check is no answer.
+          that fails the task's check is no answer. With `samples` > 1 (our extension, `fallback_samples`), that
+          many sampled chains answer instead, and their answers vote together with the trees': where the forest
+          cannot agree, more evidence, not one more opinion.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pydantic import BaseModel
 from fot.decoding.base import Request
 from fot.tasks.base import Task, grouped_votes
 from fot.trees.base import Generate
-from fot.trees.cot import chain_of_thought
+from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import Corrector
 
 EXPERT = (
@@ -49,9 +51,12 @@ async def decide(
     seed: int = 0,
     max_tokens: int = 384,
     corrector: Corrector | None = None,
+    samples: int = 1,
+    temperature: float = 0.7,
 ) -> Decision:
     """The forest's answer from its trees' `answers`. `gen` is the forest's metered generate: an expert or
-    fallback request that fails fails the search, not only this decision."""
+    fallback request that fails fails the search, not only this decision. `samples` chains (at `temperature`)
+    make the fallback when more than one."""
     ranked = await grouped_votes(task, answers)
     votes = dict(ranked)
     n = max(len(answers), 1)
@@ -64,10 +69,19 @@ async def decide(
         pick = await ask_expert(gen, problem, tied)
         if pick is not None:
             return Decision(answer=pick, votes=votes, method="expert", confidence=votes[pick] / n)
-    answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens, corrector=corrector)
-    if answer is not None and corrector is None and task.check(problem, f"Answer: {answer}"):
-        answer = None  # nothing checked it (Game of 24 has no corrector): an answer the task's rule rejects is none
-    return Decision(answer=answer, votes=votes, method="fallback", confidence=0.0)
+    if samples == 1:
+        answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens, corrector=corrector)
+        fallback = [answer]
+    else:
+        _, fallback, _ = await self_consistency(
+            gen, task, problem, samples, temperature=temperature, seed=seed, max_tokens=max_tokens, corrector=corrector
+        )
+    if corrector is None:  # nothing checked them (Game of 24 has no corrector): an answer the task's rule rejects
+        fallback = [a if a is None or not task.check(problem, f"Answer: {a}") else None for a in fallback]
+    if samples == 1:
+        return Decision(answer=fallback[0], votes=votes, method="fallback", confidence=0.0)
+    pooled = await grouped_votes(task, [*answers, *fallback])  # a tie that remains goes to the first tree's answer
+    return Decision(answer=pooled[0][0] if pooled else None, votes=votes, method="fallback", confidence=0.0)
 
 
 async def ask_expert(gen: Generate, problem: str, candidates: list[str]) -> str | None:

@@ -103,6 +103,9 @@ class ForestConfig(BaseModel):
     correction: CorrectionConfig = CorrectionConfig()
     # math, fot only: the last trees answer with a program, at most trees - 1 of them (tree 0 reasons in prose)
     program_trees: int = Field(0, ge=0, le=MAX_TREES)
+    # fot: the chains of thought CGED asks for when the trees tie and the expert does not know. 1: one greedy
+    # chain decides (the paper's fallback); N > 1: N sampled chains vote together with the trees
+    fallback_samples: int = Field(1, ge=1, le=MAX_TREES)
     early_stop: bool = True
     # True: each phase of a step waits for every tree and goes to the backend as one batch; False: each tree's call
     # goes at once, and the backend's continuous batching merges them (a short answer does not wait for the longest)
@@ -117,6 +120,8 @@ class ForestConfig(BaseModel):
             raise ValueError(f"program_trees is for method 'fot', not {self.method!r}")
         if self.program_trees >= self.trees:
             raise ValueError(f"program_trees ({self.program_trees}) must be below trees ({self.trees}): tree 0 reasons")
+        if self.fallback_samples > 1 and self.method != "fot":
+            raise ValueError(f"fallback_samples is for method 'fot' (its CGED), not {self.method!r}")
         return self
 
 
@@ -362,7 +367,7 @@ class Forest:
             return self.solution(answer, votes, confidence, "single", answers, graphs)
         d = await decide(
             self.task, self.problem, answers, self.single, seed=c.seed, max_tokens=c.mctsr.max_tokens,
-            corrector=self.corrector,
+            corrector=self.corrector, samples=c.fallback_samples, temperature=c.sc_temperature,
         )  # fmt: skip
         return self.solution(d.answer, d.votes, d.confidence, d.method, answers, graphs)
 

@@ -41,6 +41,10 @@ def add_math_options(p: argparse.ArgumentParser) -> None:
 def add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="fot", choices=["cot", "sc", "tot", "mctsr", "fot"])
     p.add_argument("--seed", type=int, default=0, help="search seed")
+    p.add_argument(
+        "--fallback-samples", type=int, default=None,
+        help="fot: chains of thought that vote with the trees when they tie and the expert does not know (default 1)",
+    )  # fmt: skip
 
 
 def add_budget_options(p: argparse.ArgumentParser, rollouts: int = 4, max_tokens: int = 384) -> None:
@@ -59,8 +63,9 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
 def search_config(args: argparse.Namespace) -> dict:
     """The search options that `fot solve`'s and `fot eval`'s command lines set."""
     config: dict = {"mctsr": {"rollouts": args.rollouts, "max_tokens": args.max_tokens}}
-    if getattr(args, "program_trees", None) is not None:
-        config["program_trees"] = args.program_trees
+    for name in ("program_trees", "fallback_samples"):
+        if getattr(args, name, None) is not None:
+            config[name] = getattr(args, name)
     if any(getattr(args, f"{name}_checks", "auto") != "auto" for name in RULE_CHECKS):
         on = checks_on(args)  # on: also for cot and sc; off: not even for fot
         config["correction"] = on | {"baselines": any(on.values())}

@@ -334,6 +334,22 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
     assert run_name(options("arithmetic", dtype="fast")) == (bf16 if cpu_has_fast_bf16() else fp32)
     assert run_name(options("arithmetic")) == (bf16 if resolve_dtype("auto", "cpu") == torch.bfloat16 else fp32)
     assert run_name(options("arithmetic", device="cuda")) not in (bf16, fp32)
+    assert run_name(options("arithmetic", dtype="float32", fallback_samples=1)) == fp32  # the option's default
+    assert run_name(options("arithmetic", dtype="float32", fallback_samples=4)) != fp32
+
+
+def test_a_run_whose_ties_are_broken_by_sampled_chains_is_labelled_so(tmp_path: Path) -> None:
+    """--fallback-samples N: the records keep N, the report labels the run "+fallbackN", and pairs it as an
+    ablation with the same run without it."""
+    backend = ScriptedBackend(lambda r, j: "The answer is 7.")
+    args = options("arithmetic", method="fot", trees=2, rollouts=0, fallback_samples=3, n=2, levels="1")
+    args.out, args.no_report = str(tmp_path), True
+    path, failed = run_sync(arun(args, backend=backend))
+    assert failed == 0 and {r.fallback_samples for r in read_records(path)} == {3}
+    [row] = summarise({("arithmetic", path.stem): read_records(path)})
+    assert row.label == "fot +code+arith+fallback3"
+    with pytest.raises(FotError, match="fallback_samples is for method 'fot'"):
+        run_sync(arun(options("arithmetic", method="sc", fallback_samples=3, out=str(tmp_path)), backend=backend))
 
 
 def test_a_new_search_version_is_a_new_run(monkeypatch: pytest.MonkeyPatch) -> None:

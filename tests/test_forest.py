@@ -392,6 +392,33 @@ def test_cged_majority_plurality_expert_fallback():
     assert (d.answer, d.method) == ("9", "fallback")
 
 
+def test_a_fallback_of_several_chains_votes_with_the_trees():
+    """fallback_samples=N: where the trees tie and the expert does not know, N sampled chains of thought vote
+    together with the trees (one request of n=N, seeded as self-consistency's); a tie that remains goes to the
+    first tree's answer."""
+
+    def respond(r: Request, j: int) -> str:
+        if "Which candidate" in content(r):
+            return "0"
+        return ["The answer is 4.", "The answer is 5.", "The answer is 4."][j]
+
+    backend = ScriptedBackend(respond)
+    d = asyncio.run(decide(MATH, "p", ["3", "4", "5", "6"], Batcher(backend, 1).generate, samples=3, seed=7))
+    assert (d.answer, d.method, d.votes) == ("4", "fallback", {"3": 1, "4": 1, "5": 1, "6": 1})  # 4: 3 votes
+    [_, [sampled]] = backend.batches
+    assert (sampled.params.n, sampled.params.seed, sampled.params.temperature) == (3, 7, 0.7)
+    tied = ScriptedBackend(lambda r, j: "0" if "Which candidate" in content(r) else f"The answer is {5 + j}.")
+    d = asyncio.run(decide(MATH, "p", ["5", "6"], Batcher(tied, 1).generate, samples=2))
+    assert d.answer == "5"  # 2-2: the first tree's
+    none = ScriptedBackend(lambda r, j: "The answer is 8." if j else "I cannot tell.")
+    assert asyncio.run(decide(MATH, "p", [None, None], Batcher(none, 1).generate, samples=2)).answer == "8"
+    puzzle = ScriptedBackend(lambda r, j: ["Answer: 4 * 6 = 24", "Answer: (10 - 4) * (6 - 1) = 24"][j])
+    d = asyncio.run(decide(GAME, "4 6 1 10", [None, None], Batcher(puzzle, 1).generate, samples=2))
+    assert d.answer is None  # each sampled answer is rechecked, and neither uses the puzzle's numbers right
+    with pytest.raises(ValueError, match="fallback_samples is for method 'fot'"):
+        ForestConfig(method="sc", fallback_samples=4)
+
+
 def test_a_failed_expert_request_fails_the_solve():
     """Two trees tie, and the expert's request fails: the decision falls back, but the search lost a request, so
     it has no result."""

@@ -4,7 +4,7 @@
 # and FoT with two of its four trees answering with a program. Resumable (the run files are named by their
 # settings; `--limit` only stops a run early, so LIMIT=100 now and the full run later continue the same file).
 #
-#   LIMIT=100 bash evals/results/run_gsm_symbolic.sh cot     # one chain: cot, sc, fot, rest, arithmetic
+#   LIMIT=100 bash evals/results/run_gsm_symbolic.sh cot     # one chain: cot, sc, fot, rest, arithmetic, tiebreak
 #   bash evals/results/run_gsm_symbolic.sh                   # all of them (days on a 2-core CPU)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,11 +23,15 @@ fot() {  # fot's fallback runs the rule checks since b26fe07 (the earlier, plain
     gsm --method fot --trees 4 $BOTH; gsm --method fot --trees 4 $OFF; gsm --method fot --trees 4 $CODE
     gsm --method fot --trees 8 $BOTH; gsm --method fot --trees 4 $BOTH --program-trees 2
 }
+tiebreak() {  # ties broken by 4 sampled chains voting with the trees (--fallback-samples), on both sets
+    gsm --method fot --trees 4 $BOTH --fallback-samples 4
+    $PY -m evals.arithmetic --n 56 --levels 1,2,3,4 $COMMON --method fot --trees 4 $BOTH --fallback-samples 4
+}
 rest() { gsm --method mctsr $BOTH; }
 arithmetic() { $PY -m evals.arithmetic --n 56 --levels 1,2,3,4 $COMMON --method fot --trees 4 $BOTH; }
 
 chains=("$@")
-[ ${#chains[@]} -gt 0 ] || chains=(cot sc fot rest arithmetic)
+[ ${#chains[@]} -gt 0 ] || chains=(cot sc fot rest arithmetic tiebreak)
 for chain in "${chains[@]}"; do
     $chain
 done
