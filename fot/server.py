@@ -119,6 +119,7 @@ class Ticket:
 
     def __init__(self, admission: Admission):
         self.admission, self.state = admission, "waiting"
+        self.owned = False  # a stream's body has taken charge of it (and gives it back in its `finally`)
 
     async def enter(self) -> None:
         await self.admission.slots.acquire()
@@ -194,6 +195,23 @@ class Store:
         if key not in self.items:
             raise ApiError(404, f"no solution {key!r} (the server keeps the last {self.size})", code="not_found")
         return self.items[key][0]
+
+
+class TicketedStream(StreamingResponse):
+    """A server-sent-event stream that gives its queue ticket back however it ends: its body's `finally` does, but
+    a client gone before the first chunk (the response start failing to send) ends it before its body ever ran."""
+
+    def __init__(self, body: AsyncIterator[str], ticket: Ticket):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self.ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.ticket.owned:
+                self.ticket.release()
 
 
 def search_error(e: BaseException, deadline: float, logged: bool = False) -> ApiError:
@@ -342,11 +360,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
             hung_up()
             return Response(status_code=499)
         if job.stream:
-            return StreamingResponse(
-                stream(request, job, ticket, t0),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return TicketedStream(stream(request, job, ticket, t0), ticket)
         solving = asyncio.ensure_future(search(job, ticket, None))
         watching = asyncio.ensure_future(until_disconnect(request))
         try:
@@ -380,6 +394,7 @@ def create_app(backend: Backend, config: ServeConfig | None = None) -> FastAPI:
         ends, it ends with a `shutting_down` error event, not a cut connection its client would read as a quiet
         end."""
         created, events = int(time.time()), asyncio.Queue()
+        ticket.owned = True
         solving = asyncio.ensure_future(search(job, ticket, events.put_nowait))
         watching = asyncio.ensure_future(until_disconnect(request))
         closing = asyncio.ensure_future(notice())

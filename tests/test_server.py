@@ -472,3 +472,30 @@ def test_the_store_of_recent_solutions_is_bounded_by_their_text_too():
     assert list(store.items) == ["big"] and store.get("big").answer == "1"  # the newest stays, whatever its size
     with pytest.raises(ApiError, match="no solution 'a'"):
         store.get("a")
+
+
+def test_a_stream_whose_client_is_gone_before_its_first_byte_gives_its_place_back():
+    """The queue ticket was given back only by the stream's body, which never runs when sending the response's
+    start fails: each such client kept a place in the queue for good, until the server answered only 429."""
+    from starlette.requests import ClientDisconnect
+
+    from fot.server import Admission, TicketedStream
+
+    admission = Admission(running=1, queue=0)
+    ticket = admission.ticket()
+
+    async def body():
+        ticket.owned = True
+        yield "never sent"
+
+    async def gone(message) -> None:
+        raise OSError("the client went away")
+
+    async def nothing():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(TicketedStream(body(), ticket)(scope, nothing, gone))
+    assert (admission.waiting, admission.active, ticket.state) == (0, 0, "done")
+    admission.ticket()  # the place is free again
