@@ -68,7 +68,12 @@ def load_records(hub: str, config: str | None, split: str, data: str | Path | No
     if not files:
         raise DataError(f"{path} holds no {'/'.join(FORMATS)} files")
     if path.is_dir():  # a hub download holds every split (and config): take the split's files, of one folder
-        files = [f for f in files if split in re.split(r"[/._-]", f.relative_to(path).as_posix())] or files
+        named = [f.relative_to(path).as_posix() for f in files]  # the split as a whole name part, else inside one
+        files = (
+            [f for f, n in zip(files, named, strict=True) if split in re.split(r"[/._-]", n)]
+            or [f for f, n in zip(files, named, strict=True) if split in re.sub(r".*/", "", n)]
+            or files
+        )
         folders = sorted({str(f.parent.relative_to(path)) for f in files})
         if len(folders) > 1:
             raise DataError(f"{path} holds {split} data in several folders ({', '.join(folders)}): pass one of them")

@@ -304,6 +304,11 @@ def check_option(action: argparse.Action, value: object) -> None:
     fits = isinstance(value, want) and (want is bool or not isinstance(value, bool))
     if want is float:
         fits = isinstance(value, int | float) and not isinstance(value, bool)
+    if want is str:  # a path may be a Path; an appended option is a list of them (`base_url`)
+        if isinstance(action, argparse._AppendAction):
+            fits = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        else:
+            fits = isinstance(value, str | Path)
     if not fits and not (value is None and action.default is None):
         raise FotError(f"eval option {action.dest}={value!r}: expected {want.__name__}")
     if action.choices is not None and value not in action.choices:

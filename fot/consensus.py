@@ -80,7 +80,7 @@ async def decide(
         fallback = [a if a is None or not task.check(problem, f"Answer: {a}") else None for a in fallback]
     if samples == 1:
         return Decision(answer=fallback[0], votes=votes, method="fallback", confidence=0.0)
-    pooled = await grouped_votes(task, [*answers, *fallback])  # a tie that remains goes to the first tree's answer
+    pooled = await grouped_votes(task, [*answers, *fallback])  # a tie that remains: the answer seen first
     return Decision(answer=pooled[0][0] if pooled else None, votes=votes, method="fallback", confidence=0.0)
 
 

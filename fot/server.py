@@ -185,7 +185,8 @@ class Store:
         self.items = OrderedDict[str, tuple[Solution, int]]()
 
     def put(self, key: str, solution: Solution) -> None:
-        chars = len(solution.problem) + sum(len(n.get("text") or "") for t in solution.trees for n in t["nodes"])
+        texts = (v for t in solution.trees for n in t["nodes"] for v in n.values() if isinstance(v, str))
+        chars = len(solution.problem) + sum(map(len, texts))  # answers, critiques, what a repair replaced
         self.items[key] = (solution, chars)
         self.chars += chars
         while len(self.items) > self.size or self.chars > self.max_chars and len(self.items) > 1:

@@ -206,9 +206,10 @@ def test_a_search_whose_prompts_would_overflow_the_server_fails_before_any_gener
 
 
 class RateLimited(BaseHTTPRequestHandler):
-    """Answers its first completion with 429 and `Retry-After: 1`, then with a completion; keeps the times."""
+    """Answers its first completion with 429 and `Retry-After: <wait>`, then with a completion; keeps the times."""
 
     seen: list[float] = []
+    wait = "1"
 
     def do_GET(self) -> None:
         self.reply(200, {"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 512}]})
@@ -217,7 +218,7 @@ class RateLimited(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.seen.append(time.monotonic())
         if len(self.seen) == 1:
-            self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
+            self.reply(429, {"error": {"message": "slow down"}}, {"Retry-After": self.wait})
         else:
             usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
             self.reply(200, {"choices": [{"index": 0, "text": "4", "finish_reason": "stop"}], "usage": usage})
@@ -234,6 +235,12 @@ class RateLimited(BaseHTTPRequestHandler):
         pass
 
 
+class ModelsAndAnswers(RateLimited):
+    """Never rate-limits: every completion is answered."""
+
+    seen: list[float] = [0.0]  # as if its first request had been refused already
+
+
 def test_a_retry_waits_as_long_as_retry_after_asks():
     """A 429's Retry-After was ignored: the back-off (about 4 s over 4 retries) ran out against a server that asked
     for more, and the search failed."""
@@ -247,3 +254,32 @@ def test_a_retry_waits_as_long_as_retry_after_asks():
     first, second = RateLimited.seen
     assert done.ok and done.text == "4" and b.retries == 1
     assert second - first >= 0.9  # not the 0.01 s back-off: the second of Retry-After
+
+
+def test_a_retry_after_does_not_hold_a_request_another_endpoint_can_take():
+    """A 429's Retry-After of a minute held the retry back although a second endpoint was free, and marked the
+    endpoint down, so /health said 503 after one 429."""
+
+    class Busy(RateLimited):
+        seen: list[float] = []
+        wait = "60"
+
+    busy, free = (ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (Busy, ModelsAndAnswers))
+    for s in (busy, free):
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:  # the deadline is far below the minute asked for: waiting it out would fail the request
+        b = make_backend("openai", base_urls=[url(busy.server_port), url(free.server_port)], model="m", deadline=20)
+
+        async def go():
+            try:
+                [done] = await b.generate([Request.make("2 + 2 =", max_tokens=1)])
+                return done, await b.health()
+            finally:
+                await b.close()
+
+        done, health = asyncio.run(go())
+    finally:
+        busy.shutdown()
+        free.shutdown()
+    assert done.ok and done.text == "4" and len(Busy.seen) == 1 and b.retries == 1
+    assert health is None  # asked to wait is not down

@@ -81,6 +81,14 @@ def test_a_downloaded_data_folder_gives_its_test_split_only(tmp_path: Path) -> N
     assert [p.gold for p in load_gsm8k(tmp_path / "gsm8k" / "main")] == ["5", "2400"]
     with pytest.raises(DataError, match="test data in several folders \\(main, socratic\\): pass one of them"):
         load_gsm8k(tmp_path / "gsm8k")
+    for folder, test_file, train_file in (
+        ("latest", "test.jsonl", "train.jsonl"),
+        ("y", "test2024.jsonl", "train2024.jsonl"),
+    ):
+        (tmp_path / folder).mkdir()  # "test" in a folder's name is no split; in a file's name, a word or not, it is
+        write_jsonl(tmp_path / folder / test_file, GSM8K_ROWS)
+        write_jsonl(tmp_path / folder / train_file, train)
+        assert [p.gold for p in load_gsm8k(tmp_path / folder)] == ["5", "2400"]
 
 
 def test_math500_schema(tmp_path: Path) -> None:
@@ -281,6 +289,10 @@ def test_eval_options_from_python_are_checked_as_the_command_line_would(kw, matc
     """options(code_checks=True) ran with the code check off, named as the run without it."""
     with pytest.raises(FotError, match=match):
         options("arithmetic", **kw)
+    args = options("gsm8k", out=Path("out"), data=Path("d.jsonl"), base_url=["http://h:1/v1"], limit=None)  # as typed
+    assert (args.out, args.base_url) == (Path("out"), ["http://h:1/v1"])
+    with pytest.raises(FotError, match="base_url"):
+        options("gsm8k", base_url="http://h:1/v1")  # the command line makes a list of it
 
 
 def test_a_problem_whose_scoring_fails_is_not_recorded_and_the_run_goes_on(tmp_path: Path, monkeypatch) -> None:
@@ -339,8 +351,8 @@ def test_runs_are_named_by_device_and_the_dtype_they_run_in() -> None:
 
 
 def test_a_run_whose_ties_are_broken_by_sampled_chains_is_labelled_so(tmp_path: Path) -> None:
-    """--fallback-samples N: the records keep N, the report labels the run "+fallbackN", and pairs it as an
-    ablation with the same run without it."""
+    """--fallback-samples N: the records keep N, the report labels the run "+fallbackN" (the fallback itself:
+    `test_a_fallback_of_several_chains_votes_with_the_trees`), and the option is refused off fot."""
     backend = ScriptedBackend(lambda r, j: "The answer is 7.")
     args = options("arithmetic", method="fot", trees=2, rollouts=0, fallback_samples=3, n=2, levels="1")
     args.out, args.no_report = str(tmp_path), True

@@ -395,7 +395,7 @@ def test_cged_majority_plurality_expert_fallback():
 def test_a_fallback_of_several_chains_votes_with_the_trees():
     """fallback_samples=N: where the trees tie and the expert does not know, N sampled chains of thought vote
     together with the trees (one request of n=N, seeded as self-consistency's); a tie that remains goes to the
-    first tree's answer."""
+    answer seen first."""
 
     def respond(r: Request, j: int) -> str:
         if "Which candidate" in content(r):

@@ -417,9 +417,9 @@ def test_ctrl_c_cancels_a_long_search_after_the_grace(stream, served_model_dir, 
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
 
 
-def test_health_shows_its_cause_only_with_a_key_and_a_client_gone_mid_body_is_a_499():
-    """/health's 503 named the upstreams (hosts, ports, errors) to anyone; a client that hung up while sending its
-    body made a traceback and was not counted; a body nested 50,000 deep was a 500."""
+def test_health_shows_its_cause_only_with_a_key_and_deep_json_is_a_400():
+    """/health's 503 named the upstreams (hosts, ports, errors) to anyone; a body nested 50,000 deep was a 500
+    (a client gone mid-body: `test_a_client_gone_while_sending_its_body_is_a_499`)."""
     from fastapi.testclient import TestClient
 
     from fot.decoding.scripted import ScriptedBackend

@@ -57,7 +57,11 @@ class _Endpoint:
         self.throttle = Throttler(rate_limit=config.rate_limit, period=config.period)
         self.slots = asyncio.Semaphore(config.max_concurrency)
         self.in_flight = 0
-        self.down_until = 0.0
+        self.down_until = 0.0  # failed: rests until then (and /health counts it down)
+        self.retry_at = 0.0  # up, but asked us to wait (Retry-After) until then
+
+    def free_at(self) -> float:
+        return max(self.down_until, self.retry_at)
 
 
 class _Retry(Exception):
@@ -239,7 +243,8 @@ class OpenAIBackend(BaseBackend):
                     break
                 self.retries += 1
                 delay = min(8.0, self.config.backoff * 2**attempt) * (0.5 + random.random())
-                await asyncio.sleep(max(delay, e.after))  # the deadline bounds a long Retry-After
+                elsewhere = any(x.free_at() <= time.monotonic() for x in self.endpoints if x is not ep)
+                await asyncio.sleep(delay if elsewhere else max(delay, e.after))  # the deadline bounds a long wait
             except BackendError as e:  # the request's own fault: no retry
                 return Completion(error=str(e), refused=True)
         return Completion(error=f"failed after {len(tried)} attempts: " + "; ".join(tried))
@@ -248,11 +253,11 @@ class OpenAIBackend(BaseBackend):
         """The healthy endpoint with the fewest requests in flight, preferring those this request has not failed
         on yet; if all are marked down, the one that comes back first."""
         now = time.monotonic()
-        healthy = [e for e in self.endpoints if e.down_until <= now]
+        healthy = [e for e in self.endpoints if e.free_at() <= now]
         fresh = [e for e in healthy if e not in failed_on]
         if fresh or healthy:
             return min(fresh or healthy, key=lambda e: e.in_flight)
-        return min(self.endpoints, key=lambda e: e.down_until)
+        return min(self.endpoints, key=lambda e: e.free_at())
 
     async def _post(self, ep: _Endpoint, path: str, body: dict) -> dict:
         async with ep.slots, ep.throttle:
@@ -270,7 +275,7 @@ class OpenAIBackend(BaseBackend):
                 ep.in_flight -= 1
         if r.status_code in RETRYABLE:
             after = retry_after(r.headers.get("retry-after"))
-            ep.down_until = max(ep.down_until, time.monotonic() + after)  # others take the requests meanwhile
+            ep.retry_at = time.monotonic() + after  # others take the requests meanwhile
             raise _Retry(f"HTTP {r.status_code}: {r.text[:200]}", after)
         if r.status_code >= 400:
             raise BackendError(f"HTTP {r.status_code} from {ep.url}: {r.text[:500]}")

@@ -63,7 +63,7 @@ CLAIMED = re.compile(
     r"[ \t]*\n?(?:[^\n`]{0,100}\n)?[ \t]*```(?:output|text|plaintext|console)?[ \t]*\n(.*?)```", re.S | re.I
 )
 ANSWER_STEPS = 4 * Limits.max_steps  # one answer's code blocks together: many blocks do not each get a full bound
-TOKEN = re.compile(r"-?\d+/\d+(?![\d.])|-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
+TOKEN = re.compile(r"-?\d+/\d+(?!\d|\.\d)|-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
 
 
 def check_code(problem: str, text: str) -> Finding:
@@ -148,7 +148,7 @@ _LABELS = {"step", "day", "week", "month", "year", "part", "case", "option", "me
            "item", "no", "round", "stage", "phase", "page", "chapter", "level", "grade", "floor", "room"}  # fmt: skip
 _GLUED = set(":.,/_'#@&\\")  # glued to the start of a run, these make it part of something else (2:30, v1.2)
 _OPERANDS = ("num", "frac", "open", "cur")
-_MINUS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # same length: positions in the text are kept
+_MINUS = str.maketrans({"\u2212": "-"})  # same length: positions kept (not the en dash: "ages 3–5" is a range)
 _MAX_STATEMENTS = 100
 _MAX_DIGITS = 30  # a longer number is no arithmetic claim (and past 4300 digits int() refuses it)
 _MAX_VALUE = 10**15  # larger results are not judged: a claim that size is notation more often than arithmetic
@@ -261,7 +261,8 @@ def _left(toks: list[_Tok], eq: int) -> list[_Tok] | None:
     depth = list(itertools.accumulate((u.kind == "open") - (u.kind == "close") for _, u in taken))
     while first >= 0 and taken[first][1].kind in ("op", "open"):
         t, nxt = taken[first][1], taken[first - 1][1] if first else None
-        dash = t.kind == "op" and (t.text == "**" or t.python == "-" and nxt is not None and nxt.start > t.end)
+        bold = t.text == "**" and (stop is None or stop.end < t.start)  # "**3 + 4 = 7**", not "x**3 + 4"
+        dash = t.kind == "op" and (bold or t.python == "-" and nxt is not None and nxt.start > t.end)
         unclosed = t.kind == "open" and depth[first] > 0  # "(3 + 4 = 7)"
         if not (dash or unclosed):
             break

@@ -51,6 +51,8 @@ def _unscale(s: str) -> str:
     dozen may be what was asked for, so it stays one)."""
 
     def times(m: re.Match) -> str:
+        if len(m[1]) > _MAX_DIGITS:  # compared as a string, as any number that long
+            return m[0]
         v = Fraction(m[1].replace(",", "")) * _SCALES[m[2].lower()]
         return str(v.numerator) if v.denominator == 1 else str(v)
 
