@@ -34,7 +34,7 @@ _TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^
 _UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
 _NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times"}
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12}
-_SCALED = re.compile(r"([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s+(" + "|".join(_SCALES) + r")s?\b", re.I)
+_SCALED = re.compile(r"(?<![\d.,])([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s+(" + "|".join(_SCALES) + r")s?\b", re.I)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
 _MAX_VERIFY_CHARS = 500  # longer answers are not handed to math-verify at all
 _MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Python refuses int() past 4300)
