@@ -69,18 +69,19 @@ async def decide(
         pick = await ask_expert(gen, problem, tied)
         if pick is not None:
             return Decision(answer=pick, votes=votes, method="expert", confidence=votes[pick] / n)
+
+    def ruled(answer: str | None) -> str | None:
+        """Nothing checked it (Game of 24 has no corrector): an answer the task's rule rejects is none."""
+        rejected = answer is not None and corrector is None and task.check(problem, f"Answer: {answer}")
+        return None if rejected else answer
+
     if samples == 1:
         answer, _ = await chain_of_thought(gen, task, problem, seed=seed, max_tokens=max_tokens, corrector=corrector)
-        fallback = [answer]
-    else:
-        _, fallback, _ = await self_consistency(
-            gen, task, problem, samples, temperature=temperature, seed=seed, max_tokens=max_tokens, corrector=corrector
-        )
-    if corrector is None:  # nothing checked them (Game of 24 has no corrector): an answer the task's rule rejects
-        fallback = [a if a is None or not task.check(problem, f"Answer: {a}") else None for a in fallback]
-    if samples == 1:
-        return Decision(answer=fallback[0], votes=votes, method="fallback", confidence=0.0)
-    pooled = await grouped_votes(task, [*answers, *fallback])  # a tie that remains: the answer seen first
+        return Decision(answer=ruled(answer), votes=votes, method="fallback", confidence=0.0)
+    _, sampled, _ = await self_consistency(
+        gen, task, problem, samples, temperature=temperature, seed=seed, max_tokens=max_tokens, corrector=corrector
+    )
+    pooled = await grouped_votes(task, [*answers, *map(ruled, sampled)])  # a tie that remains: the answer seen first
     return Decision(answer=pooled[0][0] if pooled else None, votes=votes, method="fallback", confidence=0.0)
 
 

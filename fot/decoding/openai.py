@@ -150,8 +150,10 @@ class OpenAIBackend(BaseBackend):
         if all(ep.down_until > now for ep in self.endpoints):
             return f"every endpoint failed within the last {self.config.down_for:g} s"
         try:
-            await self.connect()
-            await self.served(5.0)
+            if self.context is None:
+                await self.connect()  # which asks /models
+            else:
+                await self.served(5.0)
         except FotError as e:
             return str(e)
         return None
