@@ -353,6 +353,7 @@ class Pair(BaseModel):
     p_value: float
     tokens_a: float
     tokens_b: float
+    partial: bool = False  # a run stopped before its end: its problems are the first to finish, no sample
 
     @computed_field
     @property
@@ -367,6 +368,11 @@ def comparable(r: Record) -> tuple:
     return r.model, r.speculative, r.backend, r.device, r.seed
 
 
+def same_budget(a: Record, b: Record) -> bool:
+    """Same answer length and rollouts, where both records say (older ones do not; chains have no rollouts)."""
+    return all(x is None or y is None or x == y for x, y in ((a.max_tokens, b.max_tokens), (a.rollouts, b.rollouts)))
+
+
 def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     """The comparisons the report makes, on the problems both runs finished: each run with rule checks against its
     twins with fewer of them, each FoT run against each self-consistency run of the same model, and against chain
@@ -376,7 +382,7 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
     for (bench, a), ra in runs.items():
         for (bench_b, b), rb in runs.items():
             fa, fb = ra[0], rb[0]
-            if bench_b != bench or a == b or comparable(fa) != comparable(fb):
+            if bench_b != bench or a == b or comparable(fa) != comparable(fb) or not same_budget(fa, fb):
                 continue
             checks_a, checks_b = checks_of(fa), checks_of(fb)
             ablation = set(checks_a) > set(checks_b) and (fa.method, fa.trees, fa.search_version) == (
@@ -402,6 +408,7 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
                     neither=sum(not x and not y for x, y in common), p_value=mcnemar(only_a, only_b),
                     tokens_a=sum(r.tokens for r in ra if r.id in ids) / len(ids),
                     tokens_b=sum(r.tokens for r in rb if r.id in ids) / len(ids),
+                    partial=any(rs[0].total is not None and len(rs) < rs[0].total for rs in (ra, rb)),
                 )
             )  # fmt: skip
     return out
@@ -429,12 +436,14 @@ def section(title: str, paragraphs: list[str], columns: str, cells: list[list]) 
 
 def pairs_markdown(ps: list[Pair]) -> str:
     notes = [
-        "Same problems, both runs finished; p: McNemar's exact test.",
+        "The problems both runs finished; p: McNemar's exact test. *(partial)*: a run was stopped before its end, "
+        "so the pair holds the problems that finished first (the cheaper ones): no estimate of the whole set.",
         "*budget-matched*: FoT generates no more tokens per problem than self-consistency (dotted on the plots); "
         "prompt tokens are not counted in it (see the tables above).",
     ]
     cells = [
-        [p.benchmark, p.model, p.a, p.b, p.n, p.both, p.only_a, p.only_b, p.neither, f"{p.p_value:.3g}"]
+        [p.benchmark, p.model, p.a, p.b, f"{p.n} (partial)" if p.partial else p.n, p.both, p.only_a, p.only_b]
+        + [p.neither, f"{p.p_value:.3g}"]
         + [f"{p.tokens_a:.0f}", f"{p.tokens_b:.0f}", "yes" if p.budget_matched else ""]
         for p in ps
     ]

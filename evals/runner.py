@@ -228,6 +228,8 @@ async def solve_all(
             arithmetic_repairs=u.arithmetic_repairs,
             program_trees=program_trees(args),
             fallback_samples=fallback_samples(args),
+            max_tokens=args.max_tokens,
+            rollouts=args.rollouts if args.method in ("fot", "mctsr") else None,
             search_version=SEARCH_VERSIONS[problem.task],
             gym_correct=gym_score(problem, sol.answer),
             tree_answers=sol.tree_answers,

@@ -34,6 +34,8 @@ class SamplingParams(BaseModel):
     def _no_empty_stop(self) -> SamplingParams:
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.seed is not None and self.seed + self.n > 2**63:  # sample j is seeded seed + j
+            raise ValueError(f"seed + n - 1 must be below 2**63 (sample j is seeded seed + j), got seed {self.seed}")
         return self
 
     @classmethod
@@ -57,8 +59,9 @@ class SpeculativeConfig(BaseModel):
 
     `num_speculative_tokens` caps the draft per sample and step. Each sample drafts only as far as its recent
     acceptance rate r makes the j-th token likely to be kept (r ** j >= `draft_threshold`; 0 always drafts the
-    maximum), and `max_draft_tokens_per_step` caps the drafts of the whole batch in one step, keeping the likeliest:
-    once a batch is compute-bound (early on a CPU) a rejected draft token costs as much as a kept one.
+    maximum; Kangaroo's own drafts stop on their confidence instead), and `max_draft_tokens_per_step` caps the
+    drafts of the whole batch in one step, keeping the likeliest: once a batch is compute-bound (early on a CPU) a
+    rejected draft token costs as much as a kept one.
     With `cost_aware` the engine also measures how a forward's time grows with its token count on this machine and
     keeps as many of the likeliest draft tokens as maximise the expected tokens per second
     (see `drafters.draft_lengths`).
@@ -90,6 +93,8 @@ class SpeculativeConfig(BaseModel):
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
         if self.method != "prompt_lookup" and self.layout == "padded":
             raise ValueError(f"{self.method} runs in the unpadded layout only")
+        if self.method == "prompt_lookup" and (self.adapter is not None or self.confidence_threshold is not None):
+            raise ValueError("adapter and confidence_threshold are Kangaroo's (kangaroo, hybrid), not prompt_lookup's")
         return self
 
     @classmethod

@@ -19,9 +19,10 @@ from fot.trees.mctsr import REFINE
 
 
 def plain(value: float) -> str:
-    """A printed float as an answer writes it: 10 significant digits (78.94999999999999 -> 78.95), never in
-    exponent form (1.25e+10 -> 12500000000), which the answer's parsing would not read as one number."""
-    return format(Decimal(f"{value:.10g}"), "f")
+    """A printed float as an answer writes it: 15 significant digits, all a float holds without its binary noise
+    (78.94999999999999 -> 78.95, 123456789012.5 kept), never in exponent form (1.25e+10 -> 12500000000), which the
+    answer's parsing would not read as one number."""
+    return format(Decimal(f"{value:.15g}"), "f")
 
 
 class CorrectionUsage(Usage):

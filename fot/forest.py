@@ -42,7 +42,7 @@ from fot.decoding.base import Backend, Completion, Request
 from fot.errors import ContextOverflowError, InvalidRequestError, SearchError
 from fot.tasks import detect_task, get_task
 from fot.tasks.base import Task, check_unicode, grouped_votes, majority_key
-from fot.tasks.checks import Check
+from fot.tasks.checks import Check, Failure
 from fot.trees.base import Batcher, Tree, run_step
 from fot.trees.cot import chain_of_thought, self_consistency
 from fot.trees.mctsr import REFINE, MCTSr, MCTSrConfig
@@ -308,8 +308,9 @@ class Forest:
         return self.solution(answer, votes, votes.get(answer, 0) / max(len(answers), 1), "single", answers, [])
 
     async def check_budget(self, trees: list) -> None:
-        """The longest prompt a math tree builds, a refine of an answer and a critique of `max_tokens` each, must
-        fit the backend's context: checked before any generation, not found out after minutes of search."""
+        """The longest request a math tree makes must fit the backend's context: a refine of an answer and a
+        critique of `max_tokens` each, and with rule checks, the continuation of a refined answer repaired at its
+        end. Checked before any generation, not found out after minutes of search."""
         c = self.config.mctsr
         trees = [t for t in trees if isinstance(t, MCTSr)]
         if not trees or c.rollouts == 0:
@@ -317,14 +318,18 @@ class Forest:
         filler = " x" * c.max_tokens  # about one token a word in the tokenizers we serve
         for t in trees:
             seed = t.seed
-            worst = t.request(REFINE, answer=filler, critique=filler, logprobs=True)
+            worst = [t.request(REFINE, answer=filler, critique=filler, logprobs=True)]
             t.seed = seed  # the check takes no seed from the tree's own requests
+            if self.corrector is not None and self.corrector.checks:
+                repaired = Failure(kind="code", source="", claimed="", actual="", at=0, prefix=filler, rest="")
+                worst.append(self.corrector.continuation(worst[0], repaired, seed))
             try:
-                await self.backend.admit(worst)
+                for request in worst:
+                    await self.backend.admit(request)
             except ContextOverflowError as e:
                 raise ContextOverflowError(
-                    f"this search's longest prompt (a refine of a {c.max_tokens}-token answer and critique) would "
-                    f"not fit: {e}; lower max_tokens or shorten the problem"
+                    f"this search's longest request (a refine of a {c.max_tokens}-token answer and critique, or its "
+                    f"repair's continuation) would not fit: {e}; lower max_tokens or shorten the problem"
                 ) from None
 
     async def search(self) -> Solution:

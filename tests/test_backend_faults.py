@@ -191,7 +191,7 @@ def test_a_search_whose_prompts_would_overflow_the_server_fails_before_any_gener
 
     big, small = {"mctsr": {"rollouts": 1, "max_tokens": 200}}, {"mctsr": {"rollouts": 1, "max_tokens": 40}}
     b = make_backend("openai", base_urls=[vllm_url])
-    with pytest.raises(InvalidRequestError, match=r"longest prompt .* would not fit: prompt \+ max_tokens = \d+"):
+    with pytest.raises(InvalidRequestError, match=r"longest request .* would not fit: prompt \+ max_tokens = \d+"):
         solve("What is 40 + 2?", backend=b, method="mctsr", config=big)
     assert b.usage.requests == 0  # nothing was generated
     assert solve("What is 40 + 2?", backend=b, method="mctsr", config=small).usage.requests > 0

@@ -118,8 +118,9 @@ def test_usage_counters(backend):
         {"prompt": "hi", "params": {"n": 0}},
         {"prompt": "hi", "params": {"max_tokens": 100_000}},
         {"prompt": [{"role": "user"}]},
+        {"prompt": "hi", "params": {"n": 2, "temperature": 1.0, "seed": 2**63 - 1}},  # failed the batch, mid-run
     ],
-    ids=["empty", "n0", "over-context", "bad-chat"],
+    ids=["empty", "n0", "over-context", "bad-chat", "seed-past-2**63"],
 )
 def test_bad_input_fails_before_any_work(backend, bad):
     before = backend.usage.requests

@@ -401,6 +401,7 @@ def test_the_search_never_sees_the_gold_answer(tmp_path: Path) -> None:
     assert (record.answer, record.gold, record.correct, record.trees) == ("24", "987654", False, 3)
     assert (record.tree_answers, record.tree_correct) == (["24"] * 3, [False] * 3)
     assert record.node_answers == [["24"]] * 3  # each tree's first answer: they agree, so no tree refined it
+    assert (record.max_tokens, record.rollouts) == (384, 1)  # its budget, so the report pairs like with like
 
 
 # ---- the report --------------------------------------------------------------------------------------------------
@@ -588,7 +589,7 @@ def test_a_gsm_symbolic_run_records_the_cross_check_and_the_report_counts_disagr
 
 
 def test_paired_comparison_and_mcnemar() -> None:
-    from evals.report import mcnemar, pairs
+    from evals.report import mcnemar, pairs, pairs_markdown
 
     assert mcnemar(0, 0) == 1.0 and mcnemar(3, 3) == 1.0
     assert mcnemar(10, 0) == pytest.approx(2 / 1024) and mcnemar(8, 2) == pytest.approx(2 * 56 / 1024)
@@ -624,6 +625,17 @@ def test_paired_comparison_and_mcnemar() -> None:
     # the same ids for other problems (arithmetic with other --levels, another --data file): no pair
     other = [r.model_copy(update={"run": "o", "method": "sc", "trees": 8, "gold": "9"}) for r in b]
     assert not [p for p in pairs(runs | {("arithmetic", "o"): other}) if "o" in (p.run_a, p.run_b)]
+    # a run stopped before its end (9 of 10): its pairs say so, as its row does (they were shown as finished)
+    assert not any(p.partial for p in pairs(runs))  # no total recorded: nothing says it stopped early
+    stopped = {("arithmetic", "y"): [r.model_copy(update={"total": 10}) for r in b]}
+    found = {(p.a, p.b): p for p in pairs(runs | stopped)}
+    assert found[("fot-4 +code", "sc-8")].partial and not found[("fot-4 +code", "fot-4")].partial
+    assert "| 9 (partial) |" in pairs_markdown([found[("fot-4 +code", "sc-8")]])
+    # another budget is another experiment: no pair where both records say theirs and they differ
+    longer = [r.model_copy(update={"max_tokens": 768, "rollouts": 1}) for r in a]
+    assert [p.b for p in pairs({("arithmetic", "x"): longer, ("arithmetic", "y"): b})] == ["sc-8"]  # b: unknown
+    shorter = {("arithmetic", "y"): [r.model_copy(update={"max_tokens": 384}) for r in b]}
+    assert not pairs({("arithmetic", "x"): longer} | shorter)
 
 
 def test_the_tokens_plot_joins_budget_matched_pairs() -> None:

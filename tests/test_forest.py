@@ -643,6 +643,7 @@ def test_made_up_code_output_is_repaired_with_the_real_one():
         ("print(2.5e9 * 5)", "1250000000.0", "12500000000"),  # Python prints 12500000000.0; .10g wrote 1.25e+10
         ("print(1 / 20000)", "0.0005", "0.00005"),  # Python prints 5e-05
         ("print(0.1 + 0.2)", "0.4", "0.3"),
+        ("print(123456789012.5)", "5", "123456789012.5"),  # 10 significant digits wrote 123456789000
         ("from sympy import Rational\nprint(Rational(7, 2))", "4.5", "7/2"),  # was "2", the denominator
     ],
 )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -238,6 +239,20 @@ def test_train_adapter_checkpoints_resumes_and_is_lossless(tmp_path, tiny_llama_
     ]
 
 
+def test_another_model_trained_into_the_same_folder_makes_its_own_data(tmp_path, tiny_llama_dir):
+    """The data and teacher files were named by the options only: a second model trained into the same folder
+    distilled from the first model's answers and hidden states, and its adapter named the second model."""
+    from conftest import save_tiny
+
+    other = save_tiny(tmp_path / "other", "llama", seed=1)
+    out = tmp_path / "adapter"
+    kw = dict(exit_layer=2, prompts=10, new_tokens=8, batch_size=5, draft_vocab=None, epochs=1, progress=False)
+    for model in (tiny_llama_dir, other):
+        train_adapter(str(model), out, **kw)
+    assert len(list((out / "work").glob("data-*"))) == 2 and len(list((out / "work").glob("teacher-*"))) == 2
+    assert json.loads((out / "adapter_config.json").read_text())["base_model"] == str(other)
+
+
 @pytest.mark.parametrize(
     "bad",
     [{"batch_size": 0}, {"lr": 0}, {"lr": -1e-3}, {"lr": float("nan")}, {"epochs": 0}, {"prompts": 5},
@@ -259,7 +274,8 @@ def test_train_on_the_search_prompts_with_a_bf16_teacher(tmp_path, tiny_llama_di
         str(tiny_llama_dir), out, exit_layer=1, prompts=14, prompt_set=search_prompts, new_tokens=8, epochs=1,
         batch_size=4, draft_vocab=None, dtype="bfloat16", progress=False,
     )  # fmt: skip
-    assert [f.name for f in (out / "work").glob("data-*")] == ["data-search_prompts-bfloat16-0-14-8.jsonl"]
+    [data] = [f.name for f in (out / "work").glob("data-*")]
+    assert re.fullmatch(r"data-[0-9a-f]{8}-search_prompts-bfloat16-0-14-8\.jsonl", data), data
     assert {t.dtype for t in load_file(out / "adapter.safetensors").values()} == {torch.bfloat16}  # half the file
     plain = Engine.from_pretrained(tiny_llama_dir, dtype="bfloat16", max_batch=8)
     prompts, params = [[5, 6, 7, 8], [9, 10, 11]], SamplingParams(max_tokens=16, ignore_eos=True)

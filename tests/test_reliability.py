@@ -346,7 +346,7 @@ def test_timeout_option_is_checked_before_any_work():
 
 
 # ---- bounded work ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("answer", ["9^{9^{9}}", "100000000!", "2^{123456}", "(3!)!!", "7" * 5000])
+@pytest.mark.parametrize("answer", ["9^{9^{9}}", "9^(9^9)", "9^9^9", "100000000!", "2^{123456}", "(3!)!!", "7" * 5000])
 def test_equivalence_of_huge_answers_is_false_at_once(answer):
     """These ran past 60 s inside voting and scoring (or raised a raw ValueError past 4300 digits)."""
     from fot.tasks import get_task
@@ -824,6 +824,9 @@ def test_a_bad_drafter_is_refused_before_the_model_loads():
         Engine.from_pretrained("/no/such/model", speculative={"method": "kangaroo", "adapter": "/no/such/adapter"})
     with pytest.raises(InvalidRequestError, match="invalid speculative config"):
         NativeBackend(model="/no/such/model", speculative="bogus")
+    for kangaroos in ({"adapter": "/typo"}, {"confidence_threshold": 0.3}):  # were accepted, then ignored
+        with pytest.raises(InvalidRequestError, match="are Kangaroo's .* not prompt_lookup's"):
+            Engine.from_pretrained("/no/such/model", speculative={"method": "prompt_lookup", **kangaroos})
 
 
 def test_a_command_line_argument_that_is_not_utf8_is_a_clear_error():
@@ -1011,11 +1014,19 @@ def test_a_search_whose_later_prompts_would_overflow_fails_before_any_generation
     folder = save_tiny(tmp_path / "short", "llama", max_position_embeddings=640)
     backend = make_backend("native", model=str(folder), max_batch=4)
     config = {"mctsr": {"rollouts": 1, "max_tokens": 200}}
-    with pytest.raises(InvalidRequestError, match="longest prompt .* would not fit"):
+    with pytest.raises(InvalidRequestError, match="longest request .* would not fit"):
         solve("What is 40 + 2?", backend=backend, method="mctsr", config=config)
     assert backend.usage.requests == 0  # nothing was generated
     small = {"mctsr": {"rollouts": 1, "max_tokens": 40}}
     assert solve("What is 40 + 2?", backend=backend, method="mctsr", config=small).usage.requests > 0
+    # a refine of 95-token texts fits, the continuation of one repaired by a rule check does not: refused too
+    checked, unchecked = {"mctsr": {"rollouts": 1, "max_tokens": 95}}, {"code": False, "arithmetic": False}
+    before = backend.usage.requests
+    with pytest.raises(InvalidRequestError, match="longest request .* repair's continuation"):
+        solve("What is 40 + 2?", backend=backend, method="mctsr", config=checked)
+    assert backend.usage.requests == before
+    config = {**checked, "correction": unchecked}
+    assert solve("What is 40 + 2?", backend=backend, method="mctsr", config=config).usage.requests > 0
 
 
 def test_solve_inside_a_running_loop_is_a_clear_error_that_leaves_no_stray_coroutine():

@@ -59,7 +59,7 @@ def test_a_cancelled_solve_leaves_no_work_in_the_engine(served_model_dir):
     """Once the cancellation of a search ends (a client hung up on `fot serve`), the batches its trees had in
     flight are out of the engine: nothing runs on for it, and its slots are free."""
     backend = make_backend("native", model=str(served_model_dir), speculative=None)
-    long = {"mctsr": {"rollouts": 4, "max_tokens": 64}}
+    long = {"mctsr": {"rollouts": 4, "max_tokens": 48}}
 
     async def cancel_midway() -> None:
         task = asyncio.ensure_future(fot.asolve("What is 12 + 30?", backend=backend, trees=4, config=long))

@@ -63,6 +63,12 @@ EXTRACT_CASES = [
     ("The answer is 1.5 billion dollars.", "1500000000"),
     ("The answer is $\\frac{3}{4}$ of the pizza.", "3/4"),  # was 4, the denominator
     ("The answer is 3 dozen eggs.", "3"),  # a dozen may be what was asked for
+    ("The answer is about 15.", "15"),  # a hedge and a worded aside are no part of the answer (were kept whole)
+    ("The answer is approximately $33.33.", "33.33"),
+    ("The answer is 15 (dollars).", "15"),
+    ("The answer is 42 (rounded).", "42"),
+    ("The answer is 2 (x+1).", "2 (x+1)"),  # an expression in brackets is no aside
+    ("The answer is 2 pi.", "2 pi"),  # pi, i, e and sqrt are no units (it was 2)
     ("The answer is " + "9" * 4296 + " trillion.", "9" * 4296),  # too long to multiply out: kept, no error
     ("no numbers at all", None),
     ("", None),
@@ -90,6 +96,11 @@ EQUIVALENT_CASES = [
     ("1,000", "1000", True),
     ("-3/4", "-0.75", True),
     ("0.3333333", "1/3", True),  # relative tolerance 1e-6
+    ("1000001", "1000000", False),  # two whole numbers are exact
+    ("25000020", "25000000", False),
+    ("x^3+3x^2+3x+1", "x^3 + 3x^2 + 3x + 1", True),  # two powers are no power tower: math-verify compares them
+    (r"2^{4} \cdot 3^{2}", "144", True),
+    ("(x+1)^3", "x^3+3x^2+3x+1", True),
     ("0.333", "1/3", False),
     (r"\sqrt{4}", "2", True),  # math-verify
     (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", True),

@@ -6,6 +6,7 @@ engine imports, so that training may use the engine."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -229,10 +230,13 @@ def train_adapter(
     work.mkdir(parents=True, exist_ok=True)
     kind = "" if prompt_set is None else f"{prompt_set.__name__}-"
     precision = "" if model.dtype == torch.float32 else f"{str(model.dtype).removeprefix('torch.')}-"
-    data_file = work / f"data-{kind}{precision}{seed}-{prompts}-{new_tokens}.jsonl"
+    base = model_fingerprint(model)
+    # named by the model too: another model's answers and hidden states in the same folder are not this one's
+    tag = hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:8]
+    data_file = work / f"data-{tag}-{kind}{precision}{seed}-{prompts}-{new_tokens}.jsonl"
     # what a checkpoint must share with this call to be resumed: the data, the model and every training option
     run = {
-        "data": data_file.name, "base": model_fingerprint(model), "exit_layer": exit_layer, "seed": seed, "lr": lr,
+        "data": data_file.name, "base": base, "exit_layer": exit_layer, "seed": seed, "lr": lr,
         "batch_size": batch_size, "top": top, "draft_vocab": draft_vocab,
     }  # fmt: skip
     state, ckpt = None, work / "checkpoint.pt"

@@ -21,6 +21,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from fractions import Fraction
 from typing import Protocol
 
@@ -64,6 +65,7 @@ CLAIMED = re.compile(
 )
 ANSWER_STEPS = 4 * Limits.max_steps  # one answer's code blocks together: many blocks do not each get a full bound
 TOKEN = re.compile(r"-?\d+/\d+(?!\d|\.\d)|-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
+WHOLE = re.compile(r"-?\d+(?:,\d{3})*")  # a TOKEN that is a whole number as written
 
 
 def check_code(problem: str, text: str) -> Finding:
@@ -90,14 +92,18 @@ def check_code(problem: str, text: str) -> Finding:
 
 
 def same_output(claimed: str, actual: str) -> bool:
-    """Whether a claimed output says what the real one says: the same words, and numbers equal to 1e-6 relative
-    (a claimed "10" for a printed "10.0", or "6.43" for "6.428571428571429", rounded as claimed, is the same)."""
+    """Whether a claimed output says what the real one says: the same words, two whole numbers equal, other numbers
+    equal to 1e-6 relative (a claimed "10" for a printed "10.0", or "6.43" for "6.428571428571429", rounded as
+    claimed, is the same)."""
     a, b = TOKEN.findall(claimed), TOKEN.findall(actual)
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
         nx, ny = number(x), number(y)
-        if nx is not None and ny is not None:
+        if nx is not None and ny is not None and WHOLE.fullmatch(x) and WHOLE.fullmatch(y):
+            if Decimal(x.replace(",", "")) != Decimal(y.replace(",", "")):  # exact at any length
+                return False
+        elif nx is not None and ny is not None:
             decimals = len(x.partition(".")[2]) if "e" not in x.lower() else 0
             rounded = "." in x and math.isclose(round(ny, decimals), nx, rel_tol=1e-12, abs_tol=1e-12)
             if not rounded and not math.isclose(nx, ny, rel_tol=1e-6, abs_tol=1e-9):

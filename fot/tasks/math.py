@@ -32,7 +32,14 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOX_LEFT = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")  # in a phrase's answer: a box the token limit cut off
 _TRAILING_TEXT = re.compile(r"^(.*?\S)\s*(?:\\(?:text|textbf|mbox|textrm)\s*\{[^{}]*\}\s*(?:\^\{?\d\}?)?\s*)+$")
 _UNIT_WORDS = re.compile(r"^([+-]?[\d.,/]+)\s+([A-Za-z][A-Za-z0-9^./-]*(?:\s+[A-Za-z][A-Za-z0-9^./-]*)*)$")
-_NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times"}
+_NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times", "pi", "i", "e", "sqrt"}  # words, and constants
+# A hedge before a number ("about 15") and a worded aside after one ("15 (dollars)", "42 (rounded)"): not the answer
+_HEDGE = re.compile(
+    r"^(?:about|approximately|approx\.?|roughly|around|nearly|almost|exactly|precisely|only|~|≈|\\approx)\s*"
+    r"(?=[-+$€£¥.\d])",
+    re.I,
+)
+_ASIDE = re.compile(r"^([+-]?[$€£¥]?[\d.,/]+)\s+\(\s*[A-Za-z]{2,}[A-Za-z .,'-]*\)$")
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12}
 _SCALED = re.compile(r"(?<![\d.,])([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s+(" + "|".join(_SCALES) + r")s?\b", re.I)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
@@ -41,9 +48,9 @@ _MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Py
 VERIFY_TIMEOUT_S = 5.0  # seconds one math-verify comparison may take
 VERIFY_TRIES = 2  # comparisons of one pair that may time out before it is not equivalent for good
 SCORE_TIMEOUT_S = 60.0  # a score's comparison (`equivalent(..., strict=True)`): none in time is an error
-# What sympy would try to evaluate at any cost: a power in an exponent, a 4+-digit exponent, a factorial of a 3+-digit
-# number or of an expression, a double factorial.
-_HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\(?[^()]*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
+# What sympy would try to evaluate at any cost: a power in an exponent (braced, bracketed or a bare tower), a
+# 4+-digit exponent, a factorial of a 3+-digit number or of an expression, a double factorial.
+_HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\([^()]*\^|\^\s*\d+\s*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
 
 
 def _unscale(s: str) -> str:
@@ -107,6 +114,10 @@ def _canonical_once(s: str) -> str:
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = s.replace("{,}", ",").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\:", "")
     s = s.rstrip(" .").strip()
+    s = _HEDGE.sub("", s)
+    aside = _ASIDE.fullmatch(s)
+    if aside:
+        s = aside.group(1)
     s = re.sub(r"\s*(?:\^\s*\{?\\circ\}?|°|\\%|%)$", "", s)
     whole_text = re.fullmatch(r"\\(?:text|textbf|mbox|textrm)\s*\{([^{}]*)\}", s)
     if whole_text:
@@ -311,8 +322,9 @@ class MathTask:
         return canonical_answer(numbers[-1]) if numbers else None
 
     def equivalent(self, a: str, b: str, strict: bool = False) -> bool:
-        """Same string, else same number (relative tolerance 1e-6), else math-verify says so. `strict` (scoring):
-        math-verify gets `SCORE_TIMEOUT_S`, and no verdict in that time is a `FotError`, not "not equivalent"."""
+        """Same string, else same number (two whole numbers exactly, else to 1e-6 relative), else math-verify says
+        so. `strict` (scoring): math-verify gets `SCORE_TIMEOUT_S`, and no verdict in that time is a `FotError`,
+        not "not equivalent"."""
         if not isinstance(a, str) or not isinstance(b, str):
             return False
         a, b = canonical_answer(a), canonical_answer(b)
@@ -321,8 +333,9 @@ class MathTask:
         if a == b:
             return True
         x, y = to_fraction(a), to_fraction(b)
-        if x is not None and y is not None:
-            return abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
+        if x is not None and y is not None:  # two whole numbers are exact: 1000001 is not 1000000
+            whole = x.denominator == y.denominator == 1
+            return x == y if whole else abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
         return _mv_equivalent(a, b, strict)
 
     def check(self, problem: str, text: str) -> list[str]:
