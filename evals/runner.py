@@ -17,6 +17,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +182,9 @@ async def solve_all(
                     config=config,
                     seed=args.seed,
                 )
-                record = make_record(problem, sol)  # scoring can fail too (math-verify that keeps dying)
+                # scoring can fail too (math-verify that keeps dying), and can take seconds: off the event loop,
+                # where the other problems in flight go on
+                record = await asyncio.to_thread(make_record, problem, sol)
             except FotError as e:  # one problem's failure is reported, not recorded: a re-run retries it
                 failed += 1
                 tqdm.write(f"evals: {problem.id} failed: {e}", file=sys.stderr)
@@ -349,6 +352,9 @@ async def arun(args: argparse.Namespace, backend=None) -> tuple[Path, int]:
     if args.method not in ("fot", "sc"):
         args.trees = 1  # cot, tot and mctsr grow one tree (or one chain)
     loaded = bench.load(args)
+    twice = sorted(i for i, k in Counter(p.id for p in loaded).items() if k > 1)
+    if twice:  # a record is kept per id: the second problem's would be lost
+        raise FotError(f"the data holds {len(twice)} ids more than once (first: {twice[0]!r}); ids must be unique")
     problems = loaded[: args.limit]
     path = Path(args.out) / bench.name / f"{run_name(args, loaded)}.jsonl"  # --limit leaves the run's name alone
     path.parent.mkdir(parents=True, exist_ok=True)

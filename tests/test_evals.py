@@ -98,6 +98,17 @@ def test_math500_schema(tmp_path: Path) -> None:
     assert (p.id, p.gold, p.level) == ("test/algebra/1.json", "\\frac{3}{4}", "2")
 
 
+def test_data_with_an_id_twice_is_refused_before_any_work(tmp_path: Path) -> None:
+    """A record is kept per id: both problems were solved and the second one's result was dropped unseen."""
+    row = {"problem": "What is 1+1?", "solution": "...", "answer": "2", "unique_id": "test/algebra/1.json"}
+    data = write_jsonl(tmp_path / "m.jsonl", [row, row | {"problem": "What is 2+2?", "answer": "4"}])
+    backend = ScriptedBackend(lambda r, j: "The answer is 2.")
+    args = options("math", data=str(data), method="cot", out=str(tmp_path / "out"), no_report=True)
+    with pytest.raises(FotError, match="1 ids more than once .*'test/algebra/1.json'"):
+        run_sync(arun(args, backend=backend))
+    assert backend.usage.requests == 0
+
+
 @pytest.mark.parametrize(
     ("content", "name", "message"),
     [
