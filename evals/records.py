@@ -60,7 +60,7 @@ class Record(BaseModel):
     fallback_samples: int = 1  # chains of thought that voted with the trees where they tied (fot)
     # the budget the run was given (None: records from before these fields; rollouts: methods without rollouts)
     max_tokens: int | None = None  # per answer
-    rollouts: int | None = None  # MCTSr rollouts per tree (fot, mctsr)
+    rollouts: int | None = None  # MCTSr rollouts per tree (fot and mctsr on math)
     search_version: int = 1  # fot.forest.SEARCH_VERSIONS[task] of the code that made it (records before the field: 1)
     gym_correct: bool | None = None  # GSM-Symbolic: reasoning-gym's own verdict, the cross-check of `correct`
     # each tree's (sc: each sample's) answer in tree order, and whether it is right: what the decision chose from

@@ -63,6 +63,11 @@ class Row(BaseModel):
         return self.total is not None and self.n < self.total
 
 
+def asked(rs: list[Record]) -> int | None:
+    """The problems a run was asked for: the most any of its records says (a resumed run may have asked more)."""
+    return max((r.total for r in rs if r.total is not None), default=None)
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson score interval of k successes in n trials."""
     if n == 0:
@@ -138,7 +143,7 @@ def summarise(runs: dict[tuple[str, str], list[Record]]) -> list[Row]:
                 backend=first.backend,
                 speculative=first.speculative,
                 n=n,
-                total=max((r.total for r in rs if r.total is not None), default=None),
+                total=asked(rs),
                 correct=k,
                 accuracy=k / n,
                 ci_low=lo,
@@ -408,7 +413,7 @@ def pairs(runs: dict[tuple[str, str], list[Record]]) -> list[Pair]:
                     neither=sum(not x and not y for x, y in common), p_value=mcnemar(only_a, only_b),
                     tokens_a=sum(r.tokens for r in ra if r.id in ids) / len(ids),
                     tokens_b=sum(r.tokens for r in rb if r.id in ids) / len(ids),
-                    partial=any(rs[0].total is not None and len(rs) < rs[0].total for rs in (ra, rb)),
+                    partial=any((n := asked(rs)) is not None and len(rs) < n for rs in (ra, rb)),
                 )
             )  # fmt: skip
     return out

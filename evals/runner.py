@@ -232,7 +232,7 @@ async def solve_all(
             program_trees=program_trees(args),
             fallback_samples=fallback_samples(args),
             max_tokens=args.max_tokens,
-            rollouts=args.rollouts if args.method in ("fot", "mctsr") else None,
+            rollouts=args.rollouts if args.method in ("fot", "mctsr") and problem.task == "math" else None,  # MCTSr
             search_version=SEARCH_VERSIONS[problem.task],
             gym_correct=gym_score(problem, sol.answer),
             tree_answers=sol.tree_answers,

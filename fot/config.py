@@ -31,7 +31,7 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
 
     @model_validator(mode="after")
-    def _no_empty_stop(self) -> SamplingParams:
+    def _valid(self) -> SamplingParams:
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if self.seed is not None and self.seed + self.n > 2**63:  # sample j is seeded seed + j

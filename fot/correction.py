@@ -166,13 +166,17 @@ class MathCorrector:
         shown = actual if value is None or not set(".eE") & set(actual) else plain(value)
         return f"{f.prefix}The answer is {shown}."
 
+    @property
+    def continuation_tokens(self) -> int:
+        """What a repair's continuation may generate: half an answer's budget, at least 32 tokens."""
+        return max(self.max_tokens // 2, 32)
+
     def continuation(self, request: Request, f: Failure, seed: int) -> Request:
         """Go on from the corrected prefix: the same question, the answer so far as the assistant's message."""
         messages = request.prompt if isinstance(request.prompt, list) else [{"role": "user", "content": request.prompt}]
-        left = max(self.max_tokens // 2, 32)
         return Request.make(
             [*messages, {"role": "assistant", "content": f.prefix}],
-            max_tokens=left,
+            max_tokens=self.continuation_tokens,
             logprobs=True,
             seed=seed,
         )

@@ -309,27 +309,30 @@ class Forest:
 
     async def check_budget(self, trees: list) -> None:
         """The longest request a math tree makes must fit the backend's context: a refine of an answer and a
-        critique of `max_tokens` each, and with rule checks, the continuation of a refined answer repaired at its
-        end. Checked before any generation, not found out after minutes of search."""
-        c = self.config.mctsr
+        critique of `max_tokens` each; with rule checks, the answer may be a repaired one (its prefix and its
+        continuation), and the refine's own answer may be repaired and continued in turn. Checked before any
+        generation, not found out after minutes of search."""
+        c, checked = self.config.mctsr, self.corrector is not None and bool(self.corrector.checks)
         trees = [t for t in trees if isinstance(t, MCTSr)]
         if not trees or c.rollouts == 0:
             return
-        filler = " x" * c.max_tokens  # about one token a word in the tokenizers we serve
+        word = " x"  # about one token a word in the tokenizers we serve
+        answer = c.max_tokens + (self.corrector.continuation_tokens if checked else 0)
         for t in trees:
             seed = t.seed
-            worst = [t.request(REFINE, answer=filler, critique=filler, logprobs=True)]
+            worst = [t.request(REFINE, answer=word * answer, critique=word * c.max_tokens, logprobs=True)]
             t.seed = seed  # the check takes no seed from the tree's own requests
-            if self.corrector is not None and self.corrector.checks:
-                repaired = Failure(kind="code", source="", claimed="", actual="", at=0, prefix=filler, rest="")
-                worst.append(self.corrector.continuation(worst[0], repaired, seed))
+            if checked:
+                cut = Failure(kind="code", source="", claimed="", actual="", at=0, prefix=word * c.max_tokens, rest="")
+                worst.append(self.corrector.continuation(worst[0], cut, seed))
             try:
                 for request in worst:
                     await self.backend.admit(request)
             except ContextOverflowError as e:
+                longest = "a refine of a repaired answer, or its own repair's continuation" if checked else "a refine"
                 raise ContextOverflowError(
-                    f"this search's longest request (a refine of a {c.max_tokens}-token answer and critique, or its "
-                    f"repair's continuation) would not fit: {e}; lower max_tokens or shorten the problem"
+                    f"this search's longest request ({longest}, with {c.max_tokens}-token texts) would not fit: {e}; "
+                    "lower max_tokens or shorten the problem"
                 ) from None
 
     async def search(self) -> Solution:

@@ -158,7 +158,7 @@ def test_request_timeout_fails_over_to_a_fast_endpoint(vllm_url, tmp_path):
         fault_proxy(upstream(vllm_url), ports[0], tmp_path / "slow.log", delay=30),
         fault_proxy(upstream(vllm_url), ports[1], tmp_path / "fast.log"),
     ):
-        b = make_backend("openai", base_urls=[url(p) for p in ports], timeout=2.0, backoff=0.05)
+        b = make_backend("openai", base_urls=[url(p) for p in ports], timeout=5.0, backoff=0.05)
         t = time.monotonic()
         done = run(b)
         assert time.monotonic() - t < 60

@@ -360,7 +360,9 @@ def test_a_printed_fraction_is_one_number():
     assert same_output("12/25/2023", "12/25/2023") and same_output("1/0", "1/0")  # a date, a division: as text
 
 
-def test_two_whole_numbers_are_the_same_output_only_when_equal():
+def test_whole_values_are_the_same_output_only_when_equal():
     """At 1e-6 relative, a made-up 10000000 for a printed 10000009 passed the check."""
     assert not same_output("10000000", "10000009") and not same_output("1,000,001", "1000000")
+    assert not same_output("10000000", "10000009.0") and not same_output("10000000", "1.0000009e7")  # printed floats
+    assert same_output("3", "3.0000000000000004") and same_output("2", "4/2")  # rounding noise; a whole fraction
     assert same_output("1,000", "1000") and same_output("10", "10.0") and same_output("9" * 5000, "9" * 5000)

@@ -98,6 +98,27 @@ def test_math500_schema(tmp_path: Path) -> None:
     assert (p.id, p.gold, p.level) == ("test/algebra/1.json", "\\frac{3}{4}", "2")
 
 
+def test_a_slow_score_does_not_stall_the_problems_in_flight(tmp_path: Path, monkeypatch) -> None:
+    """Scoring (math-verify may take seconds) ran on the event loop, where the other problems' searches wait."""
+    import asyncio
+    import time
+
+    from loop import ticks_during
+
+    import evals.runner
+
+    def slow(problem, answer):
+        time.sleep(0.3)
+        return score(problem, answer)
+
+    monkeypatch.setattr(evals.runner, "score", slow)
+    args = options("arithmetic", method="cot", n=1, levels="1", out=str(tmp_path), no_report=True)
+    backend = ScriptedBackend(lambda r, j: "The answer is 2.")
+    (path, failed), ticks = asyncio.run(ticks_during(arun(args, backend=backend)))
+    assert failed == 0 and len(read_records(path)) == 1
+    assert ticks >= 30  # the loop ticked on through the two 0.3 s scores (the answer's and its tree's)
+
+
 def test_data_with_an_id_twice_is_refused_before_any_work(tmp_path: Path) -> None:
     """A record is kept per id: both problems were solved and the second one's result was dropped unseen."""
     row = {"problem": "What is 1+1?", "solution": "...", "answer": "2", "unique_id": "test/algebra/1.json"}

@@ -346,7 +346,21 @@ def test_timeout_option_is_checked_before_any_work():
 
 
 # ---- bounded work ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("answer", ["9^{9^{9}}", "9^(9^9)", "9^9^9", "100000000!", "2^{123456}", "(3!)!!", "7" * 5000])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "9^{9^{9}}",
+        "9^(9^9)",
+        "9^9^9",
+        "9^{{9}^{9}}",
+        "9^-9^9",
+        "9^[9^9]",
+        "100000000!",
+        "2^{123456}",
+        "(3!)!!",
+        "7" * 5000,
+    ],
+)
 def test_equivalence_of_huge_answers_is_false_at_once(answer):
     """These ran past 60 s inside voting and scoring (or raised a raw ValueError past 4300 digits)."""
     from fot.tasks import get_task
@@ -1019,10 +1033,10 @@ def test_a_search_whose_later_prompts_would_overflow_fails_before_any_generation
     assert backend.usage.requests == 0  # nothing was generated
     small = {"mctsr": {"rollouts": 1, "max_tokens": 40}}
     assert solve("What is 40 + 2?", backend=backend, method="mctsr", config=small).usage.requests > 0
-    # a refine of 95-token texts fits, the continuation of one repaired by a rule check does not: refused too
+    # a refine of 95-token texts fits; with rule checks, a refine of a repaired answer does not: refused too
     checked, unchecked = {"mctsr": {"rollouts": 1, "max_tokens": 95}}, {"code": False, "arithmetic": False}
     before = backend.usage.requests
-    with pytest.raises(InvalidRequestError, match="longest request .* repair's continuation"):
+    with pytest.raises(InvalidRequestError, match="longest request .a refine of a repaired answer, or its own"):
         solve("What is 40 + 2?", backend=backend, method="mctsr", config=checked)
     assert backend.usage.requests == before
     config = {**checked, "correction": unchecked}

@@ -69,6 +69,8 @@ EXTRACT_CASES = [
     ("The answer is 42 (rounded).", "42"),
     ("The answer is 2 (x+1).", "2 (x+1)"),  # an expression in brackets is no aside
     ("The answer is 2 pi.", "2 pi"),  # pi, i, e and sqrt are no units (it was 2)
+    ("The answer is 3 (sin x).", "3 (sin x)"),  # a factor in brackets is no aside
+    ("The answer is approximately $\\frac{1}{3}$.", "\\frac{1}{3}"),
     ("The answer is " + "9" * 4296 + " trillion.", "9" * 4296),  # too long to multiply out: kept, no error
     ("no numbers at all", None),
     ("", None),
@@ -96,8 +98,9 @@ EQUIVALENT_CASES = [
     ("1,000", "1000", True),
     ("-3/4", "-0.75", True),
     ("0.3333333", "1/3", True),  # relative tolerance 1e-6
-    ("1000001", "1000000", False),  # two whole numbers are exact
-    ("25000020", "25000000", False),
+    ("1000001", "1000000", False),  # a whole number is exact
+    ("25000019.5", "25000000", False),
+    ("14.999999999999998", "15", True),  # unless the other shows a float's rounding noise
     ("x^3+3x^2+3x+1", "x^3 + 3x^2 + 3x + 1", True),  # two powers are no power tower: math-verify compares them
     (r"2^{4} \cdot 3^{2}", "144", True),
     ("(x+1)^3", "x^3+3x^2+3x+1", True),

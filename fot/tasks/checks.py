@@ -65,7 +65,6 @@ CLAIMED = re.compile(
 )
 ANSWER_STEPS = 4 * Limits.max_steps  # one answer's code blocks together: many blocks do not each get a full bound
 TOKEN = re.compile(r"-?\d+/\d+(?!\d|\.\d)|-?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?|[^\W\d]+|\S")
-WHOLE = re.compile(r"-?\d+(?:,\d{3})*")  # a TOKEN that is a whole number as written
 
 
 def check_code(problem: str, text: str) -> Finding:
@@ -92,7 +91,7 @@ def check_code(problem: str, text: str) -> Finding:
 
 
 def same_output(claimed: str, actual: str) -> bool:
-    """Whether a claimed output says what the real one says: the same words, two whole numbers equal, other numbers
+    """Whether a claimed output says what the real one says: the same words, whole values equal, other numbers
     equal to 1e-6 relative (a claimed "10" for a printed "10.0", or "6.43" for "6.428571428571429", rounded as
     claimed, is the same)."""
     a, b = TOKEN.findall(claimed), TOKEN.findall(actual)
@@ -100,8 +99,9 @@ def same_output(claimed: str, actual: str) -> bool:
         return False
     for x, y in zip(a, b, strict=True):
         nx, ny = number(x), number(y)
-        if nx is not None and ny is not None and WHOLE.fullmatch(x) and WHOLE.fullmatch(y):
-            if Decimal(x.replace(",", "")) != Decimal(y.replace(",", "")):  # exact at any length
+        ex, ey = exact(x), exact(y)
+        if ex is not None and ey is not None and whole(ex) and whole(ey):  # no rounding noise to allow for
+            if ex != ey:
                 return False
         elif nx is not None and ny is not None:
             decimals = len(x.partition(".")[2]) if "e" not in x.lower() else 0
@@ -111,6 +111,18 @@ def same_output(claimed: str, actual: str) -> bool:
         elif x != y:
             return False
     return True
+
+
+def exact(token: str) -> Decimal | Fraction | None:
+    """A numeral's exact value (any length: Decimal has no digit limit), or None."""
+    try:
+        return Fraction(token) if "/" in token else Decimal(token.replace(",", ""))
+    except (ValueError, ZeroDivisionError, ArithmeticError):
+        return None
+
+
+def whole(v: Decimal | Fraction) -> bool:
+    return v.denominator == 1 if isinstance(v, Fraction) else v.is_finite() and v == v.to_integral_value()
 
 
 def number(token: str) -> float | None:

@@ -36,10 +36,11 @@ _NOT_UNITS = {"and", "or", "to", "of", "plus", "minus", "times", "pi", "i", "e",
 # A hedge before a number ("about 15") and a worded aside after one ("15 (dollars)", "42 (rounded)"): not the answer
 _HEDGE = re.compile(
     r"^(?:about|approximately|approx\.?|roughly|around|nearly|almost|exactly|precisely|only|~|≈|\\approx)\s*"
-    r"(?=[-+$€£¥.\d])",
+    r"(?=[-+$€£¥.\d\\])",
     re.I,
 )
-_ASIDE = re.compile(r"^([+-]?[$€£¥]?[\d.,/]+)\s+\(\s*[A-Za-z]{2,}[A-Za-z .,'-]*\)$")
+_ASIDE = re.compile(r"^([+-]?[$€£¥]?[\d.,/]+)\s+\(\s*((?=[^)]*[A-Za-z]{3})[A-Za-z][A-Za-z .,']*)\)$")
+_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "sqrt", "pi"}  # no aside: a factor
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 10**6, "billion": 10**9, "trillion": 10**12}
 _SCALED = re.compile(r"(?<![\d.,])([+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s+(" + "|".join(_SCALES) + r")s?\b", re.I)
 _SENTENCE_END = re.compile(r"\.(?=\s|$)|\n")
@@ -48,9 +49,25 @@ _MAX_DIGITS = 1000  # a number with more digits is compared as a string only (Py
 VERIFY_TIMEOUT_S = 5.0  # seconds one math-verify comparison may take
 VERIFY_TRIES = 2  # comparisons of one pair that may time out before it is not equivalent for good
 SCORE_TIMEOUT_S = 60.0  # a score's comparison (`equivalent(..., strict=True)`): none in time is an error
-# What sympy would try to evaluate at any cost: a power in an exponent (braced, bracketed or a bare tower), a
-# 4+-digit exponent, a factorial of a 3+-digit number or of an expression, a double factorial.
-_HUGE = re.compile(r"\^\s*\{[^{}]*\^|\^\s*\([^()]*\^|\^\s*\d+\s*\^|\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
+# What sympy would try to evaluate at any cost (with `_power_tower`): a 4+-digit exponent, a factorial of a 3+-digit
+# number or of an expression, a double factorial.
+_HUGE = re.compile(r"\^\s*\{?\s*[-+]?\d{4,}|\d{3,}\s*!|[)}]\s*!|!\s*!")
+_EXPONENT = re.compile(r"\^\s*[-+]?\s*(?:\\left\s*)?(?:([{(\[])|[\w.]+\s*\^)")  # a group opens, or a bare tower
+
+
+def _power_tower(s: str) -> bool:
+    """Whether an exponent holds a power: `9^{9^9}`, `9^{{9}^9}`, `9^(9^9)`, `9^[9^9]`, `9^-9^9`, `9^9^9`."""
+    for m in _EXPONENT.finditer(s):
+        if m.group(1) is None:  # a bare tower
+            return True
+        depth = 0
+        for c in s[m.start(1) :]:
+            depth += (c in "{([") - (c in "})]")
+            if c == "^":
+                return True
+            if depth == 0:
+                break
+    return False
 
 
 def _unscale(s: str) -> str:
@@ -116,7 +133,7 @@ def _canonical_once(s: str) -> str:
     s = s.rstrip(" .").strip()
     s = _HEDGE.sub("", s)
     aside = _ASIDE.fullmatch(s)
-    if aside:
+    if aside and not set(aside.group(2).lower().replace(",", " ").split()) & _MATH_WORDS:
         s = aside.group(1)
     s = re.sub(r"\s*(?:\^\s*\{?\\circ\}?|°|\\%|%)$", "", s)
     whole_text = re.fullmatch(r"\\(?:text|textbf|mbox|textrm)\s*\{([^{}]*)\}", s)
@@ -159,6 +176,11 @@ def _phrase_answer(candidate: str) -> str | None:
         numbers = _NUMBER.findall(re.sub(r"\\frac\s*\{(-?\d+)\}\s*\{(\d+)\}", r"\1/\2", _unscale(answer)))
         return canonical_answer(numbers[-1]) if numbers else None
     return answer
+
+
+def _float_noise(s: str) -> bool:
+    """A decimal written to 6 places or more: how code prints a float's rounding error (14.999999999999998)."""
+    return bool(_PLAIN_NUMBER.fullmatch(s)) and len(s.partition(".")[2]) >= 6
 
 
 def to_fraction(s: str) -> Fraction | None:
@@ -268,7 +290,11 @@ def _mv_equivalent(a: str, b: str, strict: bool = False) -> bool:
     sympy would try to evaluate); anything else is not equivalent. A comparison past its bound is not equivalent
     too, with a warning, since it may decide a vote or a score. It is asked again next time (a busy machine may
     have slowed it), up to `VERIFY_TRIES` times in all: a search compares the same answers at every step."""
-    if len(a) > _MAX_VERIFY_CHARS or len(b) > _MAX_VERIFY_CHARS or _HUGE.search(a) or _HUGE.search(b):
+    if (
+        len(a) > _MAX_VERIFY_CHARS
+        or len(b) > _MAX_VERIFY_CHARS
+        or any(_HUGE.search(x) or _power_tower(x) for x in (a, b))
+    ):
         return False
     if strict:
         verdict = _mv_verdict(a, b, SCORE_TIMEOUT_S)
@@ -322,9 +348,9 @@ class MathTask:
         return canonical_answer(numbers[-1]) if numbers else None
 
     def equivalent(self, a: str, b: str, strict: bool = False) -> bool:
-        """Same string, else same number (two whole numbers exactly, else to 1e-6 relative), else math-verify says
-        so. `strict` (scoring): math-verify gets `SCORE_TIMEOUT_S`, and no verdict in that time is a `FotError`,
-        not "not equivalent"."""
+        """Same string, else same number (to 1e-6 relative; exactly where one is whole, unless the other shows a
+        float's rounding noise), else math-verify says so. `strict` (scoring): math-verify gets `SCORE_TIMEOUT_S`,
+        and no verdict in that time is a `FotError`, not "not equivalent"."""
         if not isinstance(a, str) or not isinstance(b, str):
             return False
         a, b = canonical_answer(a), canonical_answer(b)
@@ -333,9 +359,11 @@ class MathTask:
         if a == b:
             return True
         x, y = to_fraction(a), to_fraction(b)
-        if x is not None and y is not None:  # two whole numbers are exact: 1000001 is not 1000000
-            whole = x.denominator == y.denominator == 1
-            return x == y if whole else abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
+        if x is not None and y is not None:
+            close = abs(x - y) <= Fraction(1, 10**6) * max(abs(x), abs(y))
+            if x.denominator == 1 or y.denominator == 1:  # 1000001 is not 1000000, nor 25000019.5 25000000
+                return x == y or close and (_float_noise(a) or _float_noise(b))  # 14.999999999999998 is 15
+            return close
         return _mv_equivalent(a, b, strict)
 
     def check(self, problem: str, text: str) -> list[str]:
