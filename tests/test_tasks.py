@@ -70,6 +70,9 @@ EXTRACT_CASES = [
     ("The answer is 2 (x+1).", "2 (x+1)"),  # an expression in brackets is no aside
     ("The answer is 2 pi.", "2 pi"),  # pi, i, e and sqrt are no units (it was 2)
     ("The answer is 3 (sin x).", "3 (sin x)"),  # a factor in brackets is no aside
+    ("The answer is 2**10.", "2^10"),  # Python's power: it read 210, as if the ** were Markdown's bold
+    ("**The answer is 15** dollars.", "15"),  # Markdown's bold, around or half cut off
+    ("**The answer is 5.**", "5"),
     ("The answer is approximately $\\frac{1}{3}$.", "\\frac{1}{3}"),
     ("The answer is " + "9" * 4296 + " trillion.", "9" * 4296),  # too long to multiply out: kept, no error
     ("no numbers at all", None),
@@ -101,6 +104,7 @@ EQUIVALENT_CASES = [
     ("1000001", "1000000", False),  # a whole number is exact
     ("25000019.5", "25000000", False),
     ("14.999999999999998", "15", True),  # unless the other shows a float's rounding noise
+    ("2**10", "1024", True),
     ("x^3+3x^2+3x+1", "x^3 + 3x^2 + 3x + 1", True),  # two powers are no power tower: math-verify compares them
     (r"2^{4} \cdot 3^{2}", "144", True),
     ("(x+1)^3", "x^3+3x^2+3x+1", True),

@@ -106,8 +106,12 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+_BOLD = re.compile(r"(?<![\w)])\*\*(?=\S)(.*?\S)\*\*(?![\w(])")  # Markdown's **x**, not the power in 2**10
+_POWER = re.compile(r"([\w)\]}])(?:\*\*|\s+\*\*\s+)(?=[\w(\[{.+-])")  # Python's power, between two operands
+
+
 def _strip_delimiters(s: str) -> str:
-    s = s.strip().replace("**", "").replace("−", "-")
+    s = _POWER.sub(r"\1^", _BOLD.sub(r"\1", s.strip())).replace("**", "").replace("−", "-")
     s = s.replace("\\$", "").replace("$", "")
     for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(left) and s.endswith(right):
