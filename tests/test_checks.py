@@ -365,4 +365,5 @@ def test_whole_values_are_the_same_output_only_when_equal():
     assert not same_output("10000000", "10000009") and not same_output("1,000,001", "1000000")
     assert not same_output("10000000", "10000009.0") and not same_output("10000000", "1.0000009e7")  # printed floats
     assert same_output("3", "3.0000000000000004") and same_output("2", "4/2")  # rounding noise; a whole fraction
+    assert same_output("1" * 400 + "/1", "1" * 400 + "/1")  # past a float's range: it raised OverflowError
     assert same_output("1,000", "1000") and same_output("10", "10.0") and same_output("9" * 5000, "9" * 5000)

@@ -98,8 +98,8 @@ def same_output(claimed: str, actual: str) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
-        nx, ny = number(x), number(y)
         ex, ey = exact(x), exact(y)
+        nx, ny = finite(ex), finite(ey)
         if ex is not None and ey is not None and whole(ex) and whole(ey):  # no rounding noise to allow for
             if ex != ey:
                 return False
@@ -125,13 +125,18 @@ def whole(v: Decimal | Fraction) -> bool:
     return v.denominator == 1 if isinstance(v, Fraction) else v.is_finite() and v == v.to_integral_value()
 
 
+def finite(v: Decimal | Fraction | None) -> float | None:
+    """An exact value as a float, or None where it has none (nan, inf, past a float's range)."""
+    try:
+        f = float(v) if v is not None else math.nan
+    except OverflowError:  # a Fraction past a float's range
+        return None
+    return f if math.isfinite(f) else None
+
+
 def number(token: str) -> float | None:
     """A numeral's value, or None: the words nan and inf, which float() reads, are words here."""
-    try:
-        v = float(Fraction(token)) if "/" in token else float(token.replace(",", ""))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return v if math.isfinite(v) else None
+    return finite(exact(token))
 
 
 def last_number(text: str) -> str | None:
